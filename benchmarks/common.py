@@ -1,0 +1,53 @@
+"""Shared pieces of the benchmarks: LLaMA shapes (ALGORITHMS.md §7), timing, machine description."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+#: name -> (hidden, intermediate, heads, layers)
+LLAMA = {
+    "llama_9m": (128, 352, 4, 4),
+    "llama_20m": (256, 688, 4, 4),
+    "llama_35m": (384, 1024, 8, 6),
+    "llama_60m": (512, 1376, 8, 8),
+    "llama_130m": (768, 2048, 12, 12),
+    "llama_350m": (1024, 2736, 16, 24),
+    "llama_1b": (2048, 5461, 32, 24),
+    "llama_7b": (4096, 11008, 32, 32),
+}
+
+
+def block_matrix_shapes(name: str) -> list[tuple[int, int]]:
+    """The Linear weights of the decoder blocks (the matrices GaLore projects), torch layout [out, in]."""
+    h, i, _, layers = LLAMA[name]
+    per_layer = [(h, h)] * 4 + [(i, h), (i, h), (h, i)]  # q, k, v, o, gate, up, down
+    return per_layer * layers
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device="cpu") -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"

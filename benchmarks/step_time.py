@@ -1,0 +1,132 @@
+"""Amortized optimizer step time and state bytes: GaLoreAdamW vs torch.optim.AdamW vs the original GaLore.
+
+For each model, the optimizers step the decoder blocks' Linear weights (the matrices GaLore projects) with
+fixed random gradients. A GaLore step that refreshes the basis (SVD) and a regular step are timed
+separately (medians); the amortized step is (refresh + (T - 1) · regular) / T with T = update_proj_gap.
+
+    python benchmarks/step_time.py [--models llama_60m llama_130m] [--gap 200] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import torch
+
+import gradproj
+from common import block_matrix_shapes, machine, median_time, LLAMA
+
+
+def make_params(shapes, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02).to(device, dtype)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(device, dtype)
+    return params
+
+
+def analytic_galore_bytes(shapes, rank, elem):
+    total = 0
+    for m, n in shapes:
+        r = min(rank, m, n)
+        total += (r * n + 2 * m * r) if m >= n else (m * r + 2 * r * n)  # basis + two moments
+    return total * elem
+
+
+def state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def bench_galore_like(make_opt, params, gap, repeats):
+    """Time a refresh step (step count % gap == 0) and a regular step of an optimizer keyed by param state['step']."""
+    opt = make_opt(params)
+    opt.step()  # step 0: first refresh, allocates state
+
+    def set_steps(k):
+        for st in opt.state.values():
+            st["step"] = k
+
+    def regular():
+        set_steps(1)
+        opt.step()
+
+    def refresh():
+        set_steps(gap)
+        opt.step()
+
+    t_reg = median_time(regular, repeats)
+    t_ref = median_time(refresh, max(2, repeats // 3))
+    return t_reg, t_ref, state_bytes(opt)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["llama_60m", "llama_130m"])
+    ap.add_argument("--gap", type=int, default=200)
+    ap.add_argument("--rank-div", type=int, default=4, help="rank = hidden / rank_div")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    have_orig = importlib.util.find_spec("galore_torch") is not None
+    if have_orig:
+        import galore_torch
+
+    rows = []
+    for name in args.models:
+        shapes = block_matrix_shapes(name)
+        rank = LLAMA[name][0] // args.rank_div
+        group = {"rank": rank, "update_proj_gap": args.gap, "scale": 0.25, "proj_type": "std"}
+        params = make_params(shapes, args.device, dtype)
+
+        adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+        adamw.step()
+        t_adamw = median_time(adamw.step, args.repeats, device=args.device)
+        b_adamw = state_bytes(adamw)
+        del adamw
+
+        def amortized(reg, ref):
+            return (ref + (args.gap - 1) * reg) / args.gap
+
+        t_reg, t_ref, b_gp = bench_galore_like(
+            lambda ps: gradproj.GaLoreAdamW([{"params": ps, **group}], lr=1e-3), params, args.gap, args.repeats
+        )
+        t_gp = amortized(t_reg, t_ref)
+        expected = analytic_galore_bytes(shapes, rank, torch.finfo(dtype).bits // 8)
+        row = {
+            "model": name, "rank": rank, "matrices": len(shapes), "device": args.device, "dtype": args.dtype,
+            "adamw_ms": t_adamw * 1e3, "gradproj_ms": t_gp * 1e3, "gradproj_regular_ms": t_reg * 1e3,
+            "gradproj_refresh_ms": t_ref * 1e3, "adamw_state": b_adamw, "gradproj_state": b_gp,
+            "gradproj_state_analytic": expected,
+        }
+        if have_orig:
+            o_reg, o_ref, b_o = bench_galore_like(
+                lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **group}], lr=1e-3, no_deprecation_warning=True),
+                params, args.gap, args.repeats,
+            )
+            row.update(orig_ms=amortized(o_reg, o_ref) * 1e3, orig_regular_ms=o_reg * 1e3, orig_refresh_ms=o_ref * 1e3)
+        rows.append(row)
+
+    print(f"machine: {machine()}; T = {args.gap}, rank = hidden/{args.rank_div}, dtype {args.dtype}\n")
+    print("| model | rank | AdamW ms | gradproj ms (regular / refresh) | original GaLore ms (regular / refresh) "
+          "| gradproj / original | gradproj / AdamW | state: gradproj / AdamW | state = analytic |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        orig = (f"{r['orig_ms']:.1f} ({r['orig_regular_ms']:.1f} / {r['orig_refresh_ms']:.0f})"
+                if "orig_ms" in r else "not installed")
+        ratio_orig = f"{r['gradproj_ms'] / r['orig_ms']:.2f}x" if "orig_ms" in r else "-"
+        print(f"| {r['model']} | {r['rank']} | {r['adamw_ms']:.1f} | {r['gradproj_ms']:.1f} "
+              f"({r['gradproj_regular_ms']:.1f} / {r['gradproj_refresh_ms']:.0f}) | {orig} | {ratio_orig} "
+              f"| {r['gradproj_ms'] / r['adamw_ms']:.2f}x | {r['gradproj_state'] / r['adamw_state']:.1%} "
+              f"| {'yes' if r['gradproj_state'] == r['gradproj_state_analytic'] else 'NO'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

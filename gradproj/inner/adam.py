@@ -1,0 +1,41 @@
+"""Adam inside the subspace (GaLore's inner rule)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import InnerRule, StepContext
+
+
+def check_betas_eps(group: dict, where: str) -> None:
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        if not 0.0 <= float(b) < 1.0:
+            raise ValueError(f"{where}: betas[{i}] = {b} must be in [0, 1)")
+    if not float(group["eps"]) >= 0.0:
+        raise ValueError(f"{where}: eps = {group['eps']} must be >= 0")
+
+
+class Adam(InnerRule):
+    """m ← β1·m + (1−β1)·R; v ← β2·v + (1−β2)·R²; U = m / (√v + eps);
+    step size lr·√(1−β2^t)/(1−β1^t). State: ``exp_avg``, ``exp_avg_sq``, shaped like R."""
+
+    name = "adam"
+    defaults = {"betas": (0.9, 0.999), "eps": 1e-6}
+
+    def validate_group(self, group, where):
+        check_betas_eps(group, where)
+
+    def update(self, R, state, group, ctx: StepContext):
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
+            state["exp_avg_sq"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
+        beta1, beta2 = group["betas"]
+        U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+        t = ctx.step
+        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        return U, step_size

@@ -1,0 +1,48 @@
+"""The inner-rule interface: an optimizer update computed on the (low-rank) gradient R alone.
+
+An inner rule never sees the weight W. Given R and its own state it returns the direction U (same shape
+as R) and the step size the outer step multiplies it with; the outer step projects U back, adds any
+residual, applies it to W and applies decoupled weight decay in full space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass
+class StepContext:
+    """What the outer step hands an inner rule besides R and the state."""
+
+    #: the parameter's step count after this update (1 at the first update)
+    step: int
+    #: the operations module chosen by ``impl`` (:mod:`gradproj.kernels.reference` or an accelerated twin)
+    ops: ModuleType
+    #: dtype the rule keeps its state in
+    state_dtype: torch.dtype
+    #: the parameter, for rules whose step size depends on it (Adafactor's relative step); read only
+    param: torch.Tensor | None = None
+    #: the group's ``scale`` (alpha) for a projected matrix, 1.0 for an unprojected parameter
+    scale: float = 1.0
+
+
+class InnerRule:
+    """Base class; subclasses define ``name``, ``defaults`` and :meth:`update`."""
+
+    name: ClassVar[str] = ""
+    #: group keys the rule reads, with their default values (become the optimizer's defaults)
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def validate_group(self, group: dict, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` (e.g. "param group 1") for bad hyper-parameters."""
+
+    def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
+        raise NotImplementedError
+
+    def decay_lr(self, group: dict, state: dict) -> float:
+        """The learning rate decoupled weight decay is multiplied with (the group's lr by default)."""
+        return group["lr"]

@@ -1,0 +1,349 @@
+"""The one optimizer every gradproj method is a preset of.
+
+For each parameter with a gradient, one step is::
+
+    P        = projector.refresh(G) when t % T == 0 (or no basis yet)     # svd | identity | ...
+    R        = projector.down(G)                                            # r x n or m x r
+    U, s     = inner.update(R, state)                                       # Adam | ...; s = step size
+    S        = residual.compute(G, R, U)                                    # Fira | none | ...
+    W       -= s · (scale · projector.up(U) + S)
+    W       -= decay_lr · weight_decay · W                                  # decoupled, full space
+
+Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
+take the same path with the identity projector, ``scale`` 1 and no residual: exactly AdamW (for the Adam
+inner rule) with GaLore's placement of the weight decay.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from .. import kernels
+from ..inner import Adam, InnerRule, StepContext
+from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
+from ..projectors.base import NonFiniteGradientError
+from ..residual import NoResidual, Residual, get_residual
+
+log = logging.getLogger("gradproj")
+
+#: keys a param group may carry to select and configure the projection (beyond the inner rule's)
+PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "alpha", "proj_type", "projector", "residual")
+STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in STATE_DTYPES.items() if k is not None}
+
+
+@dataclass
+class _Plan:
+    """How one parameter is stepped, derived from its shape and group (never stored in state)."""
+
+    shape2d: tuple[int, int] | None  # None: the update runs on the tensor's own shape (unprojected)
+    projector: Projector
+    residual: Residual
+    scale: float
+
+
+_UNPROJECTED_RESIDUAL = NoResidual()
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class ProjectedOptimizer(Optimizer):
+    """Gradient-projection optimizer composed of a projector, an inner rule and a residual rule.
+
+    Subclasses (the presets in :mod:`gradproj.optimizers.presets`) choose the inner rule and the default
+    residual; param groups choose the projection through GaLore's keys ``rank``, ``update_proj_gap``,
+    ``scale`` (alias ``alpha``), ``proj_type`` and the gradproj keys ``projector`` and ``residual``.
+
+    Options common to every preset:
+
+    * ``impl``: ``"auto"`` (default), ``"torch"`` or ``"triton"`` — which kernels run the fused parts.
+    * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
+      to keep optimizer state in fp32 for bf16/fp16 parameters.
+    """
+
+    inner_rule: ClassVar[type[InnerRule]] = Adam
+    default_residual: ClassVar[str] = "none"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        *,
+        impl: str = "auto",
+        state_dtype: torch.dtype | str | None = None,
+        **options: Any,
+    ):
+        self._inner = self.inner_rule()
+        defaults: dict[str, Any] = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "impl": impl,
+            "state_dtype": self._dtype_name(state_dtype),
+            "proj_type": "std",
+            "projector": "svd",
+            "residual": self.default_residual,
+        }
+        defaults.update(self._inner.defaults)
+        allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unexpected option(s) {unknown}; "
+                f"valid options are {sorted(allowed)}"
+            )
+        defaults.update(options)
+        self._warned: set[int] = set()
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------------------------ validation
+    @staticmethod
+    def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+        if dtype is None or isinstance(dtype, str):
+            if dtype not in STATE_DTYPES:
+                raise ValueError(f"state_dtype={dtype!r}: use None, torch.float32, torch.bfloat16 or torch.float16")
+            return dtype
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"state_dtype={dtype}: use None, torch.float32, torch.bfloat16 or torch.float16")
+        return _DTYPE_NAMES[dtype]
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group, index = self.param_groups[-1], len(self.param_groups) - 1
+        try:
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise ValueError(f"param group {index}: a parameter of dtype {p.dtype} is not floating point")
+            self._validate_group(group, index)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict, index: int) -> None:
+        """Check a group's options; cheap enough to run before every step (no per-parameter work)."""
+        where = f"param group {index}"
+        lr = group["lr"]
+        if not (isinstance(lr, (float, int, torch.Tensor)) and float(lr) >= 0.0):
+            raise ValueError(f"{where}: lr = {lr!r} must be a number >= 0")
+        if not float(group["weight_decay"]) >= 0.0:
+            raise ValueError(f"{where}: weight_decay = {group['weight_decay']} must be >= 0")
+        if group["impl"] not in kernels.IMPLS:
+            raise ValueError(f"{where}: impl = {group['impl']!r}; use one of {', '.join(kernels.IMPLS)}")
+        if group["state_dtype"] not in STATE_DTYPES:
+            raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
+        self._inner.validate_group(group, where)
+
+        rank = group.get("rank")
+        if rank is None:
+            stray = [k for k in ("update_proj_gap", "scale", "alpha") if k in group]
+            if stray:
+                raise ValueError(
+                    f"{where} sets {stray} but no 'rank', so it would not be projected; "
+                    "add 'rank' to project it, or drop those keys"
+                )
+            return
+        if not _is_int(rank) or rank <= 0:
+            raise ValueError(f"{where}: rank = {rank!r} must be a positive integer")
+        gap = group.get("update_proj_gap")
+        if gap is None:
+            raise ValueError(
+                f"{where} has 'rank' but no 'update_proj_gap'; add it (GaLore uses 200), "
+                "or build the groups with gradproj.param_groups()"
+            )
+        if not _is_int(gap) or gap <= 0:
+            raise ValueError(f"{where}: update_proj_gap = {gap!r} must be a positive integer")
+        if "scale" not in group and "alpha" not in group:
+            raise ValueError(
+                f"{where} has 'rank' but no 'scale' (alpha); add it (GaLore's recipe uses 0.25; the effective "
+                "lr of a projected matrix is lr * scale), or build the groups with gradproj.param_groups()"
+            )
+        if "scale" in group and "alpha" in group and float(group["scale"]) != float(group["alpha"]):
+            raise ValueError(
+                f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
+                "option (alpha is Fira's spelling): keep one"
+            )
+        if group["proj_type"] not in PROJ_TYPES:
+            raise ValueError(f"{where}: proj_type = {group['proj_type']!r}; use one of {', '.join(PROJ_TYPES)}")
+        try:
+            projector_cls = get_projector(group["projector"])
+            residual_cls = get_residual(group["residual"])
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        projector_cls.validate_group(group, where)
+        residual_cls().validate_group(group, where)
+
+    # ------------------------------------------------------------------------------------------ plan
+    @staticmethod
+    def _scale(group: dict) -> float:
+        return float(group["scale"] if "scale" in group else group["alpha"])
+
+    def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
+        rank = group.get("rank")
+        if rank is None or p.dim() < 2:
+            return _Plan(None, IdentityProjector((0, 0), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0)
+        m, n = p.shape[0], p.numel() // p.shape[0]
+        if rank >= min(m, n) and group["projector"] != "identity":
+            if id(p) not in self._warned:
+                self._warned.add(id(p))
+                log.warning(
+                    "gradproj: rank %d >= min(%d, %d) for a parameter of shape %s: no memory can be saved, "
+                    "so it trains unprojected (full-rank inner rule, scale 1)",
+                    rank, m, n, tuple(p.shape),
+                )
+            return _Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0)
+        projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
+        return _Plan((m, n), projector, get_residual(group["residual"])(), self._scale(group))
+
+    # ------------------------------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, group in enumerate(self.param_groups):
+            self._validate_group(group, i)
+        work = self._gather()
+        for p, grad, group, plan in work:
+            self._update(p, grad, group, plan)
+        return loss
+
+    def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
+        """Collect (param, grad, group, plan) and reject bad input before any state or weight changes."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise ValueError(
+                        f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) has a sparse gradient; "
+                        "gradproj optimizers need dense gradients (use torch.optim.SparseAdam, or "
+                        "nn.Embedding(sparse=False))"
+                    )
+                plan = self._plan(p, group)
+                state = self.state[p]
+                if plan.projector.refreshes and not plan.projector.has_basis(state):
+                    if not bool(torch.isfinite(grad).all()):
+                        raise NonFiniteGradientError(
+                            f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): the gradient is NaN/Inf "
+                            "at its first basis refresh, so no basis can be computed; nothing was updated. "
+                            "Check the loss scale / data, or clip gradients before optimizer.step()."
+                        )
+                work.append((p, grad, group, plan))
+        return work
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
+        """One parameter's update: the whole method, top to bottom."""
+        state = self.state[p]
+        step = state.get("step", 0)
+        ctx = StepContext(
+            step=step + 1,
+            ops=kernels.resolve(group["impl"], p),
+            state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
+            param=p,
+            scale=plan.scale,
+        )
+        proj = plan.projector
+        G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
+        if proj.needs_refresh(state, step):
+            proj.refresh(G, state, step)
+        R = proj.down(G, state)
+        state["step"] = step + 1
+        U, step_size = self._inner.update(R, state, group, ctx)
+        S = plan.residual.compute(G, R, U, proj, state, group, ctx)
+        with _matrix_view(p, plan.shape2d) as W:
+            proj.add_up_(W, U, state, alpha=-step_size * ctx.scale)
+            if S is not None:
+                W.add_(S.to(W.dtype), alpha=-step_size)
+            ctx.ops.apply_weight_decay_(W, self._inner.decay_lr(group, state), group["weight_decay"])
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        extra = self._extra_state()
+        if extra:
+            sd["gradproj"] = extra
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor's saved dtype.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts all floating *and integer* state to a floating
+        parameter's dtype (fp32 moments of a bf16 weight, int32 indices, uint8 quantized moments). Here
+        every tensor only moves to the parameter's device. The incoming groups are validated first, so a
+        bad checkpoint leaves the optimizer untouched.
+        """
+        saved_groups = state_dict["param_groups"]
+        for i, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            merged = {**current, **{k: v for k, v in saved.items() if k != "params"}}
+            self._validate_group(merged, i)
+        id_map = dict(
+            zip(
+                chain.from_iterable(g["params"] for g in saved_groups),
+                chain.from_iterable(g["params"] for g in self.param_groups),
+            )
+        )
+        super().load_state_dict(state_dict)
+        for key, saved in state_dict["state"].items():
+            p = id_map.get(key)
+            if p is not None:
+                self.state[p] = {k: _to_device(v, p) for k, v in saved.items()}
+        self._load_extra_state(state_dict.get("gradproj", {}))
+
+    def _extra_state(self) -> dict[str, Any]:
+        """Optimizer-level state beyond per-parameter state (samplers, generators); tensors and scalars only."""
+        return {}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        pass
+
+
+def _to_device(value: Any, p: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device=p.device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, p) for k, v in value.items()}
+    return value
+
+
+class _matrix_view:
+    """Context manager yielding ``p`` as an in-place-writable [m, n] matrix (a view when contiguous)."""
+
+    def __init__(self, p: torch.Tensor, shape2d: tuple[int, int] | None):
+        self.p, self.shape2d = p, shape2d
+        self.copy: torch.Tensor | None = None
+
+    def __enter__(self) -> torch.Tensor:
+        if self.shape2d is None:
+            return self.p
+        if self.p.is_contiguous():
+            return self.p.view(self.shape2d)
+        self.copy = self.p.reshape(self.shape2d).clone()
+        return self.copy
+
+    def __exit__(self, *exc: object) -> None:
+        if self.copy is not None and exc[0] is None:
+            self.p.copy_(self.copy.view(self.p.shape))
+
+
+def _registered_option_keys() -> set[str]:
+    """Group keys that registered projectors and residual rules understand."""
+    from ..projectors import PROJECTORS
+    from ..residual import RESIDUALS
+
+    keys: set[str] = set()
+    for cls in chain(PROJECTORS.values(), RESIDUALS.values()):
+        keys.update(getattr(cls, "defaults", {}) or {})
+    return keys

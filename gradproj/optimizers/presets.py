@@ -1,0 +1,64 @@
+"""The named optimizers: one paper each, a few lines over :class:`ProjectedOptimizer`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..inner import Adam
+from .base import ProjectedOptimizer
+
+
+class GaLoreAdamW(ProjectedOptimizer):
+    r"""GaLore (arXiv 2403.03507): AdamW whose moments live in a low-rank subspace of each matrix gradient.
+
+    For a group with ``rank``, each matrix gradient G (m x n) is projected onto the top-``rank`` singular
+    vectors of G (refreshed every ``update_proj_gap`` steps), Adam runs on the projection R, and the
+    update is projected back and scaled::
+
+        R = project(G);  m = β1 m + (1-β1) R;  v = β2 v + (1-β2) R²
+        W -= lr · √(1-β2^t)/(1-β1^t) · scale · B(m / (√v + eps));   W -= lr · wd · W
+
+    Groups without ``rank`` (and 1-D tensors) get plain AdamW. Group keys follow the original package
+    (``rank``, ``update_proj_gap``, ``scale``, ``proj_type``), so its param groups work unchanged; build
+    them with :func:`gradproj.param_groups`.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate. The effective lr of a projected matrix is ``lr * scale``.
+        betas, eps, weight_decay: as in AdamW (eps defaults to 1e-6 as in the reference; decay is applied
+            after the update, as in the reference).
+        **options: ``impl``, ``state_dtype`` and any group key as a default for every group.
+    """
+
+    inner_rule = Adam
+    default_residual = "none"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, **options)
+
+
+class FiraAdamW(GaLoreAdamW):
+    r"""Fira (arXiv 2410.01623): GaLore plus the discarded gradient, rescaled, under a norm-growth limiter.
+
+    ::
+
+        S = (G - α·B(R)) · φ,   φ = ‖ψ‖ / (‖R‖ + 1e-8) over the rank axis (ψ = m / (√v + eps))
+        S ← S / (max(‖S‖ / N_prev, γ) / γ)           (γ = ``limiter_gamma``, 1.01; not on the first step)
+        W -= step_size · (α · B(ψ) + S);  W -= lr · wd · W
+
+    As in the released code, α (``scale``, or Fira's spelling ``alpha``) multiplies B(R) in the residual
+    too. Every option of :class:`GaLoreAdamW` applies.
+    """
+
+    default_residual = "fira"

@@ -1,0 +1,181 @@
+"""The projector interface: how a gradient matrix enters and leaves its low-rank subspace.
+
+A projector is a small, stateless strategy object built per parameter from the parameter's 2-D shape
+and its param group. Everything it must remember between steps (the basis, DCT indices, a seed) lives
+in the optimizer state dict of that parameter, as tensors or plain Python scalars, under the keys
+named in :mod:`gradproj.optimizers.state_keys`. That keeps checkpoints loadable with
+``torch.load(..., weights_only=True)``.
+
+Sides (W is m x n, torch layout ``[out, in]``)::
+
+    right:  R = G Pᵀ      (m x r),  B(X) = X P      with P r x n
+    left:   R = Pᵀ G      (r x n),  B(X) = P X      with P m x r
+    full:   R = Pₗᵀ G Pᵣᵀ (r x r),  B(X) = Pₗ X Pᵣ
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+
+log = logging.getLogger("gradproj")
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+class NonFiniteGradientError(ValueError):
+    """Raised when the very first basis would have to be computed from a NaN/Inf gradient."""
+
+
+def choose_side(m: int, n: int, proj_type: str) -> str:
+    """Pick the projection side once, from the weight's shape (ALGORITHMS.md §1).
+
+    ``std`` projects the longer side away (right when m >= n), ``reverse_std`` the other one; ``left``,
+    ``right`` and ``full`` force a side. The side never depends on the shape of a low-rank tensor, which
+    is what breaks the original ``reverse_std`` when rank >= min(m, n).
+    """
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"unknown proj_type {proj_type!r}; use one of {', '.join(PROJ_TYPES)}")
+
+
+class Projector:
+    """Base class of every basis. Subclasses implement :meth:`compute_basis` and the key layout.
+
+    The default :meth:`down` / :meth:`up` / :meth:`add_up_` work for bases stored as dense
+    orthonormal matrices under ``proj`` (one side) or ``proj_left`` / ``proj_right`` (full).
+    """
+
+    name: ClassVar[str] = ""
+    #: whether the basis is refreshed from the gradient (False for the identity)
+    refreshes: ClassVar[bool] = True
+    #: extra group keys this projector reads, with their defaults (accepted as optimizer options too)
+    defaults: ClassVar[dict] = {}
+
+    @classmethod
+    def validate_group(cls, group: dict, where: str) -> None:
+        """Raise ``ValueError`` naming ``where`` for bad projector options."""
+
+    def __init__(self, shape: tuple[int, int], rank: int, proj_type: str, group: dict):
+        self.m, self.n = shape
+        self.rank = rank
+        self.side = choose_side(self.m, self.n, proj_type)
+        self.update_proj_gap = int(group.get("update_proj_gap", 1) or 1)
+        self.group = group
+
+    # ----------------------------------------------------------------------------------------- shapes
+    def low_rank_shape(self) -> tuple[int, int]:
+        r = self.rank
+        return {"right": (self.m, r), "left": (r, self.n), "full": (r, r)}[self.side]
+
+    def rank_axis(self) -> int:
+        """Axis of R that holds the rank: norms over it give one factor per row (right) / column (left)."""
+        return 1 if self.side == "right" else 0
+
+    # ---------------------------------------------------------------------------------------- refresh
+    def has_basis(self, state: dict) -> bool:
+        return ("proj" if self.side != "full" else "proj_left") in state
+
+    def needs_refresh(self, state: dict, step: int) -> bool:
+        """True at t % T == 0 (t counted before the increment, so also at the first step) or with no basis."""
+        return not self.has_basis(state) or step % self.update_proj_gap == 0
+
+    def refresh(self, G: torch.Tensor, state: dict, step: int) -> bool:
+        """Recompute the basis from gradient matrix ``G``; return True when the basis changed.
+
+        A non-finite gradient never reaches the decomposition: the previous basis is kept and a warning
+        logged, or, when there is no previous basis, :class:`NonFiniteGradientError` is raised (the
+        optimizer checks this before it modifies anything).
+        """
+        if not bool(torch.isfinite(G).all()):
+            if self.has_basis(state):
+                log.warning(
+                    "gradproj: non-finite gradient at a basis refresh (%dx%d, step %d); keeping the previous basis",
+                    self.m, self.n, step,
+                )
+                return False
+            raise NonFiniteGradientError(
+                f"the gradient of a {self.m}x{self.n} parameter is NaN/Inf at its first basis refresh "
+                f"(step {step}); no previous basis exists to fall back on. Check the loss scale / data, "
+                "or clip gradients before optimizer.step()."
+            )
+        bases = self.compute_basis(G, state, step)
+        if bases is None:  # the projector chose to keep the previous basis
+            return False
+        for key, value in bases.items():
+            old = state.get(key)
+            if old is not None and old.shape == value.shape and old.dtype == value.dtype:
+                old.copy_(value)
+            else:
+                state[key] = value
+        return True
+
+    def compute_basis(self, G: torch.Tensor, state: dict, step: int) -> dict[str, torch.Tensor] | None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ projections
+    def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.side == "right":
+            return G @ state["proj"].t()
+        if self.side == "left":
+            if G.device.type == "cpu":
+                # same product, but MKL runs G.T @ P (n x m times m x r) ~1.4x faster than P.T @ G here
+                return (G.t() @ state["proj"]).t()
+            return state["proj"].t() @ G
+        return state["proj_left"].t() @ G @ state["proj_right"].t()
+
+    def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.side == "right":
+            return X @ state["proj"]
+        if self.side == "left":
+            return state["proj"] @ X
+        return state["proj_left"] @ X @ state["proj_right"]
+
+    def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
+        """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it."""
+        X = X.to(W.dtype)
+        if self.side == "right":
+            W.addmm_(X, state["proj"].to(W.dtype), alpha=alpha)
+        elif self.side == "left":
+            W.addmm_(state["proj"].to(W.dtype), X, alpha=alpha)
+        else:
+            W.addmm_(state["proj_left"].to(W.dtype), X @ state["proj_right"].to(W.dtype), alpha=alpha)
+
+
+class IdentityProjector(Projector):
+    """No projection: R = G and B(X) = X. Used for 1-D tensors, for matrices whose rank covers the whole
+    space, for groups without ``rank``, and by ``projector="identity"``."""
+
+    name = "identity"
+    refreshes = False
+
+    def __init__(self, shape: tuple[int, int], rank: int, proj_type: str, group: dict):
+        self.m, self.n = shape
+        self.rank = min(shape)
+        self.side = "right"  # Fira's factors, if any, are then one per row
+        self.update_proj_gap = 1
+        self.group = group
+
+    def low_rank_shape(self) -> tuple[int, int]:
+        return (self.m, self.n)
+
+    def has_basis(self, state: dict) -> bool:
+        return True
+
+    def needs_refresh(self, state: dict, step: int) -> bool:
+        return False
+
+    def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        return G
+
+    def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
+        return X
+
+    def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
+        W.add_(X.to(W.dtype), alpha=alpha)

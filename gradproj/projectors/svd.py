@@ -1,0 +1,49 @@
+"""Exact SVD basis — GaLore's (ALGORITHMS.md §1)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .base import NonFiniteGradientError, Projector
+
+log = logging.getLogger("gradproj")
+
+
+def top_singular_vectors(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U, Vh`` of the thin SVD of ``G`` in float32, retried in float64 if LAPACK/cuSOLVER fails to converge.
+
+    Raises ``torch.linalg.LinAlgError`` only if both attempts fail.
+    """
+    try:
+        U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
+        return U, Vh
+    except torch.linalg.LinAlgError:
+        log.warning("gradproj: float32 SVD of a %dx%d gradient did not converge; retrying in float64", *G.shape)
+        U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        return U.float(), Vh.float()
+
+
+class SVDProjector(Projector):
+    """``U, S, Vh = svd(G.float())``; keep the top ``rank`` singular vectors of the chosen side, cast to the
+    parameter dtype. Refreshed when ``t % update_proj_gap == 0`` (t before its increment)."""
+
+    name = "svd"
+
+    def compute_basis(self, G, state, step):
+        try:
+            U, Vh = top_singular_vectors(G)
+        except torch.linalg.LinAlgError as err:
+            if self.has_basis(state):
+                log.warning("gradproj: SVD failed at step %d (%s); keeping the previous basis", step, err)
+                return None
+            raise NonFiniteGradientError(
+                f"the SVD of a {self.m}x{self.n} gradient failed at its first refresh: {err}"
+            ) from err
+        r, dtype = self.rank, G.dtype
+        if self.side == "right":
+            return {"proj": Vh[:r].to(dtype).contiguous()}
+        if self.side == "left":
+            return {"proj": U[:, :r].to(dtype).contiguous()}
+        return {"proj_left": U[:, :r].to(dtype).contiguous(), "proj_right": Vh[:r].to(dtype).contiguous()}
