@@ -141,3 +141,39 @@ def test_non_finite_gradient_at_first_refresh_raises_before_any_change():
         opt.step()
     assert torch.equal(a, before)
     assert all(len(s) == 0 for s in opt.state.values())
+
+
+def test_moments_reset_at_refresh_restart_adam_in_the_new_basis():
+    """With moments_on_refresh='reset', the step after a refresh is a first Adam step (|update| = lr·α per
+    coordinate of ψ = sign(R)), exactly as a fresh optimizer started at that point would take."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(10, 6))
+    group = {"rank": 2, "update_proj_gap": 3, "scale": 1.0, "moments_on_refresh": "reset"}
+    opt = gradproj.GaLoreAdamW([{"params": [W], **group}], lr=1e-2)
+    grads = [torch.randn(10, 6) for _ in range(4)]
+    for g in grads[:3]:
+        W.grad = g
+        opt.step()
+    W_before = W.detach().clone()
+    W.grad = grads[3]
+    opt.step()  # t = 3: refresh + reset
+    fresh_W = torch.nn.Parameter(W_before.clone())
+    fresh = gradproj.GaLoreAdamW([{"params": [fresh_W], **group}], lr=1e-2)
+    fresh_W.grad = grads[3]
+    fresh.step()
+    torch.testing.assert_close(W, fresh_W)
+    assert opt.state[W]["step"] == 4 and opt.state[W]["inner_start"] == 3
+
+
+def test_moments_kept_at_refresh_by_default():
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(10, 6))
+    opt = gradproj.GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": 3, "scale": 1.0}], lr=1e-2)
+    for _ in range(3):
+        W.grad = torch.randn(10, 6)
+        opt.step()
+    m = opt.state[W]["exp_avg"].clone()
+    W.grad = torch.randn(10, 6)
+    opt.step()
+    expected = 0.9 * m + 0.1 * (W.grad @ opt.state[W]["proj"].T)
+    torch.testing.assert_close(opt.state[W]["exp_avg"], expected)

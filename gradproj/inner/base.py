@@ -43,6 +43,18 @@ class InnerRule:
     def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
+    #: the state keys this rule owns (dropped by :meth:`reset_state`)
+    state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def reset_state(self, state: dict, step: int) -> None:
+        """Forget the rule's state (e.g. when the subspace changes); ``step`` is the parameter's step count.
+
+        The next :meth:`update` re-initialises it, and bias corrections count from ``step`` again.
+        """
+        for key in self.state_keys:
+            state.pop(key, None)
+        state["inner_start"] = step
+
     def decay_lr(self, group: dict, state: dict) -> float:
         """The learning rate decoupled weight decay is multiplied with (the group's lr by default)."""
         return group["lr"]

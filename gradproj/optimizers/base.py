@@ -35,6 +35,8 @@ log = logging.getLogger("gradproj")
 
 #: keys a param group may carry to select and configure the projection (beyond the inner rule's)
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "alpha", "proj_type", "projector", "residual")
+#: what happens to the inner rule's state when a refresh replaces the basis
+MOMENT_RULES = ("keep", "reset")
 STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in STATE_DTYPES.items() if k is not None}
 
@@ -92,6 +94,7 @@ class ProjectedOptimizer(Optimizer):
             "proj_type": "std",
             "projector": "svd",
             "residual": self.default_residual,
+            "moments_on_refresh": "keep",
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -170,6 +173,10 @@ class ProjectedOptimizer(Optimizer):
             raise ValueError(
                 f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
                 "option (alpha is Fira's spelling): keep one"
+            )
+        if group["moments_on_refresh"] not in MOMENT_RULES:
+            raise ValueError(
+                f"{where}: moments_on_refresh = {group['moments_on_refresh']!r}; use one of {', '.join(MOMENT_RULES)}"
             )
         if group["proj_type"] not in PROJ_TYPES:
             raise ValueError(f"{where}: proj_type = {group['proj_type']!r}; use one of {', '.join(PROJ_TYPES)}")
@@ -257,8 +264,8 @@ class ProjectedOptimizer(Optimizer):
         )
         proj = plan.projector
         G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
-        if proj.needs_refresh(state, step):
-            proj.refresh(G, state, step)
+        if proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
+            self._on_basis_change(state, group, step)
         R = proj.down(G, state)
         state["step"] = step + 1
         U, step_size = self._inner.update(R, state, group, ctx)
@@ -268,6 +275,15 @@ class ProjectedOptimizer(Optimizer):
             if S is not None:
                 W.add_(S.to(W.dtype), alpha=-step_size)
             ctx.ops.apply_weight_decay_(W, self._inner.decay_lr(group, state), group["weight_decay"])
+
+    def _on_basis_change(self, state: dict, group: dict, step: int) -> None:
+        """Apply the group's ``moments_on_refresh`` rule after a refresh replaced an existing basis.
+
+        ``"keep"`` (the reference behaviour) carries the moments over unchanged; ``"reset"`` drops them,
+        so the inner rule starts afresh (with its own bias correction) in the new subspace.
+        """
+        if group["moments_on_refresh"] == "reset":
+            self._inner.reset_state(state, step)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
