@@ -460,3 +460,35 @@ def test_sampler_with_torch_adamw_frees_state_when_given_the_optimizer():
         opt.zero_grad()
         off = model.fc2 if sampler.active == [0] else model.fc1
         assert all(p not in opt.state for p in off.parameters())
+
+
+@pytest.mark.gpu
+def test_owlore_on_cuda_matches_cpu_ratios_and_resumes():
+    calib = [{"input_ids": token_batch(50)}]
+    cpu_ratios = gradproj.outlier_ratios(tiny_llama(), batches=calib, M=3)
+    model = tiny_llama().cuda()
+    torch.testing.assert_close(gradproj.outlier_ratios(model, batches=calib, M=3), cpu_ratios, rtol=0, atol=2e-3)
+    opt = gradproj.owlore(model, n_active=2, interval=2, rank=4, update_proj_gap=2, batches=calib, M=3, lr=1e-2)
+
+    def train(m, o, steps, seed):
+        for s in range(steps):
+            ids = token_batch(seed + s).cuda()
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+            o.zero_grad()
+
+    train(model, opt, 5, 0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, 4, 100)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = tiny_llama(seed=3).cuda()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = gradproj.owlore(model2, n_active=2, interval=2, rank=4, update_proj_gap=2, probs="uniform", seed=9,
+                           lr=1e-2)
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, opt2, 4, 100)
+    assert opt2.sampler.active == opt.sampler.active
+    for (k, v), w in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(v, w), k
