@@ -5,6 +5,8 @@ import logging
 from .memory import optimizer_state_bytes
 from .optimizers import FiraAdamW, GaLoreAdamW, ProjectedOptimizer, param_groups
 from .projectors import register_projector
+from .sampling import LayerSampler, outlier_ratios
+from .sampling.owlore import owlore
 
 logging.getLogger("gradproj").addHandler(logging.NullHandler())
 
@@ -13,9 +15,12 @@ __version__ = "0.1.0"
 __all__ = [
     "FiraAdamW",
     "GaLoreAdamW",
+    "LayerSampler",
     "ProjectedOptimizer",
     "__version__",
     "optimizer_state_bytes",
+    "outlier_ratios",
+    "owlore",
     "param_groups",
     "register_projector",
 ]

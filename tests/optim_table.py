@@ -16,9 +16,13 @@ class OptSpec:
     cls: Callable[..., torch.optim.Optimizer]
     kwargs: dict[str, Any] = field(default_factory=dict)  # constructor kwargs
     group: dict[str, Any] = field(default_factory=dict)  # keys of the projected group
+    sampler: Callable[[torch.nn.Module], Any] | None = None  # builds a LayerSampler for the model
 
     def make(self, model, lr=1e-2, **extra):
-        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5, **self.group)
+        if self.sampler is not None:
+            extra = {"sampler": self.sampler(model), **extra}
+        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5, trainable_only=self.sampler is None,
+                                       **self.group)
         return self.cls(groups, lr=lr, **{**self.kwargs, **extra})
 
 
@@ -27,6 +31,9 @@ OPTIMIZERS = [
     OptSpec("galore_adamw_full", gradproj.GaLoreAdamW, group={"proj_type": "full"}),
     OptSpec("galore_adamw_wd", gradproj.GaLoreAdamW, kwargs={"weight_decay": 0.1}),
     OptSpec("fira_adamw", gradproj.FiraAdamW),
+    # seed 0 draws fc1, emb, fc1 at steps 0, 3, 6: the 7-step resume test crosses a free and a fresh return
+    OptSpec("galore_adamw_sampler", gradproj.GaLoreAdamW, sampler=lambda m: gradproj.LayerSampler(
+        [m.emb, m.fc1], n_active=1, interval=3, probs=[1.0, 3.0])),
 ]
 
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -30,6 +30,10 @@ from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
 from ..residual import NoResidual, Residual, get_residual
+from ..sampling.sampler import restore_sampler
+
+if TYPE_CHECKING:
+    from ..sampling.sampler import LayerSampler
 
 log = logging.getLogger("gradproj")
 
@@ -70,6 +74,8 @@ class ProjectedOptimizer(Optimizer):
     * ``impl``: ``"auto"`` (default), ``"torch"`` or ``"triton"`` — which kernels run the fused parts.
     * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
       to keep optimizer state in fp32 for bf16/fp16 parameters.
+    * ``sampler``: a :class:`gradproj.LayerSampler` (LISA / OwLore) stepped at the end of every step; it
+      frees the state of blocks it deactivates, and its state travels in ``state_dict()``.
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -83,6 +89,7 @@ class ProjectedOptimizer(Optimizer):
         *,
         impl: str = "auto",
         state_dtype: torch.dtype | str | None = None,
+        sampler: LayerSampler | None = None,
         **options: Any,
     ):
         self._inner = self.inner_rule()
@@ -107,6 +114,9 @@ class ProjectedOptimizer(Optimizer):
         defaults.update(options)
         self._warned: set[int] = set()
         super().__init__(params, defaults)
+        self.sampler = sampler
+        if sampler is not None:
+            sampler.attach(self)
 
     # ------------------------------------------------------------------------------------ validation
     @staticmethod
@@ -223,6 +233,8 @@ class ProjectedOptimizer(Optimizer):
         work = self._gather()
         for p, grad, group, plan in work:
             self._update(p, grad, group, plan)
+        if self.sampler is not None:
+            self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
         return loss
 
     def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
@@ -305,6 +317,7 @@ class ProjectedOptimizer(Optimizer):
         for i, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
             merged = {**current, **{k: v for k, v in saved.items() if k != "params"}}
             self._validate_group(merged, i)
+        self._check_extra_state(state_dict.get("gradproj", {}))
         id_map = dict(
             zip(
                 chain.from_iterable(g["params"] for g in saved_groups),
@@ -320,10 +333,18 @@ class ProjectedOptimizer(Optimizer):
 
     def _extra_state(self) -> dict[str, Any]:
         """Optimizer-level state beyond per-parameter state (samplers, generators); tensors and scalars only."""
-        return {}
+        extra: dict[str, Any] = {}
+        if self.sampler is not None:
+            extra["sampler"] = self.sampler.state_dict()
+        return extra
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Raise before anything is loaded if the optimizer-level state cannot be restored."""
+        if self.sampler is not None and "sampler" in extra:
+            self.sampler.check_state_dict(extra["sampler"])
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        pass
+        restore_sampler(self, extra.get("sampler"))
 
 
 def _to_device(value: Any, p: torch.Tensor) -> Any:
