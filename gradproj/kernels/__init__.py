@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from types import ModuleType
 
@@ -25,6 +26,7 @@ import torch
 
 from . import reference
 
+log = logging.getLogger("gradproj")
 IMPLS = ("auto", "torch", "triton")
 #: parameter dtypes the Triton kernels accept (they compute in float32 and round on store)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,11 +39,16 @@ SR_SEED = "sr_seed"
 
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> str | None:
-    """None when triton imports, else why not (cached: checked once per process)."""
+    """None when triton and the kernel modules import, else why not (cached: checked once per process)."""
     try:
         importlib.import_module("triton")
     except Exception as err:  # ImportError, or a broken install raising anything at import
         return f"triton cannot be imported ({type(err).__name__}: {err}); install it with pip install 'gradproj[triton]'"
+    try:
+        load_triton_ops()
+    except Exception as err:  # e.g. a triton too old for the kernels' language features
+        log.debug("gradproj: the Triton kernels cannot be defined", exc_info=True)
+        return f"the Triton kernels cannot be defined with this triton ({type(err).__name__}: {err})"
     return None
 
 
