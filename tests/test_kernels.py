@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import types
 
 import pytest
@@ -469,6 +470,52 @@ def check_trajectory(cls, dtype, device, steps=6, lr=0.05):
 
 
 # --------------------------------------------------------------------------------------- real GPU
+AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gradproj.kernels import adam, fira, update
+from gradproj.kernels._triton_common import LAUNCH
+
+def compile_(fn, sig, const):
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=LAUNCH).asm["ptx"]
+    assert ".entry " + fn.__name__ in ptx, fn.__name__
+
+b = "*bf16"
+compile_(adam._adam_kernel, dict(R=b, M=b, V=b, PSI=b, numel="i32", one_minus_beta1="fp32", beta2="fp32",
+         one_minus_beta2="fp32", eps="fp32"), dict(BLOCK=adam.BLOCK))
+compile_(fira._phi_kernel, dict(PSI=b, R=b, PHI="*fp32", F="i32", K="i32", s_pf="i32", s_pk="i32", s_rf="i32",
+         s_rk="i32"), dict(BLOCK_F=fira.PHI_BLOCK_F, BLOCK_K=fira.PHI_BLOCK_K))
+compile_(fira._scaled_sumsq_kernel, dict(D=b, PHI="*fp32", INV_K="*fp32", PARTIAL="*fp32", M="i32", N="i32",
+         s_dm="i32", s_dn="i32"), dict(HAS_PHI=True, PHI_AXIS=1, HAS_INV_K=True, BM=fira.TILE_M, BN=fira.TILE_N))
+compile_(fira._limiter_kernel, dict(PARTIAL="*fp32", P="i32", PREV="*fp32", INV_K="*fp32", gamma="fp32"),
+         dict(HAS_PREV=True, BLOCK=fira.SUM_BLOCK))
+compile_(update._update_kernel, dict(W=b, BU=b, S=b, PHI="*fp32", INV_K="*fp32", M="i32", N="i32", s_wm="i32",
+         s_wn="i32", s_bm="i32", s_bn="i32", s_sm="i32", s_sn="i32", step="fp32", scale="fp32", decay="fp32",
+         seed="i32"), dict(HAS_S=True, HAS_PHI=True, PHI_AXIS=0, HAS_INV_K=True, STOCHASTIC=True,
+         BM=update.TILE_M, BN=update.TILE_N))
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not have_triton(), reason="triton not installed")
+def test_kernels_compile_for_a_gpu_without_one():
+    """The interpreter runs the kernels' Python; this compiles them to PTX for sm_90 (no GPU needed), so
+    type errors that only the compiler sees (integer widths, constexpr branches) fail here too."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {err}")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
 @gpu
 @compiled_only
 @pytest.mark.parametrize("shape", [(1, 3000), (1024, 3000), (3000, 1024)], ids=str)

@@ -43,6 +43,11 @@ def store_rounded(ptrs, x, mask):
     tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
 
 
+#: launch options of every kernel: 4 warps; multiply-adds fused into FMAs (Triton's long-standing default,
+#: stated so that Triton >= 3.9 does not warn about a default that will change)
+LAUNCH = dict(num_warps=4, enable_fp_fusion=True)
+
+
 def device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on ``t``'s GPU (Triton launches on the current device), a no-op for CPU tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

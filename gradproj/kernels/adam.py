@@ -19,10 +19,9 @@ import triton
 import triton.language as tl
 
 from . import reference
-from ._triton_common import device_of, store_rounded
+from ._triton_common import LAUNCH, device_of, store_rounded
 
 BLOCK = 1024  # elements per program: 4 warps x 32 threads x 8 elements, 24 KiB of fp32 traffic
-NUM_WARPS = 4
 
 
 @triton.jit
@@ -64,6 +63,6 @@ def adam_update(
     with device_of(R):
         _adam_kernel[(triton.cdiv(numel, BLOCK),)](
             R, exp_avg, exp_avg_sq, psi, numel, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            BLOCK=BLOCK, **LAUNCH,
         )
     return psi

@@ -24,11 +24,10 @@ import triton
 import triton.language as tl
 
 from ..projectors.base import Projector
-from ._triton_common import device_of
+from ._triton_common import LAUNCH, device_of
 
 PHI_BLOCK_F, PHI_BLOCK_K = 32, 64  # factors per program x rank slice per loop iteration
 TILE_M, TILE_N = 32, 128  # full-size tiles: 128 contiguous elements per row, 4096 per program
-NUM_WARPS = 4
 SUM_BLOCK = 1024
 
 
@@ -122,7 +121,7 @@ def norm_ratio(psi: torch.Tensor, R: torch.Tensor, rank_axis: int) -> torch.Tens
     with device_of(R):
         _phi_kernel[(triton.cdiv(F, PHI_BLOCK_F),)](
             psi, R, phi, F, K, sp[0], sp[1], sr[0], sr[1],
-            BLOCK_F=PHI_BLOCK_F, BLOCK_K=PHI_BLOCK_K, num_warps=NUM_WARPS,
+            BLOCK_F=PHI_BLOCK_F, BLOCK_K=PHI_BLOCK_K, **LAUNCH,
         )
     return phi
 
@@ -163,10 +162,10 @@ def limit_norm_growth_(S, state: dict, key: str, gamma: float) -> ScaledResidual
         _scaled_sumsq_kernel[grid](  # absent factors: any pointer, never read
             D, partial if S.phi is None else S.phi, partial if S.inv_k is None else S.inv_k, partial,
             M, N, D.stride(0), D.stride(1), HAS_PHI=S.phi is not None, PHI_AXIS=S.axis,
-            HAS_INV_K=S.inv_k is not None, BM=TILE_M, BN=TILE_N, num_warps=NUM_WARPS,
+            HAS_INV_K=S.inv_k is not None, BM=TILE_M, BN=TILE_N, **LAUNCH,
         )
         _limiter_kernel[(1,)](partial, partial.numel(), prev, inv_k, float(gamma),
-                              HAS_PREV=has_prev, BLOCK=SUM_BLOCK, num_warps=NUM_WARPS)
+                              HAS_PREV=has_prev, BLOCK=SUM_BLOCK, **LAUNCH)
     if S.inv_k is not None:  # limiting an already limited residual: the factors compose
         inv_k = inv_k * S.inv_k
     S.inv_k = inv_k

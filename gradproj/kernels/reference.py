@@ -132,7 +132,7 @@ def apply_update(
     if W.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding is defined for bfloat16 weights, not {W.dtype}")
     w = W.float()
-    u = back_project(projector, U, state, W.dtype).float().mul_(scale)
+    u = back_project(projector, U, state, W.dtype).float() * scale  # a new tensor: U is left as it is
     if S is not None:
         u.add_(S.float())
     w.sub_(step_size * u)

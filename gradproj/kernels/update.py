@@ -20,11 +20,10 @@ import triton.language as tl
 
 from ..projectors.base import Projector
 from . import reference
-from ._triton_common import bf16_stochastic, device_of, store_rounded
+from ._triton_common import LAUNCH, bf16_stochastic, device_of, store_rounded
 from .fira import ScaledResidual
 
 TILE_M, TILE_N = 32, 128  # 128 contiguous elements per row, 4096 per program
-NUM_WARPS = 4
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
@@ -113,5 +112,5 @@ def apply_update(
             float(step_size), float(scale), float(decay), 0 if seed is None else int(seed),
             HAS_S=S is not None, HAS_PHI=S is not None and S.phi is not None, PHI_AXIS=S.axis if S is not None else 0,
             HAS_INV_K=S is not None and S.inv_k is not None, STOCHASTIC=seed is not None,
-            BM=TILE_M, BN=TILE_N, num_warps=NUM_WARPS,
+            BM=TILE_M, BN=TILE_N, **LAUNCH,
         )

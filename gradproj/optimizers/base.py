@@ -6,8 +6,8 @@ For each parameter with a gradient, one step is::
     R        = projector.down(G)                                            # r x n or m x r
     U, s     = inner.update(R, state)                                       # Adam | ...; s = step size
     S        = residual.compute(G, R, U)                                    # Fira | none | ...
-    W       -= s · (scale · projector.up(U) + S)                            # ops.apply_update: one
-    W       -= decay_lr · weight_decay · W                                  # fused epilogue, full space
+    W       -= s · (scale · projector.up(U) + S)                            # ops.apply_update (one
+    W       -= decay_lr · weight_decay · W                                  # pass on GPU), full space
 
 Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
 take the same path with the identity projector, ``scale`` 1 and no residual: exactly AdamW (for the Adam
