@@ -6,8 +6,8 @@ For each parameter with a gradient, one step is::
     R        = projector.down(G)                                            # r x n or m x r
     U, s     = inner.update(R, state)                                       # Adam | ...; s = step size
     S        = residual.compute(G, R, U)                                    # Fira | none | ...
-    W       -= s · (scale · projector.up(U) + S)
-    W       -= decay_lr · weight_decay · W                                  # decoupled, full space
+    W       -= s · (scale · projector.up(U) + S)                            # ops.apply_update (one
+    W       -= decay_lr · weight_decay · W                                  # pass on GPU), full space
 
 Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
 take the same path with the identity projector, ``scale`` 1 and no residual: exactly AdamW (for the Adam
@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -53,6 +54,7 @@ class _Plan:
     projector: Projector
     residual: Residual
     scale: float
+    ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
 
 
 _UNPROJECTED_RESIDUAL = NoResidual()
@@ -76,6 +78,9 @@ class ProjectedOptimizer(Optimizer):
       to keep optimizer state in fp32 for bf16/fp16 parameters.
     * ``sampler``: a :class:`gradproj.LayerSampler` (LISA / OwLore) stepped at the end of every step; it
       frees the state of blocks it deactivates, and its state travels in ``state_dict()``.
+    * ``stochastic_rounding``: ``False`` (default) or ``True`` to round bf16 weights stochastically after
+      each update (unbiased, so updates below half a bf16 ulp are not lost); seeded from torch's RNG at
+      the first step and kept in the state (see :func:`gradproj.kernels.rounding_seed`).
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -102,6 +107,7 @@ class ProjectedOptimizer(Optimizer):
             "projector": "svd",
             "residual": self.default_residual,
             "moments_on_refresh": "keep",
+            "stochastic_rounding": False,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -153,6 +159,8 @@ class ProjectedOptimizer(Optimizer):
             raise ValueError(f"{where}: impl = {group['impl']!r}; use one of {', '.join(kernels.IMPLS)}")
         if group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
+        if not isinstance(group["stochastic_rounding"], bool):
+            raise ValueError(f"{where}: stochastic_rounding = {group['stochastic_rounding']!r} must be True or False")
         self._inner.validate_group(group, where)
 
         rank = group.get("rank")
@@ -204,9 +212,10 @@ class ProjectedOptimizer(Optimizer):
         return float(group["scale"] if "scale" in group else group["alpha"])
 
     def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
+        ops = kernels.resolve(group["impl"], p)
         rank = group.get("rank")
         if rank is None or p.dim() < 2:
-            return _Plan(None, IdentityProjector((0, 0), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0)
+            return _Plan(None, IdentityProjector((0, 0), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops)
         m, n = p.shape[0], p.numel() // p.shape[0]
         if rank >= min(m, n) and group["projector"] != "identity":
             if id(p) not in self._warned:
@@ -216,9 +225,9 @@ class ProjectedOptimizer(Optimizer):
                     "so it trains unprojected (full-rank inner rule, scale 1)",
                     rank, m, n, tuple(p.shape),
                 )
-            return _Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0)
+            return _Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops)
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
-        return _Plan((m, n), projector, get_residual(group["residual"])(), self._scale(group))
+        return _Plan((m, n), projector, get_residual(group["residual"])(), self._scale(group), ops)
 
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -251,7 +260,10 @@ class ProjectedOptimizer(Optimizer):
                         "gradproj optimizers need dense gradients (use torch.optim.SparseAdam, or "
                         "nn.Embedding(sparse=False))"
                     )
-                plan = self._plan(p, group)
+                try:
+                    plan = self._plan(p, group)
+                except ValueError as err:  # e.g. impl='triton' where it cannot run
+                    raise ValueError(f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): {err}") from None
                 state = self.state[p]
                 if plan.projector.refreshes and not plan.projector.has_basis(state):
                     if not bool(torch.isfinite(grad).all()):
@@ -269,7 +281,7 @@ class ProjectedOptimizer(Optimizer):
         step = state.get("step", 0)
         ctx = StepContext(
             step=step + 1,
-            ops=kernels.resolve(group["impl"], p),
+            ops=plan.ops,
             state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
             param=p,
             scale=plan.scale,
@@ -282,11 +294,10 @@ class ProjectedOptimizer(Optimizer):
         state["step"] = step + 1
         U, step_size = self._inner.update(R, state, group, ctx)
         S = plan.residual.compute(G, R, U, proj, state, group, ctx)
-        with _matrix_view(p, plan.shape2d) as W:
-            proj.add_up_(W, U, state, alpha=-step_size * ctx.scale)
-            if S is not None:
-                W.add_(S.to(W.dtype), alpha=-step_size)
-            ctx.ops.apply_weight_decay_(W, self._inner.decay_lr(group, state), group["weight_decay"])
+        with _matrix_view(p, plan.shape2d) as W:  # W -= s·(scale·B(U) + S); W -= decay_lr·wd·W
+            ctx.ops.apply_update(W, proj, state, U, S, step_size, ctx.scale,
+                                 lr=self._inner.decay_lr(group, state), weight_decay=group["weight_decay"],
+                                 seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
 
     def _on_basis_change(self, state: dict, group: dict, step: int) -> None:
         """Apply the group's ``moments_on_refresh`` rule after a refresh replaced an existing basis.

@@ -2,7 +2,9 @@
 
 A residual rule returns a full-size tensor S that the outer step adds to the back-projected inner update
 before multiplying by the step size (``W -= step_size · (scale · B(U) + S)``), or ``None`` for nothing.
-It only runs for projected matrices; unprojected parameters have no discarded part.
+It only runs for projected matrices; unprojected parameters have no discarded part. A rule built from
+``ctx.ops`` functions may return what those give (the Triton module keeps Fira's S factored); the outer
+step hands it to the same module's ``apply_update``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class FiraResidual(Residual):
 
     def compute(self, G, R, U, projector, state, group, ctx):
         ops = ctx.ops
-        S = ops.fira_scaled_residual(G, projector.up(R, state), U, R, ctx.scale, projector.rank_axis())
+        S = ops.fira_residual(G, R, U, projector, state, ctx.scale)  # (G − α·B(R)) · φ
         gamma = group.get("limiter_gamma", 1.01)
         if gamma is not None:
             S = ops.limit_norm_growth_(S, state, LIMITER_NORM, float(gamma))

@@ -1,0 +1,172 @@
+"""Triton twins of Fira's residual: per-row/column norm ratio, residual scaling and norm-growth limiter.
+
+Fira's residual is ``S = ((G − α·B(R)) ⊙ φ) / k`` with φ = ‖ψ‖ / (‖R‖ + 1e-8) over the rank axis (one
+factor per row of G for a right projection, per column for a left one) and k the limiter's factor,
+which needs the norm of the whole of ``D ⊙ φ``. Here S is never written out:
+
+1. ``D = G − α·B(R)`` is one cuBLAS ``addmm`` (the subtraction rides in the GEMM's epilogue);
+2. ``_phi_kernel`` computes φ from ψ and R (small: m·r or r·n elements);
+3. ``_scaled_sumsq_kernel`` reads D once and writes one partial ‖D ⊙ φ‖² per tile;
+4. ``_limiter_kernel`` (a single program) sums the partials in a fixed order (deterministic, unlike
+   atomics), computes k, updates the stored norm and writes 1/k, all on the device: no host sync;
+5. the update epilogue (:mod:`gradproj.kernels.update`) reads D, φ and 1/k while it updates W.
+
+The result of :func:`fira_residual` is a :class:`ScaledResidual`, which the same ops module's
+``apply_update`` consumes; :meth:`ScaledResidual.materialize` gives the dense S (tests, other uses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..projectors.base import Projector
+from ._triton_common import LAUNCH, device_of
+
+PHI_BLOCK_F, PHI_BLOCK_K = 32, 64  # factors per program x rank slice per loop iteration
+TILE_M, TILE_N = 32, 128  # full-size tiles: 128 contiguous elements per row, 4096 per program
+SUM_BLOCK = 1024
+
+
+@dataclass
+class ScaledResidual:
+    """``S = D ⊙ φ · inv_k``, kept factored: D full size; φ one float32 factor per row (``axis=0``) or per
+    column (``axis=1``) of D, or None; ``inv_k`` a 1-element float32 tensor set by the limiter, or None."""
+
+    D: torch.Tensor
+    phi: torch.Tensor | None = None
+    axis: int = 0
+    inv_k: torch.Tensor | None = None
+
+    def materialize(self) -> torch.Tensor:
+        """The dense S, computed in float32 and rounded once to D's dtype."""
+        S = self.D.float()
+        if self.phi is not None:
+            S = S * (self.phi[:, None] if self.axis == 0 else self.phi[None, :])
+        if self.inv_k is not None:
+            S = S * self.inv_k
+        return S.to(self.D.dtype)
+
+
+@triton.jit
+def _phi_kernel(PSI, R, PHI, F, K, s_pf, s_pk, s_rf, s_rk, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+    f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = f < F
+    acc_p = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = fmask[:, None] & (k < K)[None, :]
+        p = tl.load(PSI + f[:, None] * s_pf + k[None, :] * s_pk, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(R + f[:, None] * s_rf + k[None, :] * s_rk, mask=mask, other=0.0).to(tl.float32)
+        acc_p += tl.sum(p * p, axis=1)
+        acc_r += tl.sum(r * r, axis=1)
+    phi = tl.div_rn(tl.sqrt_rn(acc_p), tl.sqrt_rn(acc_r) + 1e-8)
+    tl.store(PHI + f, phi, mask=fmask)
+
+
+@triton.jit
+def _scaled_sumsq_kernel(D, PHI, INV_K, PARTIAL, M, N, s_dm, s_dn, HAS_PHI: tl.constexpr, PHI_AXIS: tl.constexpr,
+                         HAS_INV_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(D + rows[:, None].to(tl.int64) * s_dm + cols[None, :] * s_dn, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PHI:
+        if PHI_AXIS == 0:
+            x = x * tl.load(PHI + rows, mask=rows < M, other=0.0)[:, None]
+        else:
+            x = x * tl.load(PHI + cols, mask=cols < N, other=0.0)[None, :]
+    if HAS_INV_K:
+        x = x * tl.load(INV_K)
+    tl.store(PARTIAL + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(x * x, axis=1), axis=0))
+
+
+@triton.jit
+def _limiter_kernel(PARTIAL, P, PREV, INV_K, gamma, HAS_PREV: tl.constexpr, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, P, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        acc += tl.load(PARTIAL + idx, mask=idx < P, other=0.0)
+    norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+    if HAS_PREV:
+        prev = tl.load(PREV)
+        k = tl.maximum(tl.div_rn(norm, prev + 1e-8), gamma) / gamma
+        tl.store(PREV, tl.div_rn(norm, k))
+        tl.store(INV_K, tl.div_rn(1.0, k))
+    else:  # the first step is never limited; remember its norm
+        tl.store(PREV, norm)
+        tl.store(INV_K, 1.0)
+
+
+def residual_base(G: torch.Tensor, R: torch.Tensor, projector: Projector, state: dict, alpha: float) -> torch.Tensor:
+    """``G − α·B(R)``: one ``addmm`` for the dense one-sided bases of :class:`Projector`, else via ``up``."""
+    if type(projector).up is Projector.up and projector.side in ("left", "right"):
+        P = state["proj"]
+        A, B = (R, P) if projector.side == "right" else (P, R)
+        return torch.addmm(G, A.to(G.dtype), B.to(G.dtype), alpha=-alpha)
+    return torch.add(G, projector.up(R, state).to(G.dtype), alpha=-alpha)
+
+
+def norm_ratio(psi: torch.Tensor, R: torch.Tensor, rank_axis: int) -> torch.Tensor:
+    """φ = ‖ψ‖ / (‖R‖ + 1e-8) over ``rank_axis`` of the low-rank tensors, as a float32 vector."""
+    F, K = (R.shape[0], R.shape[1]) if rank_axis == 1 else (R.shape[1], R.shape[0])
+    sp = psi.stride() if rank_axis == 1 else psi.stride()[::-1]
+    sr = R.stride() if rank_axis == 1 else R.stride()[::-1]
+    phi = torch.empty(F, dtype=torch.float32, device=R.device)
+    with device_of(R):
+        _phi_kernel[(triton.cdiv(F, PHI_BLOCK_F),)](
+            psi, R, phi, F, K, sp[0], sp[1], sr[0], sr[1],
+            BLOCK_F=PHI_BLOCK_F, BLOCK_K=PHI_BLOCK_K, **LAUNCH,
+        )
+    return phi
+
+
+def fira_residual(G, R, psi, projector, state, alpha) -> ScaledResidual:
+    """Fira's scaled residual for ``projector``, factored (see :class:`ScaledResidual`)."""
+    rank_axis = projector.rank_axis()
+    D = residual_base(G, R, projector, state, alpha)
+    return ScaledResidual(D, norm_ratio(psi, R, rank_axis), axis=0 if rank_axis == 1 else 1)
+
+
+def fira_scaled_residual(G, BR, psi, R, alpha, rank_axis) -> ScaledResidual:
+    """Twin of :func:`gradproj.kernels.reference.fira_scaled_residual` (B(R) given), factored."""
+    D = torch.add(G, BR.to(G.dtype), alpha=-alpha)
+    return ScaledResidual(D, norm_ratio(psi, R, rank_axis), axis=0 if rank_axis == 1 else 1)
+
+
+def limit_norm_growth_(S, state: dict, key: str, gamma: float) -> ScaledResidual:
+    """Fira's norm-growth limiter on the device; ``S`` is a :class:`ScaledResidual` or a dense tensor.
+
+    Same rule as :func:`gradproj.kernels.reference.limit_norm_growth_`: with a previous norm N in
+    ``state[key]``, k = max(‖S‖ / (N + 1e-8), γ) / γ, S ← S / k, N ← ‖S‖ / k; without one N ← ‖S‖.
+    """
+    if not isinstance(S, ScaledResidual):
+        S = ScaledResidual(S)
+    D = S.D if S.D.dim() == 2 else S.D.reshape(1, -1)
+    M, N = D.shape
+    grid = (triton.cdiv(M, TILE_M), triton.cdiv(N, TILE_N))
+    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=D.device)
+    prev = state.get(key)
+    if prev is None:
+        prev = state[key] = torch.zeros((), dtype=torch.float32, device=D.device)
+        has_prev = False
+    else:
+        has_prev = True
+    inv_k = torch.empty(1, dtype=torch.float32, device=D.device)
+    with device_of(D):
+        _scaled_sumsq_kernel[grid](  # absent factors: any pointer, never read
+            D, partial if S.phi is None else S.phi, partial if S.inv_k is None else S.inv_k, partial,
+            M, N, D.stride(0), D.stride(1), HAS_PHI=S.phi is not None, PHI_AXIS=S.axis,
+            HAS_INV_K=S.inv_k is not None, BM=TILE_M, BN=TILE_N, **LAUNCH,
+        )
+        _limiter_kernel[(1,)](partial, partial.numel(), prev, inv_k, float(gamma),
+                              HAS_PREV=has_prev, BLOCK=SUM_BLOCK, **LAUNCH)
+    if S.inv_k is not None:  # limiting an already limited residual: the factors compose
+        inv_k = inv_k * S.inv_k
+    S.inv_k = inv_k
+    return S
