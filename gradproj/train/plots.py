@@ -1,0 +1,34 @@
+"""Loss-curve plots (PNG, matplotlib's Agg backend, imported only when a plot is written)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
+    """One PNG with the training loss (lines) and validation loss (markers) of every run, by step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=120)
+    FigureCanvasAgg(fig)  # render with Agg without touching pyplot's global backend
+    ax = fig.add_subplot()
+    for i, (name, history) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        steps = [r["step"] for r in history]
+        ax.plot(steps, [r["loss"] for r in history], color=color, lw=1.2, alpha=0.85, label=f"{name} train")
+        val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, ms=4, lw=1, label=f"{name} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
