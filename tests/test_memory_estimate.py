@@ -42,9 +42,7 @@ def test_hand_computed_counts_for_a_small_config():
 
 def test_modes_known_before_their_optimizers_exist():
     # 8-bit moments: one byte per element plus one fp32 scale per block of 256
-    e = estimate_memory(SMALL, "galore_adamw8bit", rank=4, dtype="bfloat16")
     x = 16 * 4  # the moment of a 16x16 matrix at rank 4
-    assert e.optimizer_states_detail["moments"] > 0
     one = estimate_memory(LlamaShape(16, 40, 2, 1, 50), "galore_adamw8bit", rank=4)
     two = estimate_memory(LlamaShape(16, 40, 2, 2, 50), "galore_adamw8bit", rank=4)
     layer = 4 * 2 * (x + 4) + 3 * 2 * (160 + 4) + 2 * 2 * (16 + 4)  # 7 projected moments + 2 norms
@@ -156,6 +154,8 @@ def test_paper_llama_7b_on_a_24gb_gpu():
     assert bf16.total / G == pytest.approx(22.0 + 37.92, rel=0.15)
     assert adam8.total / G == pytest.approx(22.0 + 24.5, rel=0.15)
     assert 1 - galore8.total / bf16.total == pytest.approx(0.633, abs=0.05)
+    # abstract: 8-bit GaLore cuts optimizer memory by 82.5 % against the bf16 baseline
+    assert 1 - galore8.optimizer_states / bf16.optimizer_states == pytest.approx(0.825, abs=0.05)
     # per-layer updates save the weight gradients: 13.5G
     assert (galore8_grads.gradients - galore8.gradients) / G == pytest.approx(13.5, rel=0.05)
     # Table 3 memory estimates (weights + optimizer states): 8-bit GaLore 18G, 8-bit Adam 26G

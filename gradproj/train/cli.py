@@ -40,6 +40,8 @@ def _positive_int(text: str) -> int:
 
 def _add(group, *flags, section: str, field: str, **kwargs):
     kwargs.setdefault("default", argparse.SUPPRESS)
+    if kwargs.get("action") in (None, "append") and "choices" not in kwargs:
+        kwargs.setdefault("metavar", flags[0].lstrip("-").upper().replace("-", "_"))
     action = group.add_argument(*flags, dest=field if section == "cfg" else f"opt_{field}", **kwargs)
     _TRAIN_FIELDS[action.dest] = (section, field)
     return action
@@ -155,7 +157,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     progress = not ns.quiet
     if ns.resume:
         cfg, opt = _split(ns)
-        bad = sorted(set(cfg) - set(RESUMABLE)) + [f"optimizer {k}" for k in opt]
+        bad = sorted(set(cfg) - set(RESUMABLE)) + sorted(opt)
         if bad:
             raise ValueError(f"--resume uses the saved configuration; cannot change {', '.join(bad)} (only {', '.join(RESUMABLE)})")
         result = train(out_dir=ns.out, resume=ns.resume, overrides=cfg, progress=progress, report=_report)

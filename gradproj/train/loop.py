@@ -209,6 +209,11 @@ def train(
     runtime = runtime or LocalRuntime(config.device)
     device, dtype = runtime.device, DTYPES[config.dtype]
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and checkpoints and (out != resume) and latest_checkpoint(out) is not None:
+        raise ValueError(
+            f"{out} already holds checkpoints of a run; continue it with --resume {out}, "
+            "or choose another --out (or delete the directory)"
+        )
     if out is not None and runtime.is_main:
         (out / "checkpoints" if checkpoints else out).mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -322,9 +327,9 @@ def train(
     if out is not None and runtime.is_main:
         (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
         if history:
-            from .plots import plot_losses
+            from .plots import try_plot_losses
 
-            plot_losses({label or config.optimizer.name: history}, out / "loss.png", title=f"{config.model}, {config.optimizer.name}")
+            try_plot_losses({label or config.optimizer.name: history}, out / "loss.png", title=f"{config.model}, {config.optimizer.name}")
     return result
 
 

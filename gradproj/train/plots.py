@@ -9,8 +9,11 @@ from typing import Any
 
 def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
     """One PNG with the training loss (lines) and validation loss (markers) of every run, by step."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("loss plots need matplotlib: pip install 'gradproj[plot]'") from err
 
     fig = Figure(figsize=(7, 4.2), dpi=120)
     FigureCanvasAgg(fig)  # render with Agg without touching pyplot's global backend
@@ -32,3 +35,14 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Pat
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def try_plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path | None:
+    """:func:`plot_losses`, or a logged warning (and None) when matplotlib is not installed."""
+    try:
+        return plot_losses(runs, path, title)
+    except ImportError as err:
+        import logging
+
+        logging.getLogger("gradproj").warning("gradproj: no %s written: %s", Path(path).name, err)
+        return None
