@@ -69,6 +69,17 @@ def test_resume_continues_exactly(tmp_path, name):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_warms_up_then_decays_to_the_floor(schedule):
+    config = TrainConfig(steps=100, warmup=0.1, min_lr_ratio=0.1, schedule=schedule)
+    f = [config.lr_factor(s) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[10] == 1.0
+    assert all(a >= b for a, b in zip(f[10:], f[11:])) and f[99] == pytest.approx(0.1)
+    quarter = 0.5 * (1 + math.cos(math.pi / 4)) if schedule == "cosine" else 0.75  # a quarter into the decay
+    assert config.lr_factor(10 + 89 / 4) == pytest.approx(0.1 + 0.9 * quarter)
+    assert TrainConfig(steps=100, warmup=5, schedule="constant").lr_factor(50) == 1.0
+
+
 def test_resume_refuses_to_change_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0

@@ -97,14 +97,15 @@ class TrainConfig:
         return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the base lr after ``step`` scheduler steps: linear warm-up, then cosine / linear
-        decay to ``min_lr_ratio`` at the last step (GaLore's recipe: 10 % warm-up, cosine to 10 %)."""
+        """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up reaching the peak at
+        the last warm-up step, then cosine / linear decay reaching ``min_lr_ratio`` at the last step
+        (GaLore's recipe: 10 % warm-up, cosine to 10 %)."""
         warm = self.warmup_steps()
         if step < warm:
             return (step + 1) / warm
         if self.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warm) / max(1, self.steps - warm))
+        progress = min(1.0, (step - warm) / max(1, self.steps - 1 - warm))
         decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
 

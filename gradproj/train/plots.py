@@ -7,8 +7,20 @@ from pathlib import Path
 from typing import Any
 
 
+def _smooth(values: Sequence[float]) -> list[float]:
+    """Exponential moving average over about 1/25 of the run, bias-corrected at the start."""
+    beta = 1.0 - 1.0 / max(1.0, len(values) / 25)
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg = beta * avg + (1 - beta) * v
+        weight = beta * weight + (1 - beta)
+        out.append(avg / weight if weight > 0 else v)
+    return out
+
+
 def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> Path:
-    """One PNG with the training loss (lines) and validation loss (markers) of every run, by step."""
+    """One PNG with the training loss (faint: per step; bold: moving average) and the validation loss
+    (markers) of every run, by step."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -21,7 +33,9 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Pat
     for i, (name, history) in enumerate(runs.items()):
         color = f"C{i % 10}"
         steps = [r["step"] for r in history]
-        ax.plot(steps, [r["loss"] for r in history], color=color, lw=1.2, alpha=0.85, label=f"{name} train")
+        losses = [r["loss"] for r in history]
+        ax.plot(steps, losses, color=color, lw=0.6, alpha=0.3)
+        ax.plot(steps, _smooth(losses), color=color, lw=1.6, label=f"{name} train (moving average)")
         val = [(r["step"], r["val_loss"]) for r in history if "val_loss" in r]
         if val:
             ax.plot(*zip(*val), "o--", color=color, ms=4, lw=1, label=f"{name} validation")

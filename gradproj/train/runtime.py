@@ -8,6 +8,7 @@ numbers with :meth:`Runtime.reduce_mean`, and writes files only where :attr:`Run
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from typing import Any
@@ -67,6 +68,7 @@ class Runtime:
 
     # --- measurements -----------------------------------------------------------------------------------
     def reset_peak_memory(self) -> None:
+        gc.collect()  # what earlier runs in this process left behind should not count
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
