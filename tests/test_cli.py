@@ -252,3 +252,9 @@ def test_bpe_tokenizer_is_saved_and_reused(tmp_path):
     raw = data_mod.load_data(None, seq_len=32, max_bytes=100_000)
     assert len(raw.train) + len(raw.val) <= 100_000 + 200  # the bytes plus one separator per document
     assert len(a.train) + len(a.val) < 0.8 * (len(raw.train) + len(raw.val))  # merges compress the stream
+
+
+def test_datasets_name_without_network_fails_clearly():
+    # the tests run with HF_DATASETS_OFFLINE=1 (conftest): the dataset cannot be fetched
+    with pytest.raises(ValueError, match="could not load the dataset.*local text / jsonl files"):
+        data_mod.load_data(["hf:gradproj-no-such/dataset"], seq_len=16)
