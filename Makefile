@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
 install: $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/python examples/pretrain_llama.py
+	rm -rf runs/quickstart
+	$(BIN)/gradproj train --out runs/quickstart
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)

@@ -1,0 +1,404 @@
+"""The training loop behind ``gradproj train`` and ``gradproj compare``.
+
+One function, :func:`train`, runs a configuration and returns its results. With an output directory it
+writes ``config.json``, ``metrics.jsonl`` (one JSON object per logged step), ``loss.png``, ``summary.json``
+and checkpoints ``checkpoints/step_NNNNNNN.pt`` holding model, optimizer, scheduler and RNG states (tensors
+and plain values only: they load with ``torch.load(weights_only=True)``). :func:`train` with ``resume``
+continues from the newest checkpoint of a directory and reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..memory import optimizer_state_bytes
+from .data import BatchStream, eval_windows, load_data
+from .models import build_model, get_shape
+from .optimizers import OptimizerChoice, build_optimizer
+from .runtime import LocalRuntime, Runtime
+
+log = logging.getLogger("gradproj")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SCHEDULES = ("cosine", "linear", "constant")
+#: metrics that differ between otherwise identical runs (wall-clock), left out when runs are compared
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
+#: what may differ when a run is resumed (everything else must match the saved configuration)
+RESUMABLE = ("stop_at", "save_every", "keep_checkpoints", "device")
+
+
+@dataclass
+class TrainConfig:
+    """A complete description of a run (saved as ``config.json``)."""
+
+    model: str = "tiny"
+    optimizer: OptimizerChoice = field(default_factory=OptimizerChoice)
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 128
+    grad_accum: int = 1
+    schedule: str = "cosine"
+    warmup: float = 0.1  # a fraction of the steps when < 1, else a number of steps
+    min_lr_ratio: float = 0.1
+    clip: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "auto"
+    data: list[str] | None = None
+    text_key: str = "text"
+    tokenizer: str = "byte"
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    max_bytes: int | None = None
+    log_every: int = 1
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    stop_at: int | None = None
+
+    # ---------------------------------------------------------------------------------------- checks
+    def validate(self) -> None:
+        get_shape(self.model)
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r} must be a positive integer")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule = {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype = {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup = {self.warmup} must be >= 0 (a fraction of the steps, or a step count)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio = {self.min_lr_ratio} must be in [0, 1]")
+        if self.clip < 0:
+            raise ValueError(f"clip = {self.clip} must be >= 0 (0 disables clipping)")
+        if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
+            raise ValueError(f"stop_at = {self.stop_at} must be in [1, steps = {self.steps}]")
+        if self.optimizer.layerwise and (self.clip > 0 or self.grad_accum > 1):
+            raise ValueError(
+                "--layerwise steps each weight during backward, so --clip and --grad-accum cannot act on the "
+                "full gradient here; use the optimizer's own options for per-layer clipping / accumulation "
+                "(--optimizer-option)"
+            )
+
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up reaching the peak at
+        the last warm-up step, then cosine / linear decay reaching ``min_lr_ratio`` at the last step
+        (GaLore's recipe: 10 % warm-up, cosine to 10 %)."""
+        warm = self.warmup_steps()
+        if step < warm:
+            return (step + 1) / warm
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, self.steps - 1 - warm))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * decay
+
+    # -------------------------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        opt = OptimizerChoice(**d.pop("optimizer", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys {unknown}")
+        return cls(optimizer=opt, **d)
+
+
+# ------------------------------------------------------------------------------------------- results
+@dataclass
+class RunResult:
+    config: dict[str, Any]
+    steps_done: int
+    final_train_loss: float  # mean of the last min(10, steps) logged training losses
+    final_val_loss: float | None
+    final_val_ppl: float | None
+    mean_step_time_s: float  # over the steps of this invocation after the first (refreshes amortised)
+    tokens_per_s: float
+    optimizer_state_bytes: int
+    optimizer_state_parts: dict[str, int]
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    n_params: int
+    history: list[dict[str, Any]] = field(repr=False, default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logged step, truncated to a checkpoint's step on resume."""
+
+    def __init__(self, path: Path | None, keep_until: int | None = None):
+        self.path, self.records = path, []
+        if path is not None and keep_until is not None and path.exists():
+            with open(path) as fh:
+                self.records = [r for r in map(json.loads, fh) if r["step"] <= keep_until]
+        if path is not None:
+            with open(path, "w") as fh:
+                for r in self.records:
+                    fh.write(json.dumps(r) + "\n")
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------------------- the loop
+def train(
+    config: TrainConfig | None = None,
+    *,
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    runtime: Runtime | None = None,
+    progress: bool = True,
+    report: Callable[[str], None] | None = None,
+    label: str | None = None,
+    checkpoints: bool = True,
+) -> RunResult:
+    """Train a LLaMA model as ``config`` describes and return the results.
+
+    Args:
+        config: the run; ignored with ``resume`` (the saved configuration is used).
+        out_dir: where files go (``None``: nothing is written). Defaults to ``resume`` when resuming.
+        resume: a directory of an earlier run; continues from its newest checkpoint.
+        overrides: with ``resume``, new values for the fields in :data:`RESUMABLE`.
+        runtime: device and process layout (default: one local process on ``config.device``).
+        progress: show a tqdm bar. ``report``: called with one line per evaluation (default: logging).
+        label: the run's name on the progress bar and plot. ``checkpoints``: write checkpoints to ``out_dir``.
+    """
+    say = report or log.info
+    ckpt_path = None
+    if resume is not None:
+        resume = Path(resume)
+        config = load_config(resume)
+        config.stop_at = None  # a stop of the earlier invocation is not a property of the run
+        for key, value in (overrides or {}).items():
+            if key not in RESUMABLE:
+                raise ValueError(f"cannot change {key!r} when resuming (only {', '.join(RESUMABLE)})")
+            setattr(config, key, value)
+        ckpt_path = latest_checkpoint(resume)
+        if ckpt_path is None:
+            raise ValueError(f"--resume {resume}: no checkpoint in {resume / 'checkpoints'}")
+        out_dir = out_dir if out_dir is not None else resume
+    config = config or TrainConfig()
+    config.validate()
+    runtime = runtime or LocalRuntime(config.device)
+    device, dtype = runtime.device, DTYPES[config.dtype]
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and checkpoints and (out != resume) and latest_checkpoint(out) is not None:
+        raise ValueError(
+            f"{out} already holds checkpoints of a run; continue it with --resume {out}, "
+            "or choose another --out (or delete the directory)"
+        )
+    if out is not None and runtime.is_main:
+        (out / "checkpoints" if checkpoints else out).mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+    data = load_data(
+        config.data,
+        seq_len=config.seq_len,
+        tokenizer=config.tokenizer,
+        vocab_size=config.vocab_size,
+        val_fraction=config.val_fraction,
+        max_bytes=config.max_bytes,
+        text_key=config.text_key,
+        tokenizer_path=(out / "tokenizer.json") if out is not None and config.tokenizer == "bpe" else None,
+    )
+    say(f"data: {data.describe()}")
+    shape = get_shape(config.model)
+    model = build_model(config.model, data.vocab_size, config.seq_len, seed=config.seed, dtype=dtype, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = runtime.wrap_model(model)
+    optimizer = build_optimizer(runtime.unwrap_model(model), config.optimizer, shape.hidden, seed=config.seed)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s))
+
+    start = 0
+    if ckpt_path is not None:
+        start = _load_checkpoint(runtime.load(str(ckpt_path)), runtime.unwrap_model(model), optimizer, scheduler, device)
+        say(f"resumed from {ckpt_path} at step {start}")
+    metrics = MetricsLog(out / "metrics.jsonl" if out is not None and runtime.is_main else None, keep_until=start)
+    end = config.stop_at or config.steps
+
+    stream = BatchStream(data.train, config.batch_size, config.seq_len, config.seed, runtime.rank, runtime.world_size)
+    val_x = _shard(eval_windows(data.val, config.eval_batches * config.batch_size, config.seq_len), runtime)
+    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * runtime.world_size
+
+    runtime.reset_peak_memory()
+    bar = tqdm(total=config.steps, initial=start, desc=label or config.optimizer.name, disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    step_times: list[float] = []
+    last_val: dict[str, float] = {}
+    t_run = time.perf_counter()
+    try:
+        for step in range(start + 1, end + 1):
+            t0 = time.perf_counter()
+            model.train()
+            loss_sum = 0.0
+            for micro in range(config.grad_accum):
+                x = stream.batch(step, micro).to(device)
+                loss = model(input_ids=x, labels=x).loss / config.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            if config.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            if step > start + 1:
+                step_times.append(dt)
+            train_loss = runtime.reduce_mean(loss_sum)
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower the learning rate or enable --clip")
+
+            record: dict[str, Any] = {}
+            if step % config.eval_every == 0 or step == config.steps:
+                val_loss = evaluate(model, val_x, config.batch_size, runtime)
+                last_val = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+                record.update(last_val)
+                say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val ppl {last_val['val_ppl']:.2f}")
+            if step % config.log_every == 0 or record or step == end:
+                record = {
+                    "step": step,
+                    "loss": train_loss,
+                    "lr": lr,
+                    "tokens": step * tokens_per_step,
+                    "step_time_s": dt,
+                    "tokens_per_s": tokens_per_step / dt,
+                    **record,
+                }
+                metrics.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", **({"val": f"{last_val['val_loss']:.3f}"} if last_val else {}))
+            if checkpoints and out is not None and (step % config.save_every == 0 or step == end):
+                save_checkpoint(out, step, runtime.unwrap_model(model), optimizer, scheduler, config, runtime)
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - t_run
+
+    peak, kind = runtime.peak_memory()
+    state = optimizer_state_bytes(optimizer)
+    history = metrics.records
+    val_records = [r for r in history if "val_loss" in r]
+    last = [r["loss"] for r in history[-10:]]
+    n_timed = len(step_times)
+    mean_dt = sum(step_times) / n_timed if n_timed else elapsed
+    result = RunResult(
+        config=config.to_dict(),
+        steps_done=end,
+        final_train_loss=sum(last) / len(last) if last else float("nan"),
+        final_val_loss=val_records[-1]["val_loss"] if val_records else None,
+        final_val_ppl=val_records[-1]["val_ppl"] if val_records else None,
+        mean_step_time_s=mean_dt,
+        tokens_per_s=tokens_per_step / mean_dt if mean_dt > 0 else float("nan"),
+        optimizer_state_bytes=state["total"],
+        optimizer_state_parts={k: v for k, v in state.items() if k != "total"},
+        peak_memory_bytes=peak,
+        peak_memory_kind=kind,
+        n_params=n_params,
+        history=history,
+    )
+    if out is not None and runtime.is_main:
+        (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
+        if history:
+            from .plots import try_plot_losses
+
+            try_plot_losses({label or config.optimizer.name: history}, out / "loss.png", title=f"{config.model}, {config.optimizer.name}")
+    return result
+
+
+def _shard(x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    return x[runtime.rank :: runtime.world_size] if runtime.world_size > 1 else x
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, runtime: Runtime) -> float:
+    """Mean next-token loss over fixed validation windows (mean over batches, then over processes)."""
+    model.eval()
+    losses = []
+    for i in range(0, len(windows), batch_size):
+        x = windows[i : i + batch_size].to(runtime.device)
+        losses.append(model(input_ids=x, labels=x).loss.float().item())
+    model.train()
+    return runtime.reduce_mean(sum(losses) / len(losses))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    found = sorted(checkpoint_dir(Path(out)).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def load_config(out: str | Path) -> TrainConfig:
+    path = Path(out) / "config.json"
+    if not path.exists():
+        raise ValueError(f"{out} has no config.json; is it the --out directory of a gradproj train run?")
+    return TrainConfig.from_dict(json.loads(path.read_text()))
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, config: TrainConfig, runtime: Runtime) -> Path:
+    """Write ``checkpoints/step_NNNNNNN.pt`` and keep the newest ``config.keep_checkpoints`` of them."""
+    path = checkpoint_dir(out) / f"step_{step:07d}.pt"
+    runtime.save(
+        {
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "config": config.to_dict(),
+        },
+        str(path),
+    )
+    if runtime.is_main:
+        for old in sorted(checkpoint_dir(out).glob("step_*.pt"))[: -config.keep_checkpoints]:
+            old.unlink()
+    return path
+
+
+def _load_checkpoint(ckpt: dict[str, Any], model, optimizer, scheduler, device: torch.device) -> int:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
+    return int(ckpt["step"])
