@@ -45,6 +45,9 @@ class InnerRule:
 
     #: the state keys this rule owns (dropped by :meth:`reset_state`)
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: True when the update of each row of R reads only that row and every state tensor is shaped like R, so
+    #: the rule runs unchanged on the local rows of an FSDP-sharded R (gradproj.distributed.sharding)
+    row_separable: ClassVar[bool] = False
 
     def reset_state(self, state: dict, step: int) -> None:
         """Forget the rule's state (e.g. when the subspace changes); ``step`` is the parameter's step count.

@@ -26,6 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
+from ..distributed.sharding import all_finite, is_dtensor, shard_plan
 from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
@@ -49,6 +50,7 @@ class _Plan:
     projector: Projector
     residual: Residual
     scale: float
+    shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
 
 
 _UNPROJECTED_RESIDUAL = NoResidual()
@@ -222,7 +224,10 @@ class ProjectedOptimizer(Optimizer):
             self._validate_group(group, i)
         work = self._gather()
         for p, grad, group, plan in work:
-            self._update(p, grad, group, plan)
+            if plan.shard is None:
+                self._update(p, grad, group, plan)
+            else:  # a DTensor: the same update on this rank's rows (gradproj.distributed)
+                plan.shard.update(self, p, grad, group, plan)
         return loss
 
     def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
@@ -240,9 +245,11 @@ class ProjectedOptimizer(Optimizer):
                         "nn.Embedding(sparse=False))"
                     )
                 plan = self._plan(p, group)
+                if is_dtensor(p):
+                    plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
                 state = self.state[p]
                 if plan.projector.refreshes and not plan.projector.has_basis(state):
-                    if not bool(torch.isfinite(grad).all()):
+                    if not all_finite(grad):
                         raise NonFiniteGradientError(
                             f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): the gradient is NaN/Inf "
                             "at its first basis refresh, so no basis can be computed; nothing was updated. "
@@ -251,13 +258,14 @@ class ProjectedOptimizer(Optimizer):
                 work.append((p, grad, group, plan))
         return work
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
-        """One parameter's update: the whole method, top to bottom."""
-        state = self.state[p]
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan, state: dict | None = None) -> None:
+        """One parameter's update: the whole method, top to bottom (for a sharded parameter, on its local rows)."""
+        state = self.state[p] if state is None else state
         step = state.get("step", 0)
+        ops = kernels.resolve(group["impl"], p)
         ctx = StepContext(
             step=step + 1,
-            ops=kernels.resolve(group["impl"], p),
+            ops=ops if plan.shard is None else plan.shard.ops(ops),
             state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
             param=p,
             scale=plan.scale,
