@@ -37,6 +37,7 @@ def run_distributed(fn, *args, world_size=2, timeout=120, torchrun_env=False):
     With ``torchrun_env=True`` no process group is created: the children get torchrun's environment
     variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) instead.
     """
+    _preload()
     port = _free_port() if torchrun_env else 0
     with tempfile.TemporaryDirectory() as store_dir:
         ctx = mp.start_processes(_entry, args=(fn, world_size, store_dir, args, port), nprocs=world_size,
@@ -48,6 +49,20 @@ def run_distributed(fn, *args, world_size=2, timeout=120, torchrun_env=False):
                     if p.is_alive():
                         p.kill()
                 raise TimeoutError(f"distributed test body did not finish in {timeout} s")
+
+
+def _preload() -> None:
+    """Import here, once, what every child would otherwise import itself after the fork (seconds each:
+    fully_shard imports torch._dynamo)."""
+    import importlib
+
+    for name in ("torch._dynamo", "torch.distributed.tensor", "torch.distributed.fsdp",
+                 "torch.distributed.checkpoint", "torch.distributed.checkpoint.state_dict",
+                 "torch.nn.parallel"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _free_port() -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,20 @@ def quiet_other_ranks(env: DistributedEnv, loggers: Iterable[str] = ("gradproj",
 EXTRA_FILE = "extra.pt"
 
 
+class _single_process_quiet(warnings.catch_warnings):
+    """Silence DCP's warning that it saves / loads in one process, when that is what was asked for."""
+
+    def __init__(self, env: DistributedEnv):
+        super().__init__()
+        self.env = env
+
+    def __enter__(self):
+        out = super().__enter__()
+        if not self.env.is_distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return out
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistributedEnv,
                     extra: dict[str, Any] | None = None) -> None:
     """Save model and optimizer with ``torch.distributed.checkpoint`` into the directory ``path``.
@@ -243,7 +258,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
     path = Path(path)
     model_sd, optim_sd = get_state_dict(unwrap_model(model), optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+    with _single_process_quiet(env):
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if env.is_main:
         own = optimizer.state_dict().get("gradproj", {}) if hasattr(optimizer, "_extra_state") else {}
         torch.save({"extra": extra or {}, "optimizer_extra": own}, path / EXTRA_FILE)
@@ -264,7 +280,8 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     inner = unwrap_model(model)
     model_sd, optim_sd = get_state_dict(inner, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quiet(env):
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     saved = torch.load(path / EXTRA_FILE, weights_only=True, map_location="cpu")
     if saved.get("optimizer_extra") and hasattr(optimizer, "_load_extra_state"):
