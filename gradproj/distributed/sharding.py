@@ -37,6 +37,7 @@ tensor is replicated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -285,8 +286,8 @@ class ShardedOps:
     #: operations whose result on a block of rows is that block of the whole result
     ROW_LOCAL = ("adam_update", "fira_scaled_residual", "apply_weight_decay_", "accumulation_dtype")
 
-    def __init__(self, ops: Any, rows: RowSharding):
-        self._ops, self._rows = ops, rows
+    def __init__(self, ops: Any, group: Any):
+        self._ops, self._group = ops, group
 
     def __getattr__(self, name: str) -> Any:
         if name in ShardedOps.ROW_LOCAL:
@@ -300,7 +301,8 @@ class ShardedOps:
         """Fira's limiter with the norm of the whole matrix (one all-reduce of a float32 scalar)."""
         acc = self._ops.accumulation_dtype(S)
         sq = torch.linalg.vector_norm(S, dtype=acc).square().reshape(1)
-        self._rows.all_reduce_(sq)
+        if self._group is not None:
+            dist.all_reduce(sq, group=self._group)
         norm = sq.sqrt().reshape(())
         prev = state.get(key)
         if prev is None:
@@ -310,6 +312,12 @@ class ShardedOps:
         S.div_(k.to(S.dtype))
         prev.copy_(norm / k)
         return S
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_ops(ops: Any, group: Any) -> ShardedOps:
+    """One ShardedOps per (operations, process group): stable objects, so a compiled step guards on them once."""
+    return ShardedOps(ops, group)
 
 
 # ------------------------------------------------------------------------------------- the step's glue
@@ -324,7 +332,7 @@ class ShardedStep:
         self.row_sharded_R = not projected or projector.side == "right"
 
     def ops(self, ops: Any) -> ShardedOps:
-        return ShardedOps(ops, self.rows)
+        return _sharded_ops(ops, self.rows.group)
 
     def update(self, optimizer: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
         state = optimizer.state[p]

@@ -26,6 +26,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
+from . import compiled
 from ..distributed.sharding import all_finite, is_dtensor, shard_plan
 from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
@@ -51,6 +52,7 @@ class _Plan:
     residual: Residual
     scale: float
     shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
+    fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
 
 
 _UNPROJECTED_RESIDUAL = NoResidual()
@@ -72,6 +74,12 @@ class ProjectedOptimizer(Optimizer):
     * ``impl``: ``"auto"`` (default), ``"torch"`` or ``"triton"`` — which kernels run the fused parts.
     * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
       to keep optimizer state in fp32 for bf16/fp16 parameters.
+    * ``compile``: ``False`` (default), ``True`` or a dict of ``torch.compile`` arguments — run each
+      parameter's per-step math (not the basis refresh) as one compiled graph; see
+      :mod:`gradproj.optimizers.compiled`.
+
+    DTensor parameters (FSDP2's ``fully_shard``) are stepped on each rank's rows; see
+    :mod:`gradproj.distributed.sharding`.
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -97,6 +105,7 @@ class ProjectedOptimizer(Optimizer):
             "projector": "svd",
             "residual": self.default_residual,
             "moments_on_refresh": "keep",
+            "compile": False,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -146,6 +155,7 @@ class ProjectedOptimizer(Optimizer):
         if group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
         self._inner.validate_group(group, where)
+        compiled.validate(group["compile"], self._inner.name, where)
 
         rank = group.get("rank")
         if rank is None:
@@ -247,6 +257,8 @@ class ProjectedOptimizer(Optimizer):
                 plan = self._plan(p, group)
                 if is_dtensor(p):
                     plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
+                if group["compile"]:
+                    plan.fused = compiled.CompiledTail(group["compile"])
                 state = self.state[p]
                 if plan.projector.refreshes and not plan.projector.has_basis(state):
                     if not all_finite(grad):
@@ -276,6 +288,8 @@ class ProjectedOptimizer(Optimizer):
             self._on_basis_change(state, group, step)
         R = proj.down(G, state)
         state["step"] = step + 1
+        if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
+            return  # compile=True: the lines below ran as one compiled graph
         U, step_size = self._inner.update(R, state, group, ctx)
         S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         with _matrix_view(p, plan.shape2d) as W:
