@@ -1,8 +1,8 @@
 """FSDP2 (DTensor parameters sharded on dim 0): parity with one process, sharded state, distributed checkpoints.
 
 TinyNet under FSDP2 on 2 ranks holds every kind of parameter: fc1.weight 40x16 (right projection: basis
-replicated, moments row-sharded), fc2.weight 16x40 (left projection: basis row-sharded, moments
-replicated), the embedding and the head (unprojected 2-D, uneven 12/11-row shards), biases and a norm.
+replicated, moments split by rows), fc2.weight 16x40 (left projection: basis split by rows, moments by
+columns), the embedding and the head (unprojected 2-D, uneven 12/11-row shards), biases and a norm.
 Each rank trains on its half of every batch; the single-process reference on the whole batch.
 """
 
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import gradproj
+from gradproj.distributed import estimate
 from distributed_utils import run_distributed
 from problems import TinyNet, tiny_batch, tiny_loss
 
@@ -124,7 +125,7 @@ def _state_body(rank, world, ckpt_dir):
         ("fc1.weight", "exp_avg_sq"): ((Shard(0),), (rows["fc1"], RANK)),
         ("fc1.weight", "residual_norm"): ((Replicate(),), ()),
         ("fc2.weight", "proj"): ((Shard(0),), (rows["fc2"], RANK)),  # left: U's rows follow W's rows
-        ("fc2.weight", "exp_avg"): ((Replicate(),), (RANK, 40)),  # R = Σ Pᵢᵀ Gᵢ, all-reduced
+        ("fc2.weight", "exp_avg"): ((Shard(1),), (RANK, 20)),  # R = Σ Pᵢᵀ Gᵢ, reduce-scattered by columns
         ("fc2.weight", "residual_norm"): ((Replicate(),), ()),
         ("emb.weight", "exp_avg"): ((Shard(0),), (rows["emb"], 16)),
         ("head.weight", "exp_avg_sq"): ((Shard(0),), (rows["head"], 16)),
@@ -137,10 +138,15 @@ def _state_body(rank, world, ckpt_dir):
     assert st["fc1.weight"]["step"] == 4
     # the bytes this rank holds: the analytic count of the layout above (float32)
     b = gradproj.optimizer_state_bytes(opt)
-    moments = 2 * 4 * (rows["fc1"] * RANK + RANK * 40 + rows["emb"] * 16 + rows["head"] * 16
+    moments = 2 * 4 * (rows["fc1"] * RANK + RANK * 20 + rows["emb"] * 16 + rows["head"] * 16
                        + 20 + 8 + 8 + 8)  # fc1.bias, fc2.bias and the norm's two vectors, 16 rows each
     assert b["moments"] == moments, (b, moments)
     assert b["basis"] == 4 * (RANK * 16 + rows["fc2"] * RANK)
+    tensors = [(tuple(p.shape), n in ("fc1.weight", "fc2.weight")) for n, p in model.named_parameters()]
+    est = estimate.per_gpu_memory(tensors, "fira", "fsdp", world, rank=RANK, gpu=rank, weight_bytes=4,
+                                  grad_bytes=4, state_bytes=4)
+    assert est["optimizer_states"] == b["total"]
+    assert est["weights"] == 4 * sum(p.to_local().numel() for p in model.parameters())
 
     # --- distributed checkpoint round trip: resume == uninterrupted, bit for bit
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
@@ -169,7 +175,7 @@ def test_fsdp_state_is_sharded_and_round_trips_through_dcp(tmp_path):
 
 
 def _errors_body(rank, world):
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     from gradproj.inner import Adam
 
@@ -181,9 +187,10 @@ def _errors_body(rank, world):
     with pytest.raises(ValueError, match=r"param group 0, parameter 0 .*Shard\(0\)"):
         opt.step()
 
-    # an inner rule whose rows are not independent cannot run on row-sharded R, but can on a replicated one
+    # an inner rule that cannot run on a block of R refuses row-split R; a left projection falls back to a
+    # replicated R (all-reduced) for it
     class Coupled(Adam):
-        row_separable = False
+        shardable = ()
 
     class CoupledOpt(gradproj.GaLoreAdamW):
         inner_rule = Coupled
@@ -194,12 +201,14 @@ def _errors_body(rank, world):
               {"params": [model.fc2.weight], "rank": 2, "update_proj_gap": 2, "scale": 1.0}]
     opt = CoupledOpt(groups)
     tiny_loss(model, tiny_batch(0)).backward()
-    with pytest.raises(ValueError, match="not row_separable"):
+    with pytest.raises(ValueError, match="cannot run on a block of rows"):
         opt.step()
     assert torch.equal(model.fc2.weight.full_tensor(), before)  # nothing was updated
     opt.param_groups[0]["proj_type"] = "left"  # fc1 now projected on the left too: R replicated, allowed
     opt.step()
     assert not torch.equal(model.fc2.weight.full_tensor(), before)
+    moment = opt.state[model.fc2.weight]["exp_avg"]
+    assert tuple(moment.placements) == (Replicate(),) and moment.to_local().shape == (2, 40)
 
     # a bad sharded_refresh is refused by the group validation
     with pytest.raises(ValueError, match="sharded_refresh"):

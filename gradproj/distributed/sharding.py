@@ -2,37 +2,48 @@
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) stores every parameter and its gradient as a DTensor
 sharded on dim 0 (``Shard(0)``): rank j holds rows ``[o_j, o_j + m_j)`` of W and of G. A gradproj step
-then runs on the local rows, with the few collectives the math needs (W is m x n, r the rank, k ranks,
-b the bytes of one element)::
+then runs on the local rows, with the few collectives the math needs (W is m x n, r the rank, k ranks)::
 
-    side          basis P               R, moments              per step                 per refresh
-    right (m>=n)  r x n, replicated     m x r, Shard(0)         nothing                  all-reduce of Σ Gᵢᵀ Gᵢ (n x n fp32)
-    left  (m<n)   m x r, Shard(0)       r x n, replicated       all-reduce R (r x n)     all-gather G (m x n)
-    full          Shard(0) / replicated r x r, replicated       all-reduce R (r x r)     all-gather G (m x n)
-    unprojected   -                     like W, Shard(0)        nothing                  -
+    side          basis P                R and the moments         per step                     per refresh
+    right (m>=n)  r x n, replicated      m x r, Shard(0)           nothing                      all-reduce GᵀG (n x n fp32)
+    left  (m<n)   m x r, Shard(0)        r x n, Shard(1)           reduce-scatter R, gather ψ   all-gather G (m x n)
+    full          Shard(0) + replicated  r x r, replicated         all-reduce R (r x r)         all-gather G (m x n)
+    unprojected   -                      like W, Shard(0)          nothing                      -
 
-Fira adds one all-reduce of a float32 scalar per step (the norm of the limiter). Everything else (Adam,
-Fira's scaling, the back-projection, weight decay) is row-local.
+A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial products; a reduce-scatter leaves
+each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
+the result ψ (r x n) feeds the back-projection P_j ψ of the local rows. Reduce-scatter plus all-gather
+move the bytes of one all-reduce, and the moments of a left projection are split k ways. Fira adds, per
+step, the all-reduce of one float32 (its limiter's norm) and, for left projections, an all-gather of R
+and of its n scaling factors. Everything else (Adam, Fira's scaling, the back-projection, weight decay)
+is local.
 
 The refresh of a right projection never gathers G: its basis is the top-r eigenvectors of the Gram
-matrix GᵀG = Σ Gᵢᵀ Gᵢ, which every rank sums with one all-reduce of n x n float32 values and
+matrix GᵀG = Σ_j G_jᵀ G_j, which every rank sums with one all-reduce of n x n float32 values and
 decomposes itself (``torch.linalg.eigh``). The eigenvectors span the same subspace as the right singular
 vectors of ``torch.linalg.svd(G)`` but may differ in sign (and by a rotation inside a degenerate
-eigenspace), so the trajectory equals the single-process one only up to those choices; set the group
-key ``sharded_refresh="gather"`` to all-gather G and run the projector's own ``compute_basis`` on it,
-which reproduces the single-process run to float tolerance. Left and full projections, and every
-projector other than ``"svd"``, always use the gather path (the row-sharded U cannot be formed from a
-Gram matrix without the n x n all-reduce, which costs more than gathering the m x n gradient when m < n).
+eigenspace). Set the group key ``sharded_refresh="gather"`` to all-gather G and run the projector's own
+``compute_basis`` on it instead, which reproduces the single-process run to float tolerance. Left and
+full projections, and every projector other than ``"svd"``, always use the gather path (a Gram matrix
+cannot give the row-sharded U without the n x n all-reduce, which costs more than gathering the m x n
+gradient when m < n).
 
-Every rank computes replicated tensors (bases, R for left projections, Fira's limiter norm) from the same
-all-reduced or all-gathered values, so they are bitwise identical across ranks. A projector that draws
-random numbers must do so from a seed stored in the optimizer state or group (the same on every rank),
-never from the process's global RNG. :func:`gradproj.distributed.check_replicated_state` verifies it.
+Replicated tensors (bases of right projections, R of full projections, Fira's limiter norm) are computed
+by every rank from the same all-reduced or all-gathered values, so they are bitwise identical across
+ranks. A projector that draws random numbers must do so from a seed stored in the optimizer state or
+group (the same on every rank), never from the process's global RNG.
+:func:`gradproj.distributed.replicated_state_mismatches` verifies it.
 
-State layout. The optimizer state of a sharded parameter holds DTensors, so it saves and loads with
-``torch.distributed.checkpoint``: the inner rule's tensors (``InnerRule.state_keys``) are laid out like R;
-the row-sharded bases ``proj`` / ``proj_left`` of left / full projections are ``Shard(0)``; every other
-tensor is replicated.
+State layout. The state of a sharded parameter holds DTensors, so it saves and loads with
+``torch.distributed.checkpoint``: the inner rule's tensors (``InnerRule.state_keys``) are laid out like R
+(``Shard(0)``, ``Shard(1)`` or replicated, as above); the bases ``proj`` / ``proj_left`` of left and full
+projections are ``Shard(0)``; every other tensor is replicated.
+
+Inner rules declare in ``InnerRule.shardable`` along which axes of R they can run on a block:
+``"rows"`` (the update of a row reads only that row, and every state tensor has R's rows as dim 0) and
+``"cols"`` (the same for columns and dim 1). Adam declares both. Right projections and unprojected
+parameters need ``"rows"``; a left projection without ``"cols"`` falls back to a replicated R (an
+all-reduce of r x n per step, moments replicated).
 """
 
 from __future__ import annotations
@@ -117,9 +128,8 @@ class RowSharding:
             self.index = mesh.get_local_rank(d)
         else:
             self.group, self.world, self.index = None, 1, 0
-        self.chunk = math.ceil(self.global_rows / self.world) if self.world > 1 else self.global_rows
-        self.offset = min(self.index * self.chunk, self.global_rows)
-        if self.rows != max(0, min(self.chunk, self.global_rows - self.offset)):
+        self.chunk, self.offset, size = _split(self.global_rows, self.world, self.index)
+        if self.rows != size:
             raise ValueError(
                 f"{where}: local shard of {self.rows} rows does not follow torch.chunk's split of "
                 f"{self.global_rows} rows over {self.world} ranks; gradproj needs FSDP2's even split"
@@ -129,9 +139,6 @@ class RowSharding:
     def sharded(self) -> bool:
         return self.group is not None
 
-    def rows_of(self, index: int) -> int:
-        return max(0, min(self.chunk, self.global_rows - index * self.chunk))
-
     # ------------------------------------------------------------------------------------ collectives
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         if self.sharded:
@@ -139,16 +146,12 @@ class RowSharding:
         return t
 
     def all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        """The full matrix from every rank's rows (rows padded to one chunk for the collective)."""
-        if not self.sharded:
-            return local
-        pad = local.new_zeros((self.chunk,) + tuple(local.shape[1:]))
-        pad[: local.shape[0]].copy_(local)
-        out = local.new_empty((self.world * self.chunk,) + tuple(local.shape[1:]))
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
-        gather(out, pad, group=self.group)
-        parts = [out[i * self.chunk : i * self.chunk + self.rows_of(i)] for i in range(self.world)]
-        return torch.cat(parts)
+        """The full matrix from every rank's rows of a tensor split like the parameter."""
+        return all_gather_rows(local, self.global_rows, self.group) if self.sharded else local
+
+    def all_gather_cols(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The full matrix from every rank's block of columns (``total`` columns in all)."""
+        return all_gather_rows(local.t(), total, self.group).t() if self.sharded else local
 
     # ---------------------------------------------------------------------------------------- layouts
     def row_dtensor(self, local: torch.Tensor) -> torch.Tensor:
@@ -157,11 +160,51 @@ class RowSharding:
         stride = _contiguous_stride(shape)
         return _dtensor_api()[0].from_local(local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
 
+    def col_dtensor(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """``local`` (this rank's block of columns of a 2-D tensor with ``total`` columns) as a DTensor."""
+        DTensor, Replicate, Shard = _dtensor_api()
+        placements = [Replicate() if isinstance(pl, Replicate) else Shard(1) for pl in self.placements]
+        shape = (local.shape[0], total)
+        return DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
+                                  stride=_contiguous_stride(shape))
+
     def replicated_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         DTensor, Replicate, _ = _dtensor_api()
         placements = [Replicate()] * self.mesh.ndim
         return DTensor.from_local(local, self.mesh, placements, run_check=False,
                                   shape=local.shape, stride=local.stride())
+
+
+def _split(total: int, world: int, index: int) -> tuple[int, int, int]:
+    """``(chunk, offset, size)`` of block ``index`` when ``total`` rows are split as ``torch.chunk`` does."""
+    chunk = math.ceil(total / world) if world > 1 else total
+    offset = min(index * chunk, total)
+    return chunk, offset, max(0, min(chunk, total - offset))
+
+
+def all_gather_rows(local: torch.Tensor, total: int, group: Any) -> torch.Tensor:
+    """The whole tensor (``total`` rows) from every rank's block of rows (padded to one chunk for the collective)."""
+    world, index = dist.get_world_size(group), dist.get_rank(group)
+    chunk = _split(total, world, index)[0]
+    pad = local.new_zeros((chunk,) + tuple(local.shape[1:]))
+    pad[: local.shape[0]].copy_(local)
+    out = local.new_empty((world * chunk,) + tuple(local.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, pad, group=group)
+    return torch.cat([out[i * chunk : i * chunk + _split(total, world, i)[2]] for i in range(world)])
+
+
+def reduce_scatter_rows(full: torch.Tensor, group: Any) -> torch.Tensor:
+    """This rank's block of rows of the sum over ranks of ``full`` (padded to whole chunks for the collective)."""
+    world, index = dist.get_world_size(group), dist.get_rank(group)
+    total = full.shape[0]
+    chunk, _, size = _split(total, world, index)
+    pad = full.new_zeros((world * chunk,) + tuple(full.shape[1:]))
+    pad[:total].copy_(full)
+    out = full.new_empty((chunk,) + tuple(full.shape[1:]))
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
+    scatter(out, pad, group=group)
+    return out[:size]
 
 
 def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -191,13 +234,15 @@ def gram_top_eigenvectors(A: torch.Tensor, rank: int) -> torch.Tensor:
 class ShardedProjector(Projector):
     """Wraps the group's projector for a row-sharded parameter: same bases and math, local rows in and out.
 
-    ``down`` of a left or full projection sums the ranks' partial products (one all-reduce of R);
-    ``refresh`` computes the basis from the Gram matrix (right side of ``"svd"``) or from the gathered
-    gradient (everything else). All other methods run the wrapped projector on the local rows.
+    ``down`` of a left projection reduce-scatters the ranks' partial products over R's columns (or
+    all-reduces them, when ``split_cols`` is False), of a full one all-reduces them; ``up`` / ``add_up_``
+    of a column-split R gather it first. ``refresh`` computes the basis from the Gram matrix (right side
+    of ``"svd"``) or from the gathered gradient (everything else).
     """
 
-    def __init__(self, base: Projector, rows: RowSharding, method: str):
+    def __init__(self, base: Projector, rows: RowSharding, method: str, split_cols: bool):
         self.base, self.rows, self.method = base, rows, method
+        self.split_cols = split_cols and base.side == "left" and rows.sharded
         self.name = base.name
         self.m, self.n, self.rank, self.side = base.m, base.n, base.rank, base.side
         self.update_proj_gap, self.group = base.update_proj_gap, base.group
@@ -205,7 +250,11 @@ class ShardedProjector(Projector):
 
     # shapes and schedule: the wrapped projector's, with this rank's rows
     def low_rank_shape(self) -> tuple[int, int]:
-        return (self.rows.rows, self.rank) if self.side == "right" else self.base.low_rank_shape()
+        if self.side == "right":
+            return (self.rows.rows, self.rank)
+        if self.split_cols:
+            return (self.rank, _split(self.n, self.rows.world, self.rows.index)[2])
+        return self.base.low_rank_shape()
 
     def rank_axis(self) -> int:
         return self.base.rank_axis()
@@ -262,16 +311,21 @@ class ShardedProjector(Projector):
 
     # ------------------------------------------------------------------------------------- projections
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.split_cols:  # this rank's columns of Σ_j P_jᵀ G_j, computed transposed (n x r rows)
+            return reduce_scatter_rows(G.t() @ state["proj"], self.rows.group).t()
         R = self.base.down(G, state)
         if self.side == "right":
             return R
         return self.rows.all_reduce_(R.contiguous())  # Σ over ranks of Pᵢᵀ Gᵢ (r x n) or Pₗᵢᵀ Gᵢ Pᵣᵀ (r x r)
 
+    def _whole(self, X: torch.Tensor) -> torch.Tensor:
+        return self.rows.all_gather_cols(X, self.n) if self.split_cols else X
+
     def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
-        return self.base.up(X, state)
+        return self.base.up(self._whole(X), state)
 
     def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
-        self.base.add_up_(W, X, state, alpha)
+        self.base.add_up_(W, self._whole(X), state, alpha)
 
 
 # ------------------------------------------------------------------------------------- sharded kernels
@@ -286,8 +340,8 @@ class ShardedOps:
     #: operations whose result on a block of rows is that block of the whole result
     ROW_LOCAL = ("adam_update", "fira_scaled_residual", "apply_weight_decay_", "accumulation_dtype")
 
-    def __init__(self, ops: Any, group: Any):
-        self._ops, self._group = ops, group
+    def __init__(self, ops: Any, group: Any, split_cols: int | None):
+        self._ops, self._group, self._cols = ops, group, split_cols  # R's column count when R is column-split
 
     def __getattr__(self, name: str) -> Any:
         if name in ShardedOps.ROW_LOCAL:
@@ -296,6 +350,17 @@ class ShardedOps:
             f"kernel operation {name!r} has no sharded form; add it to gradproj.distributed.sharding.ShardedOps "
             "(ROW_LOCAL if it works on any block of rows, else a method that all-reduces its partial sums)"
         )
+
+    def fira_scaled_residual(self, G, BR, psi, R, alpha, rank_axis):
+        """Fira's scaling; for a column-split R, the per-column factors φ are gathered (n values)."""
+        if self._cols is None:
+            return self._ops.fira_scaled_residual(G, BR, psi, R, alpha, rank_axis)
+        phi = torch.linalg.vector_norm(psi, dim=0, keepdim=True) / (
+            torch.linalg.vector_norm(R, dim=0, keepdim=True).to(psi.dtype) + 1e-8
+        )
+        phi = all_gather_rows(phi.t(), self._cols, self._group).t()
+        S = G - alpha * BR.to(G.dtype)
+        return S * phi.to(S.dtype)
 
     def limit_norm_growth_(self, S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
         """Fira's limiter with the norm of the whole matrix (one all-reduce of a float32 scalar)."""
@@ -315,9 +380,10 @@ class ShardedOps:
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_ops(ops: Any, group: Any) -> ShardedOps:
-    """One ShardedOps per (operations, process group): stable objects, so a compiled step guards on them once."""
-    return ShardedOps(ops, group)
+def _sharded_ops(ops: Any, group: Any, split_cols: int | None) -> ShardedOps:
+    """One ShardedOps per (operations, process group, layout): stable objects, so a compiled step guards on
+    them once."""
+    return ShardedOps(ops, group, split_cols)
 
 
 # ------------------------------------------------------------------------------------- the step's glue
@@ -327,12 +393,15 @@ class ShardedStep:
     def __init__(self, rows: RowSharding, projector: Projector, inner_keys: tuple[str, ...], projected: bool):
         self.rows, self.projector, self.inner_keys = rows, projector, tuple(inner_keys)
         self.projected = projected
-        # R (and so the inner rule's state) is split by rows like W for right projections and unprojected
-        # parameters, and replicated for left / full projections (R = Σ Pᵢᵀ Gᵢ)
-        self.row_sharded_R = not projected or projector.side == "right"
+        # how R (and so the inner rule's state) is laid out: split by rows like W (right projections and
+        # unprojected parameters), split by columns (left projections), or replicated
+        if not projected or projector.side == "right":
+            self.layout = "rows"
+        else:
+            self.layout = "cols" if projector.split_cols else "replicated"
 
     def ops(self, ops: Any) -> ShardedOps:
-        return _sharded_ops(ops, self.rows.group)
+        return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None)
 
     def update(self, optimizer: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
         state = optimizer.state[p]
@@ -359,16 +428,16 @@ class ShardedStep:
         rows = self.rows
         if not rows.sharded:
             return rows.replicated_dtensor(local)
-        if key in self.inner_keys:
-            if not self.row_sharded_R:
-                return rows.replicated_dtensor(local)
-            if local.dim() == 0 or local.shape[0] != rows.rows:
+        if key in self.inner_keys and self.layout != "replicated":
+            axis = 0 if self.layout == "rows" else 1
+            expected = self.projector.low_rank_shape()[axis] if self.projected else rows.rows
+            if local.dim() <= axis or local.shape[axis] != expected:
                 raise ValueError(
-                    f"the inner rule's state {key!r} has shape {tuple(local.shape)}, not the {rows.rows} local rows "
-                    f"of the low-rank gradient of a sharded {tuple(p.shape)} parameter; a row_separable inner rule "
-                    "must keep its state shaped like R"
+                    f"the inner rule's state {key!r} has shape {tuple(local.shape)}, but R of this sharded "
+                    f"{tuple(p.shape)} parameter has {expected} local {self.layout} on dim {axis}; a rule that "
+                    f"declares {self.layout!r} in InnerRule.shardable must keep its state split like R"
                 )
-            return rows.row_dtensor(local)
+            return rows.row_dtensor(local) if axis == 0 else rows.col_dtensor(local, self.projector.n)
         if key in ROW_BASIS_KEYS and self.projected and self.projector.side != "right":
             return rows.row_dtensor(local)
         return rows.replicated_dtensor(local)
@@ -380,19 +449,19 @@ def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) 
 
     rows = RowSharding(p, where)
     projected = plan.shape2d is not None
-    row_sharded_R = not projected or plan.projector.side == "right"
-    if rows.sharded and row_sharded_R and not getattr(inner, "row_separable", False):
+    shardable = getattr(inner, "shardable", ())
+    if rows.sharded and (not projected or plan.projector.side == "right") and "rows" not in shardable:
         raise ValueError(
             f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP) and its low-rank gradient would be "
-            f"too, but the inner rule {type(inner).__name__} is not row_separable (its update of one row reads "
-            "other rows); use DDP for this optimizer, or a left projection (proj_type='left') for this group"
+            f"too, but the inner rule {type(inner).__name__} cannot run on a block of rows (InnerRule.shardable "
+            f"= {shardable}); use DDP for this optimizer, or proj_type='left' / 'full' for this group"
         )
     projector = plan.projector
     if projected:
         method = group.get("sharded_refresh", "gram")
         if method not in SHARDED_REFRESH:
             raise ValueError(f"{where}: sharded_refresh = {method!r}; use one of {', '.join(SHARDED_REFRESH)}")
-        projector = ShardedProjector(plan.projector, rows, method)
+        projector = ShardedProjector(plan.projector, rows, method, split_cols="cols" in shardable)
     local = p.to_local()
     shape2d = (local.shape[0], plan.shape2d[1]) if projected else None
     step = ShardedStep(rows, projector, getattr(inner, "state_keys", ()), projected)

@@ -27,7 +27,7 @@ class Adam(InnerRule):
     name = "adam"
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6}
     state_keys = ("exp_avg", "exp_avg_sq")
-    row_separable = True
+    shardable = ("rows", "cols")  # elementwise
 
     def validate_group(self, group, where):
         check_betas_eps(group, where)
