@@ -23,6 +23,21 @@ RANK, GAP, STEPS = 4, 3, 7  # refreshes at t = 0, 3, 6: two refreshes replace a 
 TOL = dict(rtol=1e-4, atol=2e-5)
 
 
+def test_gram_basis_is_the_svd_basis_up_to_sign():
+    """One process: the top eigenvectors of GᵀG are Vh[:r] of the SVD up to sign, for a decaying spectrum."""
+    from gradproj.distributed.sharding import gram_top_eigenvectors
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(60, 20, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(20, 20, generator=g))
+    G = U @ torch.diag(torch.logspace(0, -3, 20)) @ V.T
+    P = gram_top_eigenvectors(G.T @ G, 6)
+    Vh = torch.linalg.svd(G, full_matrices=False).Vh[:6]
+    signs = (P * Vh).sum(1).sign()
+    torch.testing.assert_close(P, signs[:, None] * Vh, rtol=0, atol=1e-4)
+    torch.testing.assert_close(P @ P.T, torch.eye(6), rtol=0, atol=1e-5)
+
+
 def fsdp_model():
     from torch.distributed.fsdp import fully_shard
 

@@ -234,11 +234,15 @@ class ProjectedOptimizer(Optimizer):
             self._validate_group(group, i)
         work = self._gather()
         for p, grad, group, plan in work:
-            if plan.shard is None:
-                self._update(p, grad, group, plan)
-            else:  # a DTensor: the same update on this rank's rows (gradproj.distributed)
-                plan.shard.update(self, p, grad, group, plan)
+            self._step_param(p, grad, group, plan)
         return loss
+
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
+        """Update one parameter: :meth:`_update`, or for a DTensor the same on this rank's rows."""
+        if plan.shard is None:
+            self._update(p, grad, group, plan)
+        else:  # gradproj.distributed.sharding: local tensors in, DTensor state kept
+            plan.shard.update(self, p, grad, group, plan)
 
     def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
         """Collect (param, grad, group, plan) and reject bad input before any state or weight changes."""

@@ -31,7 +31,7 @@ class SVDProjector(Projector):
 
     name = "svd"
     #: FSDP only: refresh a right projection from the all-reduced Gram matrix ("gram") or the gathered
-    #: gradient ("gather", the single-process basis bit for bit); see gradproj.distributed.sharding
+    #: gradient ("gather": the projector's own basis of the whole gradient); see gradproj.distributed.sharding
     defaults = {"sharded_refresh": "gram"}
 
     @classmethod
