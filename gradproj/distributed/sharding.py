@@ -63,7 +63,6 @@ from ..projectors.svd import SVDProjector
 log = logging.getLogger("gradproj")
 
 
-
 def _dtensor_api():
     """``(DTensor, Replicate, Shard)``, imported on first use (the import costs ~0.5 s, and only a process
     that already made a DTensor needs it)."""
@@ -118,7 +117,6 @@ class RowSharding:
                 "parameter on dim 0 (fully_shard's default), or step it with a torch.optim optimizer."
             )
         self.mesh, self.placements = mesh, placements
-        self.global_shape = tuple(p.shape)
         self.global_rows = p.shape[0] if p.dim() else 1
         self.rows = p.to_local().shape[0] if p.dim() else 1
         if shard_dims:
