@@ -1,5 +1,6 @@
-"""DDP: every gradproj optimizer of the table, on 2 ranks, equals one process; replicated state agrees bit
-for bit on every rank, for every registered projector, even though the ranks' global RNGs differ."""
+"""DDP: every row of the generic optimizer table (each optimizer and each basis), on 2 ranks, equals one
+process, and the replicated state agrees bit for bit on every rank although the ranks' global RNGs differ
+(a basis drawing from the process RNG would fail here)."""
 
 import torch
 import torch.distributed as dist
@@ -31,8 +32,6 @@ def ddp(model):
 
 
 def _body(rank, world):
-    from gradproj.projectors import PROJECTORS
-
     for spec in OPTIMIZERS:
         model = TinyNet()
         wrapped = ddp(model)
@@ -44,15 +43,6 @@ def _body(rank, world):
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, **TOL, msg=lambda m: f"{spec.id} {name}: {m}")
         assert gradproj.distributed.replicated_state_mismatches(opt) == [], spec.id
-
-    # every registered basis: the same basis on every rank although the global RNGs differ
-    for projector in sorted(set(PROJECTORS) - {"identity"}):
-        model = TinyNet()
-        wrapped = ddp(model)
-        opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5,
-                                                         projector=projector), lr=1e-2)
-        train(wrapped, opt, STEPS, sharded=True)
-        assert gradproj.distributed.replicated_state_mismatches(opt) == [], projector
 
     # and the check does catch state that differs between ranks
     if rank == 1:

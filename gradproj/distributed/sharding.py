@@ -289,14 +289,19 @@ class ShardedProjector(Projector):
                 ) from err
         # gather path: the wrapped projector on the whole gradient (and, for sides with row-sharded bases,
         # on the whole previous basis, for projectors that warm-start from it)
+        G_full = self.rows.all_gather_rows(G)
+        if self.side == "right":
+            return self.base.compute_basis(G_full, state, step)
         full_state = dict(state)
-        if self.side != "right":
-            for key in ROW_BASIS_KEYS:
-                if key in state:
-                    full_state[key] = self.rows.all_gather_rows(state[key])
-        bases = self.base.compute_basis(self.rows.all_gather_rows(G), full_state, step)
-        if bases is None or self.side == "right":
-            return bases
+        for key in ROW_BASIS_KEYS:
+            if key in state:
+                full_state[key] = self.rows.all_gather_rows(state[key])
+        bases = self.base.compute_basis(G_full, full_state, step)
+        for key, value in full_state.items():  # what the projector wrote into the state (seeds, counters)
+            if key not in ROW_BASIS_KEYS:
+                state[key] = value
+        if bases is None:
+            return None
         unknown = sorted(set(bases) - set(DENSE_BASIS_KEYS))
         if unknown:
             raise ValueError(
