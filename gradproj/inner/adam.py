@@ -27,6 +27,7 @@ class Adam(InnerRule):
     name = "adam"
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6}
     state_keys = ("exp_avg", "exp_avg_sq")
+    shardable = ("rows", "cols")  # elementwise
 
     def validate_group(self, group, where):
         check_betas_eps(group, where)
@@ -37,6 +38,10 @@ class Adam(InnerRule):
             state["exp_avg_sq"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
         beta1, beta2 = group["betas"]
         U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
-        t = ctx.step - state.get("inner_start", 0)  # steps since the moments were (re)started
-        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        return U, step_size
+        return U, self.step_size(group, state, ctx)
+
+    def step_size(self, group: dict, state: dict, ctx: StepContext) -> float:
+        """lr·√(1−β2^t)/(1−β1^t), with t the steps since the moments were (re)started."""
+        beta1, beta2 = group["betas"]
+        t = ctx.step - state.get("inner_start", 0)
+        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)

@@ -45,6 +45,10 @@ class InnerRule:
 
     #: the state keys this rule owns (dropped by :meth:`reset_state`)
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: axes of R along which the rule runs unchanged on a block, as under FSDP (gradproj.distributed.sharding):
+    #: "rows" when the update of a row reads only that row and every state tensor has R's rows as dim 0;
+    #: "cols" likewise for columns and dim 1
+    shardable: ClassVar[tuple[str, ...]] = ()
 
     def reset_state(self, state: dict, step: int) -> None:
         """Forget the rule's state (e.g. when the subspace changes); ``step`` is the parameter's step count.

@@ -27,6 +27,8 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
+from . import compiled
+from ..distributed.sharding import all_finite, is_dtensor, shard_plan
 from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
@@ -55,6 +57,8 @@ class _Plan:
     residual: Residual
     scale: float
     ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
+    shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
+    fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
 
 
 _UNPROJECTED_RESIDUAL = NoResidual()
@@ -81,6 +85,12 @@ class ProjectedOptimizer(Optimizer):
     * ``stochastic_rounding``: ``False`` (default) or ``True`` to round bf16 weights stochastically after
       each update (unbiased, so updates below half a bf16 ulp are not lost); seeded from torch's RNG at
       the first step and kept in the state (see :func:`gradproj.kernels.rounding_seed`).
+    * ``compile``: ``False`` (default), ``True`` or a dict of ``torch.compile`` arguments — run each
+      parameter's per-step math (not the basis refresh) as one compiled graph; see
+      :mod:`gradproj.optimizers.compiled`.
+
+    DTensor parameters (FSDP2's ``fully_shard``) are stepped on each rank's rows; see
+    :mod:`gradproj.distributed.sharding`.
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -108,6 +118,7 @@ class ProjectedOptimizer(Optimizer):
             "residual": self.default_residual,
             "moments_on_refresh": "keep",
             "stochastic_rounding": False,
+            "compile": False,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -162,6 +173,12 @@ class ProjectedOptimizer(Optimizer):
         if not isinstance(group["stochastic_rounding"], bool):
             raise ValueError(f"{where}: stochastic_rounding = {group['stochastic_rounding']!r} must be True or False")
         self._inner.validate_group(group, where)
+        compiled.validate(group["compile"], self._inner.name, where)
+        if group["compile"] and group["stochastic_rounding"]:
+            raise ValueError(
+                f"{where}: compile=True and stochastic_rounding=True cannot be combined (the compiled step rounds "
+                "to nearest); drop one of them"
+            )
 
         rank = group.get("rank")
         if rank is None:
@@ -241,10 +258,17 @@ class ProjectedOptimizer(Optimizer):
             self._validate_group(group, i)
         work = self._gather()
         for p, grad, group, plan in work:
-            self._update(p, grad, group, plan)
+            self._step_param(p, grad, group, plan)
         if self.sampler is not None:
             self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
         return loss
+
+    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
+        """Update one parameter: :meth:`_update`, or for a DTensor the same on this rank's rows."""
+        if plan.shard is None:
+            self._update(p, grad, group, plan)
+        else:  # gradproj.distributed.sharding: local tensors in, DTensor state kept
+            plan.shard.update(self, p, grad, group, plan)
 
     def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
         """Collect (param, grad, group, plan) and reject bad input before any state or weight changes."""
@@ -264,9 +288,14 @@ class ProjectedOptimizer(Optimizer):
                     plan = self._plan(p, group)
                 except ValueError as err:  # e.g. impl='triton' where it cannot run
                     raise ValueError(f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): {err}") from None
+                if is_dtensor(p):
+                    plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
+                if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
+                    plan.fused = compiled.CompiledTail(group["compile"])
+                    plan.ops = kernels.reference
                 state = self.state[p]
                 if plan.projector.refreshes and not plan.projector.has_basis(state):
-                    if not bool(torch.isfinite(grad).all()):
+                    if not all_finite(grad):
                         raise NonFiniteGradientError(
                             f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): the gradient is NaN/Inf "
                             "at its first basis refresh, so no basis can be computed; nothing was updated. "
@@ -275,13 +304,13 @@ class ProjectedOptimizer(Optimizer):
                 work.append((p, grad, group, plan))
         return work
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
-        """One parameter's update: the whole method, top to bottom."""
-        state = self.state[p]
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan, state: dict | None = None) -> None:
+        """One parameter's update: the whole method, top to bottom (for a sharded parameter, on its local rows)."""
+        state = self.state[p] if state is None else state
         step = state.get("step", 0)
         ctx = StepContext(
             step=step + 1,
-            ops=plan.ops,
+            ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
             state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
             param=p,
             scale=plan.scale,
@@ -292,6 +321,8 @@ class ProjectedOptimizer(Optimizer):
             self._on_basis_change(state, group, step)
         R = proj.down(G, state)
         state["step"] = step + 1
+        if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
+            return  # compile=True: the lines below ran as one compiled graph
         U, step_size = self._inner.update(R, state, group, ctx)
         S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         with _matrix_view(p, plan.shape2d) as W:  # W -= s·(scale·B(U) + S); W -= decay_lr·wd·W

@@ -93,7 +93,7 @@ class Projector:
         logged, or, when there is no previous basis, :class:`NonFiniteGradientError` is raised (the
         optimizer checks this before it modifies anything).
         """
-        if not bool(torch.isfinite(G).all()):
+        if not self.all_finite(G):
             if self.has_basis(state):
                 log.warning(
                     "gradproj: non-finite gradient at a basis refresh (%dx%d, step %d); keeping the previous basis",
@@ -118,6 +118,10 @@ class Projector:
 
     def compute_basis(self, G: torch.Tensor, state: dict, step: int) -> dict[str, torch.Tensor] | None:
         raise NotImplementedError
+
+    def all_finite(self, G: torch.Tensor) -> bool:
+        """Whether ``G`` has no NaN/Inf (a sharded projector answers for the whole matrix, on every rank)."""
+        return bool(torch.isfinite(G).all())
 
     # ------------------------------------------------------------------------------------ projections
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:

@@ -30,6 +30,14 @@ class SVDProjector(Projector):
     parameter dtype. Refreshed when ``t % update_proj_gap == 0`` (t before its increment)."""
 
     name = "svd"
+    #: FSDP only: refresh a right projection from the all-reduced Gram matrix ("gram") or the gathered
+    #: gradient ("gather": the projector's own basis of the whole gradient); see gradproj.distributed.sharding
+    defaults = {"sharded_refresh": "gram"}
+
+    @classmethod
+    def validate_group(cls, group, where):
+        if group.get("sharded_refresh", "gram") not in ("gram", "gather"):
+            raise ValueError(f"{where}: sharded_refresh = {group['sharded_refresh']!r}; use 'gram' or 'gather'")
 
     def compute_basis(self, G, state, step):
         try:

@@ -1,0 +1,476 @@
+"""DTensor (FSDP2) parameters: each rank steps its own rows of every matrix.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) stores every parameter and its gradient as a DTensor
+sharded on dim 0 (``Shard(0)``): rank j holds rows ``[o_j, o_j + m_j)`` of W and of G. A gradproj step
+then runs on the local rows, with the few collectives the math needs (W is m x n, r the rank, k ranks)::
+
+    side          basis P                R and the moments         per step                     per refresh
+    right (m>=n)  r x n, replicated      m x r, Shard(0)           nothing                      all-reduce GᵀG (n x n fp32)
+    left  (m<n)   m x r, Shard(0)        r x n, Shard(1)           reduce-scatter R, gather ψ   all-gather G (m x n)
+    full          Shard(0) + replicated  r x r, replicated         all-reduce R (r x r)         all-gather G (m x n)
+    unprojected   -                      like W, Shard(0)          nothing                      -
+
+A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial products; a reduce-scatter leaves
+each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
+the result ψ (r x n) feeds the back-projection P_j ψ of the local rows. Reduce-scatter plus all-gather
+move the bytes of one all-reduce, and the moments of a left projection are split k ways. Fira adds, per
+step, the all-reduce of one float32 (its limiter's norm) and, for left projections, an all-gather of R
+and of its n scaling factors. Everything else (Adam, Fira's scaling, the back-projection, weight decay)
+is local.
+
+The refresh of a right projection never gathers G: its basis is the top-r eigenvectors of the Gram
+matrix GᵀG = Σ_j G_jᵀ G_j, which every rank sums with one all-reduce of n x n float32 values and
+decomposes itself (``torch.linalg.eigh``). The eigenvectors span the same subspace as the right singular
+vectors of ``torch.linalg.svd(G)`` but may differ in sign (and by a rotation inside a degenerate
+eigenspace). Set the group key ``sharded_refresh="gather"`` to all-gather G and run the projector's own
+``compute_basis`` on it instead, which reproduces the single-process run to float tolerance. Left and
+full projections, and every projector other than ``"svd"``, always use the gather path (a Gram matrix
+cannot give the row-sharded U without the n x n all-reduce, which costs more than gathering the m x n
+gradient when m < n).
+
+Replicated tensors (bases of right projections, R of full projections, Fira's limiter norm) are computed
+by every rank from the same all-reduced or all-gathered values, so they are bitwise identical across
+ranks. A projector that draws random numbers must do so from a seed stored in the optimizer state or
+group (the same on every rank), never from the process's global RNG.
+:func:`gradproj.distributed.replicated_state_mismatches` verifies it.
+
+State layout. The state of a sharded parameter holds DTensors, so it saves and loads with
+``torch.distributed.checkpoint``: the inner rule's tensors (``InnerRule.state_keys``) are laid out like R
+(``Shard(0)``, ``Shard(1)`` or replicated, as above); the bases ``proj`` / ``proj_left`` of left and full
+projections are ``Shard(0)``; every other tensor is replicated.
+
+Inner rules declare in ``InnerRule.shardable`` along which axes of R they can run on a block:
+``"rows"`` (the update of a row reads only that row, and every state tensor has R's rows as dim 0) and
+``"cols"`` (the same for columns and dim 1). Adam declares both. Right projections and unprojected
+parameters need ``"rows"``; a left projection without ``"cols"`` falls back to a replicated R (an
+all-reduce of r x n per step, moments replicated).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import reference
+from ..projectors.base import NonFiniteGradientError, Projector
+from ..projectors.svd import SVDProjector
+
+log = logging.getLogger("gradproj")
+
+
+def _dtensor_api():
+    """``(DTensor, Replicate, Shard)``, imported on first use (the import costs ~0.5 s, and only a process
+    that already made a DTensor needs it)."""
+    try:  # torch >= 2.5
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor, Replicate, Shard
+    return DTensor, Replicate, Shard
+
+
+#: group key choosing how a sharded parameter's basis is refreshed
+SHARDED_REFRESH = ("gram", "gather")
+#: basis keys that hold dense matrices with the parameter's rows (sliced by rows for left / full sides)
+ROW_BASIS_KEYS = ("proj", "proj_left")
+DENSE_BASIS_KEYS = ("proj", "proj_left", "proj_right")
+
+
+def is_dtensor(t: Any) -> bool:
+    """True for a DTensor (checked without importing the DTensor package when no DTensor can exist)."""
+    if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False
+    mod = sys.modules.get("torch.distributed.tensor") or sys.modules.get("torch.distributed._tensor")
+    return mod is not None and isinstance(t, _dtensor_api()[0])
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every element of ``t`` is finite; for a DTensor, on every rank (one all-reduce)."""
+    if not is_dtensor(t):
+        return bool(torch.isfinite(t).all())
+    flag = torch.isfinite(t.to_local()).all().to(torch.int32).reshape(1)
+    for dim in range(t.device_mesh.ndim):
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=t.device_mesh.get_group(dim))
+    return bool(flag.item())
+
+
+class RowSharding:
+    """Which rows of a DTensor parameter this rank holds, and the process group that holds the others.
+
+    Accepts the layouts of FSDP2 and HSDP: on every mesh dimension ``Replicate()``, on at most one
+    ``Shard(0)`` (rows split as ``torch.chunk`` does). Anything else raises ``ValueError``.
+    """
+
+    def __init__(self, p: torch.Tensor, where: str = "a parameter"):
+        _, Replicate, Shard = _dtensor_api()
+        mesh, placements = p.device_mesh, tuple(p.placements)
+        shard_dims = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
+        bad = [pl for pl in placements if not isinstance(pl, Replicate) and not (type(pl) is Shard and pl.dim == 0)]
+        if bad or len(shard_dims) > 1:
+            raise ValueError(
+                f"{where} (shape {tuple(p.shape)}) is a DTensor with placements {placements}; gradproj supports "
+                "Shard(0) on one mesh dimension and Replicate() on the others (FSDP2 / HSDP). Shard the "
+                "parameter on dim 0 (fully_shard's default), or step it with a torch.optim optimizer."
+            )
+        self.mesh, self.placements = mesh, placements
+        self.global_rows = p.shape[0] if p.dim() else 1
+        self.rows = p.to_local().shape[0] if p.dim() else 1
+        if shard_dims:
+            d = shard_dims[0]
+            self.group = mesh.get_group(d)
+            self.world = mesh.size(d)
+            self.index = mesh.get_local_rank(d)
+        else:
+            self.group, self.world, self.index = None, 1, 0
+        self.chunk, self.offset, size = _split(self.global_rows, self.world, self.index)
+        if self.rows != size:
+            raise ValueError(
+                f"{where}: local shard of {self.rows} rows does not follow torch.chunk's split of "
+                f"{self.global_rows} rows over {self.world} ranks; gradproj needs FSDP2's even split"
+            )
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None
+
+    # ------------------------------------------------------------------------------------ collectives
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.sharded:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+        """The full matrix from every rank's rows of a tensor split like the parameter."""
+        return all_gather_rows(local, self.global_rows, self.group) if self.sharded else local
+
+    def all_gather_cols(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The full matrix from every rank's block of columns (``total`` columns in all)."""
+        return all_gather_rows(local.t(), total, self.group).t() if self.sharded else local
+
+    # ---------------------------------------------------------------------------------------- layouts
+    def row_dtensor(self, local: torch.Tensor) -> torch.Tensor:
+        """``local`` (this rank's rows of a tensor split like the parameter) as a DTensor."""
+        shape = (self.global_rows,) + tuple(local.shape[1:])
+        stride = _contiguous_stride(shape)
+        return _dtensor_api()[0].from_local(local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
+
+    def col_dtensor(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """``local`` (this rank's block of columns of a 2-D tensor with ``total`` columns) as a DTensor."""
+        DTensor, Replicate, Shard = _dtensor_api()
+        placements = [Replicate() if isinstance(pl, Replicate) else Shard(1) for pl in self.placements]
+        shape = (local.shape[0], total)
+        return DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
+                                  stride=_contiguous_stride(shape))
+
+    def replicated_dtensor(self, local: torch.Tensor) -> torch.Tensor:
+        DTensor, Replicate, _ = _dtensor_api()
+        placements = [Replicate()] * self.mesh.ndim
+        return DTensor.from_local(local, self.mesh, placements, run_check=False,
+                                  shape=local.shape, stride=local.stride())
+
+
+def _split(total: int, world: int, index: int) -> tuple[int, int, int]:
+    """``(chunk, offset, size)`` of block ``index`` when ``total`` rows are split as ``torch.chunk`` does."""
+    chunk = math.ceil(total / world) if world > 1 else total
+    offset = min(index * chunk, total)
+    return chunk, offset, max(0, min(chunk, total - offset))
+
+
+def all_gather_rows(local: torch.Tensor, total: int, group: Any) -> torch.Tensor:
+    """The whole tensor (``total`` rows) from every rank's block of rows (padded to one chunk for the collective)."""
+    world, index = dist.get_world_size(group), dist.get_rank(group)
+    chunk = _split(total, world, index)[0]
+    pad = local.new_zeros((chunk,) + tuple(local.shape[1:]))
+    pad[: local.shape[0]].copy_(local)
+    out = local.new_empty((world * chunk,) + tuple(local.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, pad, group=group)
+    return torch.cat([out[i * chunk : i * chunk + _split(total, world, i)[2]] for i in range(world)])
+
+
+def reduce_scatter_rows(full: torch.Tensor, group: Any) -> torch.Tensor:
+    """This rank's block of rows of the sum over ranks of ``full`` (padded to whole chunks for the collective)."""
+    world, index = dist.get_world_size(group), dist.get_rank(group)
+    total = full.shape[0]
+    chunk, _, size = _split(total, world, index)
+    pad = full.new_zeros((world * chunk,) + tuple(full.shape[1:]))
+    pad[:total].copy_(full)
+    out = full.new_empty((chunk,) + tuple(full.shape[1:]))
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
+    scatter(out, pad, group=group)
+    return out[:size]
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(stride))
+
+
+# ---------------------------------------------------------------------------------------------- bases
+def gram_top_eigenvectors(A: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of the symmetric matrix ``A`` as rows (rank x n), largest first.
+
+    For A = GᵀG these span the top right singular subspace of G, i.e. what ``svd(G).Vh[:rank]`` spans.
+    Raises ``torch.linalg.LinAlgError`` only if float32 and float64 both fail.
+    """
+    try:
+        _, vecs = torch.linalg.eigh(A.float())
+    except torch.linalg.LinAlgError:
+        log.warning("gradproj: float32 eigh of a %dx%d Gram matrix did not converge; retrying in float64", *A.shape)
+        _, vecs = torch.linalg.eigh(A.double())
+        vecs = vecs.float()
+    return vecs[:, -rank:].flip(-1).t()
+
+
+class ShardedProjector(Projector):
+    """Wraps the group's projector for a row-sharded parameter: same bases and math, local rows in and out.
+
+    ``down`` of a left projection reduce-scatters the ranks' partial products over R's columns (or
+    all-reduces them, when ``split_cols`` is False), of a full one all-reduces them; ``up`` / ``add_up_``
+    of a column-split R gather it first. ``refresh`` computes the basis from the Gram matrix (right side
+    of ``"svd"``) or from the gathered gradient (everything else).
+    """
+
+    def __init__(self, base: Projector, rows: RowSharding, method: str, split_cols: bool):
+        self.base, self.rows, self.method = base, rows, method
+        self.split_cols = split_cols and base.side == "left" and rows.sharded
+        self.name = base.name
+        self.m, self.n, self.rank, self.side = base.m, base.n, base.rank, base.side
+        self.update_proj_gap, self.group = base.update_proj_gap, base.group
+        self.refreshes = base.refreshes
+
+    # shapes and schedule: the wrapped projector's, with this rank's rows
+    def low_rank_shape(self) -> tuple[int, int]:
+        if self.side == "right":
+            return (self.rows.rows, self.rank)
+        if self.split_cols:
+            return (self.rank, _split(self.n, self.rows.world, self.rows.index)[2])
+        return self.base.low_rank_shape()
+
+    def rank_axis(self) -> int:
+        return self.base.rank_axis()
+
+    def has_basis(self, state: dict) -> bool:
+        return self.base.has_basis(state)
+
+    def needs_refresh(self, state: dict, step: int) -> bool:
+        return self.base.needs_refresh(state, step)
+
+    # ----------------------------------------------------------------------------------------- refresh
+    def all_finite(self, G: torch.Tensor) -> bool:
+        """Whether the whole gradient is finite, agreed on by every rank (one all-reduce, at refreshes only)."""
+        flag = torch.isfinite(G).all().to(torch.int32).reshape(1)
+        if self.rows.sharded:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.rows.group)
+        return bool(flag.item())
+
+    def uses_gram(self) -> bool:
+        return self.method == "gram" and type(self.base) is SVDProjector and self.side == "right"
+
+    def compute_basis(self, G, state, step):
+        if self.uses_gram():
+            A = G.float().t() @ G.float()
+            self.rows.all_reduce_(A)
+            try:
+                return {"proj": gram_top_eigenvectors(A, self.rank).to(G.dtype).contiguous()}
+            except torch.linalg.LinAlgError as err:
+                if self.has_basis(state):
+                    log.warning("gradproj: eigh failed at step %d (%s); keeping the previous basis", step, err)
+                    return None
+                raise NonFiniteGradientError(
+                    f"the eigendecomposition for a {self.m}x{self.n} gradient failed at its first refresh: {err}"
+                ) from err
+        # gather path: the wrapped projector on the whole gradient (and, for sides with row-sharded bases,
+        # on the whole previous basis, for projectors that warm-start from it)
+        G_full = self.rows.all_gather_rows(G)
+        if self.side == "right":
+            return self.base.compute_basis(G_full, state, step)
+        full_state = dict(state)
+        for key in ROW_BASIS_KEYS:
+            if key in state:
+                full_state[key] = self.rows.all_gather_rows(state[key])
+        bases = self.base.compute_basis(G_full, full_state, step)
+        for key, value in full_state.items():  # what the projector wrote into the state (seeds, counters)
+            if key not in ROW_BASIS_KEYS:
+                state[key] = value
+        if bases is None:
+            return None
+        unknown = sorted(set(bases) - set(DENSE_BASIS_KEYS))
+        if unknown:
+            raise ValueError(
+                f"projector {self.name!r} keeps its {self.side} basis as {unknown}, which gradproj cannot split "
+                "by rows for a sharded (FSDP) parameter; use a projector with dense bases (e.g. 'svd'), or "
+                "proj_type='right' for this group"
+            )
+        lo, hi = self.rows.offset, self.rows.offset + self.rows.rows
+        return {k: (v[lo:hi].contiguous() if k in ROW_BASIS_KEYS else v) for k, v in bases.items()}
+
+    # ------------------------------------------------------------------------------------- projections
+    def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.split_cols:  # this rank's columns of Σ_j P_jᵀ G_j, computed transposed (n x r rows)
+            return reduce_scatter_rows(G.t() @ state["proj"], self.rows.group).t()
+        R = self.base.down(G, state)
+        if self.side == "right":
+            return R
+        return self.rows.all_reduce_(R.contiguous())  # Σ over ranks of Pᵢᵀ Gᵢ (r x n) or Pₗᵢᵀ Gᵢ Pᵣᵀ (r x r)
+
+    def _whole(self, X: torch.Tensor) -> torch.Tensor:
+        return self.rows.all_gather_cols(X, self.n) if self.split_cols else X
+
+    def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
+        return self.base.up(self._whole(X), state)
+
+    def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
+        self.base.add_up_(W, self._whole(X), state, alpha)
+
+
+# ------------------------------------------------------------------------------------- sharded kernels
+class ShardedOps:
+    """The kernel operations for a row-sharded parameter: row-local ones delegate to ``ops``; the ones that
+    reduce over the whole matrix all-reduce their partial sums.
+
+    An operation not listed here raises ``AttributeError``: a new fused operation must be classified
+    (row-local, or given a sharded form below) before sharded parameters can use it.
+    """
+
+    #: operations whose result on a block of rows is that block of the whole result
+    ROW_LOCAL = ("adam_update", "apply_weight_decay_", "accumulation_dtype", "apply_update")
+
+    def __init__(self, ops: Any, group: Any, split_cols: int | None):
+        self._ops, self._group, self._cols = ops, group, split_cols  # R's column count when R is column-split
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ShardedOps.ROW_LOCAL:
+            return getattr(self._ops, name)
+        raise AttributeError(
+            f"kernel operation {name!r} has no sharded form; add it to gradproj.distributed.sharding.ShardedOps "
+            "(ROW_LOCAL if it works on any block of rows, else a method that all-reduces its partial sums)"
+        )
+
+    def fira_residual(self, G, R, psi, projector, state, alpha):
+        """Fira's scaled residual on this rank's rows (always the torch form: the limiter below needs S dense)."""
+        return self.fira_scaled_residual(G, projector.up(R, state), psi, R, alpha, projector.rank_axis())
+
+    def fira_scaled_residual(self, G, BR, psi, R, alpha, rank_axis):
+        """Fira's scaling; for a column-split R, the per-column factors φ are gathered (n values)."""
+        if self._cols is None:
+            return reference.fira_scaled_residual(G, BR, psi, R, alpha, rank_axis)
+        phi = torch.linalg.vector_norm(psi, dim=0, keepdim=True) / (
+            torch.linalg.vector_norm(R, dim=0, keepdim=True).to(psi.dtype) + 1e-8
+        )
+        phi = all_gather_rows(phi.t(), self._cols, self._group).t()
+        S = G - alpha * BR.to(G.dtype)
+        return S * phi.to(S.dtype)
+
+    def limit_norm_growth_(self, S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
+        """Fira's limiter with the norm of the whole matrix (one all-reduce of a float32 scalar)."""
+        acc = self._ops.accumulation_dtype(S)
+        sq = torch.linalg.vector_norm(S, dtype=acc).square().reshape(1)
+        if self._group is not None:
+            dist.all_reduce(sq, group=self._group)
+        norm = sq.sqrt().reshape(())
+        prev = state.get(key)
+        if prev is None:
+            state[key] = norm
+            return S
+        k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
+        S.div_(k.to(S.dtype))
+        prev.copy_(norm / k)
+        return S
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_ops(ops: Any, group: Any, split_cols: int | None) -> ShardedOps:
+    """One ShardedOps per (operations, process group, layout): stable objects, so a compiled step guards on
+    them once."""
+    return ShardedOps(ops, group, split_cols)
+
+
+# ------------------------------------------------------------------------------------- the step's glue
+class ShardedStep:
+    """Runs :meth:`ProjectedOptimizer._update` on this rank's rows and keeps the state as DTensors."""
+
+    def __init__(self, rows: RowSharding, projector: Projector, inner_keys: tuple[str, ...], projected: bool):
+        self.rows, self.projector, self.inner_keys = rows, projector, tuple(inner_keys)
+        self.projected = projected
+        # how R (and so the inner rule's state) is laid out: split by rows like W (right projections and
+        # unprojected parameters), split by columns (left projections), or replicated
+        if not projected or projector.side == "right":
+            self.layout = "rows"
+        else:
+            self.layout = "cols" if projector.split_cols else "replicated"
+
+    def ops(self, ops: Any) -> ShardedOps:
+        return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None)
+
+    def update(self, optimizer: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
+        state = optimizer.state[p]
+        local: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not is_dtensor(value):
+                raise ValueError(
+                    f"the optimizer state {key!r} of a sharded parameter of shape {tuple(p.shape)} is a plain "
+                    "tensor; load the optimizer state of FSDP models with torch.distributed.checkpoint.state_dict."
+                    "set_optimizer_state_dict (or gradproj.distributed.load_checkpoint)"
+                )
+            local[key] = value.to_local() if is_dtensor(value) else value
+        before = {k: v for k, v in local.items() if isinstance(v, torch.Tensor)}
+        optimizer._update(p.to_local(), grad.to_local(), group, plan, local)
+        for key in [k for k in state if k not in local]:
+            del state[key]
+        for key, value in local.items():
+            if not isinstance(value, torch.Tensor):
+                state[key] = value
+            elif before.get(key) is not value:
+                state[key] = self.to_dtensor(key, value, p)
+
+    def to_dtensor(self, key: str, local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        rows = self.rows
+        if not rows.sharded:
+            return rows.replicated_dtensor(local)
+        if key in self.inner_keys and self.layout != "replicated":
+            axis = 0 if self.layout == "rows" else 1
+            expected = self.projector.low_rank_shape()[axis] if self.projected else rows.rows
+            if local.dim() <= axis or local.shape[axis] != expected:
+                raise ValueError(
+                    f"the inner rule's state {key!r} has shape {tuple(local.shape)}, but R of this sharded "
+                    f"{tuple(p.shape)} parameter has {expected} local {self.layout} on dim {axis}; a rule that "
+                    f"declares {self.layout!r} in InnerRule.shardable must keep its state split like R"
+                )
+            return rows.row_dtensor(local) if axis == 0 else rows.col_dtensor(local, self.projector.n)
+        if key in ROW_BASIS_KEYS and self.projected and self.projector.side != "right":
+            return rows.row_dtensor(local)
+        return rows.replicated_dtensor(local)
+
+
+def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) -> Any:
+    """The plan of a DTensor parameter: local 2-D shape, the projector wrapped, the sharded step attached."""
+    from dataclasses import replace
+
+    rows = RowSharding(p, where)
+    projected = plan.shape2d is not None
+    shardable = getattr(inner, "shardable", ())
+    if rows.sharded and (not projected or plan.projector.side == "right") and "rows" not in shardable:
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP) and its low-rank gradient would be "
+            f"too, but the inner rule {type(inner).__name__} cannot run on a block of rows (InnerRule.shardable "
+            f"= {shardable}); use DDP for this optimizer, or proj_type='left' / 'full' for this group"
+        )
+    projector = plan.projector
+    if projected:
+        method = group.get("sharded_refresh", "gram")
+        if method not in SHARDED_REFRESH:
+            raise ValueError(f"{where}: sharded_refresh = {method!r}; use one of {', '.join(SHARDED_REFRESH)}")
+        projector = ShardedProjector(plan.projector, rows, method, split_cols="cols" in shardable)
+    local = p.to_local()
+    shape2d = (local.shape[0], plan.shape2d[1]) if projected else None
+    step = ShardedStep(rows, projector, getattr(inner, "state_keys", ()), projected)
+    return replace(plan, shape2d=shape2d, projector=projector, shard=step)

@@ -1,0 +1,282 @@
+"""FSDP2 (DTensor parameters sharded on dim 0): parity with one process, sharded state, distributed checkpoints.
+
+TinyNet under FSDP2 on 2 ranks holds every kind of parameter: fc1.weight 40x16 (right projection: basis
+replicated, moments split by rows), fc2.weight 16x40 (left projection: basis split by rows, moments by
+columns), the embedding and the head (unprojected 2-D, uneven 12/11-row shards), biases and a norm.
+Each rank trains on its half of every batch; the single-process reference on the whole batch.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gradproj
+from gradproj.distributed import estimate
+from distributed_utils import run_distributed
+from optim_table import OPTIMIZERS
+from problems import TinyNet, tiny_batch, tiny_loss
+
+pytest.importorskip("torch.distributed.fsdp")
+
+RANK, GAP, STEPS = 4, 3, 7  # refreshes at t = 0, 3, 6: two refreshes replace a basis with moments kept
+# float32; one process sums the whole batch where two ranks sum halves and average: rounding differences
+# of ~1e-7 that Adam's normalisation can amplify a little over 7 steps (observed max |Δ| ~ 5e-7)
+TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+def test_gram_basis_is_the_svd_basis_up_to_sign():
+    """One process: the top eigenvectors of GᵀG are Vh[:r] of the SVD up to sign, for a decaying spectrum."""
+    from gradproj.distributed.sharding import gram_top_eigenvectors
+
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(60, 20, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(20, 20, generator=g))
+    G = U @ torch.diag(torch.logspace(0, -3, 20)) @ V.T
+    P = gram_top_eigenvectors(G.T @ G, 6)
+    Vh = torch.linalg.svd(G, full_matrices=False).Vh[:6]
+    signs = (P * Vh).sum(1).sign()
+    torch.testing.assert_close(P, signs[:, None] * Vh, rtol=0, atol=1e-4)
+    torch.testing.assert_close(P @ P.T, torch.eye(6), rtol=0, atol=1e-5)
+
+
+def fsdp_model():
+    from torch.distributed.fsdp import fully_shard
+
+    model = TinyNet()
+    fully_shard(model)
+    return model
+
+
+def train(model, opt, steps, first=0, sharded=False):
+    for s in range(first, first + steps):
+        x, y = tiny_batch(s)
+        if sharded:
+            x, y = x.chunk(dist.get_world_size())[dist.get_rank()], y.chunk(dist.get_world_size())[dist.get_rank()]
+        opt.zero_grad()
+        tiny_loss(model, (x, y)).backward()
+        opt.step()
+
+
+def make_opt(cls, model, group=None, **kwargs):
+    groups = gradproj.param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5, **(group or {}))
+    return cls(groups, lr=1e-2, **kwargs)
+
+
+def register_gram_reference():
+    """A plain single-process projector that picks its right basis the way the sharded Gram path does: the
+    top eigenvectors of GᵀG from torch.linalg.eigh (the left and full sides use the SVD, as that path does)."""
+    from gradproj.projectors import SVDProjector, register_projector
+
+    class GramReference(SVDProjector):
+        name = "gram_reference"
+
+        def compute_basis(self, G, state, step):
+            if self.side != "right":
+                return super().compute_basis(G, state, step)
+            _, vecs = torch.linalg.eigh(G.float().T @ G.float())
+            return {"proj": vecs[:, -self.rank:].flip(-1).T.to(G.dtype).contiguous()}
+
+    register_projector(GramReference)
+
+
+CASES = [  # name, optimizer, projected-group keys, constructor options, single-process projector
+    ("galore_gather", gradproj.GaLoreAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
+    ("fira_gather", gradproj.FiraAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
+    ("galore_full_wd", gradproj.GaLoreAdamW, {"proj_type": "full"}, {"weight_decay": 0.1}, "svd"),
+    ("galore_gram", gradproj.GaLoreAdamW, {}, {}, "gram_reference"),
+    ("fira_gram", gradproj.FiraAdamW, {}, {}, "gram_reference"),
+    # moments restarted at every refresh: Adam's sign-equivariance makes the Gram basis give the SVD's
+    # trajectory (the weights; bases and moments may differ in the signs of basis vectors)
+    ("fira_gram_reset", gradproj.FiraAdamW, {"moments_on_refresh": "reset"}, {}, "svd"),
+]
+
+
+def _parity_body(rank, world):
+    register_gram_reference()
+    for name, cls, group, kwargs, ref_projector in CASES:
+        model = fsdp_model()
+        opt = make_opt(cls, model, group, **kwargs)
+        train(model, opt, STEPS, sharded=True)
+        ref = TinyNet()
+        ref_group = {k: v for k, v in group.items() if k != "sharded_refresh"}
+        ref_opt = make_opt(cls, ref, {**ref_group, "projector": ref_projector}, **kwargs)
+        train(ref, ref_opt, STEPS)
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q, **TOL, msg=lambda m: f"{name} {pname}: {m}")
+            if name.endswith("_reset"):
+                continue
+            for key, value in ref_opt.state[q].items():
+                ours = opt.state[p][key]
+                if torch.is_tensor(value):
+                    torch.testing.assert_close(ours.full_tensor(), value, **TOL,
+                                               msg=lambda m: f"{name} {pname} state {key}: {m}")
+                else:
+                    assert ours == value, (name, pname, key)
+        assert gradproj.distributed.replicated_state_mismatches(opt) == [], name
+
+    # every optimizer / basis of the generic table, on right projections (which any projector supports under
+    # FSDP) with bases computed from the gathered gradient: the sharded run equals the single-process one
+    for spec in OPTIMIZERS:
+        group = {**spec.group, "proj_type": "right", "sharded_refresh": "gather"}
+        model, ref = fsdp_model(), TinyNet()
+        opt, ref_opt = (spec.cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **group),
+                                 lr=1e-2, **spec.kwargs) for m in (model, ref))
+        train(model, opt, STEPS, sharded=True)
+        train(ref, ref_opt, STEPS)
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q, **TOL, msg=lambda m: f"{spec.id} {pname}: {m}")
+        assert gradproj.distributed.replicated_state_mismatches(opt) == [], spec.id
+
+
+def test_fsdp_matches_one_process_across_refreshes():
+    """GaLore, Fira and the two-sided projection with weight decay, sharded over 2 ranks: weights and every
+    piece of state (moments, bases, limiter norms, step counts) equal the single-process run after 7 steps
+    crossing two refreshes with the moments kept. ``sharded_refresh="gather"`` runs the exact SVD; the
+    default Gram path is compared with a single process taking the same eigenvector basis. Every row of the
+    generic optimizer table (tests/optim_table.py: each basis, each optimizer) is compared on right
+    projections."""
+    run_distributed(_parity_body)
+
+
+def _state_body(rank, world, ckpt_dir):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import Replicate, Shard
+
+    model = fsdp_model()
+    opt = make_opt(gradproj.FiraAdamW, model)
+    train(model, opt, 4, sharded=True)
+
+    # --- layout of the state: DTensors placed as documented, with the expected local shapes
+    st = {name: opt.state[p] for name, p in model.named_parameters()}
+    rows = {"emb": (12, 11)[rank], "head": (12, 11)[rank], "fc1": 20, "fc2": 8}
+    expected = {
+        ("fc1.weight", "proj"): ((Replicate(),), (RANK, 16)),  # right: r x n basis on every rank
+        ("fc1.weight", "exp_avg"): ((Shard(0),), (rows["fc1"], RANK)),  # R = G Pᵀ keeps G's rows
+        ("fc1.weight", "exp_avg_sq"): ((Shard(0),), (rows["fc1"], RANK)),
+        ("fc1.weight", "residual_norm"): ((Replicate(),), ()),
+        ("fc2.weight", "proj"): ((Shard(0),), (rows["fc2"], RANK)),  # left: U's rows follow W's rows
+        ("fc2.weight", "exp_avg"): ((Shard(1),), (RANK, 20)),  # R = Σ Pᵢᵀ Gᵢ, reduce-scattered by columns
+        ("fc2.weight", "residual_norm"): ((Replicate(),), ()),
+        ("emb.weight", "exp_avg"): ((Shard(0),), (rows["emb"], 16)),
+        ("head.weight", "exp_avg_sq"): ((Shard(0),), (rows["head"], 16)),
+        ("fc1.bias", "exp_avg"): ((Shard(0),), (20,)),
+    }
+    for (pname, key), (placements, local_shape) in expected.items():
+        value = st[pname][key]
+        assert tuple(value.placements) == placements, (pname, key, value.placements)
+        assert tuple(value.to_local().shape) == local_shape, (pname, key, value.to_local().shape)
+    assert st["fc1.weight"]["step"] == 4
+    # the bytes this rank holds: the analytic count of the layout above (float32)
+    b = gradproj.optimizer_state_bytes(opt)
+    moments = 2 * 4 * (rows["fc1"] * RANK + RANK * 20 + rows["emb"] * 16 + rows["head"] * 16
+                       + 20 + 8 + 8 + 8)  # fc1.bias, fc2.bias and the norm's two vectors, 16 rows each
+    assert b["moments"] == moments, (b, moments)
+    assert b["basis"] == 4 * (RANK * 16 + rows["fc2"] * RANK)
+    tensors = [(tuple(p.shape), n in ("fc1.weight", "fc2.weight")) for n, p in model.named_parameters()]
+    est = estimate.per_gpu_memory(tensors, "fira", "fsdp", world, rank=RANK, gpu=rank, weight_bytes=4,
+                                  grad_bytes=4, state_bytes=4)
+    assert est["optimizer_states"] == b["total"]
+    assert est["weights"] == 4 * sum(p.to_local().numel() for p in model.parameters())
+
+    # --- distributed checkpoint round trip: resume == uninterrupted, bit for bit
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=ckpt_dir)
+    train(model, opt, 2, first=4, sharded=True)
+    two_steps = {n: p.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(two_steps, f"{ckpt_dir}.after2.pt")
+    train(model, opt, 2, first=6, sharded=True)  # the refresh at t = 6
+    expected_weights = {n: p.full_tensor() for n, p in model.named_parameters()}
+
+    model2 = fsdp_model()
+    opt2 = make_opt(gradproj.FiraAdamW, model2)
+    state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(state, checkpoint_id=ckpt_dir)
+    set_model_state_dict(model2, state["model"])
+    set_optimizer_state_dict(model2, opt2, state["optim"])
+    assert opt2.state[dict(model2.named_parameters())["fc1.weight"]]["step"] == 4
+    train(model2, opt2, 4, first=4, sharded=True)
+    for n, p in model2.named_parameters():
+        assert torch.equal(p.full_tensor(), expected_weights[n]), n
+
+
+def test_fsdp_state_is_sharded_and_round_trips_through_dcp(tmp_path):
+    """Moments of right projections and unprojected tensors are Shard(0) DTensors with the parameter's local
+    rows, bases of left projections too; the rest is replicated; the bytes per rank are the analytic count.
+    get/set_optimizer_state_dict + torch.distributed.checkpoint save and load it, and the resumed run equals
+    the uninterrupted one bit for bit (across a refresh). The same checkpoint resumes in one process without
+    FSDP (DCP gathers the shards), matching the sharded continuation to float tolerance."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    ckpt = str(tmp_path / "ckpt")
+    run_distributed(_state_body, ckpt)
+
+    model = TinyNet(seed=1)
+    opt = make_opt(gradproj.FiraAdamW, model)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert opt.state[model.fc2.weight]["exp_avg"].shape == (RANK, 40)  # the two column blocks, joined
+    train(model, opt, 2, first=4)  # before the next refresh: the Gram path's basis is still the loaded one
+    expected = torch.load(f"{ckpt}.after2.pt", weights_only=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, expected[n], **TOL, msg=lambda m: f"{n}: {m}")
+
+
+def _errors_body(rank, world):
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from gradproj.inner import Adam
+
+    # a parameter sharded on dim 1 (tensor parallelism's layout) is refused with a clear message
+    mesh = fsdp_model().fc1.weight.device_mesh
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)]))
+    opt = gradproj.GaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 2, "scale": 1.0}])
+    w.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
+    with pytest.raises(ValueError, match=r"param group 0, parameter 0 .*Shard\(0\)"):
+        opt.step()
+
+    # an inner rule that cannot run on a block of R refuses row-split R; a left projection falls back to a
+    # replicated R (all-reduced) for it
+    class Coupled(Adam):
+        shardable = ()
+
+    class CoupledOpt(gradproj.GaLoreAdamW):
+        inner_rule = Coupled
+
+    model = fsdp_model()
+    before = model.fc2.weight.full_tensor()
+    groups = [{"params": [model.fc1.weight], "rank": 2, "update_proj_gap": 2, "scale": 1.0},
+              {"params": [model.fc2.weight], "rank": 2, "update_proj_gap": 2, "scale": 1.0}]
+    opt = CoupledOpt(groups)
+    tiny_loss(model, tiny_batch(0)).backward()
+    with pytest.raises(ValueError, match="cannot run on a block of rows"):
+        opt.step()
+    assert torch.equal(model.fc2.weight.full_tensor(), before)  # nothing was updated
+    opt.param_groups[0]["proj_type"] = "left"  # fc1 now projected on the left too: R replicated, allowed
+    opt.step()
+    assert not torch.equal(model.fc2.weight.full_tensor(), before)
+    moment = opt.state[model.fc2.weight]["exp_avg"]
+    assert tuple(moment.placements) == (Replicate(),) and moment.to_local().shape == (2, 40)
+
+    # a bad sharded_refresh is refused by the group validation
+    with pytest.raises(ValueError, match="sharded_refresh"):
+        gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=2, sharded_refresh="allgather"))
+
+
+def test_fsdp_refuses_layouts_and_rules_it_cannot_shard():
+    run_distributed(_errors_body)
