@@ -27,6 +27,8 @@ OPTIMIZERS = [
     OptSpec("galore_adamw_full", gradproj.GaLoreAdamW, group={"proj_type": "full"}),
     OptSpec("galore_adamw_wd", gradproj.GaLoreAdamW, kwargs={"weight_decay": 0.1}),
     OptSpec("fira_adamw", gradproj.FiraAdamW),
+    OptSpec("frugal_adamw", gradproj.FrugalAdamW),
+    OptSpec("galore_adamw_limited", gradproj.GaLoreAdamW, kwargs={"norm_growth_limit": 1.01}),
 ]
 
 

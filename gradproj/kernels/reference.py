@@ -54,20 +54,51 @@ def fira_scaled_residual(
     return S * phi.to(S.dtype)
 
 
-def limit_norm_growth_(S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
-    """Fira's norm-growth limiter, in place on ``S``; all on the device (no host sync).
+def fira_residual_factors(
+    G: torch.Tensor,
+    R: torch.Tensor,
+    psi: torch.Tensor,
+    alpha: float,
+    rank_axis: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's scaling factors φ and the norm ‖(G - α·B(R)) · φ‖, without materialising the residual.
 
-    With a previous norm N in ``state[key]``: k = max(‖S‖ / (N + 1e-8), γ) / γ, S ← S / k and
-    N ← ‖S_before‖ / k. Without one (the first step) S is left as is and N ← ‖S‖.
+    Valid for a basis whose back-projection B is an isometry with adjoint ``down`` (orthonormal P and
+    R = down(G)). Row by row (right projection; column by column for a left one) B(R)_i = R_i P, so
+    ⟨G_i, B(R)_i⟩ = ‖R_i‖² = ‖B(R)_i‖² and::
+
+        ‖G_i - α·B(R)_i‖² = ‖G_i‖² - (2α - α²)·‖R_i‖²
+
+    φ has G's shape with size 1 along ``rank_axis``; both results are in :func:`accumulation_dtype`.
     """
-    norm = torch.linalg.vector_norm(S, dtype=accumulation_dtype(S))
+    acc = accumulation_dtype(G)
+    r_norm = torch.linalg.vector_norm(R, dim=rank_axis, keepdim=True, dtype=acc)
+    phi = torch.linalg.vector_norm(psi, dim=rank_axis, keepdim=True, dtype=acc) / (r_norm + 1e-8)
+    g_sq = torch.linalg.vector_norm(G, dim=rank_axis, keepdim=True, dtype=acc).square_()
+    residual_sq = g_sq.sub_(r_norm.square_(), alpha=2.0 * alpha - alpha * alpha).clamp_(min=0.0)
+    return phi, residual_sq.mul_(phi.square()).sum().sqrt()
+
+
+def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor | None:
+    """Fira's norm-growth limiter on a norm: the divisor k for this step, on the device (no host sync).
+
+    With a previous norm N in ``state[key]``: k = max(‖S‖ / (N + 1e-8), γ) / γ and N ← ‖S‖ / k (the
+    norm after limiting). Without one (the first step) N ← ‖S‖ and ``None`` is returned: never limited.
+    """
     prev = state.get(key)
     if prev is None:
-        state[key] = norm
-        return S
+        state[key] = norm.detach().clone()
+        return None
     k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
-    S.div_(k.to(S.dtype))
     prev.copy_(norm / k)
+    return k
+
+
+def limit_norm_growth_(S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
+    """The norm-growth limiter applied in place to ``S``: S ← S / k with k from :func:`norm_growth_divisor`."""
+    k = norm_growth_divisor(torch.linalg.vector_norm(S, dtype=accumulation_dtype(S)), state, key, gamma)
+    if k is not None:
+        S.div_(k.to(S.dtype))
     return S
 
 

@@ -5,8 +5,9 @@ For each parameter with a gradient, one step is::
     P        = projector.refresh(G) when t % T == 0 (or no basis yet)     # svd | identity | ...
     R        = projector.down(G)                                            # r x n or m x r
     U, s     = inner.update(R, state)                                       # Adam | ...; s = step size
-    S        = residual.compute(G, R, U)                                    # Fira | none | ...
-    W       -= s · (scale · projector.up(U) + S)
+    U, S     = residual.compute(G, R, U)                                    # Fira | FRUGAL | none
+    U, S     = limit growth of ‖scale · B(U) + S‖ (group option norm_growth_limit)
+    W       -= s · scale · projector.up(U) + s_res · S                      # s_res: s, or lr for FRUGAL
     W       -= decay_lr · weight_decay · W                                  # decoupled, full space
 
 Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
@@ -29,7 +30,7 @@ from .. import kernels
 from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
-from ..residual import NoResidual, Residual, get_residual
+from ..residual import NoResidual, Residual, get_residual, limit_update_growth, validate_norm_growth_limit
 
 log = logging.getLogger("gradproj")
 
@@ -70,6 +71,8 @@ class ProjectedOptimizer(Optimizer):
     * ``impl``: ``"auto"`` (default), ``"torch"`` or ``"triton"`` — which kernels run the fused parts.
     * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
       to keep optimizer state in fp32 for bf16/fp16 parameters.
+    * ``norm_growth_limit``: ``None`` (default) or γ >= 1 — limit every parameter's update norm to grow by
+      at most γ per step (Fira's limiter on the whole update; see :mod:`gradproj.residual.limiter`).
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -95,6 +98,7 @@ class ProjectedOptimizer(Optimizer):
             "projector": "svd",
             "residual": self.default_residual,
             "moments_on_refresh": "keep",
+            "norm_growth_limit": None,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -144,6 +148,7 @@ class ProjectedOptimizer(Optimizer):
         if group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
         self._inner.validate_group(group, where)
+        validate_norm_growth_limit(group, where)
 
         rank = group.get("rank")
         if rank is None:
@@ -269,11 +274,12 @@ class ProjectedOptimizer(Optimizer):
         R = proj.down(G, state)
         state["step"] = step + 1
         U, step_size = self._inner.update(R, state, group, ctx)
-        S = plan.residual.compute(G, R, U, proj, state, group, ctx)
+        U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
+        U, S = limit_update_growth(U, S, proj, state, group, ctx)
         with _matrix_view(p, plan.shape2d) as W:
             proj.add_up_(W, U, state, alpha=-step_size * ctx.scale)
             if S is not None:
-                W.add_(S.to(W.dtype), alpha=-step_size)
+                plan.residual.apply_(W, S, step_size, group)
             ctx.ops.apply_weight_decay_(W, self._inner.decay_lr(group, state), group["weight_decay"])
 
     def _on_basis_change(self, state: dict, group: dict, step: int) -> None:

@@ -30,6 +30,7 @@ class SVDProjector(Projector):
     parameter dtype. Refreshed when ``t % update_proj_gap == 0`` (t before its increment)."""
 
     name = "svd"
+    orthonormal = True
 
     def compute_basis(self, G, state, step):
         try:
