@@ -72,11 +72,16 @@ def fira_residual_factors(
     φ has G's shape with size 1 along ``rank_axis``; both results are in :func:`accumulation_dtype`.
     """
     acc = accumulation_dtype(G)
-    r_norm = torch.linalg.vector_norm(R, dim=rank_axis, keepdim=True, dtype=acc)
-    phi = torch.linalg.vector_norm(psi, dim=rank_axis, keepdim=True, dtype=acc) / (r_norm + 1e-8)
-    g_sq = torch.linalg.vector_norm(G, dim=rank_axis, keepdim=True, dtype=acc).square_()
-    residual_sq = g_sq.sub_(r_norm.square_(), alpha=2.0 * alpha - alpha * alpha).clamp_(min=0.0)
-    return phi, residual_sq.mul_(phi.square()).sum().sqrt()
+    r_sq = sum_of_squares(R, rank_axis, acc)
+    phi = sum_of_squares(psi, rank_axis, acc).sqrt_().div_(r_sq.sqrt().add_(1e-8))
+    residual_norm = sum_of_squares(G, rank_axis, acc).sub_(r_sq, alpha=2.0 * alpha - alpha * alpha)
+    residual_norm.clamp_(min=0.0).sqrt_()
+    return phi, torch.linalg.vector_norm(residual_norm.mul_(phi))
+
+
+def sum_of_squares(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Σ x² along ``dim`` (kept). Square-then-sum, because on CPU ``vector_norm`` along a strided dim is ~4x slower."""
+    return x.to(dtype).square().sum(dim, keepdim=True)
 
 
 def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor | None:
@@ -90,7 +95,7 @@ def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float)
         state[key] = norm.detach().clone()
         return None
     k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
-    prev.copy_(norm / k)
+    torch.div(norm, k, out=prev)
     return k
 
 

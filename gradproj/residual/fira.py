@@ -51,4 +51,4 @@ class FiraResidual(Residual):
             k = ops.norm_growth_divisor(norm, state, LIMITER_NORM, float(gamma))
             if k is not None:
                 phi = phi / k
-        return U - phi * R, ScaledGradient(G, phi)
+        return torch.addcmul(U, phi, R, value=-1.0), ScaledGradient(G, phi)  # U − φ⊙R
