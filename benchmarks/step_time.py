@@ -73,9 +73,11 @@ def interleaved_steps(makers: dict, params, gap: int, repeats: int) -> dict:
     for opt in opts.values():
         opt.step()  # first refresh, allocates state
     times = {name: {"regular": [], "refresh": []} for name in opts}
+    names = list(opts)
     for i in range(repeats + max(2, repeats // 3)):
         kind, k = ("regular", 1) if i < repeats else ("refresh", gap)
-        for name, opt in opts.items():
+        for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first (cache state)
+            opt = opts[name]
             for st in opt.state.values():
                 st["step"] = k
             sync(params[0].device)

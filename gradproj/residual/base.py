@@ -37,7 +37,8 @@ class ScaledGradient:
         return ScaledGradient(self.G, self.c / k)
 
     def add_to_(self, W: torch.Tensor, alpha: float) -> None:
-        W.addcmul_(self.G.to(W.dtype), self.c.to(W.dtype), value=alpha)
+        G, c = self.G, self.c
+        W.addcmul_(G if G.dtype == W.dtype else G.to(W.dtype), c if c.dtype == W.dtype else c.to(W.dtype), value=alpha)
 
 
 #: what a residual rule may return as its full-size term

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Residual, ScaledGradient
+from .limiter import check_growth_limit
 
 #: state key of the limiter's previous norm (a 0-dim float32 tensor on the parameter's device)
 LIMITER_NORM = "residual_norm"
@@ -35,9 +36,7 @@ class FiraResidual(Residual):
                 f"{where}: residual='fira' needs a one-sided projection (its scaling factors are per row or per "
                 "column of G); use proj_type 'std', 'reverse_std', 'left' or 'right' instead of 'full'"
             )
-        gamma = group.get("limiter_gamma", 1.01)
-        if gamma is not None and not float(gamma) >= 1.0:
-            raise ValueError(f"{where}: limiter_gamma = {gamma} must be >= 1 (or None to disable the limiter)")
+        check_growth_limit(group.get("limiter_gamma", 1.01), "limiter_gamma", where)
 
     def compute(self, G, R, U, projector, state, group, ctx):
         ops, axis, gamma = ctx.ops, projector.rank_axis(), group.get("limiter_gamma", 1.01)

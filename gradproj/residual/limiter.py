@@ -28,19 +28,21 @@ NORM_GROWTH_KEY = "norm_growth_limit"
 UPDATE_NORM = "update_norm"
 
 
-def validate_norm_growth_limit(group: dict, where: str) -> None:
-    gamma = group.get(NORM_GROWTH_KEY)
+def check_growth_limit(gamma: object, key: str, where: str) -> None:
+    """A limiter's γ must be None (off) or a real number >= 1."""
     if gamma is None:
         return
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(
-            f"{where}: {NORM_GROWTH_KEY} = {gamma!r} must be a number >= 1 (Fira uses 1.01), or None to disable it"
-        )
+        raise TypeError(f"{where}: {key} = {gamma!r} must be a number >= 1 (Fira uses 1.01), or None to disable it")
     if not float(gamma) >= 1.0:
         raise ValueError(
-            f"{where}: {NORM_GROWTH_KEY} = {gamma} must be >= 1: it is the largest factor by which the update "
-            "norm may grow per step (Fira uses 1.01); use None to disable it"
+            f"{where}: {key} = {gamma} must be >= 1: it is the largest factor by which the norm may grow per step "
+            "(Fira uses 1.01); use None to disable it"
         )
+
+
+def validate_norm_growth_limit(group: dict, where: str) -> None:
+    check_growth_limit(group.get(NORM_GROWTH_KEY), NORM_GROWTH_KEY, where)
 
 
 def update_norm(U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, scale: float) -> torch.Tensor:
