@@ -8,7 +8,7 @@ TORCH_CONSTRAINT ?= constraints-cpu.txt
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench quality clean
 
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
+
+quality: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quality.py --plot docs/img/quality_loss.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

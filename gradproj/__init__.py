@@ -3,7 +3,7 @@
 import logging
 
 from .memory import optimizer_state_bytes
-from .optimizers import FiraAdamW, GaLoreAdamW, ProjectedOptimizer, param_groups
+from .optimizers import FiraAdamW, FrugalAdamW, GaLoreAdamW, ProjectedOptimizer, param_groups
 from .projectors import register_projector
 from .sampling import LayerSampler, outlier_ratios
 from .sampling.owlore import owlore
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FiraAdamW",
+    "FrugalAdamW",
     "GaLoreAdamW",
     "LayerSampler",
     "ProjectedOptimizer",

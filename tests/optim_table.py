@@ -34,6 +34,8 @@ OPTIMIZERS = [
     # seed 0 draws fc1, emb, fc1 at steps 0, 3, 6: the 7-step resume test crosses a free and a fresh return
     OptSpec("galore_adamw_sampler", gradproj.GaLoreAdamW, sampler=lambda m: gradproj.LayerSampler(
         [m.emb, m.fc1], n_active=1, interval=3, probs=[1.0, 3.0])),
+    OptSpec("frugal_adamw", gradproj.FrugalAdamW),
+    OptSpec("galore_adamw_limited", gradproj.GaLoreAdamW, kwargs={"norm_growth_limit": 1.01}),
 ]
 
 

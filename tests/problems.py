@@ -75,3 +75,17 @@ def tiny_batch(seed=0, vocab=23, n=64):
 def tiny_loss(model, batch):
     x, y = batch
     return torch.nn.functional.cross_entropy(model(x).float(), y)
+
+
+def direct_svd_projector() -> str:
+    """Register (once) an exact-SVD projector that does not declare its basis orthonormal; return its name.
+
+    Residual rules and the norm-growth limiter then take their direct path (materialising B(R) and S), the
+    readable form the factored fast path is checked against.
+    """
+    import gradproj
+    from gradproj.projectors import PROJECTORS, SVDProjector
+
+    if "svd_direct" not in PROJECTORS:
+        gradproj.register_projector(type("DirectSVDProjector", (SVDProjector,), {"name": "svd_direct", "orthonormal": False}))
+    return "svd_direct"

@@ -117,6 +117,8 @@ def _parity_body(rank, world):
     # every optimizer / basis of the generic table, on right projections (which any projector supports under
     # FSDP) with bases computed from the gathered gradient: the sharded run equals the single-process one
     for spec in OPTIMIZERS:
+        if spec.kwargs.get("norm_growth_limit") is not None or spec.group.get("norm_growth_limit") is not None:
+            continue  # no sharded form yet: refused with a clear error (test_fsdp_refuses_layouts_and_rules...)
         group = {**spec.group, "proj_type": "right", "sharded_refresh": "gather"}
         model, ref = fsdp_model(), TinyNet()
         opt, ref_opt = (spec.cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **group),
@@ -248,6 +250,13 @@ def _errors_body(rank, world):
     opt = gradproj.GaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 2, "scale": 1.0}])
     w.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
     with pytest.raises(ValueError, match=r"param group 0, parameter 0 .*Shard\(0\)"):
+        opt.step()
+
+    # the standalone norm-growth limiter needs the whole update's norm: refused for sharded parameters
+    model = fsdp_model()
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=2, update_proj_gap=2, scale=1.0), norm_growth_limit=1.01)
+    tiny_loss(model, tiny_batch(0)).backward()
+    with pytest.raises(ValueError, match="norm_growth_limit needs the norm of the whole update"):
         opt.step()
 
     # an inner rule that cannot run on a block of R refuses row-split R; a left projection falls back to a

@@ -432,9 +432,13 @@ def trajectory(cls, impl, dtype, device, steps=6, lr=0.05):
     return [p.detach() for p in [*params, bias]], opt
 
 
+TRAJECTORY_OPTIMIZERS = [gradproj.GaLoreAdamW, gradproj.FiraAdamW, gradproj.FrugalAdamW]
+TRAJECTORY_IDS = ["galore", "fira", "frugal"]  # frugal: the residual moves with its own step size (lr)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("cls", [gradproj.GaLoreAdamW, gradproj.FiraAdamW], ids=["galore", "fira"])
+@pytest.mark.parametrize("cls", TRAJECTORY_OPTIMIZERS, ids=TRAJECTORY_IDS)
 def test_optimizer_triton_trajectory_matches_torch(cls, dtype):
     check_trajectory(cls, dtype, "cpu")
 
@@ -492,7 +496,7 @@ compile_(fira._scaled_sumsq_kernel, dict(D=b, PHI="*fp32", INV_K="*fp32", PARTIA
 compile_(fira._limiter_kernel, dict(PARTIAL="*fp32", P="i32", PREV="*fp32", INV_K="*fp32", gamma="fp32"),
          dict(HAS_PREV=True, BLOCK=fira.SUM_BLOCK))
 compile_(update._update_kernel, dict(W=b, BU=b, S=b, PHI="*fp32", INV_K="*fp32", M="i32", N="i32", s_wm="i32",
-         s_wn="i32", s_bm="i32", s_bn="i32", s_sm="i32", s_sn="i32", step="fp32", scale="fp32", decay="fp32",
+         s_wn="i32", s_bm="i32", s_bn="i32", s_sm="i32", s_sn="i32", step="fp32", scale="fp32", res_step="fp32", decay="fp32",
          seed="i32"), dict(HAS_S=True, HAS_PHI=True, PHI_AXIS=0, HAS_INV_K=True, STOCHASTIC=True,
          BM=update.TILE_M, BN=update.TILE_N))
 print("compiled")
@@ -552,7 +556,7 @@ def test_gpu_stochastic_rounding():
 @gpu
 @compiled_only
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("cls", [gradproj.GaLoreAdamW, gradproj.FiraAdamW], ids=["galore", "fira"])
+@pytest.mark.parametrize("cls", TRAJECTORY_OPTIMIZERS, ids=TRAJECTORY_IDS)
 def test_gpu_trajectory(cls, dtype):
     check_trajectory(cls, dtype, "cuda")
 

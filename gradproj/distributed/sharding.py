@@ -464,6 +464,12 @@ def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) 
             f"too, but the inner rule {type(inner).__name__} cannot run on a block of rows (InnerRule.shardable "
             f"= {shardable}); use DDP for this optimizer, or proj_type='left' / 'full' for this group"
         )
+    if rows.sharded and group.get("norm_growth_limit") is not None:
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP): norm_growth_limit needs the norm of the "
+            "whole update and has no sharded form yet; drop it for this group (Fira's own limiter, "
+            "limiter_gamma, does work sharded), or use DDP"
+        )
     projector = plan.projector
     if projected:
         method = group.get("sharded_refresh", "gram")

@@ -17,38 +17,17 @@ The result of :func:`fira_residual` is a :class:`ScaledResidual`, which the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from ..projectors.base import Projector
 from ._triton_common import LAUNCH, device_of
+from .reference import ScaledResidual
 
 PHI_BLOCK_F, PHI_BLOCK_K = 32, 64  # factors per program x rank slice per loop iteration
 TILE_M, TILE_N = 32, 128  # full-size tiles: 128 contiguous elements per row, 4096 per program
 SUM_BLOCK = 1024
-
-
-@dataclass
-class ScaledResidual:
-    """``S = D ⊙ φ · inv_k``, kept factored: D full size; φ one float32 factor per row (``axis=0``) or per
-    column (``axis=1``) of D, or None; ``inv_k`` a 1-element float32 tensor set by the limiter, or None."""
-
-    D: torch.Tensor
-    phi: torch.Tensor | None = None
-    axis: int = 0
-    inv_k: torch.Tensor | None = None
-
-    def materialize(self) -> torch.Tensor:
-        """The dense S, computed in float32 and rounded once to D's dtype."""
-        S = self.D.float()
-        if self.phi is not None:
-            S = S * (self.phi[:, None] if self.axis == 0 else self.phi[None, :])
-        if self.inv_k is not None:
-            S = S * self.inv_k
-        return S.to(self.D.dtype)
 
 
 @triton.jit

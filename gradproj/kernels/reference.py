@@ -6,9 +6,57 @@ same function as its twin here. Each function is written to read like the math i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..projectors.base import IdentityProjector
+
+
+@dataclass
+class ScaledResidual:
+    """A full-size residual term kept factored: ``S = D ⊙ φ · inv_k``.
+
+    D has the weight's 2-D shape; φ is one factor per row (``axis=0``) or per column (``axis=1``) of D, or
+    None; ``inv_k`` is a 1-element tensor (a norm-growth limiter's 1/k), or None. Fused paths read the
+    factors where S is consumed instead of writing S out.
+    """
+
+    D: torch.Tensor
+    phi: torch.Tensor | None = None
+    axis: int = 0
+    inv_k: torch.Tensor | None = None
+
+    def factor(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """φ · inv_k shaped to broadcast against D, in ``dtype`` (None when both are absent)."""
+        c = None
+        if self.phi is not None:
+            c = (self.phi[:, None] if self.axis == 0 else self.phi[None, :]).to(dtype)
+        if self.inv_k is not None:
+            k = self.inv_k.reshape(()).to(dtype)
+            c = k if c is None else c * k
+        return c
+
+    def materialize(self) -> torch.Tensor:
+        """The dense S, computed in the accumulation dtype and rounded once to D's dtype."""
+        acc = accumulation_dtype(self.D)
+        c = self.factor(acc)
+        S = self.D.to(acc) if c is None else self.D.to(acc) * c
+        return S.to(self.D.dtype)
+
+    def divided(self, k: torch.Tensor) -> "ScaledResidual":
+        """S / k (k a 0-dim or 1-element tensor), still factored."""
+        inv = 1.0 / k.reshape(1).float()
+        return ScaledResidual(self.D, self.phi, self.axis, inv if self.inv_k is None else self.inv_k * inv)
+
+    def add_to_(self, W: torch.Tensor, alpha: float) -> None:
+        """``W += alpha · S`` in one pass (``addcmul_``), without writing S out."""
+        c = self.factor(W.dtype)
+        D = self.D if self.D.dtype == W.dtype else self.D.to(W.dtype)
+        if c is None:
+            W.add_(D, alpha=alpha)
+        else:
+            W.addcmul_(D, c, value=alpha)
 
 
 def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
@@ -56,20 +104,62 @@ def fira_scaled_residual(
     return S * phi.to(S.dtype)
 
 
-def limit_norm_growth_(S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
-    """Fira's norm-growth limiter, in place on ``S``; all on the device (no host sync).
+def fira_residual_factors(
+    G: torch.Tensor,
+    R: torch.Tensor,
+    psi: torch.Tensor,
+    alpha: float,
+    rank_axis: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fira's scaling factors φ and the norm ‖(G - α·B(R)) · φ‖, without materialising the residual.
 
-    With a previous norm N in ``state[key]``: k = max(‖S‖ / (N + 1e-8), γ) / γ, S ← S / k and
-    N ← ‖S_before‖ / k. Without one (the first step) S is left as is and N ← ‖S‖.
+    Valid for a basis whose back-projection B is an isometry with adjoint ``down`` (orthonormal P and
+    R = down(G)). Row by row (right projection; column by column for a left one) B(R)_i = R_i P, so
+    ⟨G_i, B(R)_i⟩ = ‖R_i‖² = ‖B(R)_i‖² and::
+
+        ‖G_i - α·B(R)_i‖² = ‖G_i‖² - (2α - α²)·‖R_i‖²
+
+    φ has G's shape with size 1 along ``rank_axis``; both results are in :func:`accumulation_dtype`.
     """
-    norm = torch.linalg.vector_norm(S, dtype=accumulation_dtype(S))
+    acc = accumulation_dtype(G)
+    r_norm = norms(R, rank_axis, acc)
+    phi = norms(psi, rank_axis, acc).div_(r_norm + 1e-8)
+    residual_norm = norms(G, rank_axis, acc).square_().sub_(r_norm.square_(), alpha=2.0 * alpha - alpha * alpha)
+    residual_norm.clamp_(min=0.0).sqrt_()
+    return phi, torch.linalg.vector_norm(residual_norm.mul_(phi))
+
+
+def norms(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Euclidean norms along ``dim`` (kept), in ``dtype``.
+
+    On CPU ``vector_norm`` along a strided dim is ~4x slower than squaring a copy and summing, so a strided
+    dim takes the latter.
+    """
+    if x.is_contiguous() and dim in (-1, x.dim() - 1):
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
+    return (x if x.dtype == dtype else x.to(dtype)).square().sum(dim, keepdim=True).sqrt_()
+
+
+def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor | None:
+    """Fira's norm-growth limiter on a norm: the divisor k for this step, on the device (no host sync).
+
+    With a previous norm N in ``state[key]``: k = max(‖S‖ / (N + 1e-8), γ) / γ and N ← ‖S‖ / k (the
+    norm after limiting). Without one (the first step) N ← ‖S‖ and ``None`` is returned: never limited.
+    """
     prev = state.get(key)
     if prev is None:
-        state[key] = norm
-        return S
+        state[key] = norm.detach().clone()
+        return None
     k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
-    S.div_(k.to(S.dtype))
-    prev.copy_(norm / k)
+    torch.div(norm, k, out=prev)
+    return k
+
+
+def limit_norm_growth_(S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
+    """The norm-growth limiter applied in place to ``S``: S ← S / k with k from :func:`norm_growth_divisor`."""
+    k = norm_growth_divisor(torch.linalg.vector_norm(S, dtype=accumulation_dtype(S)), state, key, gamma)
+    if k is not None:
+        S.div_(k.to(S.dtype))
     return S
 
 
@@ -106,36 +196,43 @@ def apply_update(
     projector,
     state: dict,
     U: torch.Tensor,
-    S: torch.Tensor | None,
+    S: torch.Tensor | ScaledResidual | None,
     step_size: float,
     scale: float,
     lr: float,
     weight_decay: float,
     seed: int | None = None,
+    residual_step: float | None = None,
 ) -> None:
-    """The weight update, in place: ``W -= step_size · (scale · B(U) + S)``, then ``W -= lr · wd · W``.
+    """The weight update, in place: ``W -= step_size · scale · B(U) + s_res · S``, then ``W -= lr · wd · W``.
 
-    With ``seed=None`` the update is one GEMM into W (``addmm_``), an add of S and the decay, each
-    rounded to W's dtype as it goes (round to nearest). With a seed (bfloat16 W only, see
-    :func:`stochastic_round_to_bf16`) the same expression is evaluated in float32, in this order::
+    ``s_res`` is ``residual_step`` (FRUGAL's sign term moves by the plain lr), else ``step_size``. S may be
+    dense or a :class:`ScaledResidual`. With ``seed=None`` the update is one GEMM into W (``addmm_``), one
+    pass adding S and the decay, each rounded to W's dtype as it goes (round to nearest). With a seed
+    (bfloat16 W only, see :func:`stochastic_round_to_bf16`) the same expression is evaluated in float32,
+    in this order::
 
-        w = float32(W);  u = scale · float32(B(U)) [+ float32(S)];  w = w - step_size · u;  w = w - lr·wd · w
+        w = float32(W);  w = w - step_size · (scale · float32(B(U)));  [w = w - s_res · float32(S)];  w = w - lr·wd · w
 
     and rounded to bfloat16 once, stochastically. The Triton epilogue evaluates the same expression.
     """
+    s_res = step_size if residual_step is None else residual_step
     if seed is None:
         projector.add_up_(W, U, state, alpha=-step_size * scale)
-        if S is not None:
-            W.add_(S.to(W.dtype), alpha=-step_size)
+        if isinstance(S, ScaledResidual):
+            S.add_to_(W, -s_res)
+        elif S is not None:
+            W.add_(S.to(W.dtype), alpha=-s_res)
         apply_weight_decay_(W, lr, weight_decay)
         return
     if W.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding is defined for bfloat16 weights, not {W.dtype}")
     w = W.float()
     u = back_project(projector, U, state, W.dtype).float() * scale  # a new tensor: U is left as it is
-    if S is not None:
-        u.add_(S.float())
     w.sub_(step_size * u)
+    if S is not None:
+        dense = S.D.float() * S.factor(torch.float32) if isinstance(S, ScaledResidual) else S.float()
+        w.sub_(s_res * dense)
     w.sub_(lr * weight_decay * w)
     W.copy_(stochastic_round_to_bf16(w, seed))
 

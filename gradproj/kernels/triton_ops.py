@@ -18,6 +18,9 @@ from .update import apply_update
 INTERPRETED = interpreting_at_import()
 apply_weight_decay_ = reference.apply_weight_decay_  # a single in-place add: nothing to fuse
 accumulation_dtype = reference.accumulation_dtype
+# Fira's factored path: a few norms of low-rank tensors and of G's rows/columns, and one scalar rule
+fira_residual_factors = reference.fira_residual_factors
+norm_growth_divisor = reference.norm_growth_divisor
 
 __all__ = [
     "INTERPRETED",
@@ -27,6 +30,8 @@ __all__ = [
     "apply_update",
     "apply_weight_decay_",
     "fira_residual",
+    "fira_residual_factors",
     "fira_scaled_residual",
     "limit_norm_growth_",
+    "norm_growth_divisor",
 ]

@@ -1,9 +1,9 @@
 """Triton twin of :func:`gradproj.kernels.reference.apply_update`: the weight update as one epilogue pass.
 
-``W ← W − step·(scale·B(U) + S)`` then ``W ← W − lr·wd·W``, evaluated in float32 per element and
+``W ← W − step·scale·B(U) − s_res·S`` then ``W ← W − lr·wd·W``, evaluated in float32 per element and
 rounded once to W's dtype: to nearest, or stochastically for bfloat16 weights when a seed is given.
 B(U) comes from a cuBLAS GEMM (``projector.up``); S is absent, a dense tensor, or Fira's factored
-:class:`~gradproj.kernels.fira.ScaledResidual` (D, per-row/column φ and the limiter's 1/k, read here,
+:class:`~gradproj.kernels.reference.ScaledResidual` (D, per-row/column φ and the limiter's 1/k, read here,
 so S itself is never written). One pass reads W, B(U) and S and writes W; the torch reference makes
 three passes over W (GEMM, add of S, decay), each rounding to W's dtype.
 
@@ -21,14 +21,14 @@ import triton.language as tl
 from ..projectors.base import Projector
 from . import reference
 from ._triton_common import LAUNCH, bf16_stochastic, device_of, store_rounded
-from .fira import ScaledResidual
+from .reference import ScaledResidual
 
 TILE_M, TILE_N = 32, 128  # 128 contiguous elements per row, 4096 per program
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
 def _update_kernel(W, BU, S, PHI, INV_K, M, N, s_wm, s_wn, s_bm, s_bn, s_sm, s_sn,
-                   step, scale, decay, seed,
+                   step, scale, res_step, decay, seed,
                    HAS_S: tl.constexpr, HAS_PHI: tl.constexpr, PHI_AXIS: tl.constexpr, HAS_INV_K: tl.constexpr,
                    STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
@@ -37,6 +37,7 @@ def _update_kernel(W, BU, S, PHI, INV_K, M, N, s_wm, s_wn, s_bm, s_bn, s_sm, s_s
     w_ptrs = W + rows[:, None] * s_wm + cols[None, :] * s_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = scale * tl.load(BU + rows[:, None] * s_bm + cols[None, :] * s_bn, mask=mask, other=0.0).to(tl.float32)
+    w = w - step * u
     if HAS_S:
         s = tl.load(S + rows[:, None] * s_sm + cols[None, :] * s_sn, mask=mask, other=0.0).to(tl.float32)
         if HAS_PHI:
@@ -46,8 +47,7 @@ def _update_kernel(W, BU, S, PHI, INV_K, M, N, s_wm, s_wn, s_bm, s_bn, s_sm, s_s
                 s = s * tl.load(PHI + cols, mask=cols < N, other=0.0)[None, :]
         if HAS_INV_K:
             s = s * tl.load(INV_K)
-        u = u + s
-    w = w - step * u
+        w = w - res_step * s
     w = w - decay * w
     if STOCHASTIC:
         w = bf16_stochastic(w, seed, rows[:, None] * N + cols[None, :])
@@ -85,9 +85,12 @@ def apply_update(
     lr: float,
     weight_decay: float,
     seed: int | None = None,
+    residual_step: float | None = None,
 ) -> None:
-    """``W -= step_size · (scale · B(U) + S)``, then ``W -= lr · wd · W``, in place (see the module doc)."""
+    """``W -= step_size · scale · B(U) + s_res · S``, then ``W -= lr · wd · W``, in place (see the module doc);
+    ``s_res`` is ``residual_step``, else ``step_size``."""
     decay = lr * weight_decay
+    s_res = step_size if residual_step is None else residual_step
     if seed is not None and W.dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding is defined for bfloat16 weights, not {W.dtype}")
     if seed is None and S is None and type(projector).add_up_ is Projector.add_up_:
@@ -97,7 +100,7 @@ def apply_update(
     W2 = _as_matrix(W)
     if W2 is None:  # a non-contiguous tensor of other than two dimensions: rare, let torch do it
         dense = S.materialize() if isinstance(S, ScaledResidual) else S
-        return reference.apply_update(W, projector, state, U, dense, step_size, scale, lr, weight_decay, seed)
+        return reference.apply_update(W, projector, state, U, dense, step_size, scale, lr, weight_decay, seed, s_res)
     BU = reference.back_project(projector, U, state, W.dtype).reshape(W2.shape)
     if not isinstance(S, ScaledResidual):
         S = None if S is None else ScaledResidual(S)
@@ -109,7 +112,7 @@ def apply_update(
             S.phi if S is not None and S.phi is not None else BU,
             S.inv_k if S is not None and S.inv_k is not None else BU,
             M, N, W2.stride(0), W2.stride(1), BU.stride(0), BU.stride(1), D.stride(0), D.stride(1),
-            float(step_size), float(scale), float(decay), 0 if seed is None else int(seed),
+            float(step_size), float(scale), float(s_res), float(decay), 0 if seed is None else int(seed),
             HAS_S=S is not None, HAS_PHI=S is not None and S.phi is not None, PHI_AXIS=S.axis if S is not None else 0,
             HAS_INV_K=S is not None and S.inv_k is not None, STOCHASTIC=seed is not None,
             BM=TILE_M, BN=TILE_N, **LAUNCH,

@@ -2,6 +2,6 @@
 
 from .base import ProjectedOptimizer
 from .groups import param_groups
-from .presets import FiraAdamW, GaLoreAdamW
+from .presets import FiraAdamW, FrugalAdamW, GaLoreAdamW
 
-__all__ = ["FiraAdamW", "GaLoreAdamW", "ProjectedOptimizer", "param_groups"]
+__all__ = ["FiraAdamW", "FrugalAdamW", "GaLoreAdamW", "ProjectedOptimizer", "param_groups"]

@@ -5,9 +5,10 @@ For each parameter with a gradient, one step is::
     P        = projector.refresh(G) when t % T == 0 (or no basis yet)     # svd | identity | ...
     R        = projector.down(G)                                            # r x n or m x r
     U, s     = inner.update(R, state)                                       # Adam | ...; s = step size
-    S        = residual.compute(G, R, U)                                    # Fira | none | ...
-    W       -= s · (scale · projector.up(U) + S)                            # ops.apply_update (one
-    W       -= decay_lr · weight_decay · W                                  # pass on GPU), full space
+    U, S     = residual.compute(G, R, U)                                    # Fira | FRUGAL | none
+    U, S     = limit growth of ‖scale · B(U) + S‖ (group option norm_growth_limit)
+    W       -= s · scale · projector.up(U) + s_res · S                      # s_res: s, or lr for FRUGAL;
+    W       -= decay_lr · weight_decay · W                                  # ops.apply_update, full space
 
 Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
 take the same path with the identity projector, ``scale`` 1 and no residual: exactly AdamW (for the Adam
@@ -32,7 +33,7 @@ from ..distributed.sharding import all_finite, is_dtensor, shard_plan
 from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
-from ..residual import NoResidual, Residual, get_residual
+from ..residual import NoResidual, Residual, get_residual, limit_update_growth, validate_norm_growth_limit
 from ..sampling.sampler import restore_sampler
 
 if TYPE_CHECKING:
@@ -91,6 +92,8 @@ class ProjectedOptimizer(Optimizer):
 
     DTensor parameters (FSDP2's ``fully_shard``) are stepped on each rank's rows; see
     :mod:`gradproj.distributed.sharding`.
+    * ``norm_growth_limit``: ``None`` (default) or γ >= 1 — limit every parameter's update norm to grow by
+      at most γ per step (Fira's limiter on the whole update; see :mod:`gradproj.residual.limiter`).
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -119,6 +122,7 @@ class ProjectedOptimizer(Optimizer):
             "moments_on_refresh": "keep",
             "stochastic_rounding": False,
             "compile": False,
+            "norm_growth_limit": None,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -179,6 +183,7 @@ class ProjectedOptimizer(Optimizer):
                 f"{where}: compile=True and stochastic_rounding=True cannot be combined (the compiled step rounds "
                 "to nearest); drop one of them"
             )
+        validate_norm_growth_limit(group, where)
 
         rank = group.get("rank")
         if rank is None:
@@ -324,9 +329,11 @@ class ProjectedOptimizer(Optimizer):
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
             return  # compile=True: the lines below ran as one compiled graph
         U, step_size = self._inner.update(R, state, group, ctx)
-        S = plan.residual.compute(G, R, U, proj, state, group, ctx)
-        with _matrix_view(p, plan.shape2d) as W:  # W -= s·(scale·B(U) + S); W -= decay_lr·wd·W
+        U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
+        U, S = limit_update_growth(U, S, proj, state, group, ctx)
+        with _matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
             ctx.ops.apply_update(W, proj, state, U, S, step_size, ctx.scale,
+                                 residual_step=plan.residual.step_size(group, step_size),
                                  lr=self._inner.decay_lr(group, state), weight_decay=group["weight_decay"],
                                  seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
 

@@ -4,8 +4,9 @@ What is compiled is the steady-state tail of :meth:`ProjectedOptimizer._update`,
 gradient R to the weight update::
 
     ψ = adam_update(R, m, v)                       # moments updated in place
-    S = residual.compute(G, R, ψ, ...)             # Fira's scaling and limiter, or nothing
-    W += projector.up(-step_size · scale · ψ) + (-step_size) · S
+    ψ, S = residual.compute(G, R, ψ, ...)          # Fira's scaling and limiter, FRUGAL's sign, or nothing
+    ψ, S = limit_update_growth(ψ, S, ...)           # the group's norm_growth_limit, if any
+    W += projector.up(-step_size · scale · ψ) + (-residual_step) · S
     W += (-decay_lr · weight_decay) · W
 
 with ``fullgraph=True``: no graph break can hide in it. What stays eager, by design: the basis refresh
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 
 from ..inner.base import StepContext
+from ..residual import limit_update_growth
+from ..residual.base import dense_term
 
 #: inner rules whose moment update the compiled tail knows
 COMPILABLE_INNER = ("adam",)
@@ -48,12 +51,14 @@ def validate(option: Any, inner_name: str, where: str) -> None:
         )
 
 
-def _tail(W, G, R, state, step_size, decay, projector, residual, group, ctx, beta1, beta2, eps, weight_decay):
+def _tail(W, G, R, state, step_size, residual_step, decay, projector, residual, group, ctx, beta1, beta2, eps,
+          weight_decay):
     U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps)
-    S = residual.compute(G, R, U, projector, state, group, ctx)
+    U, S = residual.compute(G, R, U, projector, state, group, ctx)
+    U, S = limit_update_growth(U, S, projector, state, group, ctx)
     projector.add_up_(W, U * (-step_size * ctx.scale), state, alpha=1.0)
     if S is not None:
-        W.add_((S * -step_size).to(W.dtype))
+        W.add_((dense_term(S) * -residual_step).to(W.dtype))
     if weight_decay != 0.0:
         W.add_(W * (-decay * weight_decay))
 
@@ -88,10 +93,12 @@ class CompiledTail:
             return False
         from .base import _matrix_view
 
-        step_size = _scalar(float(inner.step_size(group, state, ctx)), R.device)
+        s = float(inner.step_size(group, state, ctx))
+        step_size = _scalar(s, R.device)
+        residual_step = _scalar(float(plan.residual.step_size(group, s)), R.device)
         decay = _scalar(float(inner.decay_lr(group, state)), R.device)
         beta1, beta2 = group["betas"]
         with _matrix_view(p, plan.shape2d) as W:
-            self.fn(W, G, R, state, step_size, decay, plan.projector, plan.residual, group, ctx,
+            self.fn(W, G, R, state, step_size, residual_step, decay, plan.projector, plan.residual, group, ctx,
                     float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
         return True

@@ -62,3 +62,35 @@ class FiraAdamW(GaLoreAdamW):
     """
 
     default_residual = "fira"
+
+
+class FrugalAdamW(GaLoreAdamW):
+    r"""FRUGAL (arXiv 2411.07837): Adam in the subspace, state-free signSGD on everything outside it.
+
+    ::
+
+        R = project(G);  U = m / (√v + eps)                       (Adam on R, as in GaLore)
+        W -= lr · √(1-β2^t)/(1-β1^t) · scale · B(U)  +  lr · sign(G − B(R));   W -= lr · wd · W
+
+    The sign step uses the plain ``lr`` (no bias correction) and no state, so the optimizer state is the
+    same as GaLore's at the same rank while every update is full-rank. The subspace density ρ of the paper
+    is ``rank / min(m, n)`` (ρ = 0.25: ``rank = hidden / 4`` for LLaMA's matrices). FRUGAL resets the
+    Adam state whenever the subspace changes, so ``moments_on_refresh`` defaults to ``"reset"`` here.
+    FRUGAL applies no extra scale to the Adam part: use ``scale=1.0`` and an AdamW-sized ``lr``
+    (FRUGAL's recipe: the AdamW baseline's lr, e.g. 1e-3). Every option of :class:`GaLoreAdamW` applies;
+    the same rule is available to any optimizer as the group key ``residual="frugal"``.
+    """
+
+    default_residual = "frugal"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ):
+        options.setdefault("moments_on_refresh", "reset")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)

@@ -57,6 +57,11 @@ class Projector:
     refreshes: ClassVar[bool] = True
     #: extra group keys this projector reads, with their defaults (accepted as optimizer options too)
     defaults: ClassVar[dict] = {}
+    #: True when ``up`` is an isometry whose adjoint is ``down`` (an orthonormal basis with R = down(G)):
+    #: then ‖B(X)‖ = ‖X‖ and ⟨B(X), G⟩ = ⟨X, down(G)⟩ row by row (right) or column by column (left), which
+    #: lets residual rules and the norm-growth limiter skip materialising full-size tensors. Leave False
+    #: for bases that are not orthonormal (a Gaussian random projection); the exact slower path then runs.
+    orthonormal: ClassVar[bool] = False
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
@@ -158,6 +163,7 @@ class IdentityProjector(Projector):
 
     name = "identity"
     refreshes = False
+    orthonormal = True
 
     def __init__(self, shape: tuple[int, int], rank: int, proj_type: str, group: dict):
         self.m, self.n = shape

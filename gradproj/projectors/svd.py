@@ -30,6 +30,7 @@ class SVDProjector(Projector):
     parameter dtype. Refreshed when ``t % update_proj_gap == 0`` (t before its increment)."""
 
     name = "svd"
+    orthonormal = True
     #: FSDP only: refresh a right projection from the all-reduced Gram matrix ("gram") or the gathered
     #: gradient ("gather": the projector's own basis of the whole gradient); see gradproj.distributed.sharding
     defaults = {"sharded_refresh": "gram"}

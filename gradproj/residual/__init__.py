@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from .base import NoResidual, Residual
+from .base import NoResidual, Residual, ResidualTerm
 from .fira import LIMITER_NORM, FiraResidual
+from .frugal import FrugalResidual
+from .limiter import NORM_GROWTH_KEY, UPDATE_NORM, limit_update_growth, validate_norm_growth_limit
 
 RESIDUALS: dict[str, type[Residual]] = {}
 
@@ -22,5 +24,20 @@ def get_residual(name: str) -> type[Residual]:
 
 register_residual(NoResidual)
 register_residual(FiraResidual)
+register_residual(FrugalResidual)
 
-__all__ = ["LIMITER_NORM", "RESIDUALS", "FiraResidual", "NoResidual", "Residual", "get_residual", "register_residual"]
+__all__ = [
+    "LIMITER_NORM",
+    "NORM_GROWTH_KEY",
+    "RESIDUALS",
+    "UPDATE_NORM",
+    "FiraResidual",
+    "FrugalResidual",
+    "NoResidual",
+    "Residual",
+    "ResidualTerm",
+    "get_residual",
+    "limit_update_growth",
+    "register_residual",
+    "validate_norm_growth_limit",
+]

@@ -1,20 +1,36 @@
 """The residual interface: what to do with the part of the gradient the subspace throws away.
 
-A residual rule returns a full-size tensor S that the outer step adds to the back-projected inner update
-before multiplying by the step size (``W -= step_size · (scale · B(U) + S)``), or ``None`` for nothing.
-It only runs for projected matrices; unprojected parameters have no discarded part. A rule built from
-``ctx.ops`` functions may return what those give (the Triton module keeps Fira's S factored); the outer
-step hands it to the same module's ``apply_update``.
+For a projected matrix the outer step applies::
+
+    W -= s · scale · B(U)  +  s_res · S
+
+where U and s are the inner rule's direction and step size. A residual rule's :meth:`Residual.compute`
+returns ``(U, S)``: it may rewrite the low-rank U (to fold a term of the form B(X) into the one
+back-projection GEMM the step already does) and returns the full-size term S, or ``None`` for nothing.
+S is either a tensor of G's shape or a :class:`~gradproj.kernels.reference.ScaledResidual` (``D ⊙ φ / k``
+kept factored, never materialised by the fused paths). :meth:`Residual.step_size` gives s_res: the
+inner rule's s by default (Fira), the group's lr for a rule with its own step (FRUGAL's signSGD).
+The outer step hands U, S and both step sizes to the kernels module's ``apply_update``. Residual rules
+only run for projected matrices.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Union
 
 import torch
 
 from ..inner.base import StepContext
+from ..kernels.reference import ScaledResidual
 from ..projectors.base import Projector
+
+#: what a residual rule may return as its full-size term
+ResidualTerm = Union[torch.Tensor, ScaledResidual]
+
+
+def dense_term(S: ResidualTerm) -> torch.Tensor:
+    """S as a new full-size tensor (a copy: the caller may modify it)."""
+    return S.materialize() if isinstance(S, ScaledResidual) else S.clone()
 
 
 class Residual:
@@ -34,8 +50,17 @@ class Residual:
         state: dict,
         group: dict,
         ctx: StepContext,
-    ) -> torch.Tensor | None:
+    ) -> tuple[torch.Tensor, ResidualTerm | None]:
+        """Return ``(U, S)``: the (possibly rewritten) low-rank direction and the full-size term or ``None``.
+
+        A rule owns the S it returns (a fresh tensor the caller may scale in place); it must not modify
+        the U it was given in place (an inner rule may hand out a view of its state), only return a new one.
+        """
         raise NotImplementedError
+
+    def step_size(self, group: dict, inner_step_size: float) -> float:
+        """The step size S is multiplied with: the inner rule's by default."""
+        return inner_step_size
 
 
 class NoResidual(Residual):
@@ -44,4 +69,4 @@ class NoResidual(Residual):
     name = "none"
 
     def compute(self, G, R, U, projector, state, group, ctx):
-        return None
+        return U, None
