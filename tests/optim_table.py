@@ -27,6 +27,13 @@ OPTIMIZERS = [
     OptSpec("galore_adamw_full", gradproj.GaLoreAdamW, group={"proj_type": "full"}),
     OptSpec("galore_adamw_wd", gradproj.GaLoreAdamW, kwargs={"weight_decay": 0.1}),
     OptSpec("fira_adamw", gradproj.FiraAdamW),
+    OptSpec("galore_rsvd", gradproj.GaLoreAdamW, group={"projector": "randomized_svd"}),
+    OptSpec("galore_eigh", gradproj.GaLoreAdamW, group={"projector": "eigh"}),
+    OptSpec("galore_dct", gradproj.GaLoreAdamW, group={"projector": "dct"}),
+    OptSpec("galore_random_project", gradproj.GaLoreAdamW, group={"projector": "random", "moments_on_refresh": "project"}),
+    OptSpec("galore_golore", gradproj.GaLoreAdamW,  # switches to random bases at step 9: after the checkpoint at 7
+            group={"projector": "golore", "golore_switch_step": 9, "random_kind": "orthonormal"}),
+    OptSpec("fira_dct_project", gradproj.FiraAdamW, group={"projector": "dct", "moments_on_refresh": "project"}),
 ]
 
 
