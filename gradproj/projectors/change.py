@@ -30,10 +30,16 @@ def snapshot_basis(state: dict, keys: tuple[str, ...]) -> dict:
     return {k: (state[k].clone() if isinstance(state[k], torch.Tensor) else state[k]) for k in keys if k in state}
 
 
+def _compute(new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both bases on ``new``'s device in float32, or float64 if either is float64."""
+    dtype = torch.promote_types(torch.promote_types(new.dtype, old.dtype), torch.float32)
+    return new.to(dtype), old.to(new.device, dtype)
+
+
 @dataclass
 class BasisChange:
     """Coordinate maps of a refresh: ``left`` (r x r, acts on the rows of X) and / or ``right`` (r x r, acts
-    on the columns of X), float32. ``None`` for a side that is not projected."""
+    on the columns of X), float32 (float64 for float64 bases). ``None`` for a side that is not projected."""
 
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
@@ -43,9 +49,11 @@ class BasisChange:
         """From dense bases as :meth:`Projector.basis_matrices` returns them."""
         left = right = None
         if "left" in new:
-            left = new["left"].float().t() @ old["left"].float().to(new["left"].device)
+            P, Q = _compute(new["left"], old["left"])
+            left = P.t() @ Q
         if "right" in new:
-            right = new["right"].float() @ old["right"].float().to(new["right"].device).t()
+            P, Q = _compute(new["right"], old["right"])
+            right = P @ Q.t()
         return cls(left, right)
 
     @classmethod
@@ -59,18 +67,19 @@ class BasisChange:
         return cls(maps.get("left"), maps.get("right"))
 
     def _apply(self, X: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
-        Y = X.float()
+        dtype = torch.promote_types(X.dtype, torch.float32)
+        Y = X.to(dtype)
         if left is not None:
-            Y = left.to(Y.device) @ Y
+            Y = left.to(Y.device, dtype) @ Y
         if right is not None:
-            Y = Y @ right.to(Y.device).t()
+            Y = Y @ right.to(Y.device, dtype).t()
         return Y
 
     def linear(self, X: torch.Tensor) -> torch.Tensor:
-        """A first moment (or anything linear in R) in the new coordinates, float32."""
+        """A first moment (or anything linear in R) in the new coordinates (float32 or wider)."""
         return self._apply(X, self.left, self.right)
 
     def second_moment(self, V: torch.Tensor) -> torch.Tensor:
-        """An elementwise second moment in the new coordinates: (T∘T) V, float32 (see the module docstring)."""
+        """An elementwise second moment in the new coordinates: (T∘T) V (see the module docstring)."""
         sq = lambda T: None if T is None else T * T  # noqa: E731
         return self._apply(V, sq(self.left), sq(self.right))
