@@ -201,6 +201,21 @@ def test_gaussian_random_basis_has_unit_columns_in_expectation():
     assert abs(norms.mean().item() - 1.0) < 0.02 and (P @ P.T - torch.diag(norms)).abs().max() < 0.15
 
 
+@pytest.mark.parametrize("kind", ["zero", "rank one"])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+@pytest.mark.parametrize("name", ["eigh", "randomized_svd", "dct", "random"])
+def test_rank_deficient_gradients_give_finite_orthonormal_bases(name, proj_type, kind):
+    """A zero or rank-one gradient (rank < r + oversampling) must not produce NaN or a degenerate basis."""
+    g = torch.Generator().manual_seed(0)
+    G = torch.zeros(12, 7) if kind == "zero" else torch.outer(torch.randn(12, generator=g), torch.randn(7, generator=g))
+    extra = {"random_kind": "orthonormal"} if name == "random" else {}
+    proj, state = refresh(name, G, 4, proj_type, **extra)
+    assert torch.isfinite(proj.down(G, state)).all()
+    for P in proj.basis_matrices(state).values():
+        Q = P if P.shape[0] > P.shape[1] else P.T
+        torch.testing.assert_close(Q.T @ Q, torch.eye(4), rtol=0, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------- DCT
 @pytest.mark.parametrize("d", [1, 2, 3, 8, 67, 131])
 def test_dct_matrix_is_orthonormal_and_fft_matches_it(d):
