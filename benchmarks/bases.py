@@ -265,7 +265,7 @@ def stress_part(args):
 
 
 # ---------------------------------------------------------------------------------- part: training
-TRAIN_CONFIGS = [
+TRAIN_CONFIGS = [  # GaLoreAdamW, rank 32, lr 1e-2, scale 0.25 (the settings of examples/pretrain_llama.py)
     ("svd", {"projector": "svd"}),
     ("eigh", {"projector": "eigh"}),
     ("randomized_svd", {"projector": "randomized_svd"}),
@@ -280,21 +280,19 @@ TRAIN_CONFIGS = [
 
 
 def training_part(args, data):
+    """Every configuration trains the same model from the same init on the same batches, once per seed."""
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
     val = list(batches(val_data, 4, args.batch, args.seq, 1234, args.device))
     rows, curves = [], {}
-    configs = [("adamw (full rank, reference)", None)] + TRAIN_CONFIGS
-    for label, group in tqdm(configs, desc="training", leave=False):
-        model = make_llama(128, 352, 4, 4, args.seed, args.device)
-        if group is None:
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        else:
-            extra = {"total_steps": args.steps} if group["projector"] == "golore" else {}
-            groups = gradproj.param_groups(model, rank=32, update_proj_gap=args.gap, scale=0.25, **group, **extra)
-            opt = gradproj.GaLoreAdamW(groups, lr=1e-2)
+    runs = [(label, group, seed) for seed in args.train_seeds for label, group in TRAIN_CONFIGS]
+    for label, group, seed in tqdm(runs, desc="training", leave=False):
+        model = make_llama(128, 352, 4, 4, seed, args.device)
+        extra = {"total_steps": args.steps} if group["projector"] == "golore" else {}
+        groups = gradproj.param_groups(model, rank=32, update_proj_gap=args.gap, scale=0.25, **group, **extra)
+        opt = gradproj.GaLoreAdamW(groups, lr=1e-2)
         losses, t0 = [], time.perf_counter()
-        for x in batches(train_data, args.steps, args.batch, args.seq, args.seed, args.device):
+        for x in batches(train_data, args.steps, args.batch, args.seq, seed, args.device):
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad()
             loss.backward()
@@ -304,9 +302,10 @@ def training_part(args, data):
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             val_loss = sum(model(input_ids=x, labels=x).loss.item() for x in val) / len(val)
-        curves[label] = losses
-        rows.append({"config": label, "train_loss_last10": sum(losses[-10:]) / 10, "val_loss": val_loss,
-                     "seconds": seconds})
+        if seed == args.train_seeds[0]:
+            curves[label] = losses
+        rows.append({"config": label, "seed": seed, "train_loss_last10": sum(losses[-10:]) / 10,
+                     "val_loss": val_loss, "seconds": seconds})
     return rows, curves
 
 
@@ -316,14 +315,20 @@ def plot_curves(curves, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    colors = plt.get_cmap("tab10").colors
+    base_color = {}
     for label, losses in curves.items():
+        basis = label.split(",")[0].split(" ")[0]
+        color = base_color.setdefault(basis, colors[len(base_color) % len(colors)])
+        style = "--" if "project" in label else (":" if "reset" in label else "-")
         w = 10
         smooth = [sum(losses[max(0, i - w + 1) : i + 1]) / len(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
-        ax.plot(smooth, label=label, lw=1.2)
+        ax.plot(smooth, label=label, lw=1.3, color=color, linestyle=style)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean of 10 steps)")
-    ax.set_title("Small LLaMA on the Python stdlib, GaLoreAdamW rank 32 with each basis")
+    ax.set_title("Small LLaMA on the Python stdlib, GaLoreAdamW rank 32 with each basis\n"
+                 "(dashed: moments projected at a refresh, dotted: reset)", fontsize=10)
     ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -351,6 +356,7 @@ def main():
     ap.add_argument("--rec-ranks", nargs="+", type=int, default=[8, 64],
                     help="ranks of the energy part (default 1/32 and 1/4 of the hidden size)")
     ap.add_argument("--steps", type=int, default=150, help="training steps per configuration")
+    ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--gap", type=int, default=25, help="update_proj_gap in the training part")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -417,10 +423,16 @@ def main():
         rows, curves = training_part(args, data)
         results["training"] = rows
         results["curves"] = curves
-        print(f"### Training quality: {args.steps} steps, batch {args.batch}x{args.seq}, rank 32, T = {args.gap}\n")
-        print("| configuration | train loss (last 10) | held-out loss | seconds |\n|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['config']} | {r['train_loss_last10']:.3f} | {r['val_loss']:.3f} | {r['seconds']:.0f} |")
+        print(f"### Training quality: {args.steps} steps, batch {args.batch}x{args.seq}, rank 32, T = {args.gap}, "
+              f"seeds {args.train_seeds}\n")
+        print("| configuration | held-out loss: mean | per seed | train loss (last 10), mean | seconds, mean |")
+        print("|---|---|---|---|---|")
+        for label, _ in TRAIN_CONFIGS:
+            rs = [r for r in rows if r["config"] == label]
+            mean = lambda k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+            per_seed = " / ".join(f"{r['val_loss']:.3f}" for r in rs)
+            print(f"| {label} | {mean('val_loss'):.3f} | {per_seed} "
+                  f"| {mean('train_loss_last10'):.3f} | {mean('seconds'):.0f} |")
         if args.plot:
             plot_curves(curves, args.plot)
             print(f"\ncurves: {args.plot}")
