@@ -102,12 +102,14 @@ class RandomizedSVDProjector(Projector):
         g = self.group
         seed = seeding.parameter_seed(state, g, self.param_index)
         warm = bool(g.get("rsvd_warm_start", True)) and self.has_basis(state)
-        # orient G so that the basis we keep is its right singular vectors (free from the iteration)
+        # orient G so that the basis we keep is its right singular vectors (free from the iteration); a warm
+        # start is the previous basis of that side as columns
         A = G.t() if self.side == "left" else G
         start = None
-        if warm:
-            prev = state["proj"] if self.side == "left" else (state["proj"].t() if self.side == "right" else state["proj_right"].t())
-            start = prev
+        if warm and self.side == "left":
+            start = state["proj"]  # m x r
+        elif warm:
+            start = (state["proj"] if self.side == "right" else state["proj_right"]).t()  # n x r
         try:
             U, Vh = randomized_svd(
                 A, self.rank,
