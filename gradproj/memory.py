@@ -11,6 +11,9 @@ PARTS = {
     "proj": "basis",
     "proj_left": "basis",
     "proj_right": "basis",
+    "proj_idx": "basis",
+    "proj_idx_left": "basis",
+    "proj_idx_right": "basis",
     "exp_avg": "moments",
     "exp_avg_sq": "moments",
 }

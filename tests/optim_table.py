@@ -36,6 +36,13 @@ OPTIMIZERS = [
         [m.emb, m.fc1], n_active=1, interval=3, probs=[1.0, 3.0])),
     OptSpec("frugal_adamw", gradproj.FrugalAdamW),
     OptSpec("galore_adamw_limited", gradproj.GaLoreAdamW, kwargs={"norm_growth_limit": 1.01}),
+    OptSpec("galore_rsvd", gradproj.GaLoreAdamW, group={"projector": "randomized_svd"}),
+    OptSpec("galore_eigh", gradproj.GaLoreAdamW, group={"projector": "eigh"}),
+    OptSpec("galore_dct", gradproj.GaLoreAdamW, group={"projector": "dct"}),
+    OptSpec("galore_random_project", gradproj.GaLoreAdamW, group={"projector": "random", "moments_on_refresh": "project"}),
+    OptSpec("galore_golore", gradproj.GaLoreAdamW,  # switches to random bases at step 9: after the checkpoint at 7
+            group={"projector": "golore", "golore_switch_step": 9, "random_kind": "orthonormal"}),
+    OptSpec("fira_dct_project", gradproj.FiraAdamW, group={"projector": "dct", "moments_on_refresh": "project"}),
 ]
 
 

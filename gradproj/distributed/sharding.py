@@ -272,6 +272,26 @@ class ShardedProjector(Projector):
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.rows.group)
         return bool(flag.item())
 
+    # --------------------------------------------------------------------------------- change of basis
+    @property
+    def basis_keys(self) -> tuple[str, ...]:
+        return self.base.basis_keys
+
+    def basis_matrices(self, state: dict) -> dict[str, torch.Tensor]:
+        return self.base.basis_matrices(state)
+
+    def basis_change(self, state: dict):
+        """The wrapped projector's change of basis; row-sharded bases are gathered whole first."""
+        if self.side == "right" or not self.rows.sharded:
+            self.base.previous = self.previous
+            return self.base.basis_change(state)
+
+        def whole(st: dict) -> dict:
+            return {k: (self.rows.all_gather_rows(v) if k in ROW_BASIS_KEYS else v) for k, v in st.items()}
+
+        self.base.previous = whole(self.previous)
+        return self.base.basis_change(whole(state))
+
     def uses_gram(self) -> bool:
         return self.method == "gram" and type(self.base) is SVDProjector and self.side == "right"
 

@@ -28,6 +28,7 @@ class Adam(InnerRule):
     defaults = {"betas": (0.9, 0.999), "eps": 1e-6}
     state_keys = ("exp_avg", "exp_avg_sq")
     shardable = ("rows", "cols")  # elementwise
+    state_transforms = {"exp_avg": "linear", "exp_avg_sq": "second_moment"}
 
     def validate_group(self, group, where):
         check_betas_eps(group, where)

@@ -59,6 +59,24 @@ class InnerRule:
             state.pop(key, None)
         state["inner_start"] = step
 
+    #: how each state tensor changes basis under ``moments_on_refresh="project"``: ``"linear"`` (a first
+    #: moment, M -> T M) or ``"second_moment"`` (an elementwise mean of squares, V -> (T∘T) V); see
+    #: gradproj.projectors.change. ``None``: the rule cannot project its state (the option is rejected).
+    state_transforms: ClassVar[dict[str, str] | None] = None
+
+    def project_state(self, state: dict, change: Any) -> None:
+        """Map the rule's state into the new basis after a refresh (``change``: a
+        :class:`gradproj.projectors.BasisChange`), in place, keeping each tensor's dtype."""
+        for key, kind in (self.state_transforms or {}).items():
+            value = state.get(key)
+            if value is None:
+                continue
+            new = change.linear(value) if kind == "linear" else change.second_moment(value)
+            if new.shape == value.shape:
+                value.copy_(new)
+            else:
+                state[key] = new.to(value.dtype)
+
     def decay_lr(self, group: dict, state: dict) -> float:
         """The learning rate decoupled weight decay is multiplied with (the group's lr by default)."""
         return group["lr"]

@@ -44,7 +44,7 @@ log = logging.getLogger("gradproj")
 #: keys a param group may carry to select and configure the projection (beyond the inner rule's)
 PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "alpha", "proj_type", "projector", "residual")
 #: what happens to the inner rule's state when a refresh replaces the basis
-MOMENT_RULES = ("keep", "reset")
+MOMENT_RULES = ("keep", "reset", "project")
 STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in STATE_DTYPES.items() if k is not None}
 
@@ -134,6 +134,7 @@ class ProjectedOptimizer(Optimizer):
             )
         defaults.update(options)
         self._warned: set[int] = set()
+        self._param_index: dict[int, int] = {}  # id(p) -> position among all parameters (seeds random bases)
         super().__init__(params, defaults)
         self.sampler = sampler
         if sampler is not None:
@@ -161,6 +162,8 @@ class ProjectedOptimizer(Optimizer):
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+        for p in group["params"]:
+            self._param_index.setdefault(id(p), len(self._param_index))
 
     def _validate_group(self, group: dict, index: int) -> None:
         """Check a group's options; cheap enough to run before every step (no per-parameter work)."""
@@ -218,6 +221,11 @@ class ProjectedOptimizer(Optimizer):
             raise ValueError(
                 f"{where}: moments_on_refresh = {group['moments_on_refresh']!r}; use one of {', '.join(MOMENT_RULES)}"
             )
+        if group["moments_on_refresh"] == "project" and self._inner.state_transforms is None:
+            raise ValueError(
+                f"{where}: moments_on_refresh='project' is not available for the {self._inner.name!r} inner rule "
+                "(it does not say how its state changes basis); use 'keep' or 'reset'"
+            )
         if group["proj_type"] not in PROJ_TYPES:
             raise ValueError(f"{where}: proj_type = {group['proj_type']!r}; use one of {', '.join(PROJ_TYPES)}")
         try:
@@ -249,6 +257,7 @@ class ProjectedOptimizer(Optimizer):
                 )
             return _Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops)
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
+        projector.param_index = self._param_index.get(id(p), 0)
         return _Plan((m, n), projector, get_residual(group["residual"])(), self._scale(group), ops)
 
     # ------------------------------------------------------------------------------------------ step
@@ -323,7 +332,7 @@ class ProjectedOptimizer(Optimizer):
         proj = plan.projector
         G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
         if proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
-            self._on_basis_change(state, group, step)
+            self._on_basis_change(state, group, step, proj)
         R = proj.down(G, state)
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
@@ -337,14 +346,17 @@ class ProjectedOptimizer(Optimizer):
                                  lr=self._inner.decay_lr(group, state), weight_decay=group["weight_decay"],
                                  seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
 
-    def _on_basis_change(self, state: dict, group: dict, step: int) -> None:
+    def _on_basis_change(self, state: dict, group: dict, step: int, proj: Projector) -> None:
         """Apply the group's ``moments_on_refresh`` rule after a refresh replaced an existing basis.
 
         ``"keep"`` (the reference behaviour) carries the moments over unchanged; ``"reset"`` drops them,
-        so the inner rule starts afresh (with its own bias correction) in the new subspace.
+        so the inner rule starts afresh (with its own bias correction) in the new subspace; ``"project"``
+        maps them into the new basis (:mod:`gradproj.projectors.change`).
         """
         if group["moments_on_refresh"] == "reset":
             self._inner.reset_state(state, step)
+        elif group["moments_on_refresh"] == "project":
+            self._inner.project_state(state, proj.basis_change(state))
 
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

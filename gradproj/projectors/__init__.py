@@ -6,6 +6,12 @@ Register a new basis with :func:`register_projector`; the optimizer looks it up 
 from __future__ import annotations
 
 from .base import PROJ_TYPES, IdentityProjector, NonFiniteGradientError, Projector, choose_side
+from .change import BasisChange
+from .dct import DCTProjector, dct_fft, dct_matrix
+from .eigh import EighProjector, gram_bases
+from .golore import GoLoreProjector
+from .random_basis import RandomProjector
+from .randomized_svd import RandomizedSVDProjector, randomized_svd
 from .svd import SVDProjector
 
 PROJECTORS: dict[str, type[Projector]] = {}
@@ -30,15 +36,27 @@ def get_projector(name: str) -> type[Projector]:
 
 register_projector(SVDProjector)
 register_projector(IdentityProjector)
+for _cls in (RandomizedSVDProjector, EighProjector, DCTProjector, RandomProjector, GoLoreProjector):
+    register_projector(_cls)
 
 __all__ = [
     "PROJECTORS",
     "PROJ_TYPES",
+    "BasisChange",
+    "DCTProjector",
+    "EighProjector",
+    "GoLoreProjector",
     "IdentityProjector",
     "NonFiniteGradientError",
     "Projector",
+    "RandomProjector",
+    "RandomizedSVDProjector",
     "SVDProjector",
     "choose_side",
+    "dct_fft",
+    "dct_matrix",
     "get_projector",
+    "gram_bases",
+    "randomized_svd",
     "register_projector",
 ]

@@ -20,6 +20,8 @@ from typing import ClassVar
 
 import torch
 
+from .change import BasisChange, snapshot_basis
+
 log = logging.getLogger("gradproj")
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -62,6 +64,12 @@ class Projector:
     #: lets residual rules and the norm-growth limiter skip materialising full-size tensors. Leave False
     #: for bases that are not orthonormal (a Gaussian random projection); the exact slower path then runs.
     orthonormal: ClassVar[bool] = False
+    #: the state keys that hold the basis (snapshotted before a refresh for ``moments_on_refresh="project"``)
+    basis_keys: ClassVar[tuple[str, ...]] = ("proj", "proj_left", "proj_right")
+    #: the parameter's position among the optimizer's parameters (set by the optimizer; seeds random bases)
+    param_index: int = 0
+    #: the basis state before the last refresh; kept only when ``moments_on_refresh="project"``
+    previous: dict | None = None
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
@@ -110,6 +118,8 @@ class Projector:
                 f"(step {step}); no previous basis exists to fall back on. Check the loss scale / data, "
                 "or clip gradients before optimizer.step()."
             )
+        if self.group.get("moments_on_refresh") == "project" and self.has_basis(state):
+            self.previous = snapshot_basis(state, self.basis_keys)
         bases = self.compute_basis(G, state, step)
         if bases is None:  # the projector chose to keep the previous basis
             return False
@@ -127,6 +137,26 @@ class Projector:
     def all_finite(self, G: torch.Tensor) -> bool:
         """Whether ``G`` has no NaN/Inf (a sharded projector answers for the whole matrix, on every rank)."""
         return bool(torch.isfinite(G).all())
+
+    # -------------------------------------------------------------------------------- change of basis
+    def basis_matrices(self, state: dict) -> dict[str, torch.Tensor]:
+        """The dense orthonormal basis of each projected side, for a state (or a snapshot of one).
+
+        ``{"left": P}`` with P m x r for a left projection, ``{"right": P}`` with P r x n for a right one,
+        both for ``full``. Projectors that store something else than the dense basis (DCT indices, a
+        seed) override this to rebuild it.
+        """
+        if self.side == "full":
+            return {"left": state["proj_left"], "right": state["proj_right"]}
+        return {self.side: state["proj"]}
+
+    def basis_change(self, state: dict) -> BasisChange:
+        """The change of coordinates from the basis before the last refresh (``self.previous``) to the current
+        one: c_new = T c_old, with T = P_newᵀ P_old for a left basis and P_new P_oldᵀ for a right basis."""
+        if self.previous is None:
+            raise RuntimeError("basis_change() needs the basis before the refresh; it is kept only when "
+                               "moments_on_refresh='project'")
+        return BasisChange.between(self.basis_matrices(self.previous), self.basis_matrices(state))
 
     # ------------------------------------------------------------------------------------ projections
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""GoLore-style switch: an exact (SVD-family) basis for the first part of training, random bases after.
+
+GoLore (gradient random low-rank projection) observes that late in training, when gradients are dominated
+by noise, the SVD subspace stops being informative and a random subspace converges better; its recipe
+switches from SVD to random after 80 % of training.
+"""
+
+from __future__ import annotations
+
+from . import seeding
+from .base import Projector
+from .eigh import EighProjector
+from .random_basis import DRAW_KEY, RandomProjector
+from .randomized_svd import RandomizedSVDProjector
+from .svd import SVDProjector
+
+_BEFORE = {"svd": SVDProjector, "randomized_svd": RandomizedSVDProjector, "eigh": EighProjector}
+
+
+def switch_step(group: dict) -> int:
+    """The step count at which the basis becomes random: ``golore_switch_step``, or
+    ``int(golore_switch_fraction · total_steps)``."""
+    if group.get("golore_switch_step") is not None:
+        return int(group["golore_switch_step"])
+    return int(float(group.get("golore_switch_fraction", 0.8)) * int(group["total_steps"]))
+
+
+class GoLoreProjector(Projector):
+    """``golore_before`` (``svd`` default, ``randomized_svd`` or ``eigh``) until the parameter's step count
+    reaches the switch step, a random basis (``random_kind``, ``proj_seed``) from then on.
+
+    The switch step is ``golore_switch_step`` when given, else ``golore_switch_fraction`` (0.8, GoLore's)
+    of ``total_steps`` (the number of optimizer steps the run will take; required then). The switch is a
+    refresh at exactly that step, so ``moments_on_refresh`` applies to it; after it, random bases are
+    redrawn every ``update_proj_gap`` steps as usual. The float basis is dropped from the state at the
+    switch.
+    """
+
+    name = "golore"
+    defaults = {
+        "golore_switch_step": None,
+        "golore_switch_fraction": 0.8,
+        "total_steps": None,
+        "golore_before": "svd",
+        **RandomProjector.defaults,
+    }
+    basis_keys = Projector.basis_keys + RandomProjector.basis_keys
+
+    @classmethod
+    def validate_group(cls, group, where):
+        before = group.get("golore_before", "svd")
+        if before not in _BEFORE:
+            raise ValueError(f"{where}: golore_before = {before!r}; use one of {', '.join(_BEFORE)}")
+        step, total = group.get("golore_switch_step"), group.get("total_steps")
+        if step is None and total is None:
+            raise ValueError(
+                f"{where}: projector='golore' needs the switch point: set golore_switch_step (a step count), or "
+                "total_steps (with golore_switch_fraction, default 0.8)"
+            )
+        for key, value in (("golore_switch_step", step), ("total_steps", total)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{where}: {key} = {value!r} must be a non-negative integer")
+        fraction = group.get("golore_switch_fraction", 0.8)
+        if not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError(f"{where}: golore_switch_fraction = {fraction!r} must be in [0, 1]")
+        _BEFORE[before].validate_group(group, where)
+        RandomProjector.validate_group(group, where)
+
+    def __init__(self, shape, rank, proj_type, group):
+        super().__init__(shape, rank, proj_type, group)
+        self.before = _BEFORE[group.get("golore_before", "svd")](shape, rank, proj_type, group)
+        self.after = RandomProjector(shape, rank, proj_type, group)
+        self.switch = switch_step(group)
+
+    def _phase(self, state: dict) -> Projector:
+        return self.after if DRAW_KEY in state else self.before
+
+    def has_basis(self, state):
+        return self.before.has_basis(state) or self.after.has_basis(state)
+
+    def needs_refresh(self, state, step):
+        switching = step >= self.switch and DRAW_KEY not in state
+        return switching or super().needs_refresh(state, step)
+
+    def compute_basis(self, G, state, step):
+        if step < self.switch:
+            self.before.param_index = self.param_index
+            return self.before.compute_basis(G, state, step)
+        for key in Projector.basis_keys:  # the float basis of the first phase is dropped
+            state.pop(key, None)
+        self.after.param_index = self.param_index
+        seeding.parameter_seed(state, self.group, self.param_index)
+        return self.after.compute_basis(G, state, step)
+
+    def basis_matrices(self, state):
+        return (self.after if DRAW_KEY in state else self.before).basis_matrices(state)
+
+    def down(self, G, state):
+        return self._phase(state).down(G, state)
+
+    def up(self, X, state):
+        return self._phase(state).up(X, state)
+
+    def add_up_(self, W, X, state, alpha):
+        self._phase(state).add_up_(W, X, state, alpha)
