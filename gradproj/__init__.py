@@ -3,7 +3,7 @@
 import logging
 
 from .memory import optimizer_state_bytes
-from .optimizers import FiraAdamW, GaLoreAdamW, ProjectedOptimizer, param_groups
+from .optimizers import FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, ProjectedOptimizer, param_groups
 from .projectors import register_projector
 
 logging.getLogger("gradproj").addHandler(logging.NullHandler())
@@ -12,7 +12,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FiraAdamW",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "ProjectedOptimizer",
     "__version__",
     "optimizer_state_bytes",

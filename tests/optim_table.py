@@ -27,6 +27,8 @@ OPTIMIZERS = [
     OptSpec("galore_adamw_full", gradproj.GaLoreAdamW, group={"proj_type": "full"}),
     OptSpec("galore_adamw_wd", gradproj.GaLoreAdamW, kwargs={"weight_decay": 0.1}),
     OptSpec("fira_adamw", gradproj.FiraAdamW),
+    OptSpec("galore_adamw8bit", gradproj.GaLoreAdamW8bit, kwargs={"min_8bit_size": 200}),  # emb/head 8-bit, fc fp32
+    OptSpec("galore_adafactor", gradproj.GaLoreAdafactor, kwargs={"relative_step": False}),
 ]
 
 

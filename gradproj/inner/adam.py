@@ -37,6 +37,11 @@ class Adam(InnerRule):
             state["exp_avg_sq"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
         beta1, beta2 = group["betas"]
         U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
-        t = ctx.step - state.get("inner_start", 0)  # steps since the moments were (re)started
-        step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-        return U, step_size
+        return U, self.step_size(state, group, ctx)
+
+    @staticmethod
+    def step_size(state: dict, group: dict, ctx: StepContext) -> float:
+        """lr · √(1−β2^t)/(1−β1^t), t counted since the moments were (re)started."""
+        beta1, beta2 = group["betas"]
+        t = ctx.step - state.get("inner_start", 0)
+        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)

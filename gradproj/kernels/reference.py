@@ -75,3 +75,16 @@ def apply_weight_decay_(W: torch.Tensor, lr: float, weight_decay: float) -> None
     """Decoupled weight decay in full space, after the update: W -= lr · wd · W (the reference's form)."""
     if weight_decay != 0.0:
         W.add_(W, alpha=-lr * weight_decay)
+
+
+def clip_by_norm(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """``g · min(1, max_norm / (‖g‖ + 1e-6))`` as a new tensor (``g`` itself when ``max_norm`` is None).
+
+    The formula of ``torch.nn.utils.clip_grad_norm_`` applied to one tensor; the norm is taken in float32
+    for half-precision tensors, and the coefficient stays on the device (no host synchronisation).
+    """
+    if max_norm is None:
+        return g
+    norm = torch.linalg.vector_norm(g, dtype=accumulation_dtype(g))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return g * coef.to(g.dtype)

@@ -2,6 +2,6 @@
 
 from .base import ProjectedOptimizer
 from .groups import param_groups
-from .presets import FiraAdamW, GaLoreAdamW
+from .presets import FiraAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
-__all__ = ["FiraAdamW", "GaLoreAdamW", "ProjectedOptimizer", "param_groups"]
+__all__ = ["FiraAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "ProjectedOptimizer", "param_groups"]

@@ -30,6 +30,7 @@ from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
 from ..residual import NoResidual, Residual, get_residual
+from .layerwise import LayerwiseStepper, check_layerwise_options
 
 log = logging.getLogger("gradproj")
 
@@ -70,6 +71,9 @@ class ProjectedOptimizer(Optimizer):
     * ``impl``: ``"auto"`` (default), ``"torch"`` or ``"triton"`` — which kernels run the fused parts.
     * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
       to keep optimizer state in fp32 for bf16/fp16 parameters.
+    * ``layerwise``: step each parameter inside its post-accumulate-grad hook and free its gradient at
+      once (:mod:`gradproj.optimizers.layerwise`); ``accumulation_steps``: micro-batches per update there.
+    * ``max_grad_norm`` (also a group key): clip each parameter's gradient to this norm before its update.
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -83,8 +87,12 @@ class ProjectedOptimizer(Optimizer):
         *,
         impl: str = "auto",
         state_dtype: torch.dtype | str | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
         **options: Any,
     ):
+        check_layerwise_options(layerwise, accumulation_steps)
+        self._layerwise = LayerwiseStepper(self, accumulation_steps) if layerwise else None
         self._inner = self.inner_rule()
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -95,6 +103,7 @@ class ProjectedOptimizer(Optimizer):
             "projector": "svd",
             "residual": self.default_residual,
             "moments_on_refresh": "keep",
+            "max_grad_norm": None,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -130,19 +139,22 @@ class ProjectedOptimizer(Optimizer):
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+        if self._layerwise is not None:
+            self._layerwise.register(index, group)
 
     def _validate_group(self, group: dict, index: int) -> None:
         """Check a group's options; cheap enough to run before every step (no per-parameter work)."""
         where = f"param group {index}"
-        lr = group["lr"]
-        if not (isinstance(lr, (float, int, torch.Tensor)) and float(lr) >= 0.0):
-            raise ValueError(f"{where}: lr = {lr!r} must be a number >= 0")
+        self._inner.validate_lr(group, where)
         if not float(group["weight_decay"]) >= 0.0:
             raise ValueError(f"{where}: weight_decay = {group['weight_decay']} must be >= 0")
         if group["impl"] not in kernels.IMPLS:
             raise ValueError(f"{where}: impl = {group['impl']!r}; use one of {', '.join(kernels.IMPLS)}")
         if group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
+        clip = group["max_grad_norm"]
+        if clip is not None and not (isinstance(clip, (float, int)) and not isinstance(clip, bool) and clip > 0):
+            raise ValueError(f"{where}: max_grad_norm = {clip!r} must be a positive number (or None: no clipping)")
         self._inner.validate_group(group, where)
 
         rank = group.get("rank")
@@ -220,9 +232,12 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         for i, group in enumerate(self.param_groups):
             self._validate_group(group, i)
+        if self._layerwise is not None:  # the hooks stepped during backward; close the window
+            self._layerwise.end_window(self)
+            return loss
         work = self._gather()
         for p, grad, group, plan in work:
-            self._update(p, grad, group, plan)
+            self._update(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
         return loss
 
     def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
@@ -230,26 +245,27 @@ class ProjectedOptimizer(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise ValueError(
-                        f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) has a sparse gradient; "
-                        "gradproj optimizers need dense gradients (use torch.optim.SparseAdam, or "
-                        "nn.Embedding(sparse=False))"
-                    )
-                plan = self._plan(p, group)
-                state = self.state[p]
-                if plan.projector.refreshes and not plan.projector.has_basis(state):
-                    if not bool(torch.isfinite(grad).all()):
-                        raise NonFiniteGradientError(
-                            f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): the gradient is NaN/Inf "
-                            "at its first basis refresh, so no basis can be computed; nothing was updated. "
-                            "Check the loss scale / data, or clip gradients before optimizer.step()."
-                        )
-                work.append((p, grad, group, plan))
+                if p.grad is not None:
+                    work.append((p, p.grad, group, self._prepare(gi, pi, p, p.grad, group)))
         return work
+
+    def _prepare(self, gi: int, pi: int, p: torch.Tensor, grad: torch.Tensor, group: dict) -> _Plan:
+        """Check one parameter's gradient and derive its plan; raises before anything is modified."""
+        if grad.is_sparse:
+            raise ValueError(
+                f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) has a sparse gradient; "
+                "gradproj optimizers need dense gradients (use torch.optim.SparseAdam, or "
+                "nn.Embedding(sparse=False))"
+            )
+        plan = self._plan(p, group)
+        if plan.projector.refreshes and not plan.projector.has_basis(self.state[p]):
+            if not bool(torch.isfinite(grad).all()):
+                raise NonFiniteGradientError(
+                    f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): the gradient is NaN/Inf "
+                    "at its first basis refresh, so no basis can be computed; nothing was updated. "
+                    "Check the loss scale / data, or clip gradients before optimizer.step()."
+                )
+        return plan
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
         """One parameter's update: the whole method, top to bottom."""
