@@ -85,6 +85,23 @@ def test_projected_matches_galore_over_bitsandbytes(proj_type):
     assert ours.state[params[0]]["exp_avg"].dtype == torch.uint8
 
 
+def test_chunked_update_is_bit_identical_to_one_pass(monkeypatch):
+    """Large tensors are updated in chunks of whole blocks (bounded fp32 transients); blocks are independent, so
+    the result is the same bits as one pass (here 1000 x 3 values in chunks of 512: a partial last chunk)."""
+    import gradproj.inner.adam8bit as adam8bit
+
+    runs = []
+    for chunk in (adam8bit.CHUNK_SIZE, 512):
+        monkeypatch.setattr(adam8bit, "CHUNK_SIZE", chunk)
+        params, loss_fn = matrix_problem([(1000, 3)], seed=4)
+        opt = gradproj.GaLoreAdamW8bit(params, lr=1e-2, min_8bit_size=256)
+        step_all([(opt, params)], loss_fn, 4)
+        runs.append((params[0].detach(), opt.state[params[0]]))
+    (w1, s1), (w2, s2) = runs
+    assert torch.equal(w1, w2)
+    assert all(torch.equal(s1[k], s2[k]) for k in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"))
+
+
 def test_state_is_uint8_codes_plus_block_scales_and_bytes_are_analytic():
     model = nn.ModuleDict({"a": nn.Linear(64, 96, bias=True), "b": nn.Linear(200, 30, bias=False),
                            "emb": nn.Embedding(80, 64)})
@@ -178,3 +195,33 @@ def test_cuda_matches_cpu():
     assert gpu.state[cuda_params[0]]["exp_avg"].dtype == torch.uint8
     moved = (params[0] - start).abs().max()
     assert (cuda_params[0].cpu() - params[0]).abs().max() < 1e-2 * moved
+
+
+def test_distributed_checkpoint_state_dict_api_round_trips_the_8bit_state():
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict (FQN-keyed; what FSDP2 checkpoints go through)
+    keeps uint8 codes and fp32 scales of a bf16 model and resumes bit-identically."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def make(model):
+        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5)
+        return gradproj.GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=100)
+
+    models = [TinyNet().to(torch.bfloat16), TinyNet().to(torch.bfloat16)]
+    opt = make(models[0])
+    for s in range(4):
+        tiny_loss(models[0], tiny_batch(s)).backward()
+        opt.step()
+        opt.zero_grad()
+    sd = get_optimizer_state_dict(models[0], opt)
+    assert sd["state"]["fc1.weight"]["exp_avg"].dtype == torch.uint8
+    models[1].load_state_dict(models[0].state_dict())
+    opt2 = make(models[1])
+    set_optimizer_state_dict(models[1], opt2, sd)
+    st = opt2.state[models[1].fc1.weight]
+    assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
+    for s in range(3):
+        for model, o in zip(models, (opt, opt2)):
+            tiny_loss(model, tiny_batch(10 + s)).backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))

@@ -325,3 +325,19 @@ def test_hooks_go_away_with_the_optimizer():
     tiny_loss(model, tiny_batch(0)).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_cuda_layerwise_matches_normal_mode():
+    """On CUDA the hooks run on autograd's device thread; the updates are still those of normal mode."""
+    models = [TinyNet().cuda(), TinyNet().cuda()]
+    for model, layerwise in zip(models, (False, True)):
+        opt = gradproj.GaLoreAdamW8bit(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2,
+                                       min_8bit_size=100, layerwise=layerwise)
+        for s in range(5):
+            x, y = tiny_batch(s)
+            torch.nn.functional.cross_entropy(model(x.cuda()).float(), y.cuda()).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

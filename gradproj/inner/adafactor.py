@@ -31,8 +31,9 @@ from .base import InnerRule, StepContext
 PARAM_RMS = "RMS"
 
 
-def _rms(t: torch.Tensor) -> torch.Tensor:
-    return t.norm(2) / (t.numel() ** 0.5)
+def _rms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Root-mean-square, accumulated in ``dtype`` (no upcast copy of ``t`` is made)."""
+    return torch.linalg.vector_norm(t, dtype=dtype) / (t.numel() ** 0.5)
 
 
 class Adafactor(InnerRule):
@@ -96,8 +97,7 @@ class Adafactor(InnerRule):
         factored = g.dim() >= 2
         self._init_state(g, state, group, ctx.state_dtype)
         t = ctx.step - state.get("inner_start", 0)  # steps since the moments were (re)started
-        W = ctx.param.to(compute) if ctx.param is not None else g
-        state[PARAM_RMS] = _rms(W)
+        state[PARAM_RMS] = _rms(ctx.param if ctx.param is not None else g, dtype=compute)
         lr_t = self.relative_step_size(group, ctx.step)
         if group["scale_parameter"]:
             lr_t = torch.clamp(state[PARAM_RMS], min=group["eps"][1]) * lr_t  # on the device, no host sync

@@ -9,7 +9,8 @@ unsigned map. Quantization and dequantization are bitsandbytes' functional ops
 
 One update: dequantize m and v to fp32, run the same Adam step as :class:`gradproj.inner.Adam` on them
 (the direction is computed from the fresh fp32 moments), then quantize them back into the stored codes and
-scales. Tensors with fewer than ``min_8bit_size`` elements (4096, as bitsandbytes) keep fp32 moments:
+scales. This runs over chunks of 2^20 values (whole blocks, which are independent), so the fp32
+transients stay small however large the tensor; the direction is returned in R's dtype. Tensors with fewer than ``min_8bit_size`` elements (4096, as bitsandbytes) keep fp32 moments:
 their blocks would cost more in scales and rounding than they save.
 
 The two code maps are a fixed function of bitsandbytes (``create_dynamic_map``); they are rebuilt once per
@@ -27,6 +28,9 @@ from .base import StepContext
 
 #: values per quantization block (bitsandbytes' blockwise optimizers use 256)
 BLOCK_SIZE = 256
+#: values dequantized, updated and requantized at a time (a multiple of BLOCK_SIZE): bounds the fp32
+#: transients of a large tensor (an embedding) to a few MiB instead of several copies of the tensor
+CHUNK_SIZE = 1 << 20
 #: state keys of the block scales (fp32, one per block)
 EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX = "exp_avg_absmax", "exp_avg_sq_absmax"
 
@@ -95,11 +99,18 @@ class Adam8bit(Adam):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype != torch.uint8:  # a small tensor: fp32 moments
             return ctx.ops.adam_update(R, m, v, beta1, beta2, eps), self.step_size(state, group, ctx)
-        m32 = dequantize(m, state[EXP_AVG_ABSMAX], signed=True)
-        v32 = dequantize(v, state[EXP_AVG_SQ_ABSMAX], signed=False)
-        U = ctx.ops.adam_update(R, m32, v32, beta1, beta2, eps)
-        quantize_(m32, m, state[EXP_AVG_ABSMAX], signed=True)
-        quantize_(v32, v, state[EXP_AVG_SQ_ABSMAX], signed=False)
+        U = torch.empty(R.shape, dtype=R.dtype, device=R.device)
+        flat = (R.reshape(-1), U.view(-1), m.view(-1), v.view(-1))
+        m_absmax, v_absmax = state[EXP_AVG_ABSMAX], state[EXP_AVG_SQ_ABSMAX]
+        for start in range(0, R.numel(), CHUNK_SIZE):
+            values = slice(start, start + CHUNK_SIZE)
+            blocks = slice(start // BLOCK_SIZE, (start + CHUNK_SIZE) // BLOCK_SIZE)
+            r, u, m_codes, v_codes = (t[values] for t in flat)
+            m32 = dequantize(m_codes, m_absmax[blocks], signed=True)
+            v32 = dequantize(v_codes, v_absmax[blocks], signed=False)
+            u.copy_(ctx.ops.adam_update(r, m32, v32, beta1, beta2, eps))
+            quantize_(m32, m_codes, m_absmax[blocks], signed=True)
+            quantize_(v32, v_codes, v_absmax[blocks], signed=False)
         return U, self.step_size(state, group, ctx)
 
     @staticmethod
