@@ -3,7 +3,15 @@
 import logging
 
 from .memory import optimizer_state_bytes
-from .optimizers import FiraAdamW, FrugalAdamW, GaLoreAdamW, ProjectedOptimizer, param_groups
+from .optimizers import (
+    FiraAdamW,
+    FrugalAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    ProjectedOptimizer,
+    param_groups,
+)
 from .projectors import register_projector
 from .sampling import LayerSampler, outlier_ratios
 from .sampling.owlore import owlore
@@ -15,7 +23,9 @@ __version__ = "0.1.0"
 __all__ = [
     "FiraAdamW",
     "FrugalAdamW",
+    "GaLoreAdafactor",
     "GaLoreAdamW",
+    "GaLoreAdamW8bit",
     "LayerSampler",
     "ProjectedOptimizer",
     "__version__",

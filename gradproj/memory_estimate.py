@@ -107,7 +107,11 @@ def llama_parameters(shape: LlamaShape) -> list[ParamInfo]:
     return out
 
 
-def _adam8bit_blockwise(numel: int, block: int = 256) -> int:
+def _adam8bit_blockwise(numel: int, block: int = 256, min_8bit_size: int = 4096) -> int:
+    """GaLoreAdamW8bit: two uint8 moments plus one fp32 scale per block of 256 each; tensors smaller than
+    ``min_8bit_size`` keep two fp32 moments (as bitsandbytes does)."""
+    if numel < min_8bit_size:
+        return 2 * 4 * numel
     return 2 * (numel + 4 * math.ceil(numel / block))
 
 
@@ -118,6 +122,8 @@ def _bnb_adamw8bit(numel: int) -> int:
 
 
 def _adafactor(shape: tuple[int, ...]) -> int:
+    """Adafactor (no first moment, as transformers' default): fp32 row and column factors (or the full fp32
+    second moment of a 1-D tensor), plus the weight's RMS as one fp32 scalar — for any weight dtype."""
     if len(shape) >= 2:
         rows = math.prod(shape[:-1])
         cols = math.prod(shape[:-2]) * shape[-1]

@@ -43,6 +43,8 @@ OPTIMIZERS = [
     OptSpec("galore_golore", gradproj.GaLoreAdamW,  # switches to random bases at step 9: after the checkpoint at 7
             group={"projector": "golore", "golore_switch_step": 9, "random_kind": "orthonormal"}),
     OptSpec("fira_dct_project", gradproj.FiraAdamW, group={"projector": "dct", "moments_on_refresh": "project"}),
+    OptSpec("galore_adamw8bit", gradproj.GaLoreAdamW8bit, kwargs={"min_8bit_size": 200}),  # emb/head 8-bit, fc fp32
+    OptSpec("galore_adafactor", gradproj.GaLoreAdafactor, kwargs={"relative_step": False}),
 ]
 
 

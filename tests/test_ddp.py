@@ -47,11 +47,13 @@ def _body(rank, world):
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, **TOL, msg=lambda m: f"{spec.id} {name}: {m}")
         assert gradproj.distributed.replicated_state_mismatches(opt) == [], spec.id
+        if spec.id == "galore_adamw":
+            adam_model, adam_opt = model, opt
 
     # and the check does catch state that differs between ranks
     if rank == 1:
-        opt.state[model.fc1.weight]["exp_avg"].add_(1e-6)
-    mismatches = gradproj.distributed.replicated_state_mismatches(opt)
+        adam_opt.state[adam_model.fc1.weight]["exp_avg"].add_(1e-6)
+    mismatches = gradproj.distributed.replicated_state_mismatches(adam_opt)
     assert len(mismatches) == 1 and "(40, 16)): exp_avg" in mismatches[0], mismatches
 
 

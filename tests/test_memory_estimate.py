@@ -41,12 +41,18 @@ def test_hand_computed_counts_for_a_small_config():
 
 
 def test_modes_known_before_their_optimizers_exist():
-    # 8-bit moments: one byte per element plus one fp32 scale per block of 256
-    x = 16 * 4  # the moment of a 16x16 matrix at rank 4
-    one = estimate_memory(LlamaShape(16, 40, 2, 1, 50), "galore_adamw8bit", rank=4)
-    two = estimate_memory(LlamaShape(16, 40, 2, 2, 50), "galore_adamw8bit", rank=4)
-    layer = 4 * 2 * (x + 4) + 3 * 2 * (160 + 4) + 2 * 2 * (16 + 4)  # 7 projected moments + 2 norms
-    assert two.optimizer_states_detail["moments"] - one.optimizer_states_detail["moments"] == layer
+    # 8-bit moments: one byte per element plus one fp32 scale per block of 256, for tensors of >= 4096
+    # elements; smaller ones keep two fp32 moments
+    one = estimate_memory(LlamaShape(128, 320, 2, 1, 50), "galore_adamw8bit", rank=64)
+    two = estimate_memory(LlamaShape(128, 320, 2, 2, 50), "galore_adamw8bit", rank=64)
+    q = 2 * (128 * 64 + 4 * 32)  # q, k, v, o: R is 128 x 64 = 8192 elements, 32 blocks
+    mlp = 2 * (320 * 64 + 4 * 80)  # gate, up (R 320 x 64) and down (R 64 x 320): 80 blocks
+    norms = 2 * 2 * 4 * 128  # two RMSNorm weights of 128 < 4096 elements: fp32 moments
+    assert two.optimizer_states_detail["moments"] - one.optimizer_states_detail["moments"] == 4 * q + 3 * mlp + norms
+    small1 = estimate_memory(LlamaShape(16, 40, 2, 1, 50), "galore_adamw8bit", rank=4)
+    small2 = estimate_memory(LlamaShape(16, 40, 2, 2, 50), "galore_adamw8bit", rank=4)
+    layer = 2 * 4 * (4 * 16 * 4 + 3 * 40 * 4 + 2 * 16)  # every tensor < 4096 elements: fp32
+    assert small2.optimizer_states_detail["moments"] - small1.optimizer_states_detail["moments"] == layer
     # Adafactor on R: fp32 row and column factors plus one RMS scalar
     af1 = estimate_memory(LlamaShape(16, 40, 2, 1, 50), "galore_adafactor", rank=4)
     af2 = estimate_memory(LlamaShape(16, 40, 2, 2, 50), "galore_adafactor", rank=4)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from .adafactor import Adafactor
 from .adam import Adam
+from .adam8bit import Adam8bit
 from .base import InnerRule, StepContext
 
 INNER_RULES: dict[str, type[InnerRule]] = {}
@@ -14,5 +16,7 @@ def register_inner_rule(cls: type[InnerRule]) -> type[InnerRule]:
 
 
 register_inner_rule(Adam)
+register_inner_rule(Adam8bit)
+register_inner_rule(Adafactor)
 
-__all__ = ["INNER_RULES", "Adam", "InnerRule", "StepContext", "register_inner_rule"]
+__all__ = ["INNER_RULES", "Adafactor", "Adam", "Adam8bit", "InnerRule", "StepContext", "register_inner_rule"]

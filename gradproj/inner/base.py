@@ -40,6 +40,12 @@ class InnerRule:
     def validate_group(self, group: dict, where: str) -> None:
         """Raise ``ValueError`` naming ``where`` (e.g. "param group 1") for bad hyper-parameters."""
 
+    def validate_lr(self, group: dict, where: str) -> None:
+        """Check the group's ``lr``: a number >= 0 (rules with their own step-size schedule may allow None)."""
+        lr = group["lr"]
+        if not (isinstance(lr, (float, int, torch.Tensor)) and float(lr) >= 0.0):
+            raise ValueError(f"{where}: lr = {lr!r} must be a number >= 0")
+
     def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
@@ -49,6 +55,9 @@ class InnerRule:
     #: "rows" when the update of a row reads only that row and every state tensor has R's rows as dim 0;
     #: "cols" likewise for columns and dim 1
     shardable: ClassVar[tuple[str, ...]] = ()
+    #: which part of the optimizer state each key is reported under by :func:`gradproj.optimizer_state_bytes`
+    #: (``moments``, ``scales``, ``other``); keys not named here count as ``moments``
+    state_parts: ClassVar[dict[str, str]] = {}
 
     def reset_state(self, state: dict, step: int) -> None:
         """Forget the rule's state (e.g. when the subspace changes); ``step`` is the parameter's step count.

@@ -252,3 +252,14 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # -65536 == 0xFFFF0000 as int32
     rounded = bits.view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+def clip_by_norm(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """``g · min(1, max_norm / (‖g‖ + 1e-6))`` as a new tensor (``g`` itself when ``max_norm`` is None).
+
+    The formula of ``torch.nn.utils.clip_grad_norm_`` applied to one tensor; the norm is taken in float32
+    for half-precision tensors, and the coefficient stays on the device (no host synchronisation).
+    """
+    if max_norm is None:
+        return g
+    norm = torch.linalg.vector_norm(g, dtype=accumulation_dtype(g))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return g * coef.to(g.dtype)

@@ -2,6 +2,14 @@
 
 from .base import ProjectedOptimizer
 from .groups import param_groups
-from .presets import FiraAdamW, FrugalAdamW, GaLoreAdamW
+from .presets import FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
-__all__ = ["FiraAdamW", "FrugalAdamW", "GaLoreAdamW", "ProjectedOptimizer", "param_groups"]
+__all__ = [
+    "FiraAdamW",
+    "FrugalAdamW",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "ProjectedOptimizer",
+    "param_groups",
+]

@@ -35,6 +35,7 @@ from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
 from ..residual import NoResidual, Residual, get_residual, limit_update_growth, validate_norm_growth_limit
 from ..sampling.sampler import restore_sampler
+from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:
     from ..sampling.sampler import LayerSampler
@@ -94,6 +95,9 @@ class ProjectedOptimizer(Optimizer):
     :mod:`gradproj.distributed.sharding`.
     * ``norm_growth_limit``: ``None`` (default) or γ >= 1 — limit every parameter's update norm to grow by
       at most γ per step (Fira's limiter on the whole update; see :mod:`gradproj.residual.limiter`).
+    * ``layerwise``: step each parameter inside its post-accumulate-grad hook and free its gradient at
+      once (:mod:`gradproj.optimizers.layerwise`); ``accumulation_steps``: micro-batches per update there.
+    * ``max_grad_norm`` (also a group key): clip each parameter's gradient to this norm before its update.
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -108,8 +112,12 @@ class ProjectedOptimizer(Optimizer):
         impl: str = "auto",
         state_dtype: torch.dtype | str | None = None,
         sampler: LayerSampler | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
         **options: Any,
     ):
+        check_layerwise_options(layerwise, accumulation_steps)
+        self._layerwise = LayerwiseStepper(self, accumulation_steps) if layerwise else None
         self._inner = self.inner_rule()
         defaults: dict[str, Any] = {
             "lr": lr,
@@ -123,6 +131,7 @@ class ProjectedOptimizer(Optimizer):
             "stochastic_rounding": False,
             "compile": False,
             "norm_growth_limit": None,
+            "max_grad_norm": None,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -164,13 +173,13 @@ class ProjectedOptimizer(Optimizer):
             raise
         for p in group["params"]:
             self._param_index.setdefault(id(p), len(self._param_index))
+        if self._layerwise is not None:
+            self._layerwise.register(index, group)
 
     def _validate_group(self, group: dict, index: int) -> None:
         """Check a group's options; cheap enough to run before every step (no per-parameter work)."""
         where = f"param group {index}"
-        lr = group["lr"]
-        if not (isinstance(lr, (float, int, torch.Tensor)) and float(lr) >= 0.0):
-            raise ValueError(f"{where}: lr = {lr!r} must be a number >= 0")
+        self._inner.validate_lr(group, where)
         if not float(group["weight_decay"]) >= 0.0:
             raise ValueError(f"{where}: weight_decay = {group['weight_decay']} must be >= 0")
         if group["impl"] not in kernels.IMPLS:
@@ -179,6 +188,9 @@ class ProjectedOptimizer(Optimizer):
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
         if not isinstance(group["stochastic_rounding"], bool):
             raise ValueError(f"{where}: stochastic_rounding = {group['stochastic_rounding']!r} must be True or False")
+        clip = group["max_grad_norm"]
+        if clip is not None and not (isinstance(clip, (float, int)) and not isinstance(clip, bool) and clip > 0):
+            raise ValueError(f"{where}: max_grad_norm = {clip!r} must be a positive number (or None: no clipping)")
         self._inner.validate_group(group, where)
         compiled.validate(group["compile"], self._inner.name, where)
         if group["compile"] and group["stochastic_rounding"]:
@@ -270,9 +282,11 @@ class ProjectedOptimizer(Optimizer):
                 loss = closure()
         for i, group in enumerate(self.param_groups):
             self._validate_group(group, i)
-        work = self._gather()
-        for p, grad, group, plan in work:
-            self._step_param(p, grad, group, plan)
+        if self._layerwise is not None:  # the hooks stepped during backward; close the window
+            self._layerwise.end_window(self)
+        else:
+            for p, grad, group, plan in self._gather():
+                self._step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
         if self.sampler is not None:
             self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
         return loss
@@ -289,34 +303,34 @@ class ProjectedOptimizer(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise ValueError(
-                        f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}) has a sparse gradient; "
-                        "gradproj optimizers need dense gradients (use torch.optim.SparseAdam, or "
-                        "nn.Embedding(sparse=False))"
-                    )
-                try:
-                    plan = self._plan(p, group)
-                except ValueError as err:  # e.g. impl='triton' where it cannot run
-                    raise ValueError(f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): {err}") from None
-                if is_dtensor(p):
-                    plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
-                if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
-                    plan.fused = compiled.CompiledTail(group["compile"])
-                    plan.ops = kernels.reference
-                state = self.state[p]
-                if plan.projector.refreshes and not plan.projector.has_basis(state):
-                    if not all_finite(grad):
-                        raise NonFiniteGradientError(
-                            f"param group {gi}, parameter {pi} (shape {tuple(p.shape)}): the gradient is NaN/Inf "
-                            "at its first basis refresh, so no basis can be computed; nothing was updated. "
-                            "Check the loss scale / data, or clip gradients before optimizer.step()."
-                        )
-                work.append((p, grad, group, plan))
+                if p.grad is not None:
+                    work.append((p, p.grad, group, self._prepare(gi, pi, p, p.grad, group)))
         return work
+
+    def _prepare(self, gi: int, pi: int, p: torch.Tensor, grad: torch.Tensor, group: dict) -> _Plan:
+        """Check one parameter's gradient and derive its plan; raises before anything is modified."""
+        where = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+        if grad.is_sparse:
+            raise ValueError(
+                f"{where} has a sparse gradient; gradproj optimizers need dense gradients (use "
+                "torch.optim.SparseAdam, or nn.Embedding(sparse=False))"
+            )
+        try:
+            plan = self._plan(p, group)
+        except ValueError as err:  # e.g. impl='triton' where it cannot run
+            raise ValueError(f"{where}: {err}") from None
+        if is_dtensor(p):
+            plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
+        if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
+            plan.fused = compiled.CompiledTail(group["compile"])
+            plan.ops = kernels.reference
+        if plan.projector.refreshes and not plan.projector.has_basis(self.state[p]):
+            if not all_finite(grad):
+                raise NonFiniteGradientError(
+                    f"{where}: the gradient is NaN/Inf at its first basis refresh, so no basis can be computed; "
+                    "nothing was updated. Check the loss scale / data, or clip gradients before optimizer.step()."
+                )
+        return plan
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan, state: dict | None = None) -> None:
         """One parameter's update: the whole method, top to bottom (for a sharded parameter, on its local rows)."""

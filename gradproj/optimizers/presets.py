@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..inner import Adam
+from ..inner import Adafactor, Adam, Adam8bit
+from ..inner.adam8bit import bnb_functional
 from .base import ProjectedOptimizer
 
 
@@ -94,3 +95,70 @@ class FrugalAdamW(GaLoreAdamW):
     ):
         options.setdefault("moments_on_refresh", "reset")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    r"""GaLore with 8-bit Adam moments: m and v of each projected gradient stored blockwise-quantized.
+
+    The update is :class:`GaLoreAdamW`'s; only the storage of the moments changes. Each moment tensor with
+    at least ``min_8bit_size`` elements (4096, as bitsandbytes) is kept as uint8 codes of bitsandbytes'
+    dynamic map (signed for m, unsigned for v) plus one fp32 scale per block of 256 values — about 1 byte
+    per element instead of 4 (fp32) or 2 (bf16); smaller tensors keep fp32 moments. Every step dequantizes
+    the moments, updates them in fp32, takes the direction from the fresh fp32 values and quantizes them
+    back (bitsandbytes' functional ops: CPU and CUDA). Needs ``bitsandbytes`` (``pip install 'gradproj[bnb]'``).
+
+    Defaults are :class:`GaLoreAdamW`'s (eps 1e-6 added to √v, weight decay 0), so switching between the
+    two changes nothing but the memory; galore-torch's ``GaLoreAdamW8bit`` defaults to eps 1e-8 and weight
+    decay 0.01 and adds eps·√(1−β2^t) (bitsandbytes' kernel) — pass those to match it.
+    """
+
+    inner_rule = Adam8bit
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        min_8bit_size: int = 4096,
+        **options: Any,
+    ):
+        bnb_functional()  # a clear ImportError now rather than at the first step
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         min_8bit_size=min_8bit_size, **options)
+
+
+class GaLoreAdafactor(ProjectedOptimizer):
+    r"""GaLore with Adafactor inside the subspace: a factored second moment of the projected gradient R.
+
+    Arguments and their meaning are ``transformers.optimization.Adafactor``'s (``lr=None`` with
+    ``relative_step=True`` uses the step size min(1e-2, 1/√t); ``scale_parameter`` multiplies it by the
+    RMS of the full weight; ``beta1`` enables a first moment; ``eps = (eps1, eps2)``). For a projected
+    matrix the row/column statistics are those of R (m + r or r + n numbers); groups without ``rank`` get
+    full-rank Adafactor, exactly transformers' (weight decay aside: applied after the update, not before).
+    To drive it with an external schedule use ``relative_step=False, scale_parameter=False, lr=...``.
+    The update is ``W -= scale · B(u)`` with u Adafactor's lr-scaled, clipped update.
+    """
+
+    inner_rule = Adafactor
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float | None = None,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        **options: Any,
+    ):
+        super().__init__(
+            params, lr=lr, weight_decay=weight_decay, eps=eps, clip_threshold=clip_threshold,
+            decay_rate=decay_rate, beta1=beta1, scale_parameter=scale_parameter, relative_step=relative_step,
+            warmup_init=warmup_init, **options,
+        )

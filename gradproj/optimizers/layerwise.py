@@ -1,0 +1,227 @@
+"""Per-layer stepping: every parameter is updated inside its post-accumulate-grad hook, during backward.
+
+``layerwise=True`` registers ``register_post_accumulate_grad_hook`` on every trainable parameter of the
+optimizer. When autograd has finished a parameter's gradient, the hook runs that parameter's whole update
+(:meth:`ProjectedOptimizer._update`) and sets ``p.grad = None`` at once, so the full gradients of the model
+never coexist: at any moment at most one is alive (the one being consumed). The training loop does not
+change::
+
+    loss.backward()      # each parameter is stepped as soon as its gradient is complete
+    opt.step()           # closes the step: handles what the hooks left (see below), schedulers see a step
+    opt.zero_grad()
+
+**Gradient accumulation** (``accumulation_steps=k``): call ``backward`` k times, then ``opt.step()``, as in
+normal mode. A projected matrix (whose step needs only its projection R) projects each micro-batch gradient
+as soon as it is complete and adds it to a low-rank buffer (state key ``accum``, fp32 for half-precision
+weights), then frees it; the update runs in the k-th micro-batch's hook, from the summed projection. The
+basis refresh (every ``update_proj_gap`` steps) happens in the *first* micro-batch of the window and sees
+only that micro-batch's full gradient: it is the only full gradient of the window that ever exists.
+Everything else — unprojected tensors (R = G, so a buffer would be as large as the gradient) and projected
+matrices whose step needs the full gradient (a residual such as Fira's) — accumulates in ``p.grad`` as in
+normal mode and is stepped in the k-th hook, exactly as normal mode steps it.
+
+``opt.step()`` closes the window: it steps every parameter whose window is still open (a parameter that
+missed the last micro-batches, a gradient set by hand or left by a parameter without a hook) and resets
+the counters. More than k backward passes between two ``step()`` calls raise ``RuntimeError``.
+
+**Clipping.** ``torch.nn.utils.clip_grad_norm_`` between backward and step sees no gradients in this mode
+(they are already consumed). Use the optimizer's ``max_grad_norm`` instead: it clips *each parameter's*
+gradient to that norm just before its update — a global norm cannot be known before the first parameter
+is updated without a second backward pass. The clipped tensor is the gradient the update consumes: the
+full gradient, or for low-rank accumulation the summed projection R (‖R‖ ≤ ‖G‖, so the clip never bites
+harder than on G). ``max_grad_norm`` has the same per-parameter meaning in normal mode, so both modes
+follow the same trajectory.
+
+**Errors.** Group options are validated at the first hook of a window; if they are bad, the hooks stand
+aside for the rest of the window (gradients stay in ``p.grad``) and ``opt.step()`` raises the error before
+anything changes. A parameter's own bad gradient (sparse, NaN at its first refresh) is left in ``p.grad``
+and ``opt.step()`` raises; parameters stepped earlier in the same backward stay stepped.
+
+With ``accumulation_steps=1`` every parameter is stepped by the same ``_update`` call on the same
+gradient as in normal mode, so the trajectory is bit-identical (tests check it for every optimizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..kernels.reference import accumulation_dtype, clip_by_norm
+from ..residual.base import NoResidual
+
+if TYPE_CHECKING:
+    from .base import ProjectedOptimizer, _Plan
+
+log = logging.getLogger("gradproj")
+
+#: state key of the low-rank sum of the current window's projected micro-batch gradients
+ACCUM = "accum"
+#: state key of the number of micro-batches of the current window a parameter has seen
+ACCUM_COUNT = "accum_count"
+
+
+def check_layerwise_options(layerwise: Any, accumulation_steps: Any) -> None:
+    if not isinstance(layerwise, bool):
+        raise TypeError(f"layerwise = {layerwise!r} must be True or False")
+    if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+        raise ValueError(f"accumulation_steps = {accumulation_steps!r} must be a positive integer")
+    if accumulation_steps > 1 and not layerwise:
+        raise ValueError(
+            f"accumulation_steps = {accumulation_steps} applies to layerwise=True; in normal mode accumulate as "
+            "usual (call backward() several times before optimizer.step())"
+        )
+
+
+class _Projected:
+    """Stands in for a projector when the window's gradient was projected micro-batch by micro-batch:
+    :meth:`down` returns the summed projection, no refresh happens (it happened at the window's start)."""
+
+    def __init__(self, projector: Any, R: torch.Tensor):
+        self._projector, self._R = projector, R
+
+    def needs_refresh(self, state: dict, step: int) -> bool:
+        return False
+
+    def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        return self._R
+
+    def __getattr__(self, name: str) -> Any:  # up, add_up_, rank_axis, side, ...
+        return getattr(self._projector, name)
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class LayerwiseStepper:
+    """The hooks and per-window bookkeeping of ``layerwise=True`` (owned by the optimizer).
+
+    It holds the optimizer only through a weak reference; the hooks are removed when the optimizer is
+    garbage-collected.
+    """
+
+    def __init__(self, optimizer: ProjectedOptimizer, accumulation_steps: int):
+        self._optimizer = weakref.ref(optimizer)
+        self.accumulation_steps = accumulation_steps
+        self._index: dict[int, tuple[int, int]] = {}  # id(param) -> (group index, index in group)
+        self._handles: list = []
+        weakref.finalize(optimizer, _remove_hooks, self._handles)
+        self._stepped: set[int] = set()  # params updated in the current window
+        self._checked = False  # groups validated for the current window
+        self._suspended = False  # a group was invalid: hooks stand aside until step() succeeds
+        self._window_max = 0  # most micro-batches any parameter saw in the current window
+        self._warned_short = False
+
+    def register(self, group_index: int, group: dict) -> None:
+        for i, p in enumerate(group["params"]):
+            self._index[id(p)] = (group_index, i)
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    # ------------------------------------------------------------------------------------ during backward
+    def _hook(self, p: torch.Tensor) -> None:
+        opt = self._optimizer()
+        if opt is None or self._suspended or p.grad is None or id(p) not in self._index:
+            return
+        with torch.no_grad():
+            if not self._checked:
+                try:
+                    for i, group in enumerate(opt.param_groups):
+                        opt._validate_group(group, i)
+                except (ValueError, TypeError):
+                    self._suspended = True  # optimizer.step() raises the same error, before anything changes
+                    return
+                self._checked = True
+            gi, pi = self._index[id(p)]
+            group = opt.param_groups[gi]
+            try:
+                plan = opt._prepare(gi, pi, p, p.grad, group)
+            except ValueError:
+                return  # the gradient stays in p.grad; optimizer.step() raises with this parameter unchanged
+            self._consume(opt, p, group, plan, last=False)
+
+    def _consume(self, opt: ProjectedOptimizer, p: torch.Tensor, group: dict, plan: _Plan, last: bool) -> None:
+        """Take ``p.grad`` (if any) into the window; step ``p`` when the window is complete (or ``last``)."""
+        if id(p) in self._stepped:
+            raise RuntimeError(
+                f"a parameter of shape {tuple(p.shape)} received a gradient after its update in this step: more than "
+                f"accumulation_steps={self.accumulation_steps} backward passes between two optimizer.step() calls. "
+                "With layerwise=True the update happens during backward, so call optimizer.step() after every "
+                "accumulation_steps backward passes (or set accumulation_steps to your number of micro-batches)."
+            )
+        state = opt.state[p]
+        count = state.get(ACCUM_COUNT, 0) + (p.grad is not None)
+        self._window_max = max(self._window_max, count)
+        final = last or count >= self.accumulation_steps
+        low_rank = self.accumulation_steps > 1 and plan.shape2d is not None and isinstance(plan.residual, NoResidual)
+        if p.grad is None and ACCUM not in state:  # nothing left to apply (e.g. zero_grad() mid-window)
+            state.pop(ACCUM_COUNT, None)
+            return
+        if final and ACCUM not in state:  # the whole gradient is at hand: exactly normal mode's step
+            grad, p.grad = p.grad, None
+            state.pop(ACCUM_COUNT, None)
+            opt._step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+        elif low_rank:
+            if p.grad is not None:
+                self._accumulate(opt, p, state, group, plan)
+            if final:
+                self._step_accumulated(opt, p, state, group, plan)
+            else:
+                state[ACCUM_COUNT] = count
+        else:  # the gradient keeps accumulating in p.grad, as in normal mode
+            state[ACCUM_COUNT] = count
+        if final:
+            self._stepped.add(id(p))
+
+    @staticmethod
+    def _accumulate(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
+        """Project this micro-batch's gradient into the window's buffer and free it."""
+        proj = plan.projector
+        G = p.grad.reshape(plan.shape2d)
+        if ACCUM not in state:  # the window's first micro-batch: its full gradient is the one a refresh sees
+            step = state.get("step", 0)
+            if proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
+                opt._on_basis_change(state, group, step, proj)
+            state[ACCUM] = proj.down(G, state).to(accumulation_dtype(G)).contiguous()
+        else:
+            state[ACCUM].add_(proj.down(G, state))
+        p.grad = None
+
+    @staticmethod
+    def _step_accumulated(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
+        R = clip_by_norm(state.pop(ACCUM), group["max_grad_norm"])
+        state.pop(ACCUM_COUNT, None)
+        plan = dataclasses.replace(plan, projector=_Projected(plan.projector, R))
+        # the window's full gradient never existed; a meta tensor stands in for it (nothing reads it)
+        opt._update(p, torch.empty(plan.shape2d, device="meta"), group, plan)
+
+    # ---------------------------------------------------------------------------------------- at step()
+    def end_window(self, opt: ProjectedOptimizer) -> None:
+        """Step what the hooks left, then start a new window. Raises before changing anything on bad input."""
+        work = opt._gather()  # leftover gradients: checked first (sparse, NaN at a first refresh)
+        pending = [
+            (p, group, opt._plan(p, group))
+            for group in opt.param_groups
+            for p in group["params"]
+            if p.grad is None and ACCUM_COUNT in opt.state.get(p, {})
+        ]
+        if self.accumulation_steps > 1 and 0 < self._window_max < self.accumulation_steps and not self._warned_short:
+            self._warned_short = True
+            log.warning(
+                "gradproj: optimizer.step() closed an accumulation window after %d of accumulation_steps=%d backward "
+                "passes (expected at the end of an epoch; otherwise call step() every accumulation_steps passes)",
+                self._window_max, self.accumulation_steps,
+            )
+        for p, _, group, plan in work:
+            self._consume(opt, p, group, plan, last=True)
+        for p, group, plan in pending:
+            self._consume(opt, p, group, plan, last=True)
+        self._stepped.clear()
+        self._checked = self._suspended = False
+        self._window_max = 0

@@ -1,0 +1,343 @@
+"""Per-layer stepping (layerwise=True): equality with normal mode, freed gradients, accumulation, clipping, resume."""
+
+import gc
+import io
+import logging
+import math
+
+import pytest
+import torch
+
+import gradproj
+from optim_table import OPTIMIZERS, ids
+from problems import TinyNet, clone_params, matrix_problem, tiny_batch, tiny_loss
+from reference_algorithms import ReferenceGaLore
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def train(model, opt, steps, seed=0, micro=1, scheduler=None):
+    for s in range(steps):
+        for i in range(micro):
+            tiny_loss(model, tiny_batch(seed + s * micro + i)).backward()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=ids())
+def test_matches_normal_mode_bit_for_bit(spec):
+    """accumulation_steps=1: the same _update on the same gradient, so the same bits, scheduler included."""
+    models, opts = [TinyNet(), TinyNet()], []
+    for model, layerwise in zip(models, (False, True)):
+        opt = spec.make(model, layerwise=layerwise)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        train(model, opt, 7, scheduler=sched)  # refreshes at t = 0, 3, 6
+        opts.append(opt)
+    assert_same_weights(*models)
+    normal, layerwise = opts
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        for key, value in normal.state[p].items():
+            other = layerwise.state[q][key]
+            assert torch.equal(value, other) if torch.is_tensor(value) else value == other, key
+
+
+def live_grad_log(model):
+    """Hooks registered after the optimizer's run after them: record which parameters still hold a gradient."""
+    log = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda _: log.append({n for n, q in model.named_parameters() if q.grad is not None})
+        )
+    return log
+
+
+def test_every_gradient_is_freed_during_backward():
+    model = TinyNet()
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2,
+                               layerwise=True)
+    log = live_grad_log(model)
+    before = snapshot(model)
+    tiny_loss(model, tiny_batch(0)).backward()
+    assert len(log) == len(list(model.parameters()))
+    assert all(not alive for alive in log), log  # at every hook, no full gradient coexists with another
+    assert all(p.grad is None for p in model.parameters())
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert len(moved) == len(before)  # every parameter was stepped during backward, before opt.step()
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+
+
+def test_accumulation_frees_projected_gradients_and_keeps_the_rest_in_grad():
+    model = TinyNet()
+    groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5)
+    opt = gradproj.GaLoreAdamW(groups, lr=1e-2, layerwise=True, accumulation_steps=3)
+    log = live_grad_log(model)
+    projected = {"fc1.weight", "fc2.weight"}
+    for i in range(3):
+        before = snapshot(model)
+        tiny_loss(model, tiny_batch(i)).backward()
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        alive = {n for n, p in model.named_parameters() if p.grad is not None}
+        if i < 2:
+            assert not changed  # nothing is updated before the k-th micro-batch
+            assert alive == {n for n, _ in model.named_parameters()} - projected  # unprojected: accumulate in grad
+        else:
+            assert changed == {n for n, _ in model.named_parameters()} and not alive
+    assert not any(projected & alive for alive in log)  # a projected matrix's full gradient never outlives its hook
+    mid = gradproj.optimizer_state_bytes(opt)
+    opt.step()
+    assert all(opt.state[p]["step"] == 1 and "accum" not in opt.state[p] for p in model.parameters())
+    # mid-window, the buffers are the only extra state: fp32 R of fc1 (40 x 4) and fc2 (4 x 40)
+    tiny_loss(model, tiny_batch(9)).backward()
+    assert gradproj.optimizer_state_bytes(opt)["accumulation"] == (40 * 4 + 4 * 40) * 4
+    assert mid["accumulation"] == 0
+
+
+def galore_accumulation_reference(params, loss_fns, windows, micro, lr, rank, gap, scale, clip=None):
+    """GaLore-AdamW whose gradient per step is the sum over micro-batches of the projections P^T G_i, with
+    the basis refreshed from the window's first micro-batch gradient (ALGORITHMS.md §1 plus the layerwise
+    rule), optionally clipped to norm ``clip``: written out from the formulas."""
+    ref = ReferenceGaLore(params, lr=lr, rank=rank, gap=gap, alpha=scale)
+    b1, b2, eps = ref.b1, ref.b2, ref.eps
+    for w in range(windows):
+        grads = []
+        for i in range(micro):
+            for p in params:
+                p.grad = None
+            loss_fns[(w * micro + i) % len(loss_fns)](params).backward()
+            grads.append([p.grad.clone() for p in params])
+        with torch.no_grad():
+            for j, (W, st) in enumerate(zip(params, ref.state)):
+                side = ref.side(W)
+                if st["t"] % gap == 0:
+                    st["P"] = ref.basis(grads[0][j], side)
+                R = sum(ref.project(g[j], st["P"], side) for g in grads)
+                if clip is not None:
+                    R = R * min(1.0, clip / (R.norm().item() + 1e-6))
+                st.setdefault("m", torch.zeros_like(R))
+                st.setdefault("v", torch.zeros_like(R))
+                st["m"] = b1 * st["m"] + (1 - b1) * R
+                st["v"] = b2 * st["v"] + (1 - b2) * R * R
+                st["t"] += 1
+                t = st["t"]
+                step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+                W -= step_size * scale * ref.back(st["m"] / (st["v"].sqrt() + eps), st["P"], side)
+
+
+@pytest.mark.parametrize("clip", [None, 0.05], ids=["noclip", "clip"])
+def test_accumulation_matches_the_projected_sum_reference(clip):
+    shapes = [(24, 10), (10, 24), (16, 16)]
+    params, _ = matrix_problem(shapes, seed=1, dtype=torch.float64)
+    loss_fns = [matrix_problem(shapes, seed=s, dtype=torch.float64)[1] for s in (11, 12, 13)]
+    ref_params = clone_params(params)
+    opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 3, "scale": 0.5}], lr=2e-2,
+                               layerwise=True, accumulation_steps=3, max_grad_norm=clip)
+    for w in range(7):  # refreshes at windows 0, 3, 6
+        for i in range(3):
+            loss_fns[(w * 3 + i) % 3](params).backward()
+        opt.step()
+        opt.zero_grad()
+    galore_accumulation_reference(ref_params, loss_fns, 7, 3, lr=2e-2, rank=3, gap=3, scale=0.5, clip=clip)
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("cls", [gradproj.FiraAdamW, gradproj.GaLoreAdamW], ids=["fira", "galore_unprojected"])
+def test_full_gradient_accumulation_equals_normal_mode_accumulation(cls):
+    """Parameters whose step needs the full gradient (Fira's residual; unprojected tensors) accumulate in p.grad
+    and step exactly as normal mode with the same micro-batches."""
+    models = [TinyNet(), TinyNet()]
+    for model, layerwise in zip(models, (False, True)):
+        if cls is gradproj.FiraAdamW:
+            groups = gradproj.param_groups(model, rank=4, update_proj_gap=2, scale=0.5)
+        else:
+            groups = model.parameters()
+        opt = cls(groups, lr=1e-2, layerwise=layerwise, accumulation_steps=2 if layerwise else 1)
+        train(model, opt, 5, micro=2)
+    assert_same_weights(*models)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("cls,kwargs", [(gradproj.GaLoreAdamW, {}), (gradproj.GaLoreAdamW8bit, {"min_8bit_size": 100})],
+                         ids=["galore", "galore8bit"])
+def test_resume_in_layerwise_mode_is_bit_identical(cls, kwargs, accumulation):
+    def make(model):
+        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5)
+        return cls(groups, lr=1e-2, layerwise=True, accumulation_steps=accumulation, **kwargs)
+
+    model = TinyNet()
+    opt = make(model)
+    train(model, opt, 4, micro=accumulation)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    train(model, opt, 4, seed=50, micro=accumulation)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = TinyNet()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = make(model2)
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, opt2, 4, seed=50, micro=accumulation)
+    assert_same_weights(model, model2)
+
+
+def test_normal_checkpoint_resumes_in_layerwise_mode():
+    def make(model, layerwise):
+        return gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2,
+                                    layerwise=layerwise)
+
+    model = TinyNet()
+    opt = make(model, False)
+    train(model, opt, 4)
+    sd = opt.state_dict()
+    model2 = TinyNet()
+    model2.load_state_dict(model.state_dict())
+    opt2 = make(model2, True)
+    opt2.load_state_dict(sd)
+    train(model, opt, 4, seed=30)
+    train(model2, opt2, 4, seed=30)
+    assert_same_weights(model, model2)
+
+
+def test_max_grad_norm_is_per_parameter_clipping_in_both_modes():
+    """Normal mode with max_grad_norm == clip_grad_norm_ on each parameter alone, then an unclipped step;
+    layerwise mode with max_grad_norm == normal mode with it."""
+    models = [TinyNet(), TinyNet(), TinyNet()]
+    make = lambda m, **kw: gradproj.GaLoreAdamW(  # noqa: E731
+        gradproj.param_groups(m, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2, **kw)
+    ref, normal, layerwise = make(models[0]), make(models[1], max_grad_norm=0.1), make(
+        models[2], max_grad_norm=0.1, layerwise=True)
+    norms = []
+    for s in range(5):
+        for model, opt in zip(models, (ref, normal, layerwise)):
+            tiny_loss(model, tiny_batch(s)).backward()
+            if opt is ref:
+                norms += [torch.nn.utils.clip_grad_norm_([p], 0.1).item() for p in model.parameters()]
+            opt.step()
+            opt.zero_grad()
+    assert max(norms) > 0.1  # the clip bites
+    assert_same_weights(models[0], models[1])
+    assert_same_weights(models[1], models[2])
+
+
+def test_more_backward_passes_than_accumulation_steps_raise():
+    model = TinyNet()
+    opt = gradproj.GaLoreAdamW(model.parameters(), lr=1e-2, layerwise=True, accumulation_steps=2)
+    tiny_loss(model, tiny_batch(0)).backward()
+    tiny_loss(model, tiny_batch(1)).backward()
+    with pytest.raises(RuntimeError, match="more than accumulation_steps=2 backward passes"):
+        tiny_loss(model, tiny_batch(2)).backward()
+
+
+def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
+    """step() after fewer than k micro-batches applies the partial sum (the same as a window of that size)."""
+    shapes = [(24, 10), (10, 24)]
+    params, _ = matrix_problem(shapes, seed=1, dtype=torch.float64)
+    loss_fns = [matrix_problem(shapes, seed=s, dtype=torch.float64)[1] for s in (11, 12)]
+    ref_params = clone_params(params)
+    opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 5, "scale": 0.5}], lr=2e-2,
+                               layerwise=True, accumulation_steps=3)
+    with caplog.at_level(logging.WARNING, logger="gradproj"):
+        for w in range(3):
+            for i in range(2):
+                loss_fns[i](params).backward()
+            opt.step()
+    assert "closed an accumulation window after 2 of accumulation_steps=3" in caplog.text
+    galore_accumulation_reference(ref_params, loss_fns, 3, 2, lr=2e-2, rank=3, gap=5, scale=0.5)
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_gradients_without_a_hook_are_stepped_by_step():
+    """A gradient set by hand (or on a parameter that had requires_grad=False when the optimizer was built)
+    is stepped by opt.step() exactly as in normal mode."""
+    Ws = [torch.nn.Parameter(torch.randn(12, 8, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
+    opts = [gradproj.GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": 2, "scale": 1.0}], lr=1e-2,
+                                 layerwise=lw) for W, lw in zip(Ws, (False, True))]
+    for s in range(3):
+        g = torch.randn(12, 8, generator=torch.Generator().manual_seed(s + 1))
+        for W, opt in zip(Ws, opts):
+            W.grad = g.clone()
+            opt.step()
+    assert torch.equal(Ws[0], Ws[1]) and Ws[1].grad is None
+
+
+def test_bad_group_in_layerwise_mode_raises_at_step_and_changes_nothing():
+    models = [TinyNet(), TinyNet()]
+    opts = [gradproj.GaLoreAdamW(gradproj.param_groups(m, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2,
+                                 layerwise=lw) for m, lw in zip(models, (False, True))]
+    train(models[1], opts[1], 2)
+    train(models[0], opts[0], 2)
+    before = snapshot(models[1])
+    opts[1].param_groups[-1]["rank"] = 0
+    tiny_loss(models[1], tiny_batch(7)).backward()  # the hooks stand aside: gradients stay in p.grad
+    assert all(p.grad is not None for p in models[1].parameters())
+    with pytest.raises(ValueError, match="rank = 0 must be a positive integer"):
+        opts[1].step()
+    assert all(torch.equal(v, before[k]) for k, v in models[1].state_dict().items())
+    opts[1].param_groups[-1]["rank"] = 4
+    opts[1].step()  # fixed: the kept gradients are stepped as normal mode steps them
+    tiny_loss(models[0], tiny_batch(7)).backward()
+    opts[0].step()
+    assert_same_weights(*models)
+
+
+def test_closure_and_option_errors():
+    model = TinyNet()
+    opt = gradproj.GaLoreAdamW(model.parameters(), lr=1e-2, layerwise=True)
+    batch = tiny_batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = tiny_loss(model, batch)
+        loss.backward()
+        return loss
+
+    first = opt.step(closure)
+    for _ in range(5):
+        last = opt.step(closure)
+    assert last < first
+    for kwargs, err, message in [
+        ({"layerwise": True, "accumulation_steps": 0}, ValueError, "accumulation_steps = 0"),
+        ({"accumulation_steps": 2}, ValueError, "applies to layerwise=True"),
+        ({"layerwise": "yes"}, TypeError, "layerwise = 'yes'"),
+        ({"max_grad_norm": -1.0}, ValueError, "max_grad_norm = -1.0"),
+    ]:
+        with pytest.raises(err, match=message):
+            gradproj.GaLoreAdamW(TinyNet().parameters(), **kwargs)
+
+
+def test_hooks_go_away_with_the_optimizer():
+    model = TinyNet()
+    opt = gradproj.GaLoreAdamW(model.parameters(), lr=1e-2, layerwise=True)
+    del opt
+    gc.collect()
+    before = snapshot(model)
+    tiny_loss(model, tiny_batch(0)).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_cuda_layerwise_matches_normal_mode():
+    """On CUDA the hooks run on autograd's device thread; the updates are still those of normal mode."""
+    models = [TinyNet().cuda(), TinyNet().cuda()]
+    for model, layerwise in zip(models, (False, True)):
+        opt = gradproj.GaLoreAdamW8bit(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2,
+                                       min_8bit_size=100, layerwise=layerwise)
+        for s in range(5):
+            x, y = tiny_batch(s)
+            torch.nn.functional.cross_entropy(model(x.cuda()).float(), y.cuda()).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
