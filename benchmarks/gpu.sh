@@ -25,7 +25,7 @@ for stage in "$@"; do
     step)
       python3 benchmarks/step_time.py --device cuda --dtype bfloat16 --models llama_60m llama_130m llama_350m \
         --json "$OUT/step_time_cuda.json" 2>&1 | tee "$OUT/step_time_cuda.log" | tail -20
-      python3 benchmarks/bases.py --parts refresh --device cuda --models llama_1b llama_7b --repeats 3 \
+      python3 benchmarks/bases.py --parts refresh --spectrum power:1 --device cuda --models llama_1b llama_7b --repeats 3 \
         --json "$OUT/bases_cuda.json" 2>&1 | tee "$OUT/bases_cuda.log" | tail -30
       ;;
     kernels)

@@ -180,21 +180,50 @@ def test_missing_bitsandbytes_is_a_clear_import_error(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_matches_cpu():
-    params, loss_fn = matrix_problem([(96, 64)], seed=2)
-    cuda_params = [nn.Parameter(p.detach().cuda()) for p in params]
-    group = {"rank": 16, "update_proj_gap": 4, "scale": 0.5}
-    cpu = gradproj.GaLoreAdamW8bit([{"params": params, **group}], lr=1e-2, min_8bit_size=256)
-    gpu = gradproj.GaLoreAdamW8bit([{"params": cuda_params, **group}], lr=1e-2, min_8bit_size=256)
-    start = params[0].detach().clone()
-    for _ in range(6):
-        for opt, ps in ((cpu, params), (gpu, cuda_params)):
+def test_cuda_quantization_agrees_with_cpu():
+    """bitsandbytes' CUDA and CPU blockwise quantizers store the same moments to within one code step.
+
+    (Whole CPU-vs-CUDA trajectories are not compared: cuSOLVER and LAPACK may return singular vectors of
+    opposite signs, and moments carried across a refresh then mean different things on the two devices,
+    exactly as for the 32-bit optimizer.)"""
+    from gradproj.inner.adam8bit import dequantize, dynamic_map, num_blocks, quantize_
+
+    g = torch.Generator().manual_seed(0)
+    for signed, x in ((True, torch.randn(64, 300, generator=g)), (False, torch.rand(64, 300, generator=g) ** 4)):
+        out = {}
+        for device in ("cpu", "cuda"):
+            codes = torch.empty(x.shape, dtype=torch.uint8, device=device)
+            absmax = torch.empty(num_blocks(x.numel()), dtype=torch.float32, device=device)
+            quantize_(x.to(device), codes, absmax, signed)
+            out[device] = (dequantize(codes, absmax, signed).cpu(), absmax.cpu())
+        torch.testing.assert_close(out["cuda"][1], out["cpu"][1])  # the block scales are exact maxima
+        step = dynamic_map(signed, torch.device("cpu")).diff().abs().max()
+        scale = out["cpu"][1].repeat_interleave(256)[: x.numel()].reshape(x.shape)
+        assert ((out["cuda"][0] - out["cpu"][0]).abs() <= step * scale + 1e-7).all()
+
+
+@pytest.mark.gpu
+def test_cuda_trajectory_stays_close_to_galore_adamw():
+    """On CUDA, as on CPU: the 8-bit moments follow the fp32 moments' training loss closely."""
+    losses = {}
+    for cls in (gradproj.GaLoreAdamW, gradproj.GaLoreAdamW8bit):
+        model = TinyNet(dim=32, hidden=128).cuda()
+        kwargs = {"min_8bit_size": 256} if cls is gradproj.GaLoreAdamW8bit else {}
+        opt = cls(gradproj.param_groups(model, rank=8, update_proj_gap=10, scale=0.5), lr=1e-2, **kwargs)
+        out = []
+        for s in range(40):
             opt.zero_grad()
-            loss_fn([p.cpu() if p.is_cuda else p for p in ps]).backward()
+            loss = tiny_loss(model, tuple(t.cuda() for t in tiny_batch(s)))
+            loss.backward()
             opt.step()
-    assert gpu.state[cuda_params[0]]["exp_avg"].dtype == torch.uint8
-    moved = (params[0] - start).abs().max()
-    assert (cuda_params[0].cpu() - params[0]).abs().max() < 1e-2 * moved
+            out.append(loss.item())
+        losses[cls] = out
+        if cls is gradproj.GaLoreAdamW8bit:
+            assert opt.state[model.fc1.weight]["exp_avg"].dtype == torch.uint8
+            assert opt.state[model.fc1.weight]["exp_avg"].is_cuda
+    ref, q = losses[gradproj.GaLoreAdamW], losses[gradproj.GaLoreAdamW8bit]
+    assert ref[-1] < 0.5 * ref[0]
+    assert max(abs(a - b) for a, b in zip(ref, q)) < 0.05 * ref[0]
 
 
 def test_distributed_checkpoint_state_dict_api_round_trips_the_8bit_state():
