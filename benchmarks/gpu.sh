@@ -3,6 +3,7 @@
 #   benchmarks/gpu.sh tests     # GPU-marked tests (real Triton kernels, CUDA paths), environment report
 #   benchmarks/gpu.sh step      # optimizer step time and refresh cost on CUDA
 #   benchmarks/gpu.sh kernels   # fused kernels vs torch reference vs torch.compile, llama_1b vs fused AdamW
+#   benchmarks/gpu.sh svd       # CUDA SVD drivers vs the Gram eigendecomposition at refresh shapes
 #   benchmarks/gpu.sh memory    # peak CUDA memory per training step
 # Results go to $OUT (default ./gpu-results). Extra Python wheels (bitsandbytes, galore-torch, fira) are
 # installed from ./.whl when that folder exists (machines without internet access).
@@ -31,10 +32,13 @@ for stage in "$@"; do
     kernels)
       python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -60
       ;;
+    svd)
+      python3 benchmarks/svd_drivers.py 2>&1 | tee "$OUT/svd_drivers.log" | tail -20
+      ;;
     memory)
       python3 benchmarks/memory.py --device cuda --dtype bfloat16 --models llama_60m llama_130m --batch 8 --seq 256 \
         --json "$OUT/memory_cuda.json" --plot "$OUT/memory_cuda.png" 2>&1 | tee "$OUT/memory_cuda.log" | tail -30
       ;;
-    *) echo "unknown stage $stage (tests, step, kernels, memory)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, step, kernels, svd, memory)"; exit 2 ;;
   esac
 done
