@@ -304,18 +304,23 @@ def bench_whole(args, device, dtype):
     out["adamw_kind"] = "fused" if fused else "default"
     del adamw
 
-    # refresh: the projector's compute_basis (SVD + slicing) once per distinct shape
-    refresh_s = 0.0
-    per_shape = {}
-    for (m, n), count in Counter(shapes).items():
-        proj = get_projector("svd")((m, n), min(rank, m, n), "std", {"update_proj_gap": args.gap})
-        G = next(p.grad for p in params if tuple(p.shape) == (m, n))
-        t = time_fn(lambda: proj.compute_basis(G, {}, 0), device, args.refresh_repeats, warmup=1)
-        per_shape[f"{m}x{n}"] = dict(count=count, refresh_ms=t * 1e3)
-        refresh_s += count * t
-    out["refresh_per_shape"] = per_shape
-    bases = {s: Matrix(*s, rank, dtype, device).state["proj"] for s in Counter(shapes)}
+    # refresh: each projector's compute_basis once per distinct shape. The dense bases (svd, eigh,
+    # randomized_svd) share the regular step; only the refresh cost differs between them.
+    refresh = {}
+    for name in args.whole_projectors:
+        refresh_s, per_shape = 0.0, {}
+        for (m, n), count in Counter(shapes).items():
+            proj = get_projector(name)((m, n), min(rank, m, n), "std", {"update_proj_gap": args.gap})
+            G = next(p.grad for p in params if tuple(p.shape) == (m, n))
+            t = time_fn(lambda: proj.compute_basis(G, {}, 0), device, args.refresh_repeats, warmup=1)
+            per_shape[f"{m}x{n}"] = dict(count=count, refresh_ms=t * 1e3)
+            refresh_s += count * t
+        refresh[name] = dict(per_shape=per_shape, refresh_step_extra_ms=refresh_s * 1e3)
+    out["refresh"] = refresh
+    refresh_s = refresh[args.whole_projectors[0]]["refresh_step_extra_ms"] / 1e3
+    out["refresh_per_shape"] = refresh[args.whole_projectors[0]]["per_shape"]
     out["refresh_step_extra_ms"] = refresh_s * 1e3
+    bases = {s: Matrix(*s, rank, dtype, device).state["proj"] for s in Counter(shapes)}
 
     for cls in (gradproj.GaLoreAdamW, gradproj.FiraAdamW):
         for impl in ("torch", "triton"):
@@ -333,6 +338,9 @@ def bench_whole(args, device, dtype):
             key = f"{cls.__name__}_{impl}"
             out[f"{key}_regular_ms"] = t * 1e3
             out[f"{key}_amortized_ms"] = (t + refresh_s / args.gap) * 1e3
+            for name, r in refresh.items():
+                out.setdefault("amortized_by_projector", {}).setdefault(name, {})[key] = (
+                    t * 1e3 + r["refresh_step_extra_ms"] / args.gap)
             del opt
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -368,6 +376,12 @@ def print_tables(result):
             for impl in ("torch", "triton"):
                 reg, am = w[f"{cls}_{impl}_regular_ms"], w[f"{cls}_{impl}_amortized_ms"]
                 print(f"| {cls} | {impl} | {reg:.2f} | {am:.2f} | {am / w['adamw_ms']:.2f}x |")
+        if len(w.get("refresh", {})) > 1:
+            print("\n| projector | refresh of all matrices ms | GaLoreAdamW triton amortized ms | / AdamW |")
+            print("|---|---|---|---|")
+            for name, r in w["refresh"].items():
+                am = w["amortized_by_projector"][name]["GaLoreAdamW_triton"]
+                print(f"| {name} | {r['refresh_step_extra_ms']:.0f} | {am:.2f} | {am / w['adamw_ms']:.2f}x |")
 
 
 def main():
@@ -390,6 +404,9 @@ def main():
     ap.add_argument("--whole-repeats", type=int, default=None)
     ap.add_argument("--refresh-repeats", type=int, default=None)
     ap.add_argument("--gap", type=int, default=200)
+    ap.add_argument("--whole-projectors", nargs="+", default=["svd"],
+                    help="bases whose refresh cost is timed for the amortized step (first one: main table)")
+    ap.add_argument("--only-whole", action="store_true", help="skip the per-matrix parts (correctness still runs)")
     args = ap.parse_args()
     smoke = args.smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
@@ -446,9 +463,11 @@ def main():
     ceiling = copy_ceiling(device, (16 << 20) if smoke else (1 << 30), args.repeats)
     result["copy_ceiling_gbps"] = ceiling / 1e9
 
-    print("3. per-matrix step", flush=True)
-    result["per_matrix"] = bench_matrices(args, device, steppers, t_start)
-    result["bandwidth"] = bench_kernel_bandwidth(args, device, triton_ops, ceiling)
+    result["per_matrix"], result["bandwidth"] = [], []
+    if not args.only_whole:
+        print("3. per-matrix step", flush=True)
+        result["per_matrix"] = bench_matrices(args, device, steppers, t_start)
+        result["bandwidth"] = bench_kernel_bandwidth(args, device, triton_ops, ceiling)
 
     print("4. whole optimizer", flush=True)
     result["whole"] = []
