@@ -135,50 +135,32 @@ def test_bad_input_exits_with_a_clear_message(argv, message, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv,needs",
+    "argv",
     [
-        (["--layerwise"], lambda: _accepts_layerwise()),
-        (["--sampler", "uniform", "--active-layers", "1", "--sample-interval", "2"], lambda: _has("LayerSampler")),
-        (["--optimizer", "frugal_adamw"], lambda: OPTIMIZERS["frugal_adamw"].resolve() is not None),
-        (["--projector", "randomized_svd"], lambda: _projector("randomized_svd")),
-        (["--projector", "dct"], lambda: _projector("dct")),
-        (["--projector", "random"], lambda: _projector("random")),
+        ["--layerwise"],
+        ["--layerwise", "--grad-accum", "2"],
+        ["--sampler", "uniform", "--active-layers", "1", "--sample-interval", "2"],
+        ["--optimizer", "frugal_adamw"],
+        ["--projector", "randomized_svd"],
+        ["--projector", "dct"],
+        ["--projector", "random"],
     ],
 )
-def test_options_of_other_modules_run_when_present_and_fail_clearly_when_not(argv, needs, tmp_path, capsys):
-    """Pass-through flags: train when the feature exists in this gradproj, else exit 2 naming the feature."""
-    command = ["train", *TINY, "--steps", "2", *argv]
-    if needs():
-        assert main(command + ["--out", str(tmp_path / "run")]) == 0
-        assert len(read_metrics(tmp_path / "run")) == 2
-    else:
-        with pytest.raises(SystemExit) as exc:
-            main(command)
-        assert exc.value.code == 2
-        err = capsys.readouterr().err
-        assert any(word in err for word in ("layerwise", "LayerSampler", "frugal_adamw", "projector")), err
+def test_flags_of_every_part_train(argv, tmp_path):
+    assert main(["train", *TINY, "--steps", "2", *argv, "--out", str(tmp_path / "run")]) == 0
+    assert len(read_metrics(tmp_path / "run")) == 2
 
 
-def _accepts_layerwise():
-    import gradproj
+def test_layerwise_takes_grad_accum_and_refuses_global_clipping(capsys):
+    from gradproj.train.models import build_model
+    from gradproj.train.optimizers import OptimizerChoice, build_optimizer
 
-    try:
-        gradproj.GaLoreAdamW([torch.nn.Parameter(torch.zeros(4, 4))], lr=1e-3, layerwise=True)
-    except TypeError:
-        return False
-    return True
-
-
-def _has(name):
-    import gradproj
-
-    return hasattr(gradproj, name)
-
-
-def _projector(name):
-    from gradproj.projectors import PROJECTORS
-
-    return name in PROJECTORS
+    model = build_model("tiny", 256, 32)
+    opt = build_optimizer(model, OptimizerChoice(layerwise=True), 128, accumulation_steps=3)
+    assert opt._layerwise.accumulation_steps == 3  # the hooks accumulate --grad-accum backward passes
+    with pytest.raises(SystemExit):
+        main(["train", *TINY, "--steps", "2", "--layerwise", "--clip", "1.0"])
+    assert "--optimizer-option max_grad_norm=VALUE" in capsys.readouterr().err
 
 
 def test_python_dash_m_gradproj_runs(tmp_path):

@@ -3,6 +3,7 @@
     gradproj train                        # the tiny default on the standard library's sources, ~1 minute on CPU
     gradproj train --model llama_60m --optimizer fira_adamw --rank 128 --out runs/fira
     gradproj train --resume runs/fira     # continue exactly where the run stopped
+    torchrun --nproc-per-node 4 -m gradproj train --model llama_1b --fsdp --out runs/1b   # DDP without --fsdp
     gradproj compare --optimizers adamw galore_adamw fira_adamw --out runs/cmp
     gradproj memory --model llama_7b --optimizer galore_adamw8bit --rank 1024 --layerwise --batch 1 --seq 256
     gradproj list                         # models, optimizers and projectors available here
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -91,6 +93,10 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     _add(t, "--seed", section="cfg", field="seed", type=int, help="model init and batches (default 0)")
     _add(t, "--dtype", section="cfg", field="dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
     _add(t, "--device", section="cfg", field="device", help="auto (default), cpu, cuda, cuda:1, ...")
+    _add(t, "--parallel", section="cfg", field="parallel", choices=["auto", "none", "ddp", "fsdp"],
+         help="under torchrun: ddp or fsdp (FSDP2); auto (default): DDP under torchrun, else one process")
+    _add(t, "--fsdp", section="cfg", field="parallel", action="store_const", const="fsdp",
+         help="shard parameters, gradients and optimizer state with FSDP2 (same as --parallel fsdp; needs torchrun)")
     _add(t, "--log-every", section="cfg", field="log_every", type=_positive_int, help="write a metrics line every N steps (default 1)")
     _add(t, "--eval-every", section="cfg", field="eval_every", type=_positive_int, help="validation every N steps and at the end (default 50)")
     _add(t, "--eval-batches", section="cfg", field="eval_batches", type=_positive_int, help="validation batches (default 8)")
@@ -126,6 +132,11 @@ def _config(ns: argparse.Namespace):
     return TrainConfig(optimizer=OptimizerChoice(**opt), **cfg)
 
 
+def _is_main() -> bool:
+    """False on the ranks of a torchrun job other than 0 (they train silently)."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
@@ -137,6 +148,8 @@ def _report(line: str) -> None:
 
 
 def _print_result(result, out: str | None) -> None:
+    if not _is_main():
+        return
     parts = ", ".join(f"{k} {_mib(v)}" for k, v in result.optimizer_state_parts.items() if not k.startswith("key:") and v)
     val = (
         f" | val loss {result.final_val_loss:.4f} | val ppl {result.final_val_ppl:.3f}"
@@ -145,7 +158,8 @@ def _print_result(result, out: str | None) -> None:
     )
     print(f"done: step {result.steps_done}, {result.tokens_per_s:,.0f} tokens/s, {1000 * result.mean_step_time_s:,.1f} ms/step")
     print(f"final train loss {result.final_train_loss:.4f}{val}")
-    print(f"optimizer state: {_mib(result.optimizer_state_bytes)}" + (f" ({parts})" if parts else ""))
+    where = " on rank 0 (its shards under FSDP2)" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+    print(f"optimizer state{where}: {_mib(result.optimizer_state_bytes)}" + (f" ({parts})" if parts else ""))
     print(f"peak memory: {_mib(result.peak_memory_bytes)} ({result.peak_memory_kind}); parameters {result.n_params:,}")
     if out:
         print(f"wrote {out}/: metrics.jsonl, loss.png, config.json, summary.json, checkpoints/")
@@ -164,8 +178,9 @@ def cmd_train(ns: argparse.Namespace) -> int:
         out = ns.out or ns.resume
     else:
         config = _config(ns)
-        print(f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
-              f"{config.batch_size} x {config.seq_len} tokens" + (f" -> {ns.out}" if ns.out else ""))
+        if _is_main():
+            print(f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
+                  f"{config.batch_size} x {config.seq_len} tokens" + (f" -> {ns.out}" if ns.out else ""))
         result = train(config, out_dir=ns.out, progress=progress, report=_report)
         out = ns.out
     _print_result(result, out)
@@ -177,6 +192,8 @@ def cmd_compare(ns: argparse.Namespace) -> int:
 
     config = _config(ns)
     rows, results = compare(config, ns.optimizers, ns.out, progress=not ns.quiet, report=_report)
+    if not _is_main():
+        return 0
     kind = next(iter(results.values())).peak_memory_kind
     print(to_markdown(rows, config, kind), end="")
     if ns.out:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .loop import RunResult, TrainConfig, train
 from .optimizers import OptimizerChoice
+from .runtime import make_runtime
 
 COLUMNS = [
     ("optimizer", "optimizer"),
@@ -149,19 +150,24 @@ def compare(
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, RunResult] = {}
     rows = []
-    for label, choice in zip(labels, choices):
-        run_config = replace(config, optimizer=choice)
-        run_config.validate()
-        results[label] = train(
-            run_config,
-            out_dir=out / _slug(label) if out is not None else None,
-            progress=progress,
-            report=report,
-            label=label,
-            checkpoints=False,
-        )
-        rows.append(row(label, results[label]))
-    if out is not None:
+    runtime = make_runtime(config.device, config.parallel)  # one process group for all the runs
+    try:
+        for label, choice in zip(labels, choices):
+            run_config = replace(config, optimizer=choice)
+            run_config.validate()
+            results[label] = train(
+                run_config,
+                out_dir=out / _slug(label) if out is not None else None,
+                runtime=runtime,
+                progress=progress,
+                report=report,
+                label=label,
+                checkpoints=False,
+            )
+            rows.append(row(label, results[label]))
+    finally:
+        runtime.close()
+    if out is not None and runtime.is_main:
         from .plots import try_plot_losses
 
         kind = next(iter(results.values())).peak_memory_kind

@@ -25,7 +25,7 @@ from ..memory import optimizer_state_bytes
 from .data import BatchStream, eval_windows, load_data
 from .models import build_model, get_shape
 from .optimizers import OptimizerChoice, build_optimizer
-from .runtime import LocalRuntime, Runtime
+from .runtime import PARALLEL, DistributedRuntime, Runtime, make_runtime
 
 log = logging.getLogger("gradproj")
 
@@ -34,7 +34,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 #: metrics that differ between otherwise identical runs (wall-clock), left out when runs are compared
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
 #: what may differ when a run is resumed (everything else must match the saved configuration)
-RESUMABLE = ("stop_at", "save_every", "keep_checkpoints", "device")
+RESUMABLE = ("stop_at", "save_every", "keep_checkpoints", "device", "parallel")
 
 
 @dataclass
@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "auto"
+    parallel: str = "auto"  # auto (DDP under torchrun, else one process), none, ddp, fsdp
     data: list[str] | None = None
     text_key: str = "text"
     tokenizer: str = "byte"
@@ -76,6 +77,8 @@ class TrainConfig:
                 raise ValueError(f"{name} = {value!r} must be a positive integer")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule = {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel = {self.parallel!r}; use one of {', '.join(PARALLEL)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype = {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.warmup < 0:
@@ -86,11 +89,10 @@ class TrainConfig:
             raise ValueError(f"clip = {self.clip} must be >= 0 (0 disables clipping)")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise ValueError(f"stop_at = {self.stop_at} must be in [1, steps = {self.steps}]")
-        if self.optimizer.layerwise and (self.clip > 0 or self.grad_accum > 1):
+        if self.optimizer.layerwise and self.clip > 0:
             raise ValueError(
-                "--layerwise steps each weight during backward, so --clip and --grad-accum cannot act on the "
-                "full gradient here; use the optimizer's own options for per-layer clipping / accumulation "
-                "(--optimizer-option)"
+                "--layerwise steps each weight during backward, before the global gradient norm --clip needs "
+                "exists; clip each weight's gradient instead with --optimizer-option max_grad_norm=VALUE"
             )
 
     def warmup_steps(self) -> int:
@@ -187,7 +189,8 @@ def train(
         out_dir: where files go (``None``: nothing is written). Defaults to ``resume`` when resuming.
         resume: a directory of an earlier run; continues from its newest checkpoint.
         overrides: with ``resume``, new values for the fields in :data:`RESUMABLE`.
-        runtime: device and process layout (default: one local process on ``config.device``).
+        runtime: device and process layout (default: :func:`~gradproj.train.runtime.make_runtime` of
+            ``config.device`` / ``config.parallel``: DDP or FSDP2 under torchrun, else one process).
         progress: show a tqdm bar. ``report``: called with one line per evaluation (default: logging).
         label: the run's name on the progress bar and plot. ``checkpoints``: write checkpoints to ``out_dir``.
     """
@@ -207,7 +210,30 @@ def train(
         out_dir = out_dir if out_dir is not None else resume
     config = config or TrainConfig()
     config.validate()
-    runtime = runtime or LocalRuntime(config.device)
+    own_runtime = runtime is None
+    runtime = runtime or make_runtime(config.device, config.parallel)
+    try:
+        return _train(config, out_dir, resume, ckpt_path, runtime, progress, say, label, checkpoints)
+    finally:
+        if own_runtime:
+            runtime.close()
+
+
+def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, progress: bool, say, label, checkpoints) -> RunResult:
+    if isinstance(runtime, DistributedRuntime):
+        if config.optimizer.layerwise:
+            raise ValueError(
+                "--layerwise steps each weight inside backward, before DDP / FSDP2 have reduced its gradient "
+                "across processes; train without --layerwise under torchrun"
+            )
+        if config.optimizer.sampler is not None:
+            raise ValueError(
+                f"--sampler {config.optimizer.sampler} switches which blocks train while the model is wrapped for "
+                "DDP / FSDP2, which fixes the trained parameters when it wraps; use --sampler in one process"
+            )
+    if not runtime.is_main:  # one process reports for all
+        def say(_line: str) -> None:
+            pass
     device, dtype = runtime.device, DTYPES[config.dtype]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and checkpoints and (out != resume) and latest_checkpoint(out) is not None:
@@ -234,18 +260,20 @@ def train(
     model = build_model(config.model, data.vocab_size, config.seq_len, seed=config.seed, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     model = runtime.wrap_model(model)
-    optimizer = build_optimizer(runtime.unwrap_model(model), config.optimizer, shape.hidden, seed=config.seed)
+    optimizer = build_optimizer(runtime.unwrap_model(model), config.optimizer, shape.hidden, seed=config.seed,
+                                accumulation_steps=config.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s))
 
     start = 0
     if ckpt_path is not None:
-        start = _load_checkpoint(runtime.load(str(ckpt_path)), runtime.unwrap_model(model), optimizer, scheduler, device)
+        start = _load_checkpoint(runtime, ckpt_path, runtime.unwrap_model(model), optimizer, scheduler)
         say(f"resumed from {ckpt_path} at step {start}")
     metrics = MetricsLog(out / "metrics.jsonl" if out is not None and runtime.is_main else None, keep_until=start)
     end = config.stop_at or config.steps
 
     stream = BatchStream(data.train, config.batch_size, config.seq_len, config.seed, runtime.rank, runtime.world_size)
-    val_x = _shard(eval_windows(data.val, config.eval_batches * config.batch_size, config.seq_len), runtime)
+    # the same windows as one process with a world_size times larger batch, split between the ranks
+    val_x = _shard(eval_windows(data.val, config.eval_batches * config.batch_size * runtime.world_size, config.seq_len), runtime)
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * runtime.world_size
 
     runtime.reset_peak_memory()
@@ -260,8 +288,9 @@ def train(
             loss_sum = 0.0
             for micro in range(config.grad_accum):
                 x = stream.batch(step, micro).to(device)
-                loss = model(input_ids=x, labels=x).loss / config.grad_accum
-                loss.backward()
+                with runtime.accumulate(model, sync=micro == config.grad_accum - 1):
+                    loss = model(input_ids=x, labels=x).loss / config.grad_accum
+                    loss.backward()
                 loss_sum += loss.item()
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
@@ -355,8 +384,16 @@ def checkpoint_dir(out: Path) -> Path:
     return Path(out) / "checkpoints"
 
 
+def list_checkpoints(out: str | Path) -> list[Path]:
+    """Checkpoints of a run, oldest first: ``step_NNNNNNN.pt`` files and ``step_NNNNNNN/`` directories
+    (``torch.distributed.checkpoint``, written under FSDP2)."""
+    found = [p for p in checkpoint_dir(Path(out)).glob("step_*")
+             if (p.is_file() and p.suffix == ".pt") or (p.is_dir() and (p / "extra.pt").is_file())]
+    return sorted(found, key=lambda p: int(p.name[5:].split(".")[0]))
+
+
 def latest_checkpoint(out: str | Path) -> Path | None:
-    found = sorted(checkpoint_dir(Path(out)).glob("step_*.pt"))
+    found = list_checkpoints(out)
     return found[-1] if found else None
 
 
@@ -375,28 +412,18 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, config: TrainConfig, runtime: Runtime) -> Path:
-    """Write ``checkpoints/step_NNNNNNN.pt`` and keep the newest ``config.keep_checkpoints`` of them."""
-    path = checkpoint_dir(out) / f"step_{step:07d}.pt"
-    runtime.save(
-        {
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "config": config.to_dict(),
-        },
-        str(path),
-    )
-    if runtime.is_main:
-        for old in sorted(checkpoint_dir(out).glob("step_*.pt"))[: -config.keep_checkpoints]:
-            old.unlink()
+    """Write the checkpoint of ``step`` (layout: :mod:`gradproj.train.runtime`) and keep the newest
+    ``config.keep_checkpoints``."""
+    path = checkpoint_dir(out) / runtime.checkpoint_name(step)
+    extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": config.to_dict()}
+    runtime.save_checkpoint(path, model, optimizer, extra)
+    for old in list_checkpoints(out)[: -config.keep_checkpoints]:
+        runtime.remove_checkpoint(old)
     return path
 
 
-def _load_checkpoint(ckpt: dict[str, Any], model, optimizer, scheduler, device: torch.device) -> int:
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+def _load_checkpoint(runtime: Runtime, path: Path, model, optimizer, scheduler) -> int:
+    ckpt = runtime.load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():

@@ -99,7 +99,7 @@ class OptimizerChoice:
     layerwise: bool = False
     group_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
-    sampler: str | None = None  # "uniform" (LISA) or "owl" (OwLore), when gradproj has LayerSampler
+    sampler: str | None = None  # "uniform" (LISA) or "owl" (OwLore)
     active_layers: int = 2
     sample_interval: int = 50
 
@@ -107,8 +107,13 @@ class OptimizerChoice:
         return self.lr if self.lr is not None else get_spec(self.name).lr
 
 
-def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed: int = 0) -> torch.optim.Optimizer:
-    """Build the optimizer ``choice`` describes for ``model``; raises ValueError naming the bad option."""
+def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed: int = 0,
+                    accumulation_steps: int = 1) -> torch.optim.Optimizer:
+    """Build the optimizer ``choice`` describes for ``model``; raises ValueError naming the bad option.
+
+    ``accumulation_steps``: backward passes per optimizer step; with ``choice.layerwise`` the per-layer
+    hooks accumulate that many gradients before stepping each weight (``--grad-accum``).
+    """
     spec = get_spec(choice.name)
     cls = spec.resolve()
     kwargs: dict[str, Any] = {
@@ -119,6 +124,8 @@ def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed
     }
     if choice.layerwise:
         kwargs["layerwise"] = True
+        if accumulation_steps > 1:
+            kwargs.setdefault("accumulation_steps", accumulation_steps)
     trainable_only = True
     if choice.sampler is not None:
         kwargs["sampler"] = _build_sampler(model, choice, seed)
@@ -155,11 +162,8 @@ def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed
 
 
 def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
-    import gradproj
+    from ..sampling import LayerSampler as sampler_cls
 
-    sampler_cls = getattr(gradproj, "LayerSampler", None)
-    if sampler_cls is None:
-        raise ValueError("--sampler needs gradproj.LayerSampler, which this version of gradproj does not have")
     if choice.sampler not in ("uniform", "owl"):
         raise ValueError(f"sampler = {choice.sampler!r}; use 'uniform' (LISA) or 'owl' (OwLore)")
     blocks = model.model.layers
