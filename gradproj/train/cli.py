@@ -72,7 +72,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     _add(o, "--projector", section="opt", field="projector", metavar="NAME", help="subspace basis: svd (default) or any registered projector")
     _add(o, "--target-modules", section="opt", field="target_modules", nargs="+", metavar="PATTERN",
          help="module names (substrings or regexes) whose weights are projected (default: every Linear of the blocks)")
-    _add(o, "--layerwise", section="opt", field="layerwise", action="store_true", help="per-layer updates during backward (when the optimizer supports it)")
+    _add(o, "--layerwise", section="opt", field="layerwise", action="store_true", help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes per update)")
     _add(o, "--group-option", section="opt", field="group_options", type=_kv, action="append", metavar="KEY=VALUE",
          help="any further key of the projected param group (repeatable), e.g. limiter_gamma=1.05")
     _add(o, "--optimizer-option", section="opt", field="optimizer_options", type=_kv, action="append", metavar="KEY=VALUE",
