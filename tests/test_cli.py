@@ -240,3 +240,20 @@ def test_datasets_name_without_network_fails_clearly():
     # the tests run with HF_DATASETS_OFFLINE=1 (conftest): the dataset cannot be fetched
     with pytest.raises(ValueError, match="could not load the dataset.*local text / jsonl files"):
         data_mod.load_data(["hf:gradproj-no-such/dataset"], seq_len=16)
+
+
+def test_recipe_defaults_per_optimizer():
+    """GaLore's recipe (lr 1e-2, scale 0.25) and FRUGAL's (AdamW's lr 1e-3, no extra scale); flags override."""
+    from gradproj.train.models import build_model
+    from gradproj.train.optimizers import OptimizerChoice, build_optimizer
+
+    model = build_model("tiny", 256, 32)
+
+    def projected(choice):
+        opt = build_optimizer(model, choice, 128)
+        (group,) = [g for g in opt.param_groups if "rank" in g]
+        return group["lr"], group["scale"]
+
+    assert projected(OptimizerChoice(name="galore_adamw")) == (1e-2, 0.25)
+    assert projected(OptimizerChoice(name="frugal_adamw")) == (1e-3, 1.0)
+    assert projected(OptimizerChoice(name="frugal_adamw", lr=3e-3, scale=0.5)) == (3e-3, 0.5)

@@ -63,10 +63,10 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     o = p.add_argument_group("optimizer")
     if not compare:
         _add(o, "--optimizer", section="opt", field="name", help="optimizer name (see `gradproj list`; default galore_adamw)")
-    _add(o, "--lr", section="opt", field="lr", type=float, help="peak learning rate (default: the optimizer's recipe, 1e-2 projected / 1e-3 full-rank)")
+    _add(o, "--lr", section="opt", field="lr", type=float, help="peak learning rate (default: the optimizer's recipe, 1e-2 projected / 1e-3 full-rank and FRUGAL)")
     _add(o, "--weight-decay", section="opt", field="weight_decay", type=float, help="decoupled weight decay (default 0)")
     _add(o, "--rank", section="opt", field="rank", type=_positive_int, help="subspace rank (default hidden // 4)")
-    _add(o, "--scale", "--alpha", section="opt", field="scale", type=float, help="alpha: projected matrices move at lr * scale (default 0.25)")
+    _add(o, "--scale", "--alpha", section="opt", field="scale", type=float, help="alpha: projected matrices move at lr * scale (default 0.25; FRUGAL 1)")
     _add(o, "--update-proj-gap", section="opt", field="update_proj_gap", type=_positive_int, help="T: refresh the subspace every T steps (default 200)")
     _add(o, "--proj-type", section="opt", field="proj_type", choices=["std", "reverse_std", "left", "right", "full"], help="projection side (default std)")
     _add(o, "--projector", section="opt", field="projector", metavar="NAME", help="subspace basis: svd (default) or any registered projector")

@@ -34,6 +34,8 @@ class OptimizerSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: default keys of the projected group
     group: dict[str, Any] = field(default_factory=dict)
+    #: default scale (alpha) of the projected matrices
+    scale: float = 0.25
     help: str = ""
 
     def resolve(self) -> type[torch.optim.Optimizer] | None:
@@ -55,7 +57,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adafactor": OptimizerSpec("transformers.optimization:Adafactor", 1e-3, projected=False, kwargs=_ADAFACTOR_FIXED_LR, help="transformers Adafactor, fixed lr (full-rank baseline)"),
     "galore_adamw": OptimizerSpec("gradproj:GaLoreAdamW", 1e-2, help="GaLore: Adam in a low-rank gradient subspace"),
     "fira_adamw": OptimizerSpec("gradproj:FiraAdamW", 1e-2, help="Fira: GaLore plus the scaled residual, norm-growth limited"),
-    "frugal_adamw": OptimizerSpec("gradproj:FrugalAdamW", 1e-2, help="FRUGAL: Adam in the subspace, signSGD outside it"),
+    "frugal_adamw": OptimizerSpec("gradproj:FrugalAdamW", 1e-3, scale=1.0, help="FRUGAL: Adam in the subspace, signSGD outside it"),
     "galore_adamw8bit": OptimizerSpec("gradproj:GaLoreAdamW8bit", 1e-2, help="GaLore with 8-bit blockwise moments"),
     "galore_adafactor": OptimizerSpec("gradproj:GaLoreAdafactor", 1e-2, kwargs=_ADAFACTOR_FIXED_LR, help="GaLore with Adafactor's factored second moment"),
 }
@@ -92,7 +94,7 @@ class OptimizerChoice:
     weight_decay: float = 0.0
     rank: int | None = None  # None: hidden // 4, GaLore's ratio at 60M, 350M, 1B and 7B
     update_proj_gap: int = 200
-    scale: float = 0.25
+    scale: float | None = None  # None: the spec's default (0.25; FRUGAL 1.0, with AdamW's lr)
     proj_type: str = "std"
     projector: str | None = None  # None: the optimizer's default (svd)
     target_modules: list[str] | None = None  # None: every Linear of the decoder blocks
@@ -143,7 +145,7 @@ def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed
             target_modules=choice.target_modules,
             rank=choice.rank if choice.rank is not None else max(1, hidden // 4),
             update_proj_gap=choice.update_proj_gap,
-            scale=choice.scale,
+            scale=choice.scale if choice.scale is not None else spec.scale,
             proj_type=choice.proj_type,
             trainable_only=trainable_only,
             **extra,
