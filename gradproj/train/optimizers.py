@@ -169,4 +169,13 @@ def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
     if choice.sampler not in ("uniform", "owl"):
         raise ValueError(f"sampler = {choice.sampler!r}; use 'uniform' (LISA) or 'owl' (OwLore)")
     blocks = model.model.layers
-    return sampler_cls(blocks, choice.active_layers, choice.sample_interval, probs=choice.sampler, seed=seed)
+    try:
+        return sampler_cls(blocks, choice.active_layers, choice.sample_interval, probs=choice.sampler, seed=seed)
+    except ValueError as err:
+        if choice.sampler != "owl":
+            raise
+        raise ValueError(
+            "--sampler owl draws blocks by their share of outlier weights, and the freshly initialised model "
+            f"gradproj train builds has none ({err}). OwLore is for fine-tuning a pretrained model: use it from "
+            "Python (docs/owlore.md), or --sampler uniform here"
+        ) from None
