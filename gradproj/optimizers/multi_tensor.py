@@ -6,7 +6,7 @@ than that host overhead, so a whole-model step ends up bound by the host. With t
 ``foreach`` the parameters for which a step is plain GaLore (below) are stepped together instead:
 
     R_i   = down(G_i)                        per matrix, or one torch.bmm per chunk of small matrices
-    m_i, v_i ← Adam on R_i                   torch._foreach_* ops over the chunk (in the state dtype)
+    m_i, v_i ← Adam on R_i                   torch._foreach_* ops over the chunk
     U_i   = m_i / (√v_i + eps)                torch._foreach_* ops
     W_i  -= s_i · scale · B(U_i)             one addmm_ per matrix, or one baddbmm_ per chunk of small ones
     W_i  -= lr · wd · W_i                     torch._foreach_add_ over the chunk (Triton impl: in the GEMM)
@@ -16,10 +16,10 @@ dict is the same whichever path ran and a checkpoint resumes on either. What rem
 matrices is two GEMM launches (the projections, which read and write the full-size tensors once, as the
 per-parameter path does); small matrices are stacked (copies of their gradients and weights, the weights
 copied back after one ``baddbmm_``) because for them a launch costs more than the memory traffic it saves.
-The moments are updated with the torch reference's ops in the state dtype (:func:`gradproj.kernels.reference.adam_update`),
-also under ``impl="triton"`` (whose kernel rounds once from float32: the same for float32 state, within a
-rounding for bfloat16 state); the weight update follows the group's ``impl`` (Triton's folds the decay into
-the GEMM as ``beta = 1 − lr·wd``).
+Both halves follow the group's ``impl``: the moments are updated with the torch reference's ops in the
+state dtype (:func:`gradproj.kernels.reference.adam_update`), or, for the Triton kernels with bfloat16 /
+float16 state, in float32 and rounded once on store as the kernel does; the weight update is the
+reference's ``addmm_`` then decay, or Triton's single GEMM with the decay folded in as ``beta = 1 − lr·wd``.
 
 When it is used (``foreach=None``, the default: CUDA parameters only, as torch.optim's default;
 ``True``: also on the CPU; ``False``: never): for a parameter with a gradient, in a group without
@@ -222,16 +222,20 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         if Rs[0].dtype != ms[0].dtype:
             Rs = list(torch.stack(Rs).to(ms[0].dtype).unbind(0))
 
-    # Adam in the subspace: kernels.reference.adam_update over the chunk
+    # Adam in the subspace: the ops module's adam_update over the chunk
     beta1, beta2 = group["betas"]
-    torch._foreach_lerp_(ms, Rs, 1.0 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, Rs, Rs, value=1.0 - beta2)
+    fused_kernels = bucket.ops.adam_update is not kernels.reference.adam_update
+    if fused_kernels and ms[0].dtype != torch.float32:  # the Triton kernel's rounding: float32 math, one store
+        Us = _adam_float32(Rs, ms, vs, beta1, beta2, group["eps"])
+    else:  # kernels.reference.adam_update's ops (for float32 state also the kernel's arithmetic)
+        torch._foreach_lerp_(ms, Rs, 1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, Rs, Rs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"])
+        Us = torch._foreach_div(ms, denom)
+        del denom
     del Rs
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_add_(denom, group["eps"])
-    Us = torch._foreach_div(ms, denom)
-    del denom
 
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
     alpha = -bucket.step_size * opt._scale(group)
@@ -251,6 +255,18 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         W.addmm_(*((Xm, Pm) if side == "right" else (Pm, Xm)), beta=beta, alpha=alpha * beta)
     if not fused_decay and decay != 0.0:
         torch._foreach_add_(Ws, Ws, alpha=-decay)
+
+
+def _adam_float32(Rs, ms, vs, beta1, beta2, eps) -> list[torch.Tensor]:
+    """The moments and ψ = m / (√v + eps) computed in float32 and rounded once to the state dtype."""
+    R = torch.stack(Rs).float()
+    M, V = torch.stack(ms).float(), torch.stack(vs).float()
+    M.lerp_(R, 1.0 - beta1)
+    V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+    psi = (M / V.sqrt().add_(eps)).to(ms[0].dtype)
+    torch._foreach_copy_(ms, list(M.unbind(0)))
+    torch._foreach_copy_(vs, list(V.unbind(0)))
+    return list(psi.unbind(0))
 
 
 def _down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
