@@ -72,6 +72,8 @@ def assert_same_state(a, b, exact):
 def gemm_form(request, monkeypatch):
     if request.param == "per_matrix":
         monkeypatch.setattr(multi_tensor, "BATCHED_GEMM_MAX_NUMEL", 0)
+    else:  # the CUDA form, on the CPU
+        monkeypatch.setattr(multi_tensor, "BATCHED_GEMM_DEVICES", ("cuda", "cpu"))
     return request.param
 
 
@@ -172,13 +174,15 @@ def test_auto_means_cuda_only_and_false_means_never(monkeypatch):
 
 
 def test_chunks_split_and_give_the_same_result(monkeypatch):
+    monkeypatch.setattr(multi_tensor, "BATCHED_GEMM_DEVICES", ("cuda", "cpu"))
     params, loss_fn = problem(torch.float32)
     p_ref = clone_params(params)
     ref = make(p_ref, True)
     steps(ref, p_ref, loss_fn, STEPS)
     sizes = []
     chunk = multi_tensor._step_chunk
-    monkeypatch.setattr(multi_tensor, "_step_chunk", lambda opt, b, items: (sizes.append(len(items)), chunk(opt, b, items)))
+    monkeypatch.setattr(multi_tensor, "_step_chunk",
+                        lambda opt, b, items: (sizes.append(len(items)), chunk(opt, b, items)))
     monkeypatch.setattr(multi_tensor, "CHUNK_BYTES", 1)  # one matrix per chunk
     opt = make(params, True)
     steps(opt, params, loss_fn, STEPS)

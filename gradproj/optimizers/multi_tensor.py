@@ -14,8 +14,8 @@ than that host overhead, so a whole-model step ends up bound by the host. With t
 with the same arithmetic, the same state keys and the same dtypes as the per-parameter path, so the state
 dict is the same whichever path ran and a checkpoint resumes on either. What remains per matrix for large
 matrices is two GEMM launches (the projections, which read and write the full-size tensors once, as the
-per-parameter path does); small matrices are stacked (copies of their gradients and weights, the weights
-copied back after one ``baddbmm_``) because for them a launch costs more than the memory traffic it saves.
+per-parameter path does); on CUDA small matrices are stacked (copies of their gradients and weights, the
+weights copied back after one ``baddbmm_``) because for them a launch costs more than the traffic it saves.
 Both halves follow the group's ``impl``: the moments are updated with the torch reference's ops in the
 state dtype (:func:`gradproj.kernels.reference.adam_update`), or, for the Triton kernels with bfloat16 /
 float16 state, in float32 and rounded once on store as the kernel does; the weight update is the
@@ -35,14 +35,14 @@ that step, unchanged; a parameter rejoins the batched path at its next regular s
 Grouping and memory: eligible matrices are bucketed by (param group, device, shape, side, parameter
 dtype, state dtype, kernels module, step size) and every bucket is cut into chunks whose transient
 tensors (the low-rank R and U, and for stacked small matrices the stacked gradients and weights) stay below
-:data:`CHUNK_BYTES`; a chunk holds at least one matrix. Matrices with at most
-:data:`BATCHED_GEMM_MAX_NUMEL` elements use the batched (``torch.bmm``) projections.
+:data:`CHUNK_BYTES`; a chunk holds at least one matrix. On CUDA, matrices with at most
+:data:`BATCHED_GEMM_MAX_NUMEL` elements use the stacked (``torch.bmm``) projections; on the CPU every
+matrix has its own GEMMs (:data:`BATCHED_GEMM_DEVICES`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -64,6 +64,13 @@ CHUNK_BYTES = 512 << 20
 #: matrices with at most this many elements are projected with one torch.bmm per chunk (gradients stacked)
 #: instead of one GEMM per matrix; above it the per-matrix GEMMs' memory traffic dominates their launches.
 BATCHED_GEMM_MAX_NUMEL = 1 << 21
+#: devices where small matrices take the stacked form. Not the CPU: there a launch is cheap and the fresh
+#: stacked buffers (page faults on every allocation) cost more than the calls they save (docs/benchmarks.md).
+BATCHED_GEMM_DEVICES = ("cuda",)
+
+
+def _stacked(device: torch.device, numel: int, count: int) -> bool:
+    return count > 1 and numel <= BATCHED_GEMM_MAX_NUMEL and device.type in BATCHED_GEMM_DEVICES
 
 
 def check_option(value: object, where: str) -> None:
@@ -131,7 +138,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
     for group in opt.param_groups:
         if not _group_eligible(opt, group):
             continue
-        rank, gap, scale = group["rank"], int(group["update_proj_gap"]), opt._scale(group)
+        rank, gap = group["rank"], int(group["update_proj_gap"])
         beta1, beta2 = group["betas"]
         ops_cache: dict[tuple, ModuleType | None] = {}
         for p in group["params"]:
@@ -166,7 +173,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
                 continue
             t = step + 1 - state.get("inner_start", 0)
             step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            key = (id(group), p.device, (m, n), side, p.dtype, ea.dtype, id(ops), step_size * scale)
+            key = (id(group), p.device, (m, n), side, p.dtype, ea.dtype, id(ops), step_size)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = _Bucket(group, (m, n), side, ops, step_size)
@@ -187,7 +194,7 @@ def _chunks(bucket: _Bucket) -> list[list[_Item]]:
     psize, ssize = first.p.element_size(), first.state["exp_avg"].element_size()
     low = first.state["exp_avg"].numel()
     per = low * (2 * psize + 3 * ssize)  # R, R in the state dtype, √v + eps / U, U in the weight's dtype
-    if m * n <= BATCHED_GEMM_MAX_NUMEL:
+    if _stacked(first.p.device, m * n, len(bucket.items)):
         per += 2 * m * n * psize + first.state["proj"].numel() * psize  # stacked G and W, stacked bases
     size = max(1, CHUNK_BYTES // per)
     return [bucket.items[i:i + size] for i in range(0, len(bucket.items), size)]
@@ -203,7 +210,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     vs = [it.state["exp_avg_sq"] for it in items]
     for it in items:
         it.state["step"] = it.state.get("step", 0) + 1
-    batched = m * n <= BATCHED_GEMM_MAX_NUMEL and len(items) > 1
+    batched = _stacked(Ws[0].device, m * n, len(items))
     P = torch.stack(Ps) if batched else None
 
     # R = down(G): Projector.down, matrix by matrix or as one batched product
@@ -278,4 +285,4 @@ def _down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
     return P.t() @ G
 
 
-__all__ = ["BATCHED_GEMM_MAX_NUMEL", "CHUNK_BYTES", "Batch", "check_option", "collect", "run"]
+__all__ = ["BATCHED_GEMM_DEVICES", "BATCHED_GEMM_MAX_NUMEL", "CHUNK_BYTES", "Batch", "check_option", "collect", "run"]
