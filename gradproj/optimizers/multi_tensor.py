@@ -138,31 +138,31 @@ def collect(opt: ProjectedOptimizer) -> Batch:
     for group in opt.param_groups:
         if not _group_eligible(opt, group):
             continue
-        rank, gap = group["rank"], int(group["update_proj_gap"])
+        rank, gap, lr, auto = group["rank"], int(group["update_proj_gap"]), group["lr"], group["foreach"] is None
         beta1, beta2 = group["betas"]
         ops_cache: dict[tuple, ModuleType | None] = {}
+        step_sizes: dict[int, float] = {}
         for p in group["params"]:
             g = p.grad
-            if g is None or g.is_sparse or p.dim() < 2 or (group["foreach"] is None and not p.is_cuda):
-                continue
-            m, n = p.shape[0], p.numel() // p.shape[0]
-            if rank >= min(m, n) or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous() or is_dtensor(p):
-                continue
             state = opt.state.get(p)
-            if not state or "exp_avg" not in state or "exp_avg_sq" not in state or "proj" not in state:
+            if g is None or not state or (auto and not p.is_cuda):
                 continue
             step = state.get("step", 0)
-            if step % gap == 0:
-                continue  # a refresh step: the per-parameter path computes the new basis
-            side = choose_side(m, n, group["proj_type"])
-            low = (m, rank) if side == "right" else (rank, n)
-            basis = (rank, n) if side == "right" else (m, rank)
-            ea, eas, proj = state["exp_avg"], state["exp_avg_sq"], state["proj"]
-            if (tuple(ea.shape) != low or tuple(eas.shape) != low or ea.dtype != eas.dtype or not ea.is_floating_point()
-                    or tuple(proj.shape) != basis or proj.dtype != p.dtype or ea.device != p.device
-                    or proj.device != p.device):
+            ea, eas, proj = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("proj")
+            if step % gap == 0 or ea is None or eas is None or proj is None:
+                continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
+            if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
                 continue
-            okey = (p.device, p.dtype)
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            if rank >= min(m, n) or is_dtensor(p):
+                continue
+            side = choose_side(m, n, group["proj_type"])
+            low, basis = ((m, rank), (rank, n)) if side == "right" else ((rank, n), (m, rank))
+            dev = p.device
+            if (ea.shape != low or eas.shape != low or ea.dtype != eas.dtype or not ea.is_floating_point()
+                    or proj.shape != basis or proj.dtype != p.dtype or ea.device != dev or proj.device != dev):
+                continue
+            okey = (dev, p.dtype)
             if okey not in ops_cache:
                 try:
                     ops_cache[okey] = kernels.resolve(group["impl"], p)
@@ -172,8 +172,10 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             if ops is None:
                 continue
             t = step + 1 - state.get("inner_start", 0)
-            step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            key = (id(group), p.device, (m, n), side, p.dtype, ea.dtype, id(ops), step_size)
+            step_size = step_sizes.get(t)
+            if step_size is None:  # Adam.step_size's expression
+                step_size = step_sizes[t] = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+            key = (id(group), dev, (m, n), side, p.dtype, ea.dtype, id(ops), step_size)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = _Bucket(group, (m, n), side, ops, step_size)
