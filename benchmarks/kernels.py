@@ -313,7 +313,8 @@ def bench_whole(args, device, dtype):
         p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
     out = dict(model=args.model, matrices=len(shapes), params=sum(p.numel() for p in params), rank=rank,
                gap=args.gap, dtype=str(dtype).replace("torch.", ""),
-               foreach_batched_max_numel=multi_tensor.BATCHED_GEMM_MAX_NUMEL, foreach_chunk_bytes=multi_tensor.CHUNK_BYTES)
+               foreach_batched_max_numel=multi_tensor.BATCHED_GEMM_MAX_NUMEL, foreach_chunk_bytes=multi_tensor.CHUNK_BYTES,
+               foreach_batched_devices=list(multi_tensor.BATCHED_GEMM_DEVICES))
 
     fused = device.type == "cuda"  # the comparison asked for; on the CPU smoke run, torch's default
     adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=args.weight_decay, fused=fused or None)
@@ -433,9 +434,13 @@ def main():
     ap.add_argument("--foreach-batched-max-numel", type=int, default=None,
                     help="foreach: matrices up to this many elements use batched GEMMs (default: the library's, "
                          "gradproj.optimizers.multi_tensor.BATCHED_GEMM_MAX_NUMEL; 0: per-matrix GEMMs only)")
+    ap.add_argument("--foreach-batched-devices", nargs="+", default=None, choices=["cuda", "cpu"],
+                    help="foreach: device types where small matrices use batched GEMMs (default: the library's, cuda)")
     args = ap.parse_args()
     if args.foreach_batched_max_numel is not None:
         multi_tensor.BATCHED_GEMM_MAX_NUMEL = args.foreach_batched_max_numel
+    if args.foreach_batched_devices is not None:
+        multi_tensor.BATCHED_GEMM_DEVICES = tuple(args.foreach_batched_devices)
     smoke = args.smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not smoke:
