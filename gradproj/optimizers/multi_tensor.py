@@ -58,8 +58,8 @@ from ..projectors.base import Projector, choose_side
 if TYPE_CHECKING:
     from .base import ProjectedOptimizer
 
-#: upper bound on the transient bytes of one chunk (low-rank R and U; stacked gradients and B(U) for small
-#: matrices). A chunk holds at least one matrix, so a single larger matrix still runs (alone).
+#: upper bound on the transient bytes of one chunk (low-rank R and U; stacked gradients and weights for small
+#: matrices on CUDA). A chunk holds at least one matrix, so a single larger matrix still runs (alone).
 CHUNK_BYTES = 512 << 20
 #: matrices with at most this many elements are projected with one torch.bmm per chunk (gradients stacked)
 #: instead of one GEMM per matrix; above it the per-matrix GEMMs' memory traffic dominates their launches.
@@ -196,6 +196,8 @@ def _chunks(bucket: _Bucket) -> list[list[_Item]]:
     psize, ssize = first.p.element_size(), first.state["exp_avg"].element_size()
     low = first.state["exp_avg"].numel()
     per = low * (2 * psize + 3 * ssize)  # R, R in the state dtype, √v + eps / U, U in the weight's dtype
+    if ssize < 4 and bucket.ops.adam_update is not kernels.reference.adam_update:
+        per += low * 16  # _adam_float32: R, m, v and √v + eps stacked in float32
     if _stacked(first.p.device, m * n, len(bucket.items)):
         per += 2 * m * n * psize + first.state["proj"].numel() * psize  # stacked G and W, stacked bases
     size = max(1, CHUNK_BYTES // per)
