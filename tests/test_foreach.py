@@ -220,6 +220,21 @@ def test_checkpoint_resumes_on_the_other_path(first):
     assert_same_state(resumed, ref, exact=True)
 
 
+def test_bad_input_elsewhere_raises_before_the_batched_step_changes_anything():
+    params, loss_fn = problem(torch.float32)
+    opt = make(params, True)
+    steps(opt, params, loss_fn, 1)
+    opt.zero_grad()
+    loss_fn(params).backward()  # t = 1: the first five matrices are batched this step
+    params[-1].grad = params[-1].grad.to_sparse()
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params[:5]]
+    with pytest.raises(ValueError, match="sparse gradient"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(torch.equal(opt.state[p]["exp_avg"], m) and opt.state[p]["step"] == 1 for p, m in zip(params, moments))
+
+
 @pytest.mark.parametrize("bad", ["yes", 1, 0, "auto"])
 def test_invalid_foreach_raises(bad):
     params, _ = problem(torch.float32)
