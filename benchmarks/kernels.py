@@ -4,15 +4,17 @@ One script, four parts, run in this order (it stops with exit status 1 if a corr
 
 1. correctness: one GaLore and one Fira matrix step (two steps: the limiter's first and a limited one)
    with the Triton ops, ``torch.compile`` of the reference and the reference itself, from the same state;
-   and a few whole-optimizer steps with ``impl="triton"`` against ``impl="torch"``;
+   and a few whole-optimizer steps with ``impl="triton"`` and ``foreach=True`` against ``impl="torch"``;
 2. the copy ceiling: a device-to-device ``copy_`` of a large buffer (bytes read + written per second);
 3. per-matrix step time (down-projection GEMM, Adam, [Fira residual + limiter], update) for each shape
    and rank, for the torch reference, ``torch.compile(dynamic=True)`` of the reference and the Triton
    path; and the achieved bandwidth of each Triton kernel against the copy ceiling;
 4. the whole-optimizer step on a LLaMA model's decoder-block matrices (the ones GaLore projects) against
-   ``torch.optim.AdamW(fused=True)`` on the same weights; the amortized GaLore step adds the basis
-   refresh every T steps: regular step + Σ over matrices of its shape's refresh time / T (the refresh —
-   an SVD — is timed once per distinct shape, not by running whole refresh steps).
+   ``torch.optim.AdamW(fused=True)`` on the same weights, per parameter (``foreach=False``) and batched
+   (``foreach=True``, GaLoreAdamW; ``--foreach-batched-max-numel`` sets which matrices use batched GEMMs);
+   the amortized GaLore step adds the basis refresh every T steps: regular step + Σ over matrices of its
+   shape's refresh time / T (the refresh — an SVD — is timed once per distinct shape, not by running whole
+   refresh steps).
 
     python benchmarks/kernels.py --out kernels.json          # a GPU (H100 / H200): about 6 minutes
     python benchmarks/kernels.py --smoke --out smoke.json    # CPU, tiny sizes, Triton interpreter
@@ -42,6 +44,7 @@ import gradproj  # noqa: E402
 from common import LLAMA, block_matrix_shapes, machine  # noqa: E402
 from gradproj import kernels  # noqa: E402
 from gradproj.kernels import reference  # noqa: E402
+from gradproj.optimizers import multi_tensor  # noqa: E402
 from gradproj.projectors import get_projector  # noqa: E402
 
 HP = dict(beta1=0.9, beta2=0.999, eps=1e-6, alpha=0.25, gamma=1.01, lr=1e-3)
@@ -182,27 +185,33 @@ def check_matrix_steps(shapes, rank, dtypes, device, steppers, t_start, compile_
 
 
 def check_optimizer(shapes, rank, dtype, device):
-    """A few steps of GaLoreAdamW / FiraAdamW with impl='triton' against impl='torch' (refresh included)."""
+    """A few steps of GaLoreAdamW / FiraAdamW with impl='triton' (and GaLoreAdamW with foreach=True, both
+    impls) against impl='torch' with foreach=False (refresh included)."""
     rows, ok = [], True
     for cls in (gradproj.GaLoreAdamW, gradproj.FiraAdamW):
         finals = {}
-        for impl in ("torch", "triton"):
+        variants = [("torch", False), ("triton", False)]
+        if cls is gradproj.GaLoreAdamW:
+            variants += [("torch", True), ("triton", True)]
+        for impl, foreach in variants:
             g = torch.Generator(device="cpu").manual_seed(0)
             ps = [torch.nn.Parameter((torch.randn(s, generator=g) * 1e-3).to(device, dtype)) for s in shapes]
             start = [p.detach().clone() for p in ps]
             opt = cls([{"params": ps, "rank": rank, "update_proj_gap": 3, "scale": 0.25}], lr=HP["lr"],
-                      weight_decay=0.1, impl=impl)
+                      weight_decay=0.1, impl=impl, foreach=foreach)
             for _ in range(4):
                 for p in ps:
                     p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
                 opt.step()
-            finals[impl] = [p.detach() for p in ps]
-        for a, b, w0 in zip(finals["triton"], finals["torch"], start):
-            rel = rel_update_err(a, b, w0)  # the same bases (same gradients, same SVD): rounding apart
-            good = rel < UPDATE_TOL[dtype]
-            rows.append(dict(optimizer=cls.__name__, shape=list(a.shape), dtype=str(dtype).replace("torch.", ""),
-                             ok=good, rel_update_err=rel))
-            ok = ok and good
+            finals[(impl, foreach)] = [p.detach() for p in ps]
+        for impl, foreach in variants[1:]:
+            for a, b, w0 in zip(finals[(impl, foreach)], finals[("torch", False)], start):
+                rel = rel_update_err(a, b, w0)  # the same bases (same gradients, same SVD): rounding apart
+                good = rel < UPDATE_TOL[dtype]
+                rows.append(dict(optimizer=cls.__name__, impl=impl + ("+foreach" if foreach else ""),
+                                 shape=list(a.shape), dtype=str(dtype).replace("torch.", ""), ok=good,
+                                 rel_update_err=rel))
+                ok = ok and good
     return rows, ok
 
 
@@ -286,6 +295,13 @@ def identity(m, n):
 
 
 # ---------------------------------------------------------------------------------- whole optimizer
+#: (optimizer, impl, foreach) timed on the whole model; JSON keys ``{cls}_{impl}[_foreach]_regular_ms`` etc.
+#: foreach=False is the per-parameter path (the default on CPU; on CUDA the default is the batched one)
+WHOLE_VARIANTS = [(gradproj.GaLoreAdamW, "torch", False), (gradproj.GaLoreAdamW, "triton", False),
+                  (gradproj.GaLoreAdamW, "torch", True), (gradproj.GaLoreAdamW, "triton", True),
+                  (gradproj.FiraAdamW, "torch", False), (gradproj.FiraAdamW, "triton", False)]
+
+
 def bench_whole(args, device, dtype):
     shapes = block_matrix_shapes(args.model)
     if args.layers:
@@ -296,7 +312,9 @@ def bench_whole(args, device, dtype):
     for p in params:
         p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device, dtype)
     out = dict(model=args.model, matrices=len(shapes), params=sum(p.numel() for p in params), rank=rank,
-               gap=args.gap, dtype=str(dtype).replace("torch.", ""))
+               gap=args.gap, dtype=str(dtype).replace("torch.", ""),
+               foreach_batched_max_numel=multi_tensor.BATCHED_GEMM_MAX_NUMEL, foreach_chunk_bytes=multi_tensor.CHUNK_BYTES,
+               foreach_batched_devices=list(multi_tensor.BATCHED_GEMM_DEVICES))
 
     fused = device.type == "cuda"  # the comparison asked for; on the CPU smoke run, torch's default
     adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=args.weight_decay, fused=fused or None)
@@ -322,28 +340,29 @@ def bench_whole(args, device, dtype):
     out["refresh_step_extra_ms"] = refresh_s * 1e3
     bases = {s: Matrix(*s, rank, dtype, device).state["proj"] for s in Counter(shapes)}
 
-    for cls in (gradproj.GaLoreAdamW, gradproj.FiraAdamW):
-        for impl in ("torch", "triton"):
-            opt = cls([{"params": params, "rank": rank, "update_proj_gap": args.gap, "scale": 0.25}],
-                      lr=1e-3, weight_decay=args.weight_decay, impl=impl)
-            for p in params:  # bases in place of the first refresh (168 SVDs would take minutes)
-                opt.state[p].update(step=1, proj=bases[tuple(p.shape)].clone())
+    for cls, impl, foreach in WHOLE_VARIANTS:
+        if impl not in args.whole_impls:
+            continue
+        opt = cls([{"params": params, "rank": rank, "update_proj_gap": args.gap, "scale": 0.25}],
+                  lr=1e-3, weight_decay=args.weight_decay, impl=impl, foreach=foreach)
+        for p in params:  # bases in place of the first refresh (168 SVDs would take minutes)
+            opt.state[p].update(step=1, proj=bases[tuple(p.shape)].clone())
 
-            def regular():
-                for st in opt.state.values():
-                    st["step"] = 1  # never a multiple of the gap: no refresh
-                opt.step()
+        def regular():
+            for st in opt.state.values():
+                st["step"] = 1  # never a multiple of the gap: no refresh
+            opt.step()
 
-            t = time_fn(regular, device, args.whole_repeats, warmup=2)
-            key = f"{cls.__name__}_{impl}"
-            out[f"{key}_regular_ms"] = t * 1e3
-            out[f"{key}_amortized_ms"] = (t + refresh_s / args.gap) * 1e3
-            for name, r in refresh.items():
-                out.setdefault("amortized_by_projector", {}).setdefault(name, {})[key] = (
-                    t * 1e3 + r["refresh_step_extra_ms"] / args.gap)
-            del opt
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        t = time_fn(regular, device, args.whole_repeats, warmup=2)
+        key = f"{cls.__name__}_{impl}" + ("_foreach" if foreach else "")
+        out[f"{key}_regular_ms"] = t * 1e3
+        out[f"{key}_amortized_ms"] = (t + refresh_s / args.gap) * 1e3
+        for name, r in refresh.items():
+            out.setdefault("amortized_by_projector", {}).setdefault(name, {})[key] = (
+                t * 1e3 + r["refresh_step_extra_ms"] / args.gap)
+        del opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
@@ -372,15 +391,18 @@ def print_tables(result):
               f"{w['adamw_ms']:.2f} ms; refresh adds {w['refresh_step_extra_ms']:.0f} ms every T steps\n")
         print("| optimizer | impl | regular step ms | amortized step ms | amortized / AdamW |")
         print("|---|---|---|---|---|")
-        for cls in ("GaLoreAdamW", "FiraAdamW"):
-            for impl in ("torch", "triton"):
-                reg, am = w[f"{cls}_{impl}_regular_ms"], w[f"{cls}_{impl}_amortized_ms"]
-                print(f"| {cls} | {impl} | {reg:.2f} | {am:.2f} | {am / w['adamw_ms']:.2f}x |")
+        for cls, impl, foreach in WHOLE_VARIANTS:
+            key = f"{cls.__name__}_{impl}" + ("_foreach" if foreach else "")
+            if f"{key}_regular_ms" not in w:
+                continue
+            reg, am = w[f"{key}_regular_ms"], w[f"{key}_amortized_ms"]
+            print(f"| {cls.__name__} | {impl}{'+foreach' if foreach else ''} | {reg:.2f} | {am:.2f} "
+                  f"| {am / w['adamw_ms']:.2f}x |")
         if len(w.get("refresh", {})) > 1:
-            print("\n| projector | refresh of all matrices ms | GaLoreAdamW triton amortized ms | / AdamW |")
+            print("\n| projector | refresh of all matrices ms | GaLoreAdamW triton+foreach amortized ms | / AdamW |")
             print("|---|---|---|---|")
             for name, r in w["refresh"].items():
-                am = w["amortized_by_projector"][name]["GaLoreAdamW_triton"]
+                am = w["amortized_by_projector"][name]["GaLoreAdamW_triton_foreach"]
                 print(f"| {name} | {r['refresh_step_extra_ms']:.0f} | {am:.2f} | {am / w['adamw_ms']:.2f}x |")
 
 
@@ -407,7 +429,18 @@ def main():
     ap.add_argument("--whole-projectors", nargs="+", default=["svd"],
                     help="bases whose refresh cost is timed for the amortized step (first one: main table)")
     ap.add_argument("--only-whole", action="store_true", help="skip the per-matrix parts (correctness still runs)")
+    ap.add_argument("--whole-impls", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
+                    help="impls timed in the whole-optimizer part (e.g. torch only on a CPU: Triton is interpreted)")
+    ap.add_argument("--foreach-batched-max-numel", type=int, default=None,
+                    help="foreach: matrices up to this many elements use batched GEMMs (default: the library's, "
+                         "gradproj.optimizers.multi_tensor.BATCHED_GEMM_MAX_NUMEL; 0: per-matrix GEMMs only)")
+    ap.add_argument("--foreach-batched-devices", nargs="+", default=None, choices=["cuda", "cpu"],
+                    help="foreach: device types where small matrices use batched GEMMs (default: the library's, cuda)")
     args = ap.parse_args()
+    if args.foreach_batched_max_numel is not None:
+        multi_tensor.BATCHED_GEMM_MAX_NUMEL = args.foreach_batched_max_numel
+    if args.foreach_batched_devices is not None:
+        multi_tensor.BATCHED_GEMM_DEVICES = tuple(args.foreach_batched_devices)
     smoke = args.smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not smoke:

@@ -30,6 +30,7 @@ OPTIMIZERS = [
     OptSpec("galore_adamw", gradproj.GaLoreAdamW),
     OptSpec("galore_adamw_full", gradproj.GaLoreAdamW, group={"proj_type": "full"}),
     OptSpec("galore_adamw_wd", gradproj.GaLoreAdamW, kwargs={"weight_decay": 0.1}),
+    OptSpec("galore_adamw_foreach", gradproj.GaLoreAdamW, kwargs={"weight_decay": 0.1, "foreach": True}),
     OptSpec("fira_adamw", gradproj.FiraAdamW),
     # seed 0 draws fc1, emb, fc1 at steps 0, 3, 6: the 7-step resume test crosses a free and a fresh return
     OptSpec("galore_adamw_sampler", gradproj.GaLoreAdamW, sampler=lambda m: gradproj.LayerSampler(

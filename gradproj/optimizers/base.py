@@ -28,7 +28,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from . import compiled
+from . import compiled, multi_tensor
 from ..distributed.sharding import all_finite, is_dtensor, shard_plan
 from ..inner import Adam, InnerRule, StepContext
 from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
@@ -98,6 +98,8 @@ class ProjectedOptimizer(Optimizer):
     * ``layerwise``: step each parameter inside its post-accumulate-grad hook and free its gradient at
       once (:mod:`gradproj.optimizers.layerwise`); ``accumulation_steps``: micro-batches per update there.
     * ``max_grad_norm`` (also a group key): clip each parameter's gradient to this norm before its update.
+    * ``foreach``: ``None`` (default: for CUDA parameters), ``True`` or ``False`` — step the parameters whose
+      step is a regular GaLore step together, in few kernel launches (:mod:`gradproj.optimizers.multi_tensor`).
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -132,6 +134,7 @@ class ProjectedOptimizer(Optimizer):
             "compile": False,
             "norm_growth_limit": None,
             "max_grad_norm": None,
+            "foreach": None,
         }
         defaults.update(self._inner.defaults)
         allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
@@ -199,6 +202,7 @@ class ProjectedOptimizer(Optimizer):
                 "to nearest); drop one of them"
             )
         validate_norm_growth_limit(group, where)
+        multi_tensor.check_option(group["foreach"], where)
 
         rank = group.get("rank")
         if rank is None:
@@ -285,7 +289,10 @@ class ProjectedOptimizer(Optimizer):
         if self._layerwise is not None:  # the hooks stepped during backward; close the window
             self._layerwise.end_window(self)
         else:
-            for p, grad, group, plan in self._gather():
+            batch = multi_tensor.collect(self)  # foreach: regular GaLore steps, batched (multi_tensor.py)
+            work = self._gather(skip=batch.ids)
+            multi_tensor.run(self, batch)
+            for p, grad, group, plan in work:
                 self._step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
         if self.sampler is not None:
             self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
@@ -298,12 +305,13 @@ class ProjectedOptimizer(Optimizer):
         else:  # gradproj.distributed.sharding: local tensors in, DTensor state kept
             plan.shard.update(self, p, grad, group, plan)
 
-    def _gather(self) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
-        """Collect (param, grad, group, plan) and reject bad input before any state or weight changes."""
+    def _gather(self, skip: frozenset = frozenset()) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
+        """Collect (param, grad, group, plan) and reject bad input before any state or weight changes;
+        parameters whose id is in ``skip`` are left out (the batched ``foreach`` step takes them)."""
         work = []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
-                if p.grad is not None:
+                if p.grad is not None and id(p) not in skip:
                     work.append((p, p.grad, group, self._prepare(gi, pi, p, p.grad, group)))
         return work
 

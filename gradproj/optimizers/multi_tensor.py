@@ -1,0 +1,292 @@
+"""``foreach``: the regular GaLore step of many matrices at once, in few kernel launches.
+
+The per-parameter step (:meth:`ProjectedOptimizer._update`) issues about ten kernel launches per matrix
+plus the Python around them. On a GPU a LLaMA-sized matrix needs some 20 µs of memory-bound work, far less
+than that host overhead, so a whole-model step ends up bound by the host. With the optimizer option
+``foreach`` the parameters for which a step is plain GaLore (below) are stepped together instead:
+
+    R_i   = down(G_i)                        per matrix, or one torch.bmm per chunk of small matrices
+    m_i, v_i ← Adam on R_i                   torch._foreach_* ops over the chunk
+    U_i   = m_i / (√v_i + eps)                torch._foreach_* ops
+    W_i  -= s_i · scale · B(U_i)             one addmm_ per matrix, or one baddbmm_ per chunk of small ones
+    W_i  -= lr · wd · W_i                     torch._foreach_add_ over the chunk (Triton impl: in the GEMM)
+
+with the same arithmetic, the same state keys and the same dtypes as the per-parameter path, so the state
+dict is the same whichever path ran and a checkpoint resumes on either. What remains per matrix for large
+matrices is two GEMM launches (the projections, which read and write the full-size tensors once, as the
+per-parameter path does); on CUDA small matrices are stacked (copies of their gradients and weights, the
+weights copied back after one ``baddbmm_``) because for them a launch costs more than the traffic it saves.
+Both halves follow the group's ``impl``: the moments are updated with the torch reference's ops in the
+state dtype (:func:`gradproj.kernels.reference.adam_update`), or, for the Triton kernels with bfloat16 /
+float16 state, in float32 and rounded once on store as the kernel does; the weight update is the
+reference's ``addmm_`` then decay, or Triton's single GEMM with the decay folded in as ``beta = 1 − lr·wd``.
+
+When it is used (``foreach=None``, the default: CUDA parameters only, as torch.optim's default;
+``True``: also on the CPU; ``False``: never): for a parameter with a gradient, in a group without
+``max_grad_norm``, ``norm_growth_limit``, ``compile`` or ``stochastic_rounding``, with residual ``none``,
+the Adam inner rule (not 8-bit, not Adafactor), a non-tensor ``lr``, and a projector that keeps GaLore's
+dense one-sided basis in state (``svd``, ``eigh``, ``randomized_svd``, or any registered projector that
+does not override :class:`Projector`'s projections and refresh rule), when the parameter is a contiguous
+plain tensor (not a DTensor) projected on the left or right side, its gradient has its dtype and its state
+holds a basis and moments of the expected shapes, and this step does not refresh the basis. Everything
+else — Fira, FRUGAL, 1-D tensors, unprojected matrices, refresh steps — takes the per-parameter path for
+that step, unchanged; a parameter rejoins the batched path at its next regular step.
+
+Grouping and memory: eligible matrices are bucketed by (param group, device, shape, side, parameter
+dtype, state dtype, kernels module, step size) and every bucket is cut into chunks whose transient
+tensors (the low-rank R and U, and for stacked small matrices the stacked gradients and weights) stay below
+:data:`CHUNK_BYTES`; a chunk holds at least one matrix. On CUDA, matrices with at most
+:data:`BATCHED_GEMM_MAX_NUMEL` elements use the stacked (``torch.bmm``) projections; on the CPU every
+matrix has its own GEMMs (:data:`BATCHED_GEMM_DEVICES`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import kernels
+from ..distributed.sharding import is_dtensor
+from ..inner import Adam
+from ..projectors import get_projector
+from ..projectors.base import Projector, choose_side
+
+if TYPE_CHECKING:
+    from .base import ProjectedOptimizer
+
+#: upper bound on the transient bytes of one chunk (low-rank R and U; stacked gradients and weights for small
+#: matrices on CUDA). A chunk holds at least one matrix, so a single larger matrix still runs (alone).
+CHUNK_BYTES = 512 << 20
+#: matrices with at most this many elements are projected with one torch.bmm per chunk (gradients stacked)
+#: instead of one GEMM per matrix; above it the per-matrix GEMMs' memory traffic dominates their launches.
+BATCHED_GEMM_MAX_NUMEL = 1 << 21
+#: devices where small matrices take the stacked form. Not the CPU: there a launch is cheap and the fresh
+#: stacked buffers (page faults on every allocation) cost more than the calls they save (docs/benchmarks.md).
+BATCHED_GEMM_DEVICES = ("cuda",)
+
+
+def _stacked(device: torch.device, numel: int, count: int) -> bool:
+    return count > 1 and numel <= BATCHED_GEMM_MAX_NUMEL and device.type in BATCHED_GEMM_DEVICES
+
+
+def check_option(value: object, where: str) -> None:
+    """The ``foreach`` option must be None (auto), True or False."""
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"{where}: foreach = {value!r}; use None (batched step for CUDA parameters), True (always, also on "
+            "the CPU) or False (never)"
+        )
+
+
+def _projector_is_dense(name: str) -> bool:
+    cls = get_projector(name)
+    return cls.refreshes and all(
+        getattr(cls, attr) is getattr(Projector, attr)
+        for attr in ("down", "up", "add_up_", "needs_refresh", "has_basis")
+    )
+
+
+def _group_eligible(opt: ProjectedOptimizer, group: dict) -> bool:
+    """Group-level conditions of the batched step (checked once per group and step)."""
+    return (
+        group["foreach"] is not False
+        and type(opt._inner) is Adam
+        and group.get("rank") is not None
+        and group["residual"] == "none"
+        and group["norm_growth_limit"] is None
+        and group["max_grad_norm"] is None
+        and not group["compile"]
+        and not group["stochastic_rounding"]
+        and isinstance(group["lr"], (int, float))
+        and group["proj_type"] != "full"
+        and _projector_is_dense(group["projector"])
+    )
+
+
+@dataclass
+class _Item:
+    p: torch.Tensor
+    grad: torch.Tensor
+    state: dict
+
+
+@dataclass
+class _Bucket:
+    group: dict
+    shape2d: tuple[int, int]
+    side: str
+    ops: ModuleType
+    step_size: float
+    items: list[_Item] = field(default_factory=list)
+
+
+@dataclass
+class Batch:
+    """The eligible parameters of one step, bucketed; nothing has been modified yet."""
+
+    buckets: list[_Bucket] = field(default_factory=list)
+    ids: frozenset = frozenset()
+
+
+def collect(opt: ProjectedOptimizer) -> Batch:
+    """Find the parameters whose step this time is a regular GaLore step in a ``foreach`` group."""
+    buckets: dict[tuple, _Bucket] = {}
+    for group in opt.param_groups:
+        if not _group_eligible(opt, group):
+            continue
+        rank, gap, lr, auto = group["rank"], int(group["update_proj_gap"]), group["lr"], group["foreach"] is None
+        beta1, beta2 = group["betas"]
+        ops_cache: dict[tuple, ModuleType | None] = {}
+        step_sizes: dict[int, float] = {}
+        for p in group["params"]:
+            g = p.grad
+            state = opt.state.get(p)
+            if g is None or not state or (auto and not p.is_cuda):
+                continue
+            step = state.get("step", 0)
+            ea, eas, proj = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("proj")
+            if step % gap == 0 or ea is None or eas is None or proj is None:
+                continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
+            if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
+                continue
+            m, n = p.shape[0], p.numel() // p.shape[0]
+            if rank >= min(m, n) or is_dtensor(p):
+                continue
+            side = choose_side(m, n, group["proj_type"])
+            low, basis = ((m, rank), (rank, n)) if side == "right" else ((rank, n), (m, rank))
+            dev = p.device
+            if (ea.shape != low or eas.shape != low or ea.dtype != eas.dtype or not ea.is_floating_point()
+                    or proj.shape != basis or proj.dtype != p.dtype or ea.device != dev or proj.device != dev):
+                continue
+            okey = (dev, p.dtype)
+            if okey not in ops_cache:
+                try:
+                    ops_cache[okey] = kernels.resolve(group["impl"], p)
+                except ValueError:  # impl='triton' where it cannot run: the per-parameter path raises it
+                    ops_cache[okey] = None
+            ops = ops_cache[okey]
+            if ops is None:
+                continue
+            t = step + 1 - state.get("inner_start", 0)
+            step_size = step_sizes.get(t)
+            if step_size is None:  # Adam.step_size's expression
+                step_size = step_sizes[t] = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+            key = (id(group), dev, (m, n), side, p.dtype, ea.dtype, id(ops), step_size)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Bucket(group, (m, n), side, ops, step_size)
+            bucket.items.append(_Item(p, g, state))
+    return Batch(list(buckets.values()), frozenset(id(it.p) for b in buckets.values() for it in b.items))
+
+
+def run(opt: ProjectedOptimizer, batch: Batch) -> None:
+    """Step every parameter of ``batch``: the per-parameter path's math, a chunk of matrices at a time."""
+    for bucket in batch.buckets:
+        for chunk in _chunks(bucket):
+            _step_chunk(opt, bucket, chunk)
+
+
+def _chunks(bucket: _Bucket) -> list[list[_Item]]:
+    m, n = bucket.shape2d
+    first = bucket.items[0]
+    psize, ssize = first.p.element_size(), first.state["exp_avg"].element_size()
+    low = first.state["exp_avg"].numel()
+    per = low * (2 * psize + 3 * ssize)  # R, R in the state dtype, √v + eps / U, U in the weight's dtype
+    if ssize < 4 and bucket.ops.adam_update is not kernels.reference.adam_update:
+        per += low * 16  # _adam_float32: R, m, v and √v + eps stacked in float32
+    if _stacked(first.p.device, m * n, len(bucket.items)):
+        per += 2 * m * n * psize + first.state["proj"].numel() * psize  # stacked G and W, stacked bases
+    size = max(1, CHUNK_BYTES // per)
+    return [bucket.items[i:i + size] for i in range(0, len(bucket.items), size)]
+
+
+def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) -> None:
+    group, side = bucket.group, bucket.side
+    m, n = bucket.shape2d
+    Ws = [it.p.view(m, n) for it in items]
+    Gs = [it.grad.reshape(m, n) for it in items]
+    Ps = [it.state["proj"] for it in items]
+    ms = [it.state["exp_avg"] for it in items]
+    vs = [it.state["exp_avg_sq"] for it in items]
+    for it in items:
+        it.state["step"] = it.state.get("step", 0) + 1
+    batched = _stacked(Ws[0].device, m * n, len(items))
+    P = torch.stack(Ps) if batched else None
+
+    # R = down(G): Projector.down, matrix by matrix or as one batched product
+    if batched:
+        G = torch.stack(Gs)
+        if side == "right":
+            R = torch.bmm(G, P.transpose(1, 2))
+        elif G.device.type == "cpu":  # the layout Projector.down uses on the CPU
+            R = torch.bmm(G.transpose(1, 2), P).transpose(1, 2)
+        else:
+            R = torch.bmm(P.transpose(1, 2), G)
+        del G
+        Rs = list(R.to(ms[0].dtype).unbind(0))
+    else:
+        Rs = [_down(G, Pm, side) for G, Pm in zip(Gs, Ps)]
+        if Rs[0].dtype != ms[0].dtype:
+            Rs = list(torch.stack(Rs).to(ms[0].dtype).unbind(0))
+
+    # Adam in the subspace: the ops module's adam_update over the chunk
+    beta1, beta2 = group["betas"]
+    fused_kernels = bucket.ops.adam_update is not kernels.reference.adam_update
+    if fused_kernels and ms[0].dtype != torch.float32:  # the Triton kernel's rounding: float32 math, one store
+        Us = _adam_float32(Rs, ms, vs, beta1, beta2, group["eps"])
+    else:  # kernels.reference.adam_update's ops (for float32 state also the kernel's arithmetic)
+        torch._foreach_lerp_(ms, Rs, 1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, Rs, Rs, value=1.0 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, group["eps"])
+        Us = torch._foreach_div(ms, denom)
+        del denom
+    del Rs
+
+    # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
+    alpha = -bucket.step_size * opt._scale(group)
+    decay = group["lr"] * group["weight_decay"]
+    fused_decay = bucket.ops.apply_update is not kernels.reference.apply_update  # Triton: beta·W in the GEMM
+    beta = 1.0 - decay if fused_decay else 1.0
+    X = torch.stack(Us).to(Ws[0].dtype) if (batched or Us[0].dtype != Ws[0].dtype) else None
+    Xs = Us if X is None else list(X.unbind(0))
+    if batched:  # the weights stacked, so the update is one fused baddbmm_ as the per-matrix addmm_ is
+        Wst = torch.stack(Ws)
+        Wst.baddbmm_(*((X, P) if side == "right" else (P, X)), beta=beta, alpha=alpha * beta)
+        if not fused_decay and decay != 0.0:
+            Wst.add_(Wst, alpha=-decay)
+        torch._foreach_copy_(Ws, list(Wst.unbind(0)))
+        return
+    for W, Xm, Pm in zip(Ws, Xs, Ps):
+        W.addmm_(*((Xm, Pm) if side == "right" else (Pm, Xm)), beta=beta, alpha=alpha * beta)
+    if not fused_decay and decay != 0.0:
+        torch._foreach_add_(Ws, Ws, alpha=-decay)
+
+
+def _adam_float32(Rs, ms, vs, beta1, beta2, eps) -> list[torch.Tensor]:
+    """The moments and ψ = m / (√v + eps) computed in float32 and rounded once to the state dtype."""
+    R = torch.stack(Rs).float()
+    M, V = torch.stack(ms).float(), torch.stack(vs).float()
+    M.lerp_(R, 1.0 - beta1)
+    V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+    psi = (M / V.sqrt().add_(eps)).to(ms[0].dtype)
+    torch._foreach_copy_(ms, list(M.unbind(0)))
+    torch._foreach_copy_(vs, list(V.unbind(0)))
+    return list(psi.unbind(0))
+
+
+def _down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """:meth:`Projector.down` for a one-sided dense basis."""
+    if side == "right":
+        return G @ P.t()
+    if G.device.type == "cpu":
+        return (G.t() @ P).t()
+    return P.t() @ G
+
+
+__all__ = ["BATCHED_GEMM_DEVICES", "BATCHED_GEMM_MAX_NUMEL", "CHUNK_BYTES", "Batch", "check_option", "collect", "run"]
