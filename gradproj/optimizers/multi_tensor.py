@@ -16,10 +16,12 @@ dict is the same whichever path ran and a checkpoint resumes on either. What rem
 matrices is two GEMM launches (the projections, which read and write the full-size tensors once, as the
 per-parameter path does); on CUDA small matrices are stacked (copies of their gradients and weights, the
 weights copied back after one ``baddbmm_``) because for them a launch costs more than the traffic it saves.
-Both halves follow the group's ``impl``: the moments are updated with the torch reference's ops in the
-state dtype (:func:`gradproj.kernels.reference.adam_update`), or, for the Triton kernels with bfloat16 /
-float16 state, in float32 and rounded once on store as the kernel does; the weight update is the
-reference's ``addmm_`` then decay, or Triton's single GEMM with the decay folded in as ``beta = 1 − lr·wd``.
+The moments are updated with the torch reference's multi-tensor ops in the state dtype
+(:func:`gradproj.kernels.reference.adam_update`'s arithmetic) whatever the ``impl``: for float32 state
+that is also the Triton kernel's arithmetic; for bfloat16 / float16 state each op rounds, where the
+per-matrix kernel rounds once (float32 copies of every moment to round once measured slower on an H100
+than the per-matrix path). The weight update follows the ``impl``: the reference's ``addmm_`` then decay,
+or Triton's single GEMM with the decay folded in as ``beta = 1 − lr·wd``.
 
 When it is used (``foreach=None``, the default: CUDA parameters only, as torch.optim's default;
 ``True``: also on the CPU; ``False``: never): for a parameter with a gradient, in a group without
@@ -196,8 +198,6 @@ def _chunks(bucket: _Bucket) -> list[list[_Item]]:
     psize, ssize = first.p.element_size(), first.state["exp_avg"].element_size()
     low = first.state["exp_avg"].numel()
     per = low * (2 * psize + 3 * ssize)  # R, R in the state dtype, √v + eps / U, U in the weight's dtype
-    if ssize < 4 and bucket.ops.adam_update is not kernels.reference.adam_update:
-        per += low * 16  # _adam_float32: R, m, v and √v + eps stacked in float32
     if _stacked(first.p.device, m * n, len(bucket.items)):
         per += 2 * m * n * psize + first.state["proj"].numel() * psize  # stacked G and W, stacked bases
     size = max(1, CHUNK_BYTES // per)
@@ -234,19 +234,18 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
             Rs = list(torch.stack(Rs).to(ms[0].dtype).unbind(0))
 
     # Adam in the subspace: the ops module's adam_update over the chunk
+    # kernels.reference.adam_update's ops, also under impl="triton": for float32 state that is the Triton
+    # kernel's arithmetic; for bf16 / fp16 state each op rounds to the state dtype (as impl="torch" does)
+    # where the kernel rounds once. Reproducing the single rounding here took float32 copies of all the
+    # moments, which measured slower on an H100 than the per-matrix kernels (docs/benchmarks.md).
     beta1, beta2 = group["betas"]
-    fused_kernels = bucket.ops.adam_update is not kernels.reference.adam_update
-    if fused_kernels and ms[0].dtype != torch.float32:  # the Triton kernel's rounding: float32 math, one store
-        Us = _adam_float32(Rs, ms, vs, beta1, beta2, group["eps"])
-    else:  # kernels.reference.adam_update's ops (for float32 state also the kernel's arithmetic)
-        torch._foreach_lerp_(ms, Rs, 1.0 - beta1)
-        torch._foreach_mul_(vs, beta2)
-        torch._foreach_addcmul_(vs, Rs, Rs, value=1.0 - beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, group["eps"])
-        Us = torch._foreach_div(ms, denom)
-        del denom
-    del Rs
+    torch._foreach_lerp_(ms, Rs, 1.0 - beta1)
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, Rs, Rs, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, group["eps"])
+    Us = torch._foreach_div(ms, denom)
+    del denom, Rs
 
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
     alpha = -bucket.step_size * opt._scale(group)
@@ -266,18 +265,6 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         W.addmm_(*((Xm, Pm) if side == "right" else (Pm, Xm)), beta=beta, alpha=alpha * beta)
     if not fused_decay and decay != 0.0:
         torch._foreach_add_(Ws, Ws, alpha=-decay)
-
-
-def _adam_float32(Rs, ms, vs, beta1, beta2, eps) -> list[torch.Tensor]:
-    """The moments and ψ = m / (√v + eps) computed in float32 and rounded once to the state dtype."""
-    R = torch.stack(Rs).float()
-    M, V = torch.stack(ms).float(), torch.stack(vs).float()
-    M.lerp_(R, 1.0 - beta1)
-    V.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
-    psi = (M / V.sqrt().add_(eps)).to(ms[0].dtype)
-    torch._foreach_copy_(ms, list(M.unbind(0)))
-    torch._foreach_copy_(vs, list(V.unbind(0)))
-    return list(psi.unbind(0))
 
 
 def _down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
