@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: LLaMA shapes (ALGORITHMS.md §7), timing, machine description."""
+"""Shared pieces of the benchmarks: LLaMA shapes (the GaLore paper's configurations), timing, machine description."""
 
 from __future__ import annotations
 
@@ -9,17 +9,11 @@ from collections.abc import Callable
 
 import torch
 
-#: name -> (hidden, intermediate, heads, layers)
-LLAMA = {
-    "llama_9m": (128, 352, 4, 4),
-    "llama_20m": (256, 688, 4, 4),
-    "llama_35m": (384, 1024, 8, 6),
-    "llama_60m": (512, 1376, 8, 8),
-    "llama_130m": (768, 2048, 12, 12),
-    "llama_350m": (1024, 2736, 16, 24),
-    "llama_1b": (2048, 5461, 32, 24),
-    "llama_7b": (4096, 11008, 32, 32),
-}
+from gradproj.train.models import LLAMA_CONFIGS
+
+#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
+LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)
+         for name, s in LLAMA_CONFIGS.items() if name.startswith("llama_")}
 
 
 def block_matrix_shapes(name: str) -> list[tuple[int, int]]:

@@ -1,7 +1,7 @@
 """Peak memory of a training step: AdamW, GaLoreAdamW and GaLoreAdamW8bit, normal and per-layer (layerwise=True).
 
 Each configuration runs in its own subprocess: build a LLaMA (transformers' LlamaForCausalLM from a config,
-ALGORITHMS.md §7), then run ``--steps`` training steps (forward, backward, optimizer step, zero_grad) on
+the GaLore paper's configurations), then run ``--steps`` training steps (forward, backward, optimizer step, zero_grad) on
 random tokens. Reported per configuration:
 
 * weights, and optimizer-state bytes by part (``gradproj.optimizer_state_bytes``) after the run;

@@ -10,7 +10,7 @@ import argparse
 
 from gradproj.distributed.estimate import llama_tensors, per_gpu_memory, sharded_communication
 
-RECIPES = {  # model -> optimizer -> projection rank (GaLore's and Fira's published recipes, ALGORITHMS.md)
+RECIPES = {  # model -> optimizer -> projection rank (GaLore's and Fira's published recipes, docs/algorithms.md)
     "llama_1b": {"adamw": 0, "galore": 512, "galore_8bit": 512, "fira": 512},
     "llama_7b": {"adamw": 0, "galore": 1024, "galore_8bit": 1024, "fira": 64},
 }

@@ -17,7 +17,7 @@ import math
 
 from common import LLAMA
 
-#: GaLore's pre-training ranks (ALGORITHMS.md §1)
+#: GaLore's pre-training ranks (docs/algorithms.md, GaLore)
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
 VOCAB = 32000
 

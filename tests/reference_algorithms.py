@@ -1,4 +1,4 @@
-"""A deliberately plain, single-file reference of GaLore and Fira, written from ALGORITHMS.md §1–2.
+"""A deliberately plain, single-file reference of GaLore and Fira, written from docs/algorithms.md (GaLore, Fira).
 
 It shares no code with gradproj: one function per step, explicit formulas, no fusion. Tests step it side
 by side with the composed optimizers.

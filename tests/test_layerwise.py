@@ -104,7 +104,7 @@ def test_accumulation_frees_projected_gradients_and_keeps_the_rest_in_grad():
 
 def galore_accumulation_reference(params, loss_fns, windows, micro, lr, rank, gap, scale, clip=None):
     """GaLore-AdamW whose gradient per step is the sum over micro-batches of the projections P^T G_i, with
-    the basis refreshed from the window's first micro-batch gradient (ALGORITHMS.md §1 plus the layerwise
+    the basis refreshed from the window's first micro-batch gradient (docs/algorithms.md, GaLore, plus the layerwise
     rule), optionally clipped to norm ``clip``: written out from the formulas."""
     ref = ReferenceGaLore(params, lr=lr, rank=rank, gap=gap, alpha=scale)
     b1, b2, eps = ref.b1, ref.b2, ref.eps

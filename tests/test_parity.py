@@ -1,4 +1,4 @@
-"""The composed optimizers against the plain reference of ALGORITHMS.md and the original packages."""
+"""The composed optimizers against the plain reference of docs/algorithms.md and the original packages."""
 
 import importlib.util
 

@@ -16,7 +16,7 @@ F64 = dict(rtol=1e-9, atol=1e-11)
 
 
 class ReferenceFrugal:
-    """FRUGAL (arXiv 2411.07837, ALGORITHMS.md §5) with GaLore's SVD subspace, written from the spec:
+    """FRUGAL (arXiv 2411.07837, docs/algorithms.md, FRUGAL) with GaLore's SVD subspace, written from the spec:
 
     R = project(G); Adam on R (moments reset whenever the subspace is recomputed after the first step);
     W -= s · α · B(ψ) + lr · sign(G − B(R)), s = lr · √(1−β2^τ)/(1−β1^τ) with τ the steps since the reset;

@@ -14,17 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (ALGORITHMS.md §7)
-LLAMA = {
-    "llama_9m": (128, 352, 4, 4),
-    "llama_20m": (256, 688, 4, 4),
-    "llama_35m": (384, 1024, 8, 6),
-    "llama_60m": (512, 1376, 8, 8),
-    "llama_130m": (768, 2048, 12, 12),
-    "llama_350m": (1024, 2736, 16, 24),
-    "llama_1b": (2048, 5461, 32, 24),
-    "llama_7b": (4096, 11008, 32, 32),
-}
+from ..train.models import LLAMA_CONFIGS
+
+#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
+LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)
+         for name, s in LLAMA_CONFIGS.items() if name.startswith("llama_")}
 VOCAB = 32000
 OPTIMIZERS = ("adamw", "galore", "galore_8bit", "fira")
 STRATEGIES = ("ddp", "fsdp")

@@ -1,7 +1,7 @@
 """Pure-torch reference implementations of the fused operations.
 
 These are the CPU path and the test oracle of every accelerated kernel: a Triton kernel must compute the
-same function as its twin here. Each function is written to read like the math in ALGORITHMS.md.
+same function as its twin here. Each function is written to read like the math in docs/algorithms.md.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class NonFiniteGradientError(ValueError):
 
 
 def choose_side(m: int, n: int, proj_type: str) -> str:
-    """Pick the projection side once, from the weight's shape (ALGORITHMS.md §1).
+    """Pick the projection side once, from the weight's shape (docs/algorithms.md, GaLore).
 
     ``std`` projects the longer side away (right when m >= n), ``reverse_std`` the other one; ``left``,
     ``right`` and ``full`` force a side. The side never depends on the shape of a low-rank tensor, which

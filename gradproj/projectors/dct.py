@@ -1,4 +1,4 @@
-"""SVD-free DCT basis (Modoranu et al. 2025, "SVD-Free Low-Rank Adaptive Gradient Optimization"), ALGORITHMS.md §4.
+"""SVD-free DCT basis (Modoranu et al. 2025, "SVD-Free Low-Rank Adaptive Gradient Optimization"), docs/bases.md.
 
 One orthonormal DCT-II matrix per dimension d, built once and shared by every layer with that dimension
 (cached per size, device and dtype). A refresh transforms the gradient into DCT coordinates,

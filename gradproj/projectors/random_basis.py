@@ -1,4 +1,4 @@
-"""Random bases (Flora, arXiv 2402.03293; GoLore), ALGORITHMS.md §4: regenerated from a seed, never stored.
+"""Random bases (Flora, arXiv 2402.03293; GoLore), docs/bases.md: regenerated from a seed, never stored.
 
 The basis of a parameter is a function of two integers in its state: its seed (``proj_seed``) and the
 step of the refresh that drew it (``proj_draw``). Every step regenerates it (once per step: down, up and

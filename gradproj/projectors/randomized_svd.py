@@ -1,4 +1,4 @@
-"""Randomized SVD basis (Halko, Martinsson & Tropp 2011; GaLore 2 uses it at scale), ALGORITHMS.md §4.
+"""Randomized SVD basis (Halko, Martinsson & Tropp 2011; GaLore 2 uses it at scale), docs/bases.md.
 
 The top-r singular subspace of G is found by subspace iteration on a sketch of r + p vectors instead of a
 full SVD: a few GEMMs with G and QR factorisations of tall-skinny matrices, which is where CPUs and GPUs

@@ -1,4 +1,4 @@
-"""Exact SVD basis — GaLore's (ALGORITHMS.md §1)."""
+"""Exact SVD basis — GaLore's (docs/algorithms.md, GaLore)."""
 
 from __future__ import annotations
 

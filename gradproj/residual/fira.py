@@ -1,4 +1,4 @@
-"""Fira: norm-based scaling of the discarded gradient plus a norm-growth limiter (ALGORITHMS.md §2)."""
+"""Fira: norm-based scaling of the discarded gradient plus a norm-growth limiter (docs/algorithms.md, Fira)."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ class LlamaShape:
         return asdict(self)
 
 
-#: ALGORITHMS.md §7, plus ``tiny``: the default of ``gradproj train``, small enough to train visibly on
+#: the GaLore paper's configurations, plus ``tiny``: the default of ``gradproj train``, small enough to train visibly on
 #: two CPU cores in about a minute (the llama_9m block shapes over a byte vocabulary).
 LLAMA_CONFIGS: dict[str, LlamaShape] = {
     "tiny": LlamaShape(128, 352, 4, 4, vocab=256),
