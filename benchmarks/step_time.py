@@ -3,10 +3,11 @@
 For each model, the optimizers step the decoder blocks' Linear weights (the matrices GaLore projects) with
 fixed random gradients. A GaLore step that refreshes the basis (SVD) and a regular step are timed
 separately (medians); the amortized step is (refresh + (T - 1) · regular) / T with T = update_proj_gap.
+The optimizers of a table step the same parameters in turn (one step of each per round, the first one
+rotated every round, medians), so the ratios hold even when the machine's load changes during the run.
 
-A second table compares the residual methods with GaLore on the same parameters: FiraAdamW, FrugalAdamW
-and the original ``fira`` package. Their steps are interleaved (one step of each optimizer in turn, many
-rounds, medians), so the ratios hold even when the machine's load changes during the run.
+The first table: AdamW, GaLoreAdamW and the original GaLore package. The second: the residual methods
+with GaLore: FiraAdamW, FrugalAdamW and the original ``fira`` package.
 
     python benchmarks/step_time.py [--models llama_60m llama_130m] [--gap 200] [--device cpu] [--threads N]
 """
@@ -22,7 +23,7 @@ import time
 import torch
 
 import gradproj
-from common import block_matrix_shapes, machine, median_time, sync, LLAMA
+from common import block_matrix_shapes, machine, sync, LLAMA
 
 
 def make_params(shapes, device, dtype, seed=0):
@@ -45,30 +46,12 @@ def state_bytes(opt):
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def bench_galore_like(make_opt, params, gap, repeats):
-    """Time a refresh step (step count % gap == 0) and a regular step of an optimizer keyed by param state['step']."""
-    opt = make_opt(params)
-    opt.step()  # step 0: first refresh, allocates state
+def interleaved_steps(makers: dict, params, gap: int, repeats: int, state_out: dict | None = None) -> dict:
+    """Median regular and refresh step time of each optimizer, stepping them in turn on the same parameters.
 
-    def set_steps(k):
-        for st in opt.state.values():
-            st["step"] = k
-
-    def regular():
-        set_steps(1)
-        opt.step()
-
-    def refresh():
-        set_steps(gap)
-        opt.step()
-
-    t_reg = median_time(regular, repeats)
-    t_ref = median_time(refresh, max(2, repeats // 3))
-    return t_reg, t_ref, state_bytes(opt)
-
-
-def interleaved_steps(makers: dict, params, gap: int, repeats: int) -> dict:
-    """Median regular and refresh step time of each optimizer, stepping them in turn on the same parameters."""
+    Optimizers without a subspace (torch.optim.AdamW: its ``state["step"]`` is a tensor it owns) are stepped
+    as they are; their "refresh" time is just another regular step. ``state_out`` receives state bytes.
+    """
     opts = {name: make(params) for name, make in makers.items()}
     for opt in opts.values():
         opt.step()  # first refresh, allocates state
@@ -78,13 +61,16 @@ def interleaved_steps(makers: dict, params, gap: int, repeats: int) -> dict:
         kind, k = ("regular", 1) if i < repeats else ("refresh", gap)
         for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first (cache state)
             opt = opts[name]
-            for st in opt.state.values():
-                st["step"] = k
+            if not isinstance(opt, torch.optim.AdamW):
+                for st in opt.state.values():
+                    st["step"] = k
             sync(params[0].device)
             t0 = time.perf_counter()
             opt.step()
             sync(params[0].device)
             times[name][kind].append(time.perf_counter() - t0)
+    if state_out is not None:
+        state_out.update({name: state_bytes(opt) for name, opt in opts.items()})
     return {name: {kind: statistics.median(v) for kind, v in t.items()} for name, t in times.items()}
 
 
@@ -143,32 +129,29 @@ def main():
         group = {"rank": rank, "update_proj_gap": args.gap, "scale": 0.25, "proj_type": "std"}
         params = make_params(shapes, args.device, dtype)
 
-        adamw = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-        adamw.step()
-        t_adamw = median_time(adamw.step, args.repeats, device=args.device)
-        b_adamw = state_bytes(adamw)
-        del adamw
+        def amortized(t):
+            return (t["refresh"] + (args.gap - 1) * t["regular"]) / args.gap
 
-        def amortized(reg, ref):
-            return (ref + (args.gap - 1) * reg) / args.gap
-
-        t_reg, t_ref, b_gp = bench_galore_like(
-            lambda ps: gradproj.GaLoreAdamW([{"params": ps, **group}], lr=1e-3), params, args.gap, args.repeats
-        )
-        t_gp = amortized(t_reg, t_ref)
+        makers = {
+            "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.0),
+            "gradproj": lambda ps: gradproj.GaLoreAdamW([{"params": ps, **group}], lr=1e-3),
+        }
+        if have_orig:
+            makers["original"] = lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **group}], lr=1e-3,
+                                                                      no_deprecation_warning=True)
+        state = {}
+        t = interleaved_steps(makers, params, args.gap, args.repeats, state)  # side by side, rotated order
         expected = analytic_galore_bytes(shapes, rank, torch.finfo(dtype).bits // 8)
         row = {
             "model": name, "rank": rank, "matrices": len(shapes), "device": args.device, "dtype": args.dtype,
-            "adamw_ms": t_adamw * 1e3, "gradproj_ms": t_gp * 1e3, "gradproj_regular_ms": t_reg * 1e3,
-            "gradproj_refresh_ms": t_ref * 1e3, "adamw_state": b_adamw, "gradproj_state": b_gp,
-            "gradproj_state_analytic": expected,
+            "adamw_ms": t["AdamW"]["regular"] * 1e3, "gradproj_ms": amortized(t["gradproj"]) * 1e3,
+            "gradproj_regular_ms": t["gradproj"]["regular"] * 1e3,
+            "gradproj_refresh_ms": t["gradproj"]["refresh"] * 1e3, "adamw_state": state["AdamW"],
+            "gradproj_state": state["gradproj"], "gradproj_state_analytic": expected,
         }
         if have_orig:
-            o_reg, o_ref, b_o = bench_galore_like(
-                lambda ps: galore_torch.GaLoreAdamW([{"params": ps, **group}], lr=1e-3, no_deprecation_warning=True),
-                params, args.gap, args.repeats,
-            )
-            row.update(orig_ms=amortized(o_reg, o_ref) * 1e3, orig_regular_ms=o_reg * 1e3, orig_refresh_ms=o_ref * 1e3)
+            o = t["original"]
+            row.update(orig_ms=amortized(o) * 1e3, orig_regular_ms=o["regular"] * 1e3, orig_refresh_ms=o["refresh"] * 1e3)
         rows.append(row)
 
     print(f"machine: {machine()}; T = {args.gap}, rank = hidden/{args.rank_div}, dtype {args.dtype}\n")
