@@ -124,3 +124,28 @@ def test_loading_a_checkpoint_with_bad_groups_changes_nothing():
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["rank"] == 2
     assert torch.equal(opt.state[W]["proj"], before["proj"])
+
+
+def test_checkpoint_without_a_newer_option_loads_with_its_default_and_resumes_identically():
+    """A checkpoint written before an option existed (here: ``foreach``) gets the option's default."""
+    torch.manual_seed(0)
+    W = nn.Parameter(torch.randn(8, 6))
+    W2 = nn.Parameter(W.detach().clone())
+    make = lambda p: gradproj.GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 3, "scale": 1.0}], lr=1e-2)
+    a, b = make(W), make(W2)
+    grads = [torch.randn(8, 6) for _ in range(6)]
+    for g in grads[:3]:
+        W.grad = g.clone()
+        a.step()
+    sd = a.state_dict()
+    del sd["param_groups"][0]["foreach"]
+    for g in grads[:3]:
+        W2.grad = g.clone()
+        b.step()
+    b.load_state_dict(sd)
+    assert b.param_groups[0]["foreach"] is None
+    for g in grads[3:]:
+        W.grad, W2.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    assert torch.equal(W, W2)

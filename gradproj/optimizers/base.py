@@ -408,6 +408,9 @@ class ProjectedOptimizer(Optimizer):
             )
         )
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # options added after the checkpoint was written: their defaults
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
         for key, saved in state_dict["state"].items():
             p = id_map.get(key)
             if p is not None:

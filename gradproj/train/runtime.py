@@ -227,7 +227,8 @@ def make_runtime(device: str = "auto", parallel: str = "auto") -> Runtime:
         flag = "--fsdp" if parallel == "fsdp" else "--parallel ddp"
         raise ValueError(
             f"{flag} (parallel = {parallel!r}) needs one process per device started by torchrun, e.g. "
-            f"`torchrun --nproc-per-node 2 -m gradproj train {flag}`"
+            f"`torchrun --nproc-per-node 2 -m gradproj train {flag}` (to continue such a run in one process: "
+            "--resume DIR --parallel none)"
         )
     return DistributedRuntime(device, parallel)
 
