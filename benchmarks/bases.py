@@ -26,15 +26,13 @@ import json
 import logging
 import math
 import statistics
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import gradproj
-from common import LLAMA, machine, median_time, sync
+from common import LLAMA, byte_llama, machine, median_time, stdlib_bytes, sync
 from gradproj.projectors import get_projector
 
 #: GaLore's ranks for the large configurations
@@ -55,26 +53,6 @@ REFRESH_BASES = [
 
 
 # ------------------------------------------------------------------------------------------------ data
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for path in sorted(root.glob("*.py")):
-        out += path.read_bytes()
-        if len(out) >= limit:
-            break
-    return torch.tensor(list(out[:limit]), dtype=torch.long)
-
-
-def make_llama(hidden: int, intermediate: int, layers: int, heads: int, seed: int, device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-                      rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).to(device)
-
-
 def batches(data: torch.Tensor, n: int, batch: int, seq: int, seed: int, device):
     g = torch.Generator().manual_seed(seed)
     for _ in range(n):
@@ -139,7 +117,7 @@ def block_shapes(name):
 # ------------------------------------------------------------------------------------ part: energy
 def record_gradients(args, data):
     """Train a small LLaMA with AdamW; record the block Linear gradients at the steps in args.record_steps."""
-    model = make_llama(args.rec_hidden, args.rec_intermediate, args.rec_layers, 4, args.seed, args.device)
+    model = byte_llama(args.rec_hidden, args.rec_intermediate, args.rec_layers, 4, args.seed).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     records = {}
     last = max(args.record_steps)
@@ -265,7 +243,7 @@ def stress_part(args):
 
 
 # ---------------------------------------------------------------------------------- part: training
-TRAIN_CONFIGS = [  # GaLoreAdamW, rank 32, lr 1e-2, scale 0.25 (the settings of examples/pretrain_llama.py)
+TRAIN_CONFIGS = [  # GaLoreAdamW, rank 32, lr 1e-2, scale 0.25 (the small byte-level LLaMA of common.byte_llama)
     ("svd", {"projector": "svd"}),
     ("eigh", {"projector": "eigh"}),
     ("randomized_svd", {"projector": "randomized_svd"}),
@@ -287,7 +265,7 @@ def training_part(args, data):
     rows, curves = [], {}
     runs = [(label, group, seed) for seed in args.train_seeds for label, group in TRAIN_CONFIGS]
     for label, group, seed in tqdm(runs, desc="training", leave=False):
-        model = make_llama(128, 352, 4, 4, seed, args.device)
+        model = byte_llama(seed=seed).to(args.device)
         extra = {"total_steps": args.steps} if group["projector"] == "golore" else {}
         groups = gradproj.param_groups(model, rank=32, update_proj_gap=args.gap, scale=0.25, **group, **extra)
         opt = gradproj.GaLoreAdamW(groups, lr=1e-2)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import platform
 import statistics
+import sysconfig
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,30 @@ from gradproj.train.models import LLAMA_CONFIGS
 #: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
 LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)
          for name, s in LLAMA_CONFIGS.items() if name.startswith("llama_")}
+
+
+def stdlib_bytes(limit: int) -> torch.Tensor:
+    """The first ``limit`` bytes of the Python standard library's top-level ``*.py`` files, in name order:
+    a byte-level corpus present on every machine."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = bytearray()
+    for path in sorted(root.glob("*.py")):
+        out += path.read_bytes()
+        if len(out) >= limit:
+            break
+    return torch.tensor(list(out[:limit]), dtype=torch.long)
+
+
+def byte_llama(hidden: int = 128, intermediate: int = 352, layers: int = 4, heads: int = 4, seed: int = 0,
+               max_positions: int = 512):
+    """A small byte-vocabulary LlamaForCausalLM (untied head), initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                      rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
 
 
 def block_matrix_shapes(name: str) -> list[tuple[int, int]]:

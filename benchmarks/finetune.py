@@ -29,31 +29,18 @@ import argparse
 import copy
 import json
 import logging
-import sysconfig
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import gradproj
-from common import LLAMA, machine
+from common import LLAMA, byte_llama, machine, stdlib_bytes
 
 METHODS = ("adamw", "galore", "lisa", "owlore", "lisa_kept")
 
 
 # --------------------------------------------------------------------------------------------- corpora
-def stdlib_source(limit: int) -> torch.Tensor:
-    """Bytes of the stdlib's top-level *.py files (pretraining corpus)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for path in sorted(root.glob("*.py")):
-        out += path.read_bytes()
-        if len(out) >= limit:
-            break
-    return torch.tensor(list(out[:limit]), dtype=torch.long)
-
-
 def pydoc_topics() -> torch.Tensor:
     """Bytes of the documentation topics bundled with CPython for help() (fine-tuning corpus)."""
     from pydoc_data.topics import topics
@@ -68,13 +55,7 @@ def windows(data: torch.Tensor, starts: torch.Tensor, seq: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- model
 def make_model(hidden: int, inter: int, layers: int, heads: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
-                      rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    return byte_llama(hidden, inter, layers, heads, seed)
 
 
 def tensor_bytes(tensors) -> int:
@@ -216,7 +197,7 @@ def analytic_7b(n_active=5, rank=256, vocab=32000, state_bytes_per=2, grad_bytes
         row("LISA released: state of every visited block kept", 2 * block + always, 2 * total),
         row(f"OwLore {n_active} blocks, rank {rank}, state freed (gradproj)", n_active * block + always,
             n_active * galore_block + 2 * always),
-        row(f"OwLore released: state of every visited block kept", n_active * block + always,
+        row("OwLore released: state of every visited block kept", n_active * block + always,
             layers * galore_block + 2 * always),
     ]
 
@@ -290,7 +271,7 @@ def main() -> None:
     model_args = (args.hidden, args.intermediate, args.layers, args.heads)
     t0 = time.perf_counter()
     model = make_model(*model_args, seed=args.seed)
-    pre_loss = pretrain(model, stdlib_source(2_000_000), args.pretrain_steps, args.batch, args.seq,
+    pre_loss = pretrain(model, stdlib_bytes(2_000_000), args.pretrain_steps, args.batch, args.seq,
                         args.pretrain_lr, args.seed)
     base_state = copy.deepcopy(model.state_dict())
     text = pydoc_topics()

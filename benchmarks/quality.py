@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
@@ -26,28 +25,11 @@ import torch
 from tqdm import tqdm
 
 import gradproj
-from common import machine
-
-
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out = bytearray()
-    for path in sorted(root.glob("*.py")):
-        out += path.read_bytes()
-        if len(out) >= limit:
-            break
-    return torch.tensor(list(out[:limit]), dtype=torch.long)
+from common import byte_llama, machine, stdlib_bytes
 
 
 def make_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(args.seed)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                      max_position_embeddings=args.seq, rms_norm_eps=1e-6, initializer_range=0.02,
-                      tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    return byte_llama(args.hidden, args.intermediate, args.layers, args.heads, args.seed, max_positions=args.seq)
 
 
 OPTIMIZERS = ("AdamW", "GaLoreAdamW", "FiraAdamW", "FrugalAdamW", "AdamW-lr-split")

@@ -23,7 +23,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     dev = "cuda"
-    print(f"| shape | rank | method | ms | energy / default SVD's |\n|---|---|---|---|---|")
+    print("| shape | rank | method | ms | energy / default SVD's |\n|---|---|---|---|---|")
     for spec in args.shapes:
         m, n = map(int, spec.split("x"))
         g = torch.Generator(device=dev).manual_seed(0)

@@ -1,6 +1,6 @@
 """How far GaLoreAdamW8bit's training trajectory is from GaLoreAdamW's.
 
-Pretrains the small LLaMA of examples/pretrain_llama.py (hidden 128, 4 layers, byte vocabulary, on the Python
+Pretrains the small LLaMA of common.byte_llama (hidden 128, 4 layers, byte vocabulary, on the Python
 standard library's source) three times from the same initialisation: GaLoreAdamW, GaLoreAdamW8bit (same
 hyper-parameters, same batches) and, as a yardstick for "how different is different", GaLoreAdamW on another
 data order. Every moment tensor of >= 4096 values is 8-bit here (the projected matrices and the embeddings).
@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import gradproj
-from common import machine
+from common import byte_llama, machine, stdlib_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-from pretrain_llama import make_model, stdlib_bytes  # noqa: E402
 
 
 def run(cls, data, steps, batch, seq, data_seed):
-    model = make_model(0)
+    model = byte_llama(seed=0, max_positions=256)
     start = [p.detach().clone() for p in model.parameters()]
     groups = gradproj.param_groups(model, rank=32, update_proj_gap=50, scale=0.25)
     opt = cls(groups, lr=1e-2)
@@ -58,7 +55,7 @@ def main():
     other, w_other, _, _, _ = run(gradproj.GaLoreAdamW, data, args.steps, args.batch, args.seq, 1)
 
     def tail(xs, k=50):
-        return sum(xs[-k:]) / k
+        return sum(xs[-k:]) / len(xs[-k:])
 
     def distance(ws):  # ‖W − W_fp32‖ / ‖W_fp32 − W_0‖ over all parameters
         dist = sum((a - b).norm() ** 2 for a, b in zip(ws, w32)) ** 0.5

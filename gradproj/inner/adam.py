@@ -20,6 +20,12 @@ def check_betas_eps(group: dict, where: str) -> None:
         raise ValueError(f"{where}: eps = {group['eps']} must be >= 0")
 
 
+def bias_corrected_lr(group: dict, t: int) -> float:
+    """Adam's step size after ``t`` updates of its moments: lr·√(1−β2^t)/(1−β1^t)."""
+    beta1, beta2 = group["betas"]
+    return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+
+
 class Adam(InnerRule):
     """m ← β1·m + (1−β1)·R; v ← β2·v + (1−β2)·R²; U = m / (√v + eps);
     step size lr·√(1−β2^t)/(1−β1^t). State: ``exp_avg``, ``exp_avg_sq``, shaped like R."""
@@ -43,6 +49,4 @@ class Adam(InnerRule):
 
     def step_size(self, group: dict, state: dict, ctx: StepContext) -> float:
         """lr·√(1−β2^t)/(1−β1^t), with t the steps since the moments were (re)started."""
-        beta1, beta2 = group["betas"]
-        t = ctx.step - state.get("inner_start", 0)
-        return group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+        return bias_corrected_lr(group, ctx.step - state.get("inner_start", 0))

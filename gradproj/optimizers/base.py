@@ -104,6 +104,7 @@ class ProjectedOptimizer(Optimizer):
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
     default_residual: ClassVar[str] = "none"
+    default_moments_on_refresh: ClassVar[str] = "keep"
 
     def __init__(
         self,
@@ -129,7 +130,7 @@ class ProjectedOptimizer(Optimizer):
             "proj_type": "std",
             "projector": "svd",
             "residual": self.default_residual,
-            "moments_on_refresh": "keep",
+            "moments_on_refresh": self.default_moments_on_refresh,
             "stochastic_rounding": False,
             "compile": False,
             "norm_growth_limit": None,

@@ -44,7 +44,6 @@ matrix has its own GEMMs (:data:`BATCHED_GEMM_DEVICES`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -54,6 +53,7 @@ import torch
 from .. import kernels
 from ..distributed.sharding import is_dtensor
 from ..inner import Adam
+from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
 from ..projectors.base import Projector, choose_side
 
@@ -140,10 +140,8 @@ def collect(opt: ProjectedOptimizer) -> Batch:
     for group in opt.param_groups:
         if not _group_eligible(opt, group):
             continue
-        rank, gap, lr, auto = group["rank"], int(group["update_proj_gap"]), group["lr"], group["foreach"] is None
-        beta1, beta2 = group["betas"]
+        rank, gap, auto = group["rank"], int(group["update_proj_gap"]), group["foreach"] is None
         ops_cache: dict[tuple, ModuleType | None] = {}
-        step_sizes: dict[int, float] = {}
         for p in group["params"]:
             g = p.grad
             state = opt.state.get(p)
@@ -173,10 +171,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             ops = ops_cache[okey]
             if ops is None:
                 continue
-            t = step + 1 - state.get("inner_start", 0)
-            step_size = step_sizes.get(t)
-            if step_size is None:  # Adam.step_size's expression
-                step_size = step_sizes[t] = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+            step_size = bias_corrected_lr(group, step + 1 - state.get("inner_start", 0))  # Adam.step_size
             key = (id(group), dev, (m, n), side, p.dtype, ea.dtype, id(ops), step_size)
             bucket = buckets.get(key)
             if bucket is None:

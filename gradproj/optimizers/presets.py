@@ -83,18 +83,7 @@ class FrugalAdamW(GaLoreAdamW):
     """
 
     default_residual = "frugal"
-
-    def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        **options: Any,
-    ):
-        options.setdefault("moments_on_refresh", "reset")
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
+    default_moments_on_refresh = "reset"
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):

@@ -13,7 +13,7 @@ import torch
 
 from . import seeding
 from .base import NonFiniteGradientError, Projector
-from .linalg import canonical_signs_, orthonormalize, top_eigenvectors
+from .linalg import orthonormalize, top_eigenvectors
 
 log = logging.getLogger("gradproj")
 
