@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from ..state_layout import Spec
 from .base import InnerRule, StepContext
 
 PARAM_RMS = "RMS"
@@ -82,6 +83,16 @@ class Adafactor(InnerRule):
         beta1 = group["beta1"]
         if beta1 is not None and not 0.0 <= float(beta1) < 1.0:
             raise ValueError(f"{where}: beta1 = {beta1} must be in [0, 1), or None for no first moment")
+
+    def state_layout(self, shape, group):
+        layout = {"exp_avg": Spec(tuple(shape)), PARAM_RMS: Spec(())}
+        if len(shape) >= 2:
+            row, col = tuple(shape[:-1]), tuple(shape[:-2]) + tuple(shape[-1:])
+            layout["exp_avg_sq_row"] = Spec(row, requires=("exp_avg_sq_col",))
+            layout["exp_avg_sq_col"] = Spec(col, requires=("exp_avg_sq_row",))
+        else:
+            layout["exp_avg_sq"] = Spec(tuple(shape))
+        return layout
 
     @staticmethod
     def relative_step_size(group: dict, step: int) -> float:

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..state_layout import Spec
 from .base import InnerRule, StepContext
 
 
@@ -38,6 +39,9 @@ class Adam(InnerRule):
 
     def validate_group(self, group, where):
         check_betas_eps(group, where)
+
+    def state_layout(self, shape, group):
+        return {"exp_avg": Spec(shape, requires=("exp_avg_sq",)), "exp_avg_sq": Spec(shape, requires=("exp_avg",))}
 
     def update(self, R, state, group, ctx: StepContext):
         if "exp_avg" not in state:

@@ -24,6 +24,7 @@ import math
 import torch
 
 from .adam import Adam, check_betas_eps
+from ..state_layout import Spec
 from .base import StepContext
 
 #: values per quantization block (bitsandbytes' blockwise optimizers use 256)
@@ -95,6 +96,15 @@ class Adam8bit(Adam):
         size = group["min_8bit_size"]
         if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
             raise ValueError(f"{where}: min_8bit_size = {size!r} must be an integer >= 0")
+
+    def state_layout(self, shape, group):
+        blocks = (num_blocks(math.prod(shape)),)
+        return {
+            "exp_avg": Spec(shape, "codes", requires=("exp_avg_sq",)),
+            "exp_avg_sq": Spec(shape, "codes", requires=("exp_avg",)),
+            EXP_AVG_ABSMAX: Spec(blocks, requires=("exp_avg", EXP_AVG_SQ_ABSMAX)),
+            EXP_AVG_SQ_ABSMAX: Spec(blocks, requires=("exp_avg_sq", EXP_AVG_ABSMAX)),
+        }
 
     def update(self, R, state, group, ctx: StepContext):
         if "exp_avg" not in state:

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..state_layout import Spec
+
 
 @dataclass
 class StepContext:
@@ -48,6 +50,10 @@ class InnerRule:
 
     def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
+
+    def state_layout(self, shape: tuple[int, ...], group: dict) -> dict[str, Spec]:
+        """The state keys the rule keeps for a low-rank gradient R of ``shape`` (:mod:`gradproj.state_layout`)."""
+        return {}
 
     #: the state keys this rule owns (dropped by :meth:`reset_state`)
     state_keys: ClassVar[tuple[str, ...]] = ()

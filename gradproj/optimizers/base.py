@@ -18,6 +18,7 @@ inner rule) with GaLore's placement of the weight decay.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -35,6 +36,8 @@ from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
 from ..projectors.base import NonFiniteGradientError
 from ..residual import NoResidual, Residual, get_residual, limit_update_growth, validate_norm_growth_limit
 from ..sampling.sampler import restore_sampler
+from ..state_layout import COMMON, Spec, state_problem
+from ..validation import FOREIGN_GROUP_KEYS, check_bool, check_number, is_number, refuse_unknown
 from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:
@@ -61,6 +64,12 @@ class _Plan:
     ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
     shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
     fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
+    #: why the parameter's projected state no longer fits its group (rank, proj_type or projector changed):
+    #: the update restarts it (basis and inner state) at this step; None when it fits
+    restart: str | None = None
+    #: a first basis computed while the step's input was checked, before anything changed; the update
+    #: installs it instead of refreshing
+    first_basis: dict | None = None
 
 
 _UNPROJECTED_RESIDUAL = NoResidual()
@@ -117,9 +126,13 @@ class ProjectedOptimizer(Optimizer):
         sampler: LayerSampler | None = None,
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        extra_group_keys: Iterable[str] = (),
         **options: Any,
     ):
         check_layerwise_options(layerwise, accumulation_steps)
+        if isinstance(extra_group_keys, str) or not all(isinstance(k, str) for k in extra_group_keys):
+            raise TypeError(f"extra_group_keys = {extra_group_keys!r} must be a list of key names")
+        self._extra_group_keys = frozenset(extra_group_keys)
         self._layerwise = LayerwiseStepper(self, accumulation_steps) if layerwise else None
         self._inner = self.inner_rule()
         defaults: dict[str, Any] = {
@@ -138,13 +151,7 @@ class ProjectedOptimizer(Optimizer):
             "foreach": None,
         }
         defaults.update(self._inner.defaults)
-        allowed = set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unexpected option(s) {unknown}; "
-                f"valid options are {sorted(allowed)}"
-            )
+        refuse_unknown(options, set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys(), type(self).__name__)
         defaults.update(options)
         self._warned: set[int] = set()
         self._param_index: dict[int, int] = {}  # id(p) -> position among all parameters (seeds random bases)
@@ -183,18 +190,16 @@ class ProjectedOptimizer(Optimizer):
     def _validate_group(self, group: dict, index: int) -> None:
         """Check a group's options; cheap enough to run before every step (no per-parameter work)."""
         where = f"param group {index}"
+        refuse_unknown(group, self._group_keys(), where, "param-group key")
         self._inner.validate_lr(group, where)
-        if not float(group["weight_decay"]) >= 0.0:
-            raise ValueError(f"{where}: weight_decay = {group['weight_decay']} must be >= 0")
+        check_number(group["weight_decay"], "weight_decay", where, minimum=0.0)
         if group["impl"] not in kernels.IMPLS:
             raise ValueError(f"{where}: impl = {group['impl']!r}; use one of {', '.join(kernels.IMPLS)}")
         if group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
-        if not isinstance(group["stochastic_rounding"], bool):
-            raise ValueError(f"{where}: stochastic_rounding = {group['stochastic_rounding']!r} must be True or False")
-        clip = group["max_grad_norm"]
-        if clip is not None and not (isinstance(clip, (float, int)) and not isinstance(clip, bool) and clip > 0):
-            raise ValueError(f"{where}: max_grad_norm = {clip!r} must be a positive number (or None: no clipping)")
+        check_bool(group["stochastic_rounding"], "stochastic_rounding", where)
+        check_number(group["max_grad_norm"], "max_grad_norm", where, minimum=0.0, exclusive=True, allow_none=True,
+                     hint="None means no clipping")
         self._inner.validate_group(group, where)
         compiled.validate(group["compile"], self._inner.name, where)
         if group["compile"] and group["stochastic_rounding"]:
@@ -229,6 +234,10 @@ class ProjectedOptimizer(Optimizer):
                 f"{where} has 'rank' but no 'scale' (alpha); add it (GaLore's recipe uses 0.25; the effective "
                 "lr of a projected matrix is lr * scale), or build the groups with gradproj.param_groups()"
             )
+        for key in ("scale", "alpha"):
+            if key in group:
+                check_number(group[key], key, where, minimum=0.0, exclusive=True,
+                             hint="the update of a projected matrix is multiplied by it (GaLore uses 0.25)")
         if "scale" in group and "alpha" in group and float(group["scale"]) != float(group["alpha"]):
             raise ValueError(
                 f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
@@ -243,6 +252,9 @@ class ProjectedOptimizer(Optimizer):
                 f"{where}: moments_on_refresh='project' is not available for the {self._inner.name!r} inner rule "
                 "(it does not say how its state changes basis); use 'keep' or 'reset'"
             )
+        for key in ("projector", "residual", "proj_type"):
+            if not isinstance(group[key], str):
+                raise ValueError(f"{where}: {key} = {group[key]!r} must be a name (a string)")
         if group["proj_type"] not in PROJ_TYPES:
             raise ValueError(f"{where}: proj_type = {group['proj_type']!r}; use one of {', '.join(PROJ_TYPES)}")
         try:
@@ -253,6 +265,19 @@ class ProjectedOptimizer(Optimizer):
         projector_cls.validate_group(group, where)
         residual_cls().validate_group(group, where)
 
+    def _group_keys(self) -> frozenset[str]:
+        """Every key a param group may hold: options, projection keys, registered axes' options, keys that
+        LR schedulers and torch write, and the user's ``extra_group_keys``."""
+        from ..projectors import PROJECTORS
+        from ..residual import RESIDUALS
+
+        stamp = (len(PROJECTORS), len(RESIDUALS), len(self.defaults))
+        cached = getattr(self, "_group_keys_cache", None)
+        if cached is None or cached[0] != stamp:
+            keys = frozenset(self.defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
+            cached = self._group_keys_cache = (stamp, keys | FOREIGN_GROUP_KEYS | self._extra_group_keys)
+        return cached[1]
+
     # ------------------------------------------------------------------------------------------ plan
     @staticmethod
     def _scale(group: dict) -> float:
@@ -261,7 +286,7 @@ class ProjectedOptimizer(Optimizer):
     def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
         ops = kernels.resolve(group["impl"], p)
         rank = group.get("rank")
-        if rank is None or p.dim() < 2:
+        if rank is None or p.dim() < 2 or p.numel() == 0:
             return _Plan(None, IdentityProjector((0, 0), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops)
         m, n = p.shape[0], p.numel() // p.shape[0]
         if rank >= min(m, n) and group["projector"] != "identity":
@@ -276,6 +301,17 @@ class ProjectedOptimizer(Optimizer):
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
         projector.param_index = self._param_index.get(id(p), 0)
         return _Plan((m, n), projector, get_residual(group["residual"])(), self._scale(group), ops)
+
+    def _state_layout(self, p: torch.Tensor, group: dict, plan: _Plan) -> dict[str, Spec]:
+        """Every state key ``p`` may hold under ``plan``, with its shape (see :mod:`gradproj.state_layout`)."""
+        shape = tuple(p.shape) if plan.shape2d is None else tuple(plan.projector.low_rank_shape())
+        return {
+            **COMMON,
+            "accum": Spec(shape),  # a layerwise accumulation window's summed low-rank gradient
+            **plan.projector.state_layout(),
+            **self._inner.state_layout(shape, group),
+            **plan.residual.state_layout(),
+        }
 
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -324,27 +360,49 @@ class ProjectedOptimizer(Optimizer):
                 f"{where} has a sparse gradient; gradproj optimizers need dense gradients (use "
                 "torch.optim.SparseAdam, or nn.Embedding(sparse=False))"
             )
+        if grad.shape != p.shape:
+            raise ValueError(
+                f"{where}: its gradient has shape {tuple(grad.shape)}; a gradient must have its parameter's shape "
+                "(check what was assigned to .grad)"
+            )
         try:
             plan = self._plan(p, group)
         except ValueError as err:  # e.g. impl='triton' where it cannot run
             raise ValueError(f"{where}: {err}") from None
+        state = self.state.get(p, {})
+        if state and not is_dtensor(p):
+            plan.restart = state_problem(state, self._state_layout(p, group, plan))
         if is_dtensor(p):
             plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
         if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
             plan.fused = compiled.CompiledTail(group["compile"])
             plan.ops = kernels.reference
-        if plan.projector.refreshes and not plan.projector.has_basis(self.state[p]):
-            if not all_finite(grad):
-                raise NonFiniteGradientError(
-                    f"{where}: the gradient is NaN/Inf at its first basis refresh, so no basis can be computed; "
-                    "nothing was updated. Check the loss scale / data, or clip gradients before optimizer.step()."
-                )
+        proj = plan.projector
+        if proj.refreshes and (plan.restart is not None or not proj.has_basis(state)):
+            if plan.shard is not None:  # a sharded refresh talks to the other ranks: it runs in the update
+                if not all_finite(grad):
+                    raise NonFiniteGradientError(
+                        f"{where}: the gradient is NaN/Inf at its first basis refresh, so no basis can be computed; "
+                        "nothing was updated. Check the loss scale / data, or clip gradients before optimizer.step()."
+                    )
+            else:  # compute the first basis now, so that a failure raises before any parameter is stepped
+                # the gradient the refresh in the update would see: clipped, except in a low-rank accumulation
+                clip = None if self._layerwise is not None and self._layerwise.low_rank(plan) else group["max_grad_norm"]
+                G = kernels.reference.clip_by_norm(grad, clip).reshape(plan.shape2d)
+                scratch = {"step": state.get("step", 0)} if plan.restart is not None else dict(state)
+                try:
+                    proj.refresh(G, scratch, scratch["step"] if "step" in scratch else 0)
+                except ValueError as err:
+                    raise type(err)(f"{where}: {err}") from None
+                plan.first_basis = {k: v for k, v in scratch.items() if state.get(k) is not v}
         return plan
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan, state: dict | None = None) -> None:
         """One parameter's update: the whole method, top to bottom (for a sharded parameter, on its local rows)."""
         state = self.state[p] if state is None else state
         step = state.get("step", 0)
+        if plan.restart is not None:
+            self._restart(p, state, step, plan.restart)
         ctx = StepContext(
             step=step + 1,
             ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
@@ -354,8 +412,7 @@ class ProjectedOptimizer(Optimizer):
         )
         proj = plan.projector
         G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
-        if proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
-            self._on_basis_change(state, group, step, proj)
+        self._refresh(G, state, group, step, plan)
         R = proj.down(G, state)
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
@@ -368,6 +425,32 @@ class ProjectedOptimizer(Optimizer):
                                  residual_step=plan.residual.step_size(group, step_size),
                                  lr=self._inner.decay_lr(group, state), weight_decay=group["weight_decay"],
                                  seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
+
+    def _refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: _Plan) -> None:
+        """Install the first basis computed in :meth:`_prepare`, or refresh the basis when it is due."""
+        proj = plan.projector
+        if plan.first_basis is not None:
+            state.update(plan.first_basis)
+            plan.first_basis = None
+        elif proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
+            self._on_basis_change(state, group, step, proj)
+
+    def _restart(self, p: torch.Tensor, state: dict, step: int, why: str) -> None:
+        """Drop a parameter's projected state (basis, inner and residual state) that no longer fits its group,
+        keeping its step count: the update then starts afresh in a new subspace, with its own bias correction."""
+        key = ("restart", step)  # one warning for all the parameters of a step
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"gradproj: at step {step} the optimizer state of some parameters no longer fits their param group "
+                f"(e.g. shape {tuple(p.shape)}: its state {why}; was the group's rank, proj_type or projector "
+                "changed?): their basis and moments restart at this step",
+                stacklevel=4,
+            )
+        kept = {k: state[k] for k in ("sr_seed",) if k in state}
+        state.clear()
+        state.update(step=step, **kept)
+        self._inner.reset_state(state, step)
 
     def _on_basis_change(self, state: dict, group: dict, step: int, proj: Projector) -> None:
         """Apply the group's ``moments_on_refresh`` rule after a refresh replaced an existing basis.
@@ -389,34 +472,106 @@ class ProjectedOptimizer(Optimizer):
             sd["gradproj"] = extra
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, keeping every state tensor's saved dtype.
+    def load_state_dict(self, state_dict: dict[str, Any], *, strict: bool = True) -> None:
+        """Load a state dict, keeping every state tensor's saved dtype; check all of it first.
 
         ``torch.optim.Optimizer.load_state_dict`` casts all floating *and integer* state to a floating
         parameter's dtype (fp32 moments of a bf16 weight, int32 indices, uint8 quantized moments). Here
-        every tensor only moves to the parameter's device. The incoming groups are validated first, so a
-        bad checkpoint leaves the optimizer untouched.
+        every tensor only moves to the parameter's device. Before anything is loaded, the incoming groups are
+        validated like groups passed to the constructor, and every parameter's state is checked against its
+        parameter and (incoming) group: keys, shapes, kinds, DCT index ranges (:mod:`gradproj.state_layout`).
+        A bad checkpoint raises ``ValueError`` and leaves the optimizer untouched.
+
+        As in torch.optim, the incoming groups' options replace the current ones. A state dict written by a
+        ``torch.optim`` optimizer (e.g. ``AdamW``) would turn every projected group into an unprojected one: that
+        raises unless ``strict=False``, which loads it with a warning (its torch-only options are dropped).
         """
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("load_state_dict: expected an optimizer state dict with 'state' and 'param_groups'")
         saved_groups = state_dict["param_groups"]
-        for i, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            merged = {**current, **{k: v for k, v in saved.items() if k != "params"}}
-            self._validate_group(merged, i)
-        self._check_extra_state(state_dict.get("gradproj", {}))
-        id_map = dict(
-            zip(
-                chain.from_iterable(g["params"] for g in saved_groups),
-                chain.from_iterable(g["params"] for g in self.param_groups),
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"load_state_dict: the state dict has {len(saved_groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}; build the optimizer with the groups it was saved with"
             )
-        )
-        super().load_state_dict(state_dict)
+        groups = [self._incoming_group(i, saved, strict) for i, saved in enumerate(saved_groups)]
+        self._check_extra_state(state_dict.get("gradproj", {}))
+        params = {}  # saved id -> (group index, position, parameter)
+        for gi, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            for pi, (key, p) in enumerate(zip(saved["params"], current["params"])):
+                params[key] = (gi, pi, p)
+        state = {}
+        for key, saved in state_dict["state"].items():
+            if key not in params:
+                raise ValueError(
+                    f"load_state_dict: the state dict holds state for parameter {key!r}, which none of its param "
+                    "groups lists"
+                )
+            gi, pi, p = params[key]
+            state[key] = self._incoming_state(gi, pi, p, groups[gi], saved)
+        torch_groups = [{**g, "params": saved["params"]} for g, saved in zip(groups, saved_groups)]
+        super().load_state_dict({"state": {}, "param_groups": torch_groups})
         for group in self.param_groups:  # options added after the checkpoint was written: their defaults
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
-        for key, saved in state_dict["state"].items():
-            p = id_map.get(key)
-            if p is not None:
-                self.state[p] = {k: _to_device(v, p) for k, v in saved.items()}
+        for key, saved in state.items():
+            gi, pi, p = params[key]
+            self.state[p] = {k: _to_device(v, p) for k, v in saved.items()}
         self._load_extra_state(state_dict.get("gradproj", {}))
+
+    #: options of torch.optim's Adam-family optimizers that gradproj does not have
+    _TORCH_ONLY_KEYS = frozenset({"amsgrad", "maximize", "capturable", "fused", "decoupled_weight_decay"})
+
+    def _incoming_group(self, index: int, saved: dict, strict: bool) -> dict:
+        """The group a checkpoint's group ``index`` becomes: its options over the defaults, validated."""
+        where = f"load_state_dict: param group {index}"
+        current = self.param_groups[index]
+        if len(saved.get("params", ())) != len(current["params"]):
+            raise ValueError(
+                f"{where} holds {len(saved.get('params', ()))} parameters, the optimizer's {len(current['params'])}; "
+                "build the optimizer with the groups it was saved with"
+            )
+        options = {k: v for k, v in saved.items() if k != "params"}
+        foreign = sorted(self._TORCH_ONLY_KEYS & set(options))
+        if foreign or ("rank" in current and "rank" not in options):
+            what = (f"was written by a torch.optim optimizer (it has {', '.join(foreign)})" if foreign
+                    else "has no 'rank'")
+            message = (f"{where} {what}, while the optimizer's group {index} projects with rank={current.get('rank')}; "
+                       "loading it makes that group train unprojected (full-rank state) from here on")
+            if "rank" not in current or "rank" in options:
+                message = f"{where} {what}; its torch-only options are dropped"
+            if strict:
+                raise ValueError(f"{message}. Load a checkpoint of this gradproj optimizer, or pass strict=False to "
+                                 "load it anyway")
+            warnings.warn(f"gradproj: {message}", stacklevel=3)
+            options = {k: v for k, v in options.items() if k not in self._TORCH_ONLY_KEYS}
+        group = {**self.defaults, **options, "params": current["params"]}
+        self._validate_group(group, index)
+        return group
+
+    def _incoming_state(self, gi: int, pi: int, p: torch.Tensor, group: dict, saved: Any) -> dict:
+        """A checkpoint's state of one parameter, checked against the parameter and its incoming group."""
+        where = f"load_state_dict: param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: its state is a {type(saved).__name__}, expected a dict")
+        saved = dict(saved)
+        step = saved.get("step")
+        if isinstance(step, torch.Tensor) and step.numel() == 1:  # torch.optim keeps the step as a tensor
+            saved["step"] = int(step.item())
+        try:
+            plan = self._plan(p, group)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        problem = state_problem(saved, self._state_layout(p, group, plan), deep=True)
+        if problem is None and saved and plan.projector.refreshes and not plan.projector.has_basis(saved) and any(
+                k in saved for k in self._inner.state_keys):
+            problem = "holds inner-rule state but no basis"
+        if problem is not None:
+            raise ValueError(
+                f"{where}: the saved state {problem}. The checkpoint was written for another model, another "
+                "parameter order or other group options (rank, proj_type, projector, inner rule); nothing was loaded"
+            )
+        return saved
 
     def _extra_state(self) -> dict[str, Any]:
         """Optimizer-level state beyond per-parameter state (samplers, generators); tensors and scalars only."""

@@ -159,7 +159,7 @@ class LayerwiseStepper:
         count = state.get(ACCUM_COUNT, 0) + (p.grad is not None)
         self._window_max = max(self._window_max, count)
         final = last or count >= self.accumulation_steps
-        low_rank = self.accumulation_steps > 1 and plan.shape2d is not None and isinstance(plan.residual, NoResidual)
+        low_rank = self.low_rank(plan)
         if p.grad is None and ACCUM not in state:  # nothing left to apply (e.g. zero_grad() mid-window)
             state.pop(ACCUM_COUNT, None)
             return
@@ -179,6 +179,11 @@ class LayerwiseStepper:
         if final:
             self._stepped.add(id(p))
 
+    def low_rank(self, plan: _Plan) -> bool:
+        """Whether ``plan``'s parameter accumulates its micro-batches as projections (its refresh then sees the
+        window's first micro-batch gradient, unclipped)."""
+        return self.accumulation_steps > 1 and plan.shape2d is not None and isinstance(plan.residual, NoResidual)
+
     @staticmethod
     def _accumulate(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         """Project this micro-batch's gradient into the window's buffer and free it."""
@@ -186,8 +191,10 @@ class LayerwiseStepper:
         G = p.grad.reshape(plan.shape2d)
         if ACCUM not in state:  # the window's first micro-batch: its full gradient is the one a refresh sees
             step = state.get("step", 0)
-            if proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
-                opt._on_basis_change(state, group, step, proj)
+            if plan.restart is not None:
+                opt._restart(p, state, step, plan.restart)
+                plan.restart = None
+            opt._refresh(G, state, group, step, plan)
             state[ACCUM] = proj.down(G, state).to(accumulation_dtype(G)).contiguous()
         else:
             state[ACCUM].add_(proj.down(G, state))

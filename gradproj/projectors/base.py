@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from ..state_layout import Spec
 from .change import BasisChange, snapshot_basis
 
 log = logging.getLogger("gradproj")
@@ -90,6 +91,13 @@ class Projector:
     def rank_axis(self) -> int:
         """Axis of R that holds the rank: norms over it give one factor per row (right) / column (left)."""
         return 1 if self.side == "right" else 0
+
+    def state_layout(self) -> dict[str, Spec]:
+        """The state keys this projector owns and what they must look like (:mod:`gradproj.state_layout`)."""
+        m, n, r = self.m, self.n, self.rank
+        if self.side == "full":
+            return {"proj_left": Spec((m, r), requires=("proj_right",)), "proj_right": Spec((r, n), requires=("proj_left",))}
+        return {"proj": Spec((r, n) if self.side == "right" else (m, r))}
 
     # ---------------------------------------------------------------------------------------- refresh
     def has_basis(self, state: dict) -> bool:
@@ -204,6 +212,9 @@ class IdentityProjector(Projector):
 
     def low_rank_shape(self) -> tuple[int, int]:
         return (self.m, self.n)
+
+    def state_layout(self) -> dict[str, Spec]:
+        return {}
 
     def has_basis(self, state: dict) -> bool:
         return True

@@ -14,6 +14,8 @@ import threading
 
 import torch
 
+from ..state_layout import Spec
+
 from .regenerated import RegeneratedBasis
 from .change import BasisChange
 
@@ -85,6 +87,10 @@ def dct_fft(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return X.movedim(-1, dim)
 
 
+def _identity(G: torch.Tensor) -> tuple:
+    return (G.device, G.data_ptr(), tuple(G.shape), G.stride(), G.dtype, G._version)
+
+
 class DCTProjector(RegeneratedBasis):
     """Columns (rows) of a shared orthonormal DCT-II matrix, chosen by the ℓ1 norm of S = G·Q.
 
@@ -99,8 +105,9 @@ class DCTProjector(RegeneratedBasis):
     defaults = {"dct_norm": "l1", "dct_impl": "auto"}
     basis_keys = ("proj_idx", "proj_idx_left", "proj_idx_right")
 
-    #: R computed at the refresh from S, handed to the next down() of the same gradient
-    _pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: R computed at the refresh from S, handed to the next down() of the same gradient (identified by its
+    #: memory, layout and version: the optimizer may compute the first basis from another view of it)
+    _pending: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def validate_group(cls, group, where):
@@ -108,6 +115,13 @@ class DCTProjector(RegeneratedBasis):
             raise ValueError(f"{where}: dct_norm = {group['dct_norm']!r}; use one of {', '.join(DCT_NORMS)}")
         if group.get("dct_impl", "auto") not in DCT_IMPLS:
             raise ValueError(f"{where}: dct_impl = {group['dct_impl']!r}; use one of {', '.join(DCT_IMPLS)}")
+
+    def state_layout(self):
+        r = (self.rank,)
+        if self.side == "full":
+            return {"proj_idx_left": Spec(r, "index", self.m, ("proj_idx_right",)),
+                    "proj_idx_right": Spec(r, "index", self.n, ("proj_idx_left",))}
+        return {"proj_idx": Spec(r, "index", self.n if self.side == "right" else self.m)}
 
     # ---------------------------------------------------------------------------------------- refresh
     def has_basis(self, state):
@@ -138,16 +152,16 @@ class DCTProjector(RegeneratedBasis):
         if self.side == "right":
             S = self._transform(G, 1)
             idx = self._select(S, 1)
-            self._pending = (G, S[:, idx.long()])
+            self._pending = (_identity(G), S[:, idx.long()])
             return {"proj_idx": idx}
         if self.side == "left":
             S = self._transform(G, 0)
             idx = self._select(S, 0)
-            self._pending = (G, S[idx.long()])
+            self._pending = (_identity(G), S[idx.long()])
             return {"proj_idx": idx}
         S = self._transform(self._transform(G, 0), 1)
         left, right = self._select(S, 0), self._select(S, 1)
-        self._pending = (G, S[left.long()][:, right.long()])
+        self._pending = (_identity(G), S[left.long()][:, right.long()])
         return {"proj_idx_left": left, "proj_idx_right": right}
 
     # ------------------------------------------------------------------------------------ projections
@@ -174,6 +188,6 @@ class DCTProjector(RegeneratedBasis):
 
     def down(self, G, state):
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is G:
+        if pending is not None and pending[0] == _identity(G):
             return pending[1]  # read out of S at the refresh: no second product
         return super().down(G, state)

@@ -78,6 +78,9 @@ class GoLoreProjector(Projector):
     def has_basis(self, state):
         return self.before.has_basis(state) or self.after.has_basis(state)
 
+    def state_layout(self):
+        return {**self.before.state_layout(), **self.after.state_layout()}
+
     def needs_refresh(self, state, step):
         switching = step >= self.switch and DRAW_KEY not in state
         return switching or super().needs_refresh(state, step)

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..state_layout import INT, Spec, scalar_int
+
 from . import seeding
 from .regenerated import RegeneratedBasis
 from .linalg import orthonormalize
@@ -64,6 +66,9 @@ class RandomProjector(RegeneratedBasis):
 
     def has_basis(self, state):
         return DRAW_KEY in state
+
+    def state_layout(self):
+        return {seeding.SEED_KEY: scalar_int(), DRAW_KEY: Spec(INT, requires=(seeding.SEED_KEY,))}
 
     def compute_basis(self, G, state, step):
         seeding.parameter_seed(state, self.group, self.param_index)

@@ -11,6 +11,8 @@ import logging
 
 import torch
 
+from ..state_layout import scalar_int
+
 from . import seeding
 from .base import NonFiniteGradientError, Projector
 from .linalg import orthonormalize, top_eigenvectors
@@ -98,6 +100,9 @@ class RandomizedSVDProjector(Projector):
         if not isinstance(group.get("rsvd_warm_start", True), bool):
             raise ValueError(f"{where}: rsvd_warm_start = {group['rsvd_warm_start']!r} must be True or False")
         seeding.validate_seed(group, where)
+
+    def state_layout(self):
+        return {**super().state_layout(), seeding.SEED_KEY: scalar_int()}
 
     def compute_basis(self, G, state, step):
         g = self.group

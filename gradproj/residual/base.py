@@ -23,6 +23,7 @@ import torch
 from ..inner.base import StepContext
 from ..kernels.reference import ScaledResidual
 from ..projectors.base import Projector
+from ..state_layout import Spec
 
 #: what a residual rule may return as its full-size term
 ResidualTerm = Union[torch.Tensor, ScaledResidual]
@@ -40,6 +41,10 @@ class Residual:
 
     def validate_group(self, group: dict, where: str) -> None:
         """Raise ``ValueError`` naming ``where`` for bad options."""
+
+    def state_layout(self) -> dict[str, Spec]:
+        """The state keys the rule keeps (:mod:`gradproj.state_layout`)."""
+        return {}
 
     def compute(
         self,

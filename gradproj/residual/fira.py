@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..state_layout import Spec
 from ..kernels.reference import ScaledResidual
 from .base import Residual
 from .limiter import check_growth_limit
@@ -38,6 +39,9 @@ class FiraResidual(Residual):
                 "column of G); use proj_type 'std', 'reverse_std', 'left' or 'right' instead of 'full'"
             )
         check_growth_limit(group.get("limiter_gamma", 1.01), "limiter_gamma", where)
+
+    def state_layout(self):
+        return {LIMITER_NORM: Spec(())}
 
     def compute(self, G, R, U, projector, state, group, ctx):
         ops, axis, gamma = ctx.ops, projector.rank_axis(), group.get("limiter_gamma", 1.01)
