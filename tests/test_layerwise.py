@@ -258,8 +258,7 @@ def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
 
 
 def test_gradients_without_a_hook_are_stepped_by_step():
-    """A gradient set by hand (or on a parameter that had requires_grad=False when the optimizer was built)
-    is stepped by opt.step() exactly as in normal mode."""
+    """A gradient set by hand (no backward, so no hook ran) is stepped by opt.step() exactly as in normal mode."""
     Ws = [torch.nn.Parameter(torch.randn(12, 8, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
     opts = [gradproj.GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": 2, "scale": 1.0}], lr=1e-2,
                                  layerwise=lw) for W, lw in zip(Ws, (False, True))]
@@ -269,6 +268,27 @@ def test_gradients_without_a_hook_are_stepped_by_step():
             W.grad = g.clone()
             opt.step()
     assert torch.equal(Ws[0], Ws[1]) and Ws[1].grad is None
+
+
+def test_parameters_frozen_at_construction_are_stepped_during_backward_once_unfrozen():
+    models = [TinyNet(), TinyNet()]
+    opts = []
+    for model, layerwise in zip(models, (False, True)):
+        model.fc1.requires_grad_(False)
+        opts.append(gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5,
+                                                               trainable_only=False), lr=1e-2, layerwise=layerwise))
+    for s in range(5):
+        if s == 2:
+            for model in models:
+                model.fc1.requires_grad_(True)
+        for model, opt in zip(models, opts):
+            tiny_loss(model, tiny_batch(s)).backward()
+            if opt is opts[1]:  # every gradient, fc1's included once it trains, was consumed during backward
+                assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+        assert opts[1].state[models[1].fc1.weight].get("step", 0) == max(0, s - 1)
+    assert_same_weights(*models)
 
 
 def test_bad_group_in_layerwise_mode_raises_at_step_and_changes_nothing():

@@ -1,7 +1,9 @@
 """Per-layer stepping: every parameter is updated inside its post-accumulate-grad hook, during backward.
 
-``layerwise=True`` registers ``register_post_accumulate_grad_hook`` on every trainable parameter of the
-optimizer. When autograd has finished a parameter's gradient, the hook runs that parameter's whole update
+``layerwise=True`` registers ``register_post_accumulate_grad_hook`` on every parameter of the optimizer,
+frozen ones included (a hook costs nothing until its parameter trains, so a block that a
+:class:`gradproj.LayerSampler` activates later, or a layer unfrozen by hand, is stepped during backward like
+the others). When autograd has finished a parameter's gradient, the hook runs that parameter's whole update
 (:meth:`ProjectedOptimizer._update`) and sets ``p.grad = None`` at once, so the full gradients of the model
 never coexist: at any moment at most one is alive (the one being consumed). The training loop does not
 change::
@@ -21,8 +23,8 @@ matrices whose step needs the full gradient (a residual such as Fira's) — accu
 normal mode and is stepped in the k-th hook, exactly as normal mode steps it.
 
 ``opt.step()`` closes the window: it steps every parameter whose window is still open (a parameter that
-missed the last micro-batches, a gradient set by hand or left by a parameter without a hook) and resets
-the counters. More than k backward passes between two ``step()`` calls raise ``RuntimeError``.
+missed the last micro-batches, a gradient set by hand) and resets the counters. More than k backward
+passes between two ``step()`` calls raise ``RuntimeError``.
 
 **Clipping.** ``torch.nn.utils.clip_grad_norm_`` between backward and step sees no gradients in this mode
 (they are already consumed). Use the optimizer's ``max_grad_norm`` instead: it clips *each parameter's*
@@ -93,6 +95,21 @@ class _Projected:
         return getattr(self._projector, name)
 
 
+def _register_hook(p: torch.Tensor, hook: Any) -> Any:
+    """``p.register_post_accumulate_grad_hook(hook)``, also for a parameter frozen now.
+
+    torch refuses to register a hook on a tensor that does not require grad, but the hook is stored on the
+    tensor and fires whenever it later trains; so a frozen parameter is unfrozen just for the registration.
+    """
+    if p.requires_grad:
+        return p.register_post_accumulate_grad_hook(hook)
+    p.requires_grad_(True)
+    try:
+        return p.register_post_accumulate_grad_hook(hook)
+    finally:
+        p.requires_grad_(False)
+
+
 def _remove_hooks(handles: list) -> None:
     for handle in handles:
         handle.remove()
@@ -121,8 +138,7 @@ class LayerwiseStepper:
     def register(self, group_index: int, group: dict) -> None:
         for i, p in enumerate(group["params"]):
             self._index[id(p)] = (group_index, i)
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            self._handles.append(_register_hook(p, self._hook))
 
     # ------------------------------------------------------------------------------------ during backward
     def _hook(self, p: torch.Tensor) -> None:
