@@ -281,6 +281,14 @@ class ProjectedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        try:
+            return self._step(closure)
+        except BaseException:
+            if self._layerwise is not None:  # per-layer mode: the failed step's window is abandoned (layerwise.py)
+                self._layerwise.abandon(self)
+            raise
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

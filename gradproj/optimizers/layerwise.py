@@ -37,7 +37,11 @@ follow the same trajectory.
 **Errors.** Group options are validated at the first hook of a window; if they are bad, the hooks stand
 aside for the rest of the window (gradients stay in ``p.grad``) and ``opt.step()`` raises the error before
 anything changes. A parameter's own bad gradient (sparse, NaN at its first refresh) is left in ``p.grad``
-and ``opt.step()`` raises; parameters stepped earlier in the same backward stay stepped.
+and ``opt.step()`` raises. Any error — ``step()`` raising, or a hook raising out of ``backward()`` — abandons
+the window (:meth:`LayerwiseStepper.abandon`): parameters updated in it stay updated (the update *is* the
+backward pass), every other parameter is left bit-identical to before the window (weights and state; a
+basis refreshed at the window's first micro-batch is restored), gradients not consumed stay in ``p.grad``.
+After ``zero_grad()`` the next window trains as a fresh optimizer given the same weights and state would.
 
 With ``accumulation_steps=1`` every parameter is stepped by the same ``_update`` call on the same
 gradient as in normal mode, so the trajectory is bit-identical (tests check it for every optimizer).
@@ -130,6 +134,7 @@ class LayerwiseStepper:
         self._handles: list = []
         weakref.finalize(optimizer, _remove_hooks, self._handles)
         self._stepped: set[int] = set()  # params updated in the current window
+        self._saved: dict[int, dict] = {}  # id(param) -> its state before the refresh at this window's start
         self._checked = False  # groups validated for the current window
         self._suspended = False  # a group was invalid: hooks stand aside until step() succeeds
         self._window_max = 0  # most micro-batches any parameter saw in the current window
@@ -145,22 +150,26 @@ class LayerwiseStepper:
         opt = self._optimizer()
         if opt is None or self._suspended or p.grad is None or id(p) not in self._index:
             return
-        with torch.no_grad():
-            if not self._checked:
+        try:
+            with torch.no_grad():
+                if not self._checked:
+                    try:
+                        for i, group in enumerate(opt.param_groups):
+                            opt._validate_group(group, i)
+                    except (ValueError, TypeError):
+                        self._suspended = True  # optimizer.step() raises the same error, before anything changes
+                        return
+                    self._checked = True
+                gi, pi = self._index[id(p)]
+                group = opt.param_groups[gi]
                 try:
-                    for i, group in enumerate(opt.param_groups):
-                        opt._validate_group(group, i)
-                except (ValueError, TypeError):
-                    self._suspended = True  # optimizer.step() raises the same error, before anything changes
-                    return
-                self._checked = True
-            gi, pi = self._index[id(p)]
-            group = opt.param_groups[gi]
-            try:
-                plan = opt._prepare(gi, pi, p, p.grad, group)
-            except ValueError:
-                return  # the gradient stays in p.grad; optimizer.step() raises with this parameter unchanged
-            self._consume(opt, p, group, plan, last=False)
+                    plan = opt._prepare(gi, pi, p, p.grad, group)
+                except ValueError:
+                    return  # the gradient stays in p.grad; optimizer.step() raises with this parameter unchanged
+                self._consume(opt, p, group, plan, last=False)
+        except BaseException:
+            self.abandon(opt)  # backward() raises: the window ends here, so the next one starts clean
+            raise
 
     def _consume(self, opt: ProjectedOptimizer, p: torch.Tensor, group: dict, plan: _Plan, last: bool) -> None:
         """Take ``p.grad`` (if any) into the window; step ``p`` when the window is complete (or ``last``)."""
@@ -182,7 +191,11 @@ class LayerwiseStepper:
         if final and ACCUM not in state:  # the whole gradient is at hand: exactly normal mode's step
             grad, p.grad = p.grad, None
             state.pop(ACCUM_COUNT, None)
-            opt._step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+            try:
+                opt._step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+            except BaseException:
+                p.grad = grad  # as in normal mode, a step that raised leaves the gradient where it was
+                raise
         elif low_rank:
             if p.grad is not None:
                 self._accumulate(opt, p, state, group, plan)
@@ -194,16 +207,18 @@ class LayerwiseStepper:
             state[ACCUM_COUNT] = count
         if final:
             self._stepped.add(id(p))
+            self._saved.pop(id(p), None)
 
-    @staticmethod
-    def _accumulate(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
+    def _accumulate(self, opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         """Project this micro-batch's gradient into the window's buffer and free it."""
         proj = plan.projector
         G = p.grad.reshape(plan.shape2d)
         if ACCUM not in state:  # the window's first micro-batch: its full gradient is the one a refresh sees
             step = state.get("step", 0)
-            if proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
-                opt._on_basis_change(state, group, step, proj)
+            if proj.needs_refresh(state, step):
+                self._saved[id(p)] = _before_refresh(opt, state, group)  # restored if the window is abandoned
+                if proj.refresh(G, state, step) and step > 0:
+                    opt._on_basis_change(state, group, step, proj)
             state[ACCUM] = proj.down(G, state).to(accumulation_dtype(G)).contiguous()
         else:
             state[ACCUM].add_(proj.down(G, state))
@@ -219,7 +234,8 @@ class LayerwiseStepper:
 
     # ---------------------------------------------------------------------------------------- at step()
     def end_window(self, opt: ProjectedOptimizer) -> None:
-        """Step what the hooks left, then start a new window. Raises before changing anything on bad input."""
+        """Step what the hooks left, then start a new window. Raises before changing anything on bad input
+        (``ProjectedOptimizer.step`` then calls :meth:`abandon`)."""
         work = opt._gather()  # leftover gradients: checked first (sparse, NaN at a first refresh)
         pending = [
             (p, group, opt._plan(p, group))
@@ -238,6 +254,43 @@ class LayerwiseStepper:
             self._consume(opt, p, group, plan, last=True)
         for p, group, plan in pending:
             self._consume(opt, p, group, plan, last=True)
+        self._new_window()
+
+    def abandon(self, opt: ProjectedOptimizer) -> None:
+        """End the current window after an error (a hook raised during backward, or ``step()`` raised).
+
+        Parameters already stepped in the window keep their update (undoing it would take a copy of every
+        parameter and its state through backward). Every other parameter gets back exactly the state it had before the window:
+        its low-rank buffer and micro-batch count are dropped, and a basis refreshed at the window's first
+        micro-batch is restored, with the inner state that ``moments_on_refresh`` changed. Gradients in
+        ``p.grad`` are left as they are (as normal mode leaves them when ``step()`` raises): ``zero_grad()``
+        and a new window then trains as a fresh optimizer with this state would.
+        """
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state is None:
+                    continue
+                saved = self._saved.pop(id(p), None)
+                if saved is not None:
+                    state.clear()
+                    state.update(saved)
+                state.pop(ACCUM, None)
+                state.pop(ACCUM_COUNT, None)
+                if not state:
+                    del opt.state[p]
+        self._new_window()
+
+    def _new_window(self) -> None:
         self._stepped.clear()
+        self._saved.clear()
         self._checked = self._suspended = False
         self._window_max = 0
+
+
+def _before_refresh(opt: ProjectedOptimizer, state: dict, group: dict) -> dict:
+    """A copy of ``state`` that undoes a refresh: the basis is rewritten in place, so its tensors are cloned;
+    the inner rule's state is shared unless ``moments_on_refresh="project"`` rewrites it in place too
+    (``"reset"`` only drops it from ``state``)."""
+    shared = () if group["moments_on_refresh"] == "project" else opt._inner.state_keys
+    return {k: v.clone() if torch.is_tensor(v) and k not in shared else v for k, v in state.items()}
