@@ -419,6 +419,9 @@ def test_parameters_frozen_at_construction_are_stepped_during_backward_once_unfr
             opt.zero_grad()
         assert opts[1].state[models[1].fc1.weight].get("step", 0) == max(0, s - 1)
     assert_same_weights(*models)
+    with torch.inference_mode():  # a tensor that can never train needs no hook, and is no reason to refuse
+        frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    gradproj.GaLoreAdamW([frozen], layerwise=True)
 
 
 def test_bad_group_in_layerwise_mode_raises_at_step_and_changes_nothing():

@@ -100,14 +100,18 @@ class _Projected:
 
 
 def _register_hook(p: torch.Tensor, hook: Any) -> Any:
-    """``p.register_post_accumulate_grad_hook(hook)``, also for a parameter frozen now.
+    """``p.register_post_accumulate_grad_hook(hook)``, also for a parameter frozen now; None for a tensor
+    that can never require grad (an inference tensor), which needs no hook.
 
     torch refuses to register a hook on a tensor that does not require grad, but the hook is stored on the
     tensor and fires whenever it later trains; so a frozen parameter is unfrozen just for the registration.
     """
     if p.requires_grad:
         return p.register_post_accumulate_grad_hook(hook)
-    p.requires_grad_(True)
+    try:
+        p.requires_grad_(True)
+    except RuntimeError:
+        return None
     try:
         return p.register_post_accumulate_grad_hook(hook)
     finally:
@@ -143,7 +147,9 @@ class LayerwiseStepper:
     def register(self, group_index: int, group: dict) -> None:
         for i, p in enumerate(group["params"]):
             self._index[id(p)] = (group_index, i)
-            self._handles.append(_register_hook(p, self._hook))
+            handle = _register_hook(p, self._hook)
+            if handle is not None:
+                self._handles.append(handle)
 
     # ------------------------------------------------------------------------------------ during backward
     def _hook(self, p: torch.Tensor) -> None:
