@@ -236,6 +236,136 @@ def test_more_backward_passes_than_accumulation_steps_raise():
     tiny_loss(model, tiny_batch(1)).backward()
     with pytest.raises(RuntimeError, match="more than accumulation_steps=2 backward passes"):
         tiny_loss(model, tiny_batch(2)).backward()
+    opt.zero_grad()  # the error ended the window (whose parameters were stepped by the second pass): go on
+    train(model, opt, 2, micro=2)
+    assert all(opt.state[p]["step"] == 3 for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ errors end the window
+def make_galore(model, accumulation=1, **kwargs):
+    groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5, trainable_only=False)
+    return gradproj.GaLoreAdamW(groups, lr=1e-2, layerwise=True, accumulation_steps=accumulation, **kwargs)
+
+
+def state_copy(opt, model):
+    return {n: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            for n, p in model.named_parameters() if opt.state.get(p)}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for key, value in a[name].items():
+            other = b[name][key]
+            same = torch.is_tensor(other) and value.dtype == other.dtype and torch.equal(value, other)
+            assert same if torch.is_tensor(value) else value == other, (name, key)
+
+
+def assert_trains_like_a_fresh_optimizer(model, opt, accumulation, **kwargs):
+    """zero_grad(), then windows of good batches: the same bits as a new model and optimizer loaded with the
+    weights and optimizer state that the error left (an optimizer that never saw the bad batch)."""
+    twin = TinyNet()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = make_galore(twin, accumulation, **kwargs)
+    twin_opt.load_state_dict(opt.state_dict())
+    opt.zero_grad()
+    for m, o in ((model, opt), (twin, twin_opt)):
+        train(m, o, 4, seed=200, micro=accumulation)  # windows t, ..., t + 3: a refresh among them
+    assert_same_weights(model, twin)
+    assert_same_state(state_copy(opt, model), state_copy(twin_opt, twin))
+
+
+def changed(model, weights):
+    return {n for n, v in model.state_dict().items() if not torch.equal(v, weights[n])}
+
+
+def assert_untouched_unless_stepped(model, opt, weights, state):
+    """Parameters whose weights did not move have every state tensor as before; the others took one step."""
+    stepped = changed(model, weights)
+    after = state_copy(opt, model)
+    for name in weights:
+        if name in stepped:
+            assert after[name]["step"] == state.get(name, {}).get("step", 0) + 1, name
+        else:
+            assert_same_state({name: after.get(name, {})}, {name: state.get(name, {})})
+    return stepped
+
+
+@pytest.mark.parametrize("accumulation,micro", [(1, 1), (2, 2), (2, 1)], ids=["k1", "k2", "k2_short_window"])
+def test_step_raising_at_a_first_refresh_ends_the_window(accumulation, micro):
+    """fc1 trains for the first time on a NaN gradient, so no basis can be computed and step() raises (the
+    documented error). Afterwards zero_grad() and new windows work and train bit for bit as a fresh optimizer
+    given the same weights and state; whatever was not stepped during backward is as it was before."""
+    model = TinyNet()
+    model.fc1.requires_grad_(False)  # fc1 gets its first gradient (and first refresh) in the bad window
+    opt = make_galore(model, accumulation)
+    train(model, opt, 3, micro=accumulation)  # next window: step 3, a refresh for every projected matrix
+    model.fc1.requires_grad_(True)
+    weights, state = snapshot(model), state_copy(opt, model)
+    for i in range(micro):
+        (tiny_loss(model, tiny_batch(100 + i)) + model.fc1.weight.sum() * math.nan).backward()
+    with pytest.raises(ValueError, match="NaN/Inf at its first basis refresh"):
+        opt.step()
+    stepped = assert_untouched_unless_stepped(model, opt, weights, state)
+    if micro == accumulation:  # every window but fc1.weight's was complete: stepped during backward
+        assert stepped == set(weights) - {"fc1.weight"}
+    else:  # a short window: nothing was stepped, the refreshes at its start were undone
+        assert not stepped
+        assert_same_state(state_copy(opt, model), state)
+    assert model.fc1.weight not in opt.state and model.fc1.weight.grad.isnan().all()  # kept, as normal mode keeps it
+    assert_trains_like_a_fresh_optimizer(model, opt, accumulation)
+
+
+@pytest.mark.parametrize("accumulation,where", [(1, "_prepare"), (1, "_step_param"), (3, "_prepare")],
+                         ids=["k1_checks", "k1_update", "k3_mid_window"])
+def test_a_hook_raising_during_backward_ends_the_window(monkeypatch, accumulation, where):
+    """An error inside fc1's hook (a RuntimeError, as out of memory would be; in its checks or at the start of its
+    update) makes backward() raise. Parameters not stepped keep their weights and every state tensor bit for
+    bit, including a basis refreshed at the window's first micro-batch, and fc1 keeps its gradient; zero_grad()
+    and new windows train as a fresh optimizer with that state."""
+    model = TinyNet()
+    opt = make_galore(model, accumulation, moments_on_refresh="project")
+    train(model, opt, 3, micro=accumulation)  # next window: step 3, a refresh that also maps the moments
+    weights, state = snapshot(model), state_copy(opt, model)
+    real, armed = getattr(opt, where), []
+
+    def failing(*args):
+        p = args[2] if where == "_prepare" else args[0]
+        if armed and p is model.fc1.weight:
+            raise RuntimeError("simulated failure")
+        return real(*args)
+
+    monkeypatch.setattr(opt, where, failing)
+    if accumulation > 1:
+        tiny_loss(model, tiny_batch(100)).backward()  # the window's first micro-batch: refreshes, accumulates
+    armed.append(True)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        tiny_loss(model, tiny_batch(101)).backward()
+    monkeypatch.undo()
+    stepped = assert_untouched_unless_stepped(model, opt, weights, state)
+    assert "fc1.weight" not in stepped and "emb.weight" not in stepped  # the embedding's hook comes after fc1's
+    if accumulation == 1:
+        assert {"head.weight", "fc2.weight"} <= stepped  # their hooks ran first: stepped during backward
+    else:
+        assert not stepped  # mid-window: no update yet; the refreshes and buffers of the window are undone
+    assert model.fc1.weight.grad is not None  # the gradient whose hook raised stays
+    assert_trains_like_a_fresh_optimizer(model, opt, accumulation, moments_on_refresh="project")
+
+
+def test_step_raising_after_the_hooks_stepped_ends_the_window():
+    """A group option broken between backward and step() (the hooks had validated the groups): step() raises,
+    and once fixed, the next backward steps every parameter again instead of refusing a second update."""
+    model = TinyNet()
+    opt = make_galore(model)
+    train(model, opt, 2)
+    tiny_loss(model, tiny_batch(9)).backward()  # every parameter stepped during backward
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 1e-2
+    assert_trains_like_a_fresh_optimizer(model, opt, 1)
+    assert all(opt.state[p]["step"] == 7 for p in model.parameters())
 
 
 def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
@@ -258,8 +388,7 @@ def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
 
 
 def test_gradients_without_a_hook_are_stepped_by_step():
-    """A gradient set by hand (or on a parameter that had requires_grad=False when the optimizer was built)
-    is stepped by opt.step() exactly as in normal mode."""
+    """A gradient set by hand (no backward, so no hook ran) is stepped by opt.step() exactly as in normal mode."""
     Ws = [torch.nn.Parameter(torch.randn(12, 8, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
     opts = [gradproj.GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": 2, "scale": 1.0}], lr=1e-2,
                                  layerwise=lw) for W, lw in zip(Ws, (False, True))]
@@ -269,6 +398,30 @@ def test_gradients_without_a_hook_are_stepped_by_step():
             W.grad = g.clone()
             opt.step()
     assert torch.equal(Ws[0], Ws[1]) and Ws[1].grad is None
+
+
+def test_parameters_frozen_at_construction_are_stepped_during_backward_once_unfrozen():
+    models = [TinyNet(), TinyNet()]
+    opts = []
+    for model, layerwise in zip(models, (False, True)):
+        model.fc1.requires_grad_(False)
+        opts.append(gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5,
+                                                               trainable_only=False), lr=1e-2, layerwise=layerwise))
+    for s in range(5):
+        if s == 2:
+            for model in models:
+                model.fc1.requires_grad_(True)
+        for model, opt in zip(models, opts):
+            tiny_loss(model, tiny_batch(s)).backward()
+            if opt is opts[1]:  # every gradient, fc1's included once it trains, was consumed during backward
+                assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+        assert opts[1].state[models[1].fc1.weight].get("step", 0) == max(0, s - 1)
+    assert_same_weights(*models)
+    with torch.inference_mode():  # a tensor that can never train needs no hook, and is no reason to refuse
+        frozen = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    gradproj.GaLoreAdamW([frozen], layerwise=True)
 
 
 def test_bad_group_in_layerwise_mode_raises_at_step_and_changes_nothing():

@@ -354,6 +354,35 @@ def test_reactivated_block_starts_fresh_like_the_reference():
     assert returns, history  # a block left and came back
 
 
+def test_layerwise_hooks_blocks_activated_after_construction():
+    """Blocks that were frozen when the optimizer was built are hooked too: once drawn, their gradients are
+    consumed during backward (none is left after it), and training equals normal mode bit for bit."""
+    models = [tiny_llama(), tiny_llama()]
+    opts = []
+    for model, layerwise in zip(models, (False, True)):
+        sampler = gradproj.LayerSampler(model.model.layers, n_active=1, interval=2, seed=1)
+        opts.append(gradproj.GaLoreAdamW(galore_groups(model), lr=1e-2, sampler=sampler, layerwise=layerwise))
+    sampler = opts[1].sampler
+    frozen_at_start = set(range(LAYERS)) - set(sampler.active)
+    trained_later = set()
+    for s in range(10):
+        for model, opt in zip(models, opts):
+            ids = token_batch(s)
+            model(input_ids=ids, labels=ids).loss.backward()
+            if opt is opts[1]:
+                assert all(p.grad is None for p in model.parameters()), s  # active blocks included
+                trained_later.update(frozen_at_start & set(sampler.active))
+            opt.step()
+            opt.zero_grad()
+        assert opts[0].sampler.active == sampler.active
+    assert trained_later, "no block frozen at construction was drawn"
+    expected = snapshot(models[0])
+    assert all(torch.equal(v, expected[k]) for k, v in models[1].state_dict().items())
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert opts[0].state[p].keys() == opts[1].state[q].keys()
+        assert all(torch.equal(v, opts[1].state[q][k]) for k, v in opts[0].state[p].items() if torch.is_tensor(v))
+
+
 def test_frozen_block_params_must_be_in_the_optimizer():
     model = tiny_llama()
     sampler = gradproj.LayerSampler(model.model.layers, n_active=1, interval=2)

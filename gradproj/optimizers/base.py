@@ -317,6 +317,14 @@ class ProjectedOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        try:
+            return self._step(closure)
+        except BaseException:
+            if self._layerwise is not None:  # per-layer mode: the failed step's window is abandoned (layerwise.py)
+                self._layerwise.abandon(self)
+            raise
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -518,6 +526,8 @@ class ProjectedOptimizer(Optimizer):
             gi, pi, p = params[key]
             self.state[p] = {k: _to_device(v, p) for k, v in saved.items()}
         self._load_extra_state(state_dict.get("gradproj", {}))
+        if self._layerwise is not None:  # a window open before the load belongs to the old state
+            self._layerwise._new_window()
 
     #: options of torch.optim's Adam-family optimizers that gradproj does not have
     _TORCH_ONLY_KEYS = frozenset({"amsgrad", "maximize", "capturable", "fused", "decoupled_weight_decay"})

@@ -1,7 +1,9 @@
 """Per-layer stepping: every parameter is updated inside its post-accumulate-grad hook, during backward.
 
-``layerwise=True`` registers ``register_post_accumulate_grad_hook`` on every trainable parameter of the
-optimizer. When autograd has finished a parameter's gradient, the hook runs that parameter's whole update
+``layerwise=True`` registers ``register_post_accumulate_grad_hook`` on every parameter of the optimizer,
+frozen ones included (a hook costs nothing until its parameter trains, so a block that a
+:class:`gradproj.LayerSampler` activates later, or a layer unfrozen by hand, is stepped during backward like
+the others). When autograd has finished a parameter's gradient, the hook runs that parameter's whole update
 (:meth:`ProjectedOptimizer._update`) and sets ``p.grad = None`` at once, so the full gradients of the model
 never coexist: at any moment at most one is alive (the one being consumed). The training loop does not
 change::
@@ -21,8 +23,8 @@ matrices whose step needs the full gradient (a residual such as Fira's) — accu
 normal mode and is stepped in the k-th hook, exactly as normal mode steps it.
 
 ``opt.step()`` closes the window: it steps every parameter whose window is still open (a parameter that
-missed the last micro-batches, a gradient set by hand or left by a parameter without a hook) and resets
-the counters. More than k backward passes between two ``step()`` calls raise ``RuntimeError``.
+missed the last micro-batches, a gradient set by hand) and resets the counters. More than k backward
+passes between two ``step()`` calls raise ``RuntimeError``.
 
 **Clipping.** ``torch.nn.utils.clip_grad_norm_`` between backward and step sees no gradients in this mode
 (they are already consumed). Use the optimizer's ``max_grad_norm`` instead: it clips *each parameter's*
@@ -35,7 +37,11 @@ follow the same trajectory.
 **Errors.** Group options are validated at the first hook of a window; if they are bad, the hooks stand
 aside for the rest of the window (gradients stay in ``p.grad``) and ``opt.step()`` raises the error before
 anything changes. A parameter's own bad gradient (sparse, NaN at its first refresh) is left in ``p.grad``
-and ``opt.step()`` raises; parameters stepped earlier in the same backward stay stepped.
+and ``opt.step()`` raises. Any error — ``step()`` raising, or a hook raising out of ``backward()`` — abandons
+the window (:meth:`LayerwiseStepper.abandon`): parameters updated in it stay updated (the update *is* the
+backward pass), every other parameter is left bit-identical to before the window (weights and state; a
+basis refreshed at the window's first micro-batch is restored), gradients not consumed stay in ``p.grad``.
+After ``zero_grad()`` the next window trains as a fresh optimizer given the same weights and state would.
 
 With ``accumulation_steps=1`` every parameter is stepped by the same ``_update`` call on the same
 gradient as in normal mode, so the trajectory is bit-identical (tests check it for every optimizer).
@@ -93,6 +99,25 @@ class _Projected:
         return getattr(self._projector, name)
 
 
+def _register_hook(p: torch.Tensor, hook: Any) -> Any:
+    """``p.register_post_accumulate_grad_hook(hook)``, also for a parameter frozen now; None for a tensor
+    that can never require grad (an inference tensor), which needs no hook.
+
+    torch refuses to register a hook on a tensor that does not require grad, but the hook is stored on the
+    tensor and fires whenever it later trains; so a frozen parameter is unfrozen just for the registration.
+    """
+    if p.requires_grad:
+        return p.register_post_accumulate_grad_hook(hook)
+    try:
+        p.requires_grad_(True)
+    except RuntimeError:
+        return None
+    try:
+        return p.register_post_accumulate_grad_hook(hook)
+    finally:
+        p.requires_grad_(False)
+
+
 def _remove_hooks(handles: list) -> None:
     for handle in handles:
         handle.remove()
@@ -113,6 +138,7 @@ class LayerwiseStepper:
         self._handles: list = []
         weakref.finalize(optimizer, _remove_hooks, self._handles)
         self._stepped: set[int] = set()  # params updated in the current window
+        self._saved: dict[int, dict] = {}  # id(param) -> its state before the refresh at this window's start
         self._checked = False  # groups validated for the current window
         self._suspended = False  # a group was invalid: hooks stand aside until step() succeeds
         self._window_max = 0  # most micro-batches any parameter saw in the current window
@@ -121,30 +147,35 @@ class LayerwiseStepper:
     def register(self, group_index: int, group: dict) -> None:
         for i, p in enumerate(group["params"]):
             self._index[id(p)] = (group_index, i)
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            handle = _register_hook(p, self._hook)
+            if handle is not None:
+                self._handles.append(handle)
 
     # ------------------------------------------------------------------------------------ during backward
     def _hook(self, p: torch.Tensor) -> None:
         opt = self._optimizer()
         if opt is None or self._suspended or p.grad is None or id(p) not in self._index:
             return
-        with torch.no_grad():
-            if not self._checked:
+        try:
+            with torch.no_grad():
+                if not self._checked:
+                    try:
+                        for i, group in enumerate(opt.param_groups):
+                            opt._validate_group(group, i)
+                    except (ValueError, TypeError):
+                        self._suspended = True  # optimizer.step() raises the same error, before anything changes
+                        return
+                    self._checked = True
+                gi, pi = self._index[id(p)]
+                group = opt.param_groups[gi]
                 try:
-                    for i, group in enumerate(opt.param_groups):
-                        opt._validate_group(group, i)
-                except (ValueError, TypeError):
-                    self._suspended = True  # optimizer.step() raises the same error, before anything changes
-                    return
-                self._checked = True
-            gi, pi = self._index[id(p)]
-            group = opt.param_groups[gi]
-            try:
-                plan = opt._prepare(gi, pi, p, p.grad, group)
-            except ValueError:
-                return  # the gradient stays in p.grad; optimizer.step() raises with this parameter unchanged
-            self._consume(opt, p, group, plan, last=False)
+                    plan = opt._prepare(gi, pi, p, p.grad, group)
+                except ValueError:
+                    return  # the gradient stays in p.grad; optimizer.step() raises with this parameter unchanged
+                self._consume(opt, p, group, plan, last=False)
+        except BaseException:
+            self.abandon(opt)  # backward() raises: the window ends here, so the next one starts clean
+            raise
 
     def _consume(self, opt: ProjectedOptimizer, p: torch.Tensor, group: dict, plan: _Plan, last: bool) -> None:
         """Take ``p.grad`` (if any) into the window; step ``p`` when the window is complete (or ``last``)."""
@@ -166,7 +197,11 @@ class LayerwiseStepper:
         if final and ACCUM not in state:  # the whole gradient is at hand: exactly normal mode's step
             grad, p.grad = p.grad, None
             state.pop(ACCUM_COUNT, None)
-            opt._step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+            try:
+                opt._step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+            except BaseException:
+                p.grad = grad  # as in normal mode, a step that raised leaves the gradient where it was
+                raise
         elif low_rank:
             if p.grad is not None:
                 self._accumulate(opt, p, state, group, plan)
@@ -178,19 +213,21 @@ class LayerwiseStepper:
             state[ACCUM_COUNT] = count
         if final:
             self._stepped.add(id(p))
+            self._saved.pop(id(p), None)
 
     def low_rank(self, plan: _Plan) -> bool:
         """Whether ``plan``'s parameter accumulates its micro-batches as projections (its refresh then sees the
         window's first micro-batch gradient, unclipped)."""
         return self.accumulation_steps > 1 and plan.shape2d is not None and isinstance(plan.residual, NoResidual)
 
-    @staticmethod
-    def _accumulate(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
+    def _accumulate(self, opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         """Project this micro-batch's gradient into the window's buffer and free it."""
         proj = plan.projector
         G = p.grad.reshape(plan.shape2d)
         if ACCUM not in state:  # the window's first micro-batch: its full gradient is the one a refresh sees
             step = state.get("step", 0)
+            if plan.restart is not None or plan.first_basis is not None or proj.needs_refresh(state, step):
+                self._saved[id(p)] = _before_refresh(opt, state, group)  # restored if the window is abandoned
             if plan.restart is not None:
                 opt._restart(p, state, step, plan.restart)
                 plan.restart = None
@@ -210,7 +247,8 @@ class LayerwiseStepper:
 
     # ---------------------------------------------------------------------------------------- at step()
     def end_window(self, opt: ProjectedOptimizer) -> None:
-        """Step what the hooks left, then start a new window. Raises before changing anything on bad input."""
+        """Step what the hooks left, then start a new window. Raises before changing anything on bad input
+        (``ProjectedOptimizer.step`` then calls :meth:`abandon`)."""
         work = opt._gather()  # leftover gradients: checked first (sparse, NaN at a first refresh)
         pending = [
             (p, group, opt._plan(p, group))
@@ -229,6 +267,43 @@ class LayerwiseStepper:
             self._consume(opt, p, group, plan, last=True)
         for p, group, plan in pending:
             self._consume(opt, p, group, plan, last=True)
+        self._new_window()
+
+    def abandon(self, opt: ProjectedOptimizer) -> None:
+        """End the current window after an error (a hook raised during backward, or ``step()`` raised).
+
+        Parameters already stepped in the window keep their update (undoing it would take a copy of every
+        parameter and its state through backward). Every other parameter gets back exactly the state it had before the window:
+        its low-rank buffer and micro-batch count are dropped, and a basis refreshed at the window's first
+        micro-batch is restored, with the inner state that ``moments_on_refresh`` changed. Gradients in
+        ``p.grad`` are left as they are (as normal mode leaves them when ``step()`` raises): ``zero_grad()``
+        and a new window then trains as a fresh optimizer with this state would.
+        """
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state is None:
+                    continue
+                saved = self._saved.pop(id(p), None)
+                if saved is not None:
+                    state.clear()
+                    state.update(saved)
+                state.pop(ACCUM, None)
+                state.pop(ACCUM_COUNT, None)
+                if not state:
+                    del opt.state[p]
+        self._new_window()
+
+    def _new_window(self) -> None:
         self._stepped.clear()
+        self._saved.clear()
         self._checked = self._suspended = False
         self._window_max = 0
+
+
+def _before_refresh(opt: ProjectedOptimizer, state: dict, group: dict) -> dict:
+    """A copy of ``state`` that undoes a refresh: the basis is rewritten in place, so its tensors are cloned;
+    the inner rule's state is shared unless ``moments_on_refresh="project"`` rewrites it in place too
+    (``"reset"`` only drops it from ``state``)."""
+    shared = () if group["moments_on_refresh"] == "project" else opt._inner.state_keys
+    return {k: v.clone() if torch.is_tensor(v) and k not in shared else v for k, v in state.items()}
