@@ -56,13 +56,14 @@ def check_number(
         ok = float(value) <= maximum
     if ok:
         return
-    kind = "an integer" if integer else "a finite number"
     bounds = []
     if minimum is not None:
         bounds.append(f"{'>' if exclusive else '>='} {minimum:g}")
     if maximum is not None:
         bounds.append(f"<= {maximum:g}")
-    what = f"{kind} {' and '.join(bounds)}".strip()
+    what = ("an integer " if integer else "") + (" and ".join(bounds) if bounds else "a finite number")
+    if bounds and not integer and not (is_number(value) and math.isfinite(float(value))):
+        what += " (a finite number)"
     none = " (or None)" if allow_none else ""
     raise ValueError(f"{where}: {name} = {value!r} must be {what}{none}{'; ' + hint if hint else ''}")
 

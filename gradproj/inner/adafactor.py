@@ -27,6 +27,7 @@ import math
 import torch
 
 from ..state_layout import Spec
+from ..validation import check_bool, check_number, is_number
 from .base import InnerRule, StepContext
 
 PARAM_RMS = "RMS"
@@ -71,18 +72,19 @@ class Adafactor(InnerRule):
 
     def validate_group(self, group, where):
         eps = group["eps"]
-        if not (isinstance(eps, (tuple, list)) and len(eps) == 2 and all(float(e) >= 0.0 for e in eps)):
+        if not (isinstance(eps, (tuple, list)) and len(eps) == 2
+                and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)):
             raise ValueError(
                 f"{where}: eps = {eps!r} must be a pair (eps1 for the squared gradient, eps2 for the parameter "
                 "scale) of numbers >= 0, e.g. (1e-30, 1e-3)"
             )
-        if not float(group["clip_threshold"]) > 0.0:
-            raise ValueError(f"{where}: clip_threshold = {group['clip_threshold']} must be > 0")
-        if not float(group["decay_rate"]) <= 0.0:
-            raise ValueError(f"{where}: decay_rate = {group['decay_rate']} must be <= 0 (beta2_t = 1 - t^decay_rate)")
+        check_number(group["clip_threshold"], "clip_threshold", where, minimum=0.0, exclusive=True)
+        check_number(group["decay_rate"], "decay_rate", where, maximum=0.0, hint="beta2_t = 1 - t^decay_rate")
         beta1 = group["beta1"]
-        if beta1 is not None and not 0.0 <= float(beta1) < 1.0:
+        if beta1 is not None and not (is_number(beta1) and 0.0 <= float(beta1) < 1.0):
             raise ValueError(f"{where}: beta1 = {beta1} must be in [0, 1), or None for no first moment")
+        for key in ("scale_parameter", "relative_step", "warmup_init"):
+            check_bool(group[key], key, where)
 
     def state_layout(self, shape, group):
         layout = {"exp_avg": Spec(tuple(shape)), PARAM_RMS: Spec(())}

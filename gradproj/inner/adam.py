@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..state_layout import Spec
+from ..validation import check_number, is_number
 from .base import InnerRule, StepContext
 
 
@@ -15,10 +16,9 @@ def check_betas_eps(group: dict, where: str) -> None:
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
     for i, b in enumerate(betas):
-        if not 0.0 <= float(b) < 1.0:
+        if not (is_number(b) and 0.0 <= float(b) < 1.0):
             raise ValueError(f"{where}: betas[{i}] = {b} must be in [0, 1)")
-    if not float(group["eps"]) >= 0.0:
-        raise ValueError(f"{where}: eps = {group['eps']} must be >= 0")
+    check_number(group["eps"], "eps", where, minimum=0.0)
 
 
 def bias_corrected_lr(group: dict, t: int) -> float:

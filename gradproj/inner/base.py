@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..state_layout import Spec
+from ..validation import check_number
 
 
 @dataclass
@@ -44,9 +45,7 @@ class InnerRule:
 
     def validate_lr(self, group: dict, where: str) -> None:
         """Check the group's ``lr``: a number >= 0 (rules with their own step-size schedule may allow None)."""
-        lr = group["lr"]
-        if not (isinstance(lr, (float, int, torch.Tensor)) and float(lr) >= 0.0):
-            raise ValueError(f"{where}: lr = {lr!r} must be a number >= 0")
+        check_number(group["lr"], "lr", where, minimum=0.0)
 
     def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
         raise NotImplementedError

@@ -61,7 +61,7 @@ class GoLoreProjector(Projector):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{where}: {key} = {value!r} must be a non-negative integer")
         fraction = group.get("golore_switch_fraction", 0.8)
-        if not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
             raise ValueError(f"{where}: golore_switch_fraction = {fraction!r} must be in [0, 1]")
         _BEFORE[before].validate_group(group, where)
         RandomProjector.validate_group(group, where)

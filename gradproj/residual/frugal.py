@@ -16,6 +16,13 @@ class FrugalResidual(Residual):
 
     name = "frugal"
 
+    def validate_group(self, group, where):
+        if group.get("lr") is None:
+            raise ValueError(
+                f"{where}: residual='frugal' takes its sign step with the group's lr, and lr is None (Adafactor's "
+                "relative step); pass a learning rate (with relative_step=False), or use another residual"
+            )
+
     def compute(self, G, R, U, projector, state, group, ctx):
         S = G.clone()
         projector.add_up_(S, R, state, alpha=-1.0)  # G − B(R): one GEMM into a copy of G

@@ -15,6 +15,8 @@ state per parameter (``update_norm``); everything stays on the device (no host s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..inner.base import StepContext
@@ -35,7 +37,7 @@ def check_growth_limit(gamma: object, key: str, where: str) -> None:
         return
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"{where}: {key} = {gamma!r} must be a number >= 1 (Fira uses 1.01), or None to disable it")
-    if not float(gamma) >= 1.0:
+    if not (math.isfinite(gamma) and float(gamma) >= 1.0):
         raise ValueError(
             f"{where}: {key} = {gamma} must be >= 1: it is the largest factor by which the norm may grow per step "
             "(Fira uses 1.01); use None to disable it"
