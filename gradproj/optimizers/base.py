@@ -553,7 +553,7 @@ class ProjectedOptimizer(Optimizer):
             if strict:
                 raise ValueError(f"{message}. Load a checkpoint of this gradproj optimizer, or pass strict=False to "
                                  "load it anyway")
-            warnings.warn(f"gradproj: {message}", stacklevel=3)
+            warnings.warn(f"gradproj: {message}", stacklevel=4)
             options = {k: v for k, v in options.items() if k not in self._TORCH_ONLY_KEYS}
         group = {**self.defaults, **options, "params": current["params"]}
         self._validate_group(group, index)
