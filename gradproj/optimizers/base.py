@@ -195,7 +195,7 @@ class ProjectedOptimizer(Optimizer):
         check_number(group["weight_decay"], "weight_decay", where, minimum=0.0)
         if group["impl"] not in kernels.IMPLS:
             raise ValueError(f"{where}: impl = {group['impl']!r}; use one of {', '.join(kernels.IMPLS)}")
-        if group["state_dtype"] not in STATE_DTYPES:
+        if not isinstance(group["state_dtype"], (str, type(None))) or group["state_dtype"] not in STATE_DTYPES:
             raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
         check_bool(group["stochastic_rounding"], "stochastic_rounding", where)
         check_number(group["max_grad_norm"], "max_grad_norm", where, minimum=0.0, exclusive=True, allow_none=True,
