@@ -98,7 +98,9 @@ class CompiledTail:
         residual_step = _scalar(float(plan.residual.step_size(group, s)), R.device)
         decay = _scalar(float(inner.decay_lr(group, state)), R.device)
         beta1, beta2 = group["betas"]
-        with _matrix_view(p, plan.shape2d) as W:
+        # the weight as a plain tensor: dynamo keeps the sizes of nn.Parameter inputs (and of their views) static,
+        # which compiled one graph per width and hit the recompile limit on models of many distinct shapes
+        with _matrix_view(p.detach(), plan.shape2d) as W:
             self.fn(W, G, R, state, step_size, residual_step, decay, plan.projector, plan.residual, group, ctx,
                     float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
         return True
