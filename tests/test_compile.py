@@ -129,6 +129,8 @@ def test_compile_option_is_validated():
         gradproj.GaLoreAdamW(gradproj.param_groups(model), compile="yes")
     with pytest.raises(ValueError, match="fullgraph"):
         gradproj.GaLoreAdamW(gradproj.param_groups(model), compile={"fullgraph": False})
+    with pytest.raises(ValueError, match="takes no argument 'dynamc'"):  # not a silent fallback at the first step
+        gradproj.GaLoreAdamW(gradproj.param_groups(model), compile={"dynamc": True})
 
     from gradproj.inner import Adam
 
