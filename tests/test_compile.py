@@ -316,6 +316,17 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert_bitwise_equal(params, opt, ref_params, ref)
 
 
+def test_unknown_backend_falls_back_to_eager():
+    params, loss_fn, opt = independent_problem({"backend": "no-such-backend"})
+    ref_params, ref_loss_fn, ref = independent_problem(False)
+    with pytest.warns(CompileFallbackWarning, match="InvalidBackend"):
+        for _ in range(2):
+            step(params, loss_fn, opt)
+    for _ in range(2):
+        step(ref_params, ref_loss_fn, ref)
+    assert_bitwise_equal(params, opt, ref_params, ref)
+
+
 def test_failure_at_a_graphs_first_run_leaves_nothing_half_applied():
     """A backend whose graph writes the weight and the moments, then fails (as a kernel compiled lazily at its first
     launch could): the first run of a new graph works on copies, so the eager step starts from untouched tensors."""

@@ -281,7 +281,13 @@ class CompiledTail:
         )
         region = book.regions.get(key)
         if region is None:
-            region = book.regions[key] = _Region(_compile(self.options))
+            try:
+                fn = _compile(self.options)
+            except Exception as err:  # e.g. an unknown backend name: no region, the layout runs eagerly
+                region = book.regions[key] = _Region(None)
+                self._fall_back(book, region, (), err, p)
+                return region
+            region = book.regions[key] = _Region(fn)
         return region
 
     @staticmethod
