@@ -383,27 +383,22 @@ class ShardedOps:
         """Fira's scaling; for a column-split R, the per-column factors φ are gathered (n values)."""
         if self._cols is None:
             return reference.fira_scaled_residual(G, BR, psi, R, alpha, rank_axis)
-        phi = torch.linalg.vector_norm(psi, dim=0, keepdim=True) / (
-            torch.linalg.vector_norm(R, dim=0, keepdim=True).to(psi.dtype) + 1e-8
-        )
+        phi = reference.safe_norm(psi, 0, keepdim=True) / (reference.safe_norm(R, 0, keepdim=True).to(psi.dtype) + 1e-8)
         phi = all_gather_rows(phi.t(), self._cols, self._group).t()
         S = G - alpha * BR.to(G.dtype)
         return S * phi.to(S.dtype)
 
     def limit_norm_growth_(self, S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
-        """Fira's limiter with the norm of the whole matrix (one all-reduce of a float32 scalar)."""
-        acc = self._ops.accumulation_dtype(S)
-        sq = torch.linalg.vector_norm(S, dtype=acc).square().reshape(1)
+        """Fira's limiter with the norm of the whole matrix: the ranks' norms are gathered (one collective of a
+        float32 scalar per rank) and combined without squaring them in float32, so a spike cannot overflow."""
+        norm = reference.safe_norm(S).reshape(1)
         if self._group is not None:
-            dist.all_reduce(sq, group=self._group)
-        norm = sq.sqrt().reshape(())
-        prev = state.get(key)
-        if prev is None:
-            state[key] = norm
-            return S
-        k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
-        S.div_(k.to(S.dtype))
-        prev.copy_(norm / k)
+            parts = norm.new_empty(dist.get_world_size(self._group))
+            dist.all_gather_into_tensor(parts, norm, group=self._group)
+            norm = reference.safe_norm(parts)
+        k = reference.norm_growth_divisor(norm.reshape(()), state, key, gamma)
+        if k is not None:
+            S.div_(k.to(S.dtype))
         return S
 
 
