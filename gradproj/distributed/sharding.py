@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels import reference
-from ..projectors.base import NonFiniteGradientError, Projector
+from ..projectors.base import Projector
 from ..projectors.svd import SVDProjector
 
 log = logging.getLogger("gradproj")
@@ -302,12 +302,7 @@ class ShardedProjector(Projector):
             try:
                 return {"proj": gram_top_eigenvectors(A, self.rank).to(G.dtype).contiguous()}
             except torch.linalg.LinAlgError as err:
-                if self.has_basis(state):
-                    log.warning("gradproj: eigh failed at step %d (%s); keeping the previous basis", step, err)
-                    return None
-                raise NonFiniteGradientError(
-                    f"the eigendecomposition for a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-                ) from err
+                return self.decomposition_failed("eigendecomposition of the Gram matrix", err, state, step)
         # gather path: the wrapped projector on the whole gradient (and, for sides with row-sharded bases,
         # on the whole previous basis, for projectors that warm-start from it)
         G_full = self.rows.all_gather_rows(G)

@@ -12,14 +12,10 @@ shards' Gram matrices, so ranks can all-reduce it and call :func:`gradproj.proje
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from .base import NonFiniteGradientError, Projector
+from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors
-
-log = logging.getLogger("gradproj")
 
 
 def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -50,12 +46,7 @@ class EighProjector(Projector):
         try:
             U, Vh = gram_bases(G, self.rank, left=self.side in ("left", "full"), right=self.side in ("right", "full"))
         except torch.linalg.LinAlgError as err:
-            if self.has_basis(state):
-                log.warning("gradproj: eigh of the Gram matrix failed at step %d (%s); keeping the previous basis", step, err)
-                return None
-            raise NonFiniteGradientError(
-                f"the Gram eigendecomposition of a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-            ) from err
+            return self.decomposition_failed("eigendecomposition of the Gram matrix", err, state, step)
         dtype = G.dtype
         if self.side == "right":
             return {"proj": Vh.to(dtype)}

@@ -7,15 +7,11 @@ are fast, instead of LAPACK's bidiagonalisation.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from . import seeding
-from .base import NonFiniteGradientError, Projector
+from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors
-
-log = logging.getLogger("gradproj")
 
 
 def randomized_svd(
@@ -121,12 +117,7 @@ class RandomizedSVDProjector(Projector):
                 left=self.side == "full",
             )
         except torch.linalg.LinAlgError as err:
-            if self.has_basis(state):
-                log.warning("gradproj: randomized SVD failed at step %d (%s); keeping the previous basis", step, err)
-                return None
-            raise NonFiniteGradientError(
-                f"the randomized SVD of a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-            ) from err
+            return self.decomposition_failed("randomized SVD", err, state, step)
         dtype = G.dtype
         if self.side == "right":
             return {"proj": Vh.to(dtype)}
