@@ -59,6 +59,7 @@ import torch.distributed as dist
 
 from ..kernels import reference
 from ..projectors.base import Projector
+from ..projectors.linalg import power_of_two_scale
 from ..projectors.svd import SVDProjector
 
 log = logging.getLogger("gradproj")
@@ -297,7 +298,13 @@ class ShardedProjector(Projector):
 
     def compute_basis(self, G, state, step):
         if self.uses_gram():
-            A = G.float().t() @ G.float()
+            # scaled by a power of two of the whole matrix's largest entry, agreed on by every rank, so a large
+            # finite gradient does not overflow the Gram matrix (the eigenvectors do not change)
+            amax = torch.linalg.vector_norm(G.float(), ord=float("inf")).reshape(1)
+            if self.rows.sharded:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.rows.group)
+            A = G.float() / power_of_two_scale(amax)
+            A = A.t() @ A
             self.rows.all_reduce_(A)
             try:
                 return {"proj": gram_top_eigenvectors(A, self.rank).to(G.dtype).contiguous()}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..projectors.base import IdentityProjector
+from ..projectors.linalg import power_of_two_scale
 
 
 @dataclass
@@ -131,21 +132,6 @@ def fira_residual_factors(
     residual_norm = g_norm.div_(s).square_().sub_(r_norm.div_(s).square_(), alpha=2.0 * alpha - alpha * alpha)
     residual_norm.clamp_(min=0.0).sqrt_().mul_(s)
     return phi, safe_norm(residual_norm.mul_(phi))
-
-
-def power_of_two_scale(a: torch.Tensor) -> torch.Tensor:
-    """The largest power of two <= ``a``, elementwise (1 where ``a`` is 0, subnormal, inf or NaN).
-
-    Dividing by it is exact, so what is computed from the scaled values rounds exactly as it would have
-    unscaled (unless that overflowed or underflowed): the scaling changes the range, not the bits.
-    """
-    bits = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
-    if a.dtype in bits:
-        itype, mask = bits[a.dtype]
-        p = (a.contiguous().view(itype) & mask).view(a.dtype)  # the exponent alone: sign and mantissa cleared
-    else:
-        p = torch.exp2(torch.floor(torch.log2(a.float()))).to(a.dtype)
-    return torch.where(torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
 
 
 def safe_norm(

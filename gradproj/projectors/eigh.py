@@ -15,16 +15,18 @@ from __future__ import annotations
 import torch
 
 from .base import Projector
-from .linalg import orthonormalize, top_eigenvectors
+from .linalg import orthonormalize, top_eigenvectors, unit_scaled
 
 
 def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Top-``rank`` singular vectors of G from a Gram matrix, float32: ``(U m x r or None, Vh r x n or None)``.
 
     One side: the eigenvectors of that side's Gram matrix. Both sides: the smaller Gram matrix gives one
-    side, the other is orth(G V) (or orth(Gᵀ U)) with signs paired as in the SVD (G V = U S).
+    side, the other is orth(G V) (or orth(Gᵀ U)) with signs paired as in the SVD (G V = U S). G is rescaled
+    first (:func:`~gradproj.projectors.linalg.unit_scaled`), so a large finite gradient cannot overflow the
+    Gram matrix.
     """
-    A = G.float()
+    A = unit_scaled(G)
     m, n = A.shape
     if right and (not left or n <= m):
         _, V = top_eigenvectors(A.t() @ A, rank)

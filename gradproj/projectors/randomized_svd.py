@@ -11,7 +11,7 @@ import torch
 
 from . import seeding
 from .base import Projector
-from .linalg import orthonormalize, top_eigenvectors
+from .linalg import orthonormalize, top_eigenvectors, unit_scaled
 
 
 def randomized_svd(
@@ -46,7 +46,7 @@ def randomized_svd(
         ``(U, Vh)``: U m x rank (or None), Vh rank x n, float32, rows of Vh (and columns of U) in canonical
         signs (largest-magnitude entry positive).
     """
-    A = G.float()
+    A = unit_scaled(G)  # exact rescaling: YᵀY cannot overflow for a large finite gradient
     m, n = A.shape
     k = min(rank + oversample, m, n)
     if start is not None and start.shape[1] < k:
