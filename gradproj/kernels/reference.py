@@ -148,7 +148,9 @@ def safe_norm(
     finite (the same bits as ``vector_norm``); where it overflowed it is recomputed from ``x`` divided by
     a power of two at most its largest magnitude (per slice along ``dim``). On the CPU the recomputation
     runs only when some norm overflowed (reading that flag costs nothing there); on other devices, and
-    under ``torch.compile``, both are computed and selected on the device: no host synchronisation.
+    under ``torch.compile``, both are computed and selected on the device: no host synchronisation, but
+    three more passes over ``x``. Entries so small that their squares underflow (below ~1e-19 in float32)
+    count as in ``vector_norm``.
     """
     acc = dtype or accumulation_dtype(x)
     n = plain_norm(x, dim, keepdim, acc)
