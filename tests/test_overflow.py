@@ -209,6 +209,44 @@ def test_triton_phi_of_a_spike_is_finite_and_matches_the_reference():
     torch.testing.assert_close(phi_tri, phi_ref, rtol=8 * EPS32, atol=0)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("axis", [0, 1])
+def test_triton_axis_norms_match_float64_on_huge_and_ordinary_entries(axis):
+    """Rows (or columns) from 1e-15 to 1e30, strided and contiguous, across several tiles."""
+    from gradproj.kernels.fira import axis_norms
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(70, 300, generator=g) * torch.logspace(-15, 30, 70)[:, None]
+    for X in (x, x.t().contiguous().t()):  # row-major and column-major storage
+        got = axis_norms(X, axis)
+        exact = torch.linalg.vector_norm(X.double(), dim=axis, keepdim=True)
+        assert got.shape == exact.shape and torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), exact, rtol=16 * EPS32, atol=0)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("side", ["std", "reverse_std"])
+@pytest.mark.parametrize("magnitude", [1.0, SPIKE], ids=["ordinary", "spike"])
+def test_triton_fira_residual_factors_match_the_reference(side, magnitude):
+    T = kernels.load_triton_ops()
+    g = torch.Generator().manual_seed(7)
+    G = torch.randn(70, 45, generator=g)
+    proj = get_projector("svd")((70, 45), 5, side, {"update_proj_gap": 10})
+    pstate = {}
+    proj.refresh(G, pstate, 0)
+    G = G * magnitude
+    R = proj.down(G, pstate)
+    psi = torch.randn(R.shape, generator=g)
+    for alpha in (1.0, 0.5):
+        phi_t, norm_t = T.fira_residual_factors(G, R, psi, alpha, proj.rank_axis())
+        phi_r, norm_r = ref.fira_residual_factors(G, R, psi, alpha, proj.rank_axis())
+        assert torch.isfinite(phi_t).all() and torch.isfinite(norm_t)
+        torch.testing.assert_close(phi_t, phi_r, rtol=16 * EPS32, atol=0)
+        # with α = 1 the residual's norm is a difference of nearly equal squares: a few u of ‖G‖, not of itself
+        scale = float(ref.safe_norm(G * phi_r)) if alpha == 1.0 else float(norm_r)
+        assert abs(float(norm_t) - float(norm_r)) <= 64 * EPS32 * scale
+
+
 # ----------------------------------------------------------------------------------------- bases
 SIGMA = (10.0, 9.0, 8.0, 7.0, 6.0, 1.0, 0.5)  # rank 7, top r = 5 separated by a gap 6 → 1
 RANK = 5

@@ -13,6 +13,13 @@ which needs the norm of the whole of ``D ⊙ φ``. Here S is never written out:
 
 The result of :func:`fira_residual` is a :class:`ScaledResidual`, which the same ops module's
 ``apply_update`` consumes; :meth:`ScaledResidual.materialize` gives the dense S (tests, other uses).
+The factored path (orthonormal bases, float32) needs only norms along the rank axis: ``_axis_sumsq_kernel``
+(:func:`axis_norms`) reads G once for :func:`fira_residual_factors`.
+
+No square overflows: every sum of squares is of values divided by a power of two at their largest
+magnitude (per row, tile or partial), and the partials are brought to a common power of two before they
+are added. Powers of two scale exactly, so where nothing would have overflowed the sums have the bits of
+the plain ones; a ×1e20 gradient spike gives finite norms, not inf (and then NaN in the limiter).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..projectors.base import Projector
+from . import reference
 from ._triton_common import LAUNCH, device_of
 from .reference import ScaledResidual
 
@@ -118,6 +126,54 @@ def _limiter_kernel(PARTIAL, P, PREV, INV_K, gamma, HAS_PREV: tl.constexpr, BLOC
     else:  # the first step is never limited; remember its norm
         tl.store(PREV, norm)
         tl.store(INV_K, 1.0)
+
+
+@triton.jit
+def _axis_sumsq_kernel(X, SSQ, SCALE, M, N, s_m, s_n, AXIS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Per tile, one partial sum of squares per row (AXIS=1) or column (AXIS=0), with its power-of-two scale:
+    partial p of row i (column j) is stored at [p, i] ([p, j]) of SSQ and SCALE."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * s_m + cols[None, :] * s_n, mask=mask, other=0.0).to(tl.float32)
+    if AXIS == 1:
+        scale = _range_scale(tl.max(tl.abs(x), axis=1))
+        xs = x * tl.div_rn(1.0, scale)[:, None]
+        tl.store(SSQ + pid_n * M + rows, tl.sum(xs * xs, axis=1), mask=rows < M)
+        tl.store(SCALE + pid_n * M + rows, scale, mask=rows < M)
+    else:
+        scale = _range_scale(tl.max(tl.abs(x), axis=0))
+        xs = x * tl.div_rn(1.0, scale)[None, :]
+        tl.store(SSQ + pid_m * N + cols, tl.sum(xs * xs, axis=0), mask=cols < N)
+        tl.store(SCALE + pid_m * N + cols, scale, mask=cols < N)
+
+
+def axis_norms(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Euclidean norms of the rows (``axis=1``) or columns (``axis=0``) of a 2-D tensor, kept along ``axis``,
+    in float32, overflow-safe: one read of ``x`` (tiles of partial sums of squares, each with a power-of-two
+    scale), then a small combination of the partials in torch."""
+    M, N = x.shape
+    grid = (triton.cdiv(M, TILE_M), triton.cdiv(N, TILE_N))
+    parts, F = (grid[1], M) if axis == 1 else (grid[0], N)
+    ssq = torch.empty(parts, F, dtype=torch.float32, device=x.device)
+    scale = torch.empty(parts, F, dtype=torch.float32, device=x.device)
+    with device_of(x):
+        _axis_sumsq_kernel[grid](x, ssq, scale, M, N, x.stride(0), x.stride(1), AXIS=axis, BM=TILE_M, BN=TILE_N,
+                                 **LAUNCH)
+    top = scale.amax(0)
+    q = scale / top  # powers of two <= 1: exact
+    norms = ssq.mul_(q.square_()).sum(0).sqrt_().mul_(top)
+    return norms[:, None] if axis == 1 else norms[None, :]
+
+
+def fira_residual_factors(G, R, psi, alpha, rank_axis):
+    """Twin of :func:`gradproj.kernels.reference.fira_residual_factors`, with the norms of G, R and ψ along the
+    rank axis from :func:`axis_norms` (one pass over G, where the torch form needs several to be overflow-safe
+    off the CPU)."""
+    if G.dtype != torch.float32:
+        return reference.fira_residual_factors(G, R, psi, alpha, rank_axis)
+    return reference.fira_residual_factors(G, R, psi, alpha, rank_axis, norms=lambda x: axis_norms(x, rank_axis))
 
 
 def residual_base(G: torch.Tensor, R: torch.Tensor, projector: Projector, state: dict, alpha: float) -> torch.Tensor:

@@ -110,6 +110,7 @@ def fira_residual_factors(
     psi: torch.Tensor,
     alpha: float,
     rank_axis: int,
+    norms=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fira's scaling factors φ and the norm ‖(G - α·B(R)) · φ‖, without materialising the residual.
 
@@ -120,14 +121,18 @@ def fira_residual_factors(
         ‖G_i - α·B(R)_i‖² = ‖G_i‖² - (2α - α²)·‖R_i‖²
 
     The squares are taken of both norms divided by a power of two at most ‖G_i‖: the same bits as without
-    the scaling, but no overflow when ‖G_i‖ exceeds ~1.8e19 in float32 (a gradient spike). Every norm is
-    a :func:`safe_norm`. φ has G's shape with size 1 along ``rank_axis``; both results are in
-    :func:`accumulation_dtype`.
+    the scaling, but no overflow when ‖G_i‖ exceeds ~1.8e19 in float32 (a gradient spike). ``norms(x)``
+    gives the norms of G, R and ψ along ``rank_axis`` (kept), in the accumulation dtype: :func:`safe_norm`
+    by default (the Triton twin passes its one-pass kernel). φ has G's shape with size 1 along
+    ``rank_axis``; both results are in :func:`accumulation_dtype`.
     """
     acc = accumulation_dtype(G)
-    r_norm = safe_norm(R, rank_axis, keepdim=True, dtype=acc)
-    phi = safe_norm(psi, rank_axis, keepdim=True, dtype=acc).div_(r_norm + 1e-8)
-    g_norm = safe_norm(G, rank_axis, keepdim=True, dtype=acc)
+    if norms is None:
+        def norms(x):
+            return safe_norm(x, rank_axis, keepdim=True, dtype=acc)
+    r_norm = norms(R)
+    phi = norms(psi).div_(r_norm + 1e-8)
+    g_norm = norms(G)
     s = power_of_two_scale(g_norm)
     residual_norm = g_norm.div_(s).square_().sub_(r_norm.div_(s).square_(), alpha=2.0 * alpha - alpha * alpha)
     residual_norm.clamp_(min=0.0).sqrt_().mul_(s)
