@@ -12,7 +12,7 @@ from .optimizers import (
     ProjectedOptimizer,
     param_groups,
 )
-from .projectors import register_projector
+from .projectors import BasisDecompositionError, BasisRefreshWarning, NonFiniteGradientError, register_projector
 from .sampling import LayerSampler, outlier_ratios
 from .sampling.owlore import owlore
 
@@ -21,12 +21,15 @@ logging.getLogger("gradproj").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "BasisDecompositionError",
+    "BasisRefreshWarning",
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "LayerSampler",
+    "NonFiniteGradientError",
     "ProjectedOptimizer",
     "__version__",
     "optimizer_state_bytes",

@@ -495,6 +495,10 @@ compile_(fira._scaled_sumsq_kernel, dict(D=b, PHI="*fp32", INV_K="*fp32", PARTIA
          s_dm="i32", s_dn="i32"), dict(HAS_PHI=True, PHI_AXIS=1, HAS_INV_K=True, BM=fira.TILE_M, BN=fira.TILE_N))
 compile_(fira._limiter_kernel, dict(PARTIAL="*fp32", P="i32", PREV="*fp32", INV_K="*fp32", gamma="fp32"),
          dict(HAS_PREV=True, BLOCK=fira.SUM_BLOCK))
+compile_(fira._axis_sumsq_kernel, dict(X="*fp32", SSQ="*fp32", SCALE="*fp32", M="i32", N="i32", s_m="i32",
+         s_n="i32"), dict(AXIS=0, BM=fira.TILE_M, BN=fira.TILE_N))
+compile_(fira._axis_sumsq_kernel, dict(X="*fp32", SSQ="*fp32", SCALE="*fp32", M="i32", N="i32", s_m="i32",
+         s_n="i32"), dict(AXIS=1, BM=fira.TILE_M, BN=fira.TILE_N))
 compile_(update._update_kernel, dict(W=b, BU=b, S=b, PHI="*fp32", INV_K="*fp32", M="i32", N="i32", s_wm="i32",
          s_wn="i32", s_bm="i32", s_bn="i32", s_sm="i32", s_sn="i32", step="fp32", scale="fp32", res_step="fp32", decay="fp32",
          seed="i32"), dict(HAS_S=True, HAS_PHI=True, PHI_AXIS=0, HAS_INV_K=True, STOCHASTIC=True,

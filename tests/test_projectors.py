@@ -123,9 +123,10 @@ def test_non_finite_gradient_at_later_refresh_keeps_previous_basis(caplog):
     basis = opt.state[W]["proj"].clone()
     W.grad = torch.randn(12, 8)
     W.grad[3, 4] = float("nan")
-    with caplog.at_level("WARNING", logger="gradproj"):
+    with caplog.at_level("WARNING", logger="gradproj"), \
+            pytest.warns(gradproj.BasisRefreshWarning, match="non-finite gradient"):
         opt.step()  # step count 2: a refresh step
-    assert "non-finite gradient" in caplog.text
+    assert "non-finite gradient" in caplog.text and "12x8, step 2" in caplog.text
     assert torch.equal(opt.state[W]["proj"], basis)
     assert torch.isfinite(opt.state[W]["proj"]).all()
 

@@ -58,7 +58,8 @@ import torch
 import torch.distributed as dist
 
 from ..kernels import reference
-from ..projectors.base import NonFiniteGradientError, Projector
+from ..projectors.base import Projector
+from ..projectors.linalg import power_of_two_scale
 from ..projectors.svd import SVDProjector
 
 log = logging.getLogger("gradproj")
@@ -297,17 +298,18 @@ class ShardedProjector(Projector):
 
     def compute_basis(self, G, state, step):
         if self.uses_gram():
-            A = G.float().t() @ G.float()
+            # scaled by a power of two of the whole matrix's largest entry, agreed on by every rank, so a large
+            # finite gradient does not overflow the Gram matrix (the eigenvectors do not change)
+            amax = torch.linalg.vector_norm(G.float(), ord=float("inf")).reshape(1)
+            if self.rows.sharded:
+                dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.rows.group)
+            A = G.float() / power_of_two_scale(amax)
+            A = A.t() @ A
             self.rows.all_reduce_(A)
             try:
                 return {"proj": gram_top_eigenvectors(A, self.rank).to(G.dtype).contiguous()}
             except torch.linalg.LinAlgError as err:
-                if self.has_basis(state):
-                    log.warning("gradproj: eigh failed at step %d (%s); keeping the previous basis", step, err)
-                    return None
-                raise NonFiniteGradientError(
-                    f"the eigendecomposition for a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-                ) from err
+                return self.decomposition_failed("eigendecomposition of the Gram matrix", err, state, step)
         # gather path: the wrapped projector on the whole gradient (and, for sides with row-sharded bases,
         # on the whole previous basis, for projectors that warm-start from it)
         G_full = self.rows.all_gather_rows(G)
@@ -383,27 +385,22 @@ class ShardedOps:
         """Fira's scaling; for a column-split R, the per-column factors φ are gathered (n values)."""
         if self._cols is None:
             return reference.fira_scaled_residual(G, BR, psi, R, alpha, rank_axis)
-        phi = torch.linalg.vector_norm(psi, dim=0, keepdim=True) / (
-            torch.linalg.vector_norm(R, dim=0, keepdim=True).to(psi.dtype) + 1e-8
-        )
+        phi = reference.safe_norm(psi, 0, keepdim=True) / (reference.safe_norm(R, 0, keepdim=True).to(psi.dtype) + 1e-8)
         phi = all_gather_rows(phi.t(), self._cols, self._group).t()
         S = G - alpha * BR.to(G.dtype)
         return S * phi.to(S.dtype)
 
     def limit_norm_growth_(self, S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
-        """Fira's limiter with the norm of the whole matrix (one all-reduce of a float32 scalar)."""
-        acc = self._ops.accumulation_dtype(S)
-        sq = torch.linalg.vector_norm(S, dtype=acc).square().reshape(1)
+        """Fira's limiter with the norm of the whole matrix: the ranks' norms are gathered (one collective of a
+        float32 scalar per rank) and combined without squaring them in float32, so a spike cannot overflow."""
+        norm = reference.safe_norm(S).reshape(1)
         if self._group is not None:
-            dist.all_reduce(sq, group=self._group)
-        norm = sq.sqrt().reshape(())
-        prev = state.get(key)
-        if prev is None:
-            state[key] = norm
-            return S
-        k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
-        S.div_(k.to(S.dtype))
-        prev.copy_(norm / k)
+            parts = norm.new_empty(dist.get_world_size(self._group))
+            dist.all_gather_into_tensor(parts, norm, group=self._group)
+            norm = reference.safe_norm(parts)
+        k = reference.norm_growth_divisor(norm.reshape(()), state, key, gamma)
+        if k is not None:
+            S.div_(k.to(S.dtype))
         return S
 
 

@@ -13,6 +13,13 @@ which needs the norm of the whole of ``D ⊙ φ``. Here S is never written out:
 
 The result of :func:`fira_residual` is a :class:`ScaledResidual`, which the same ops module's
 ``apply_update`` consumes; :meth:`ScaledResidual.materialize` gives the dense S (tests, other uses).
+The factored path (orthonormal bases, float32) needs only norms along the rank axis: ``_axis_sumsq_kernel``
+(:func:`axis_norms`) reads G once for :func:`fira_residual_factors`.
+
+No square overflows: every sum of squares is of values divided by a power of two at their largest
+magnitude (per row, tile or partial), and the partials are brought to a common power of two before they
+are added. Powers of two scale exactly, so where nothing would have overflowed the sums have the bits of
+the plain ones; a ×1e20 gradient spike gives finite norms, not inf (and then NaN in the limiter).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..projectors.base import Projector
+from . import reference
 from ._triton_common import LAUNCH, device_of
 from .reference import ScaledResidual
 
@@ -31,19 +39,42 @@ SUM_BLOCK = 1024
 
 
 @triton.jit
+def _range_scale(amax):
+    """A power of two to divide values of magnitude <= ``amax`` by before squaring them: the largest power
+    of two <= amax, clamped to [1, 2¹²⁶] (1 for inf/NaN). Values below 2 are never scaled (their squares
+    cannot overflow), and dividing by a power of two is exact, so a sum of scaled squares times scale²
+    has the bits of the plain sum whenever that did not overflow. 2¹²⁶ keeps 1/scale a normal float."""
+    bits = amax.to(tl.int32, bitcast=True) & 0x7F800000  # the exponent field alone
+    p = tl.minimum(bits.to(tl.float32, bitcast=True), 8.507059173023462e37)  # 2**126
+    return tl.where((p > 1.0) & (bits != 0x7F800000), p, 1.0)
+
+
+@triton.jit
+def _rescaled_sumsq(acc, scale, x):
+    """Add the squares of ``x`` (BLOCK_F x BLOCK_K) row by row to ``acc``, which holds sums of squares divided
+    by ``scale``² (BLOCK_F); return the new (acc, scale). The scale only grows, by powers of two."""
+    new = tl.maximum(scale, _range_scale(tl.max(tl.abs(x), axis=1)))
+    q = scale * tl.div_rn(1.0, new)  # a power of two <= 1: exact
+    xs = x * tl.div_rn(1.0, new)[:, None]
+    return acc * q * q + tl.sum(xs * xs, axis=1), new
+
+
+@triton.jit
 def _phi_kernel(PSI, R, PHI, F, K, s_pf, s_pk, s_rf, s_rk, BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
     f = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = f < F
     acc_p = tl.zeros([BLOCK_F], dtype=tl.float32)
     acc_r = tl.zeros([BLOCK_F], dtype=tl.float32)
+    scale_p = tl.full([BLOCK_F], 1.0, dtype=tl.float32)
+    scale_r = tl.full([BLOCK_F], 1.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         mask = fmask[:, None] & (k < K)[None, :]
         p = tl.load(PSI + f[:, None] * s_pf + k[None, :] * s_pk, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(R + f[:, None] * s_rf + k[None, :] * s_rk, mask=mask, other=0.0).to(tl.float32)
-        acc_p += tl.sum(p * p, axis=1)
-        acc_r += tl.sum(r * r, axis=1)
-    phi = tl.div_rn(tl.sqrt_rn(acc_p), tl.sqrt_rn(acc_r) + 1e-8)
+        acc_p, scale_p = _rescaled_sumsq(acc_p, scale_p, p)
+        acc_r, scale_r = _rescaled_sumsq(acc_r, scale_r, r)
+    phi = tl.div_rn(tl.sqrt_rn(acc_p) * scale_p, tl.sqrt_rn(acc_r) * scale_r + 1e-8)
     tl.store(PHI + f, phi, mask=fmask)
 
 
@@ -62,24 +93,87 @@ def _scaled_sumsq_kernel(D, PHI, INV_K, PARTIAL, M, N, s_dm, s_dn, HAS_PHI: tl.c
             x = x * tl.load(PHI + cols, mask=cols < N, other=0.0)[None, :]
     if HAS_INV_K:
         x = x * tl.load(INV_K)
-    tl.store(PARTIAL + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(x * x, axis=1), axis=0))
+    # one partial per tile: Σ (x / scale)² and its power-of-two scale (PARTIAL[P + tile]), so that no square
+    # overflows; the limiter kernel brings the partials to a common scale
+    scale = _range_scale(tl.max(tl.max(tl.abs(x), axis=1), axis=0))
+    x = x * tl.div_rn(1.0, scale)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    tl.store(PARTIAL + tile, tl.sum(tl.sum(x * x, axis=1), axis=0))
+    tl.store(PARTIAL + tl.num_programs(0) * tl.num_programs(1) + tile, scale)
 
 
 @triton.jit
 def _limiter_kernel(PARTIAL, P, PREV, INV_K, gamma, HAS_PREV: tl.constexpr, BLOCK: tl.constexpr):
+    top = tl.full([BLOCK], 1.0, dtype=tl.float32)
+    for i in range(0, P, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        top = tl.maximum(top, tl.load(PARTIAL + P + idx, mask=idx < P, other=1.0))
+    top_all = tl.max(top, axis=0)
+    inv_top = tl.div_rn(1.0, top_all)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, P, BLOCK):
         idx = i + tl.arange(0, BLOCK)
-        acc += tl.load(PARTIAL + idx, mask=idx < P, other=0.0)
-    norm = tl.sqrt_rn(tl.sum(acc, axis=0))
+        q = tl.load(PARTIAL + P + idx, mask=idx < P, other=1.0) * inv_top  # a power of two <= 1: exact
+        acc += tl.load(PARTIAL + idx, mask=idx < P, other=0.0) * (q * q)
+    norm = tl.sqrt_rn(tl.sum(acc, axis=0)) * top_all
     if HAS_PREV:
-        prev = tl.load(PREV)
-        k = tl.maximum(tl.div_rn(norm, prev + 1e-8), gamma) / gamma
-        tl.store(PREV, tl.div_rn(norm, k))
+        # k = max(‖S‖ / (N + 1e-8), γ) / γ; N ← ‖S‖ / k, stored as γ·(N + 1e-8) when limiting (what it
+        # equals): finite even when the ratio overflows (k = inf, 1/k = 0)
+        prev = tl.load(PREV) + 1e-8
+        k = tl.maximum(tl.div_rn(norm, prev), gamma) / gamma
+        tl.store(PREV, tl.where(k > 1.0, prev * gamma, norm))
         tl.store(INV_K, tl.div_rn(1.0, k))
     else:  # the first step is never limited; remember its norm
         tl.store(PREV, norm)
         tl.store(INV_K, 1.0)
+
+
+@triton.jit
+def _axis_sumsq_kernel(X, SSQ, SCALE, M, N, s_m, s_n, AXIS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Per tile, one partial sum of squares per row (AXIS=1) or column (AXIS=0), with its power-of-two scale:
+    partial p of row i (column j) is stored at [p, i] ([p, j]) of SSQ and SCALE."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x = tl.load(X + rows[:, None].to(tl.int64) * s_m + cols[None, :] * s_n, mask=mask, other=0.0).to(tl.float32)
+    if AXIS == 1:
+        scale = _range_scale(tl.max(tl.abs(x), axis=1))
+        xs = x * tl.div_rn(1.0, scale)[:, None]
+        tl.store(SSQ + pid_n * M + rows, tl.sum(xs * xs, axis=1), mask=rows < M)
+        tl.store(SCALE + pid_n * M + rows, scale, mask=rows < M)
+    else:
+        scale = _range_scale(tl.max(tl.abs(x), axis=0))
+        xs = x * tl.div_rn(1.0, scale)[None, :]
+        tl.store(SSQ + pid_m * N + cols, tl.sum(xs * xs, axis=0), mask=cols < N)
+        tl.store(SCALE + pid_m * N + cols, scale, mask=cols < N)
+
+
+def axis_norms(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Euclidean norms of the rows (``axis=1``) or columns (``axis=0``) of a 2-D tensor, kept along ``axis``,
+    in float32, overflow-safe: one read of ``x`` (tiles of partial sums of squares, each with a power-of-two
+    scale), then a small combination of the partials in torch."""
+    M, N = x.shape
+    grid = (triton.cdiv(M, TILE_M), triton.cdiv(N, TILE_N))
+    parts, F = (grid[1], M) if axis == 1 else (grid[0], N)
+    ssq = torch.empty(parts, F, dtype=torch.float32, device=x.device)
+    scale = torch.empty(parts, F, dtype=torch.float32, device=x.device)
+    with device_of(x):
+        _axis_sumsq_kernel[grid](x, ssq, scale, M, N, x.stride(0), x.stride(1), AXIS=axis, BM=TILE_M, BN=TILE_N,
+                                 **LAUNCH)
+    top = scale.amax(0)
+    q = scale / top  # powers of two <= 1: exact
+    norms = ssq.mul_(q.square_()).sum(0).sqrt_().mul_(top)
+    return norms[:, None] if axis == 1 else norms[None, :]
+
+
+def fira_residual_factors(G, R, psi, alpha, rank_axis):
+    """Twin of :func:`gradproj.kernels.reference.fira_residual_factors`, with the norms of G, R and ψ along the
+    rank axis from :func:`axis_norms` (one pass over G, where the torch form needs several to be overflow-safe
+    off the CPU)."""
+    if G.dtype != torch.float32:
+        return reference.fira_residual_factors(G, R, psi, alpha, rank_axis)
+    return reference.fira_residual_factors(G, R, psi, alpha, rank_axis, norms=lambda x: axis_norms(x, rank_axis))
 
 
 def residual_base(G: torch.Tensor, R: torch.Tensor, projector: Projector, state: dict, alpha: float) -> torch.Tensor:
@@ -129,7 +223,7 @@ def limit_norm_growth_(S, state: dict, key: str, gamma: float) -> ScaledResidual
     D = S.D if S.D.dim() == 2 else S.D.reshape(1, -1)
     M, N = D.shape
     grid = (triton.cdiv(M, TILE_M), triton.cdiv(N, TILE_N))
-    partial = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=D.device)
+    partial = torch.empty(2 * grid[0] * grid[1], dtype=torch.float32, device=D.device)  # sums, then scales
     prev = state.get(key)
     if prev is None:
         prev = state[key] = torch.zeros((), dtype=torch.float32, device=D.device)
@@ -143,7 +237,7 @@ def limit_norm_growth_(S, state: dict, key: str, gamma: float) -> ScaledResidual
             M, N, D.stride(0), D.stride(1), HAS_PHI=S.phi is not None, PHI_AXIS=S.axis,
             HAS_INV_K=S.inv_k is not None, BM=TILE_M, BN=TILE_N, **LAUNCH,
         )
-        _limiter_kernel[(1,)](partial, partial.numel(), prev, inv_k, float(gamma),
+        _limiter_kernel[(1,)](partial, grid[0] * grid[1], prev, inv_k, float(gamma),
                               HAS_PREV=has_prev, BLOCK=SUM_BLOCK, **LAUNCH)
     if S.inv_k is not None:  # limiting an already limited residual: the factors compose
         inv_k = inv_k * S.inv_k

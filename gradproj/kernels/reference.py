@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..projectors.base import IdentityProjector
+from ..projectors.linalg import power_of_two_scale
 
 
 @dataclass
@@ -95,11 +96,10 @@ def fira_scaled_residual(
     """Fira's norm-based scaling: ``S = (G - α·B(R)) · φ`` with φ = ‖ψ‖ / (‖R‖ + 1e-8) over the rank axis.
 
     ``rank_axis`` is 1 for a right projection (R is m x r: one factor per row of G) and 0 for a left
-    projection (R is r x n: one factor per column). ψ is the un-bias-corrected Adam direction.
+    projection (R is r x n: one factor per column). ψ is the un-bias-corrected Adam direction. The norms are
+    overflow-safe (:func:`safe_norm`): after a gradient spike φ is small, never 0/0 or inf/inf.
     """
-    phi = torch.linalg.vector_norm(psi, dim=rank_axis, keepdim=True) / (
-        torch.linalg.vector_norm(R, dim=rank_axis, keepdim=True).to(psi.dtype) + 1e-8
-    )
+    phi = safe_norm(psi, rank_axis, keepdim=True) / (safe_norm(R, rank_axis, keepdim=True).to(psi.dtype) + 1e-8)
     S = G - alpha * BR.to(G.dtype)
     return S * phi.to(S.dtype)
 
@@ -110,6 +110,7 @@ def fira_residual_factors(
     psi: torch.Tensor,
     alpha: float,
     rank_axis: int,
+    norms=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fira's scaling factors φ and the norm ‖(G - α·B(R)) · φ‖, without materialising the residual.
 
@@ -119,25 +120,68 @@ def fira_residual_factors(
 
         ‖G_i - α·B(R)_i‖² = ‖G_i‖² - (2α - α²)·‖R_i‖²
 
-    φ has G's shape with size 1 along ``rank_axis``; both results are in :func:`accumulation_dtype`.
+    The squares are taken of both norms divided by a power of two at most ‖G_i‖: the same bits as without
+    the scaling, but no overflow when ‖G_i‖ exceeds ~1.8e19 in float32 (a gradient spike). ``norms(x)``
+    gives the norms of G, R and ψ along ``rank_axis`` (kept), in the accumulation dtype: :func:`safe_norm`
+    by default (the Triton twin passes its one-pass kernel). φ has G's shape with size 1 along
+    ``rank_axis``; both results are in :func:`accumulation_dtype`.
     """
     acc = accumulation_dtype(G)
-    r_norm = norms(R, rank_axis, acc)
-    phi = norms(psi, rank_axis, acc).div_(r_norm + 1e-8)
-    residual_norm = norms(G, rank_axis, acc).square_().sub_(r_norm.square_(), alpha=2.0 * alpha - alpha * alpha)
-    residual_norm.clamp_(min=0.0).sqrt_()
-    return phi, torch.linalg.vector_norm(residual_norm.mul_(phi))
+    if norms is None:
+        def norms(x):
+            return safe_norm(x, rank_axis, keepdim=True, dtype=acc)
+    r_norm = norms(R)
+    phi = norms(psi).div_(r_norm + 1e-8)
+    g_norm = norms(G)
+    s = power_of_two_scale(g_norm)
+    residual_norm = g_norm.div_(s).square_().sub_(r_norm.div_(s).square_(), alpha=2.0 * alpha - alpha * alpha)
+    residual_norm.clamp_(min=0.0).sqrt_().mul_(s)
+    return phi, safe_norm(residual_norm.mul_(phi))
 
 
-def norms(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Euclidean norms along ``dim`` (kept), in ``dtype``.
+def safe_norm(
+    x: torch.Tensor,
+    dim: int | None = None,
+    keepdim: bool = False,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The Euclidean norm of ``x`` (along ``dim``, or of the whole tensor) in ``dtype`` (default
+    :func:`accumulation_dtype`), finite whenever the norm itself is representable.
+
+    ``torch.linalg.vector_norm`` sums squares, so in float32 one finite entry above ~1.8e19 (a gradient
+    spike) makes it inf, and a ratio of two such norms NaN. Here the plain norm is kept wherever it is
+    finite (the same bits as ``vector_norm``); where it overflowed it is recomputed from ``x`` divided by
+    a power of two at most its largest magnitude (per slice along ``dim``). On the CPU the recomputation
+    runs only when some norm overflowed (reading that flag costs nothing there); on other devices, and
+    under ``torch.compile``, both are computed and selected on the device: no host synchronisation, but
+    three more passes over ``x``. Entries so small that their squares underflow (below ~1e-19 in float32)
+    count as in ``vector_norm``.
+    """
+    acc = dtype or accumulation_dtype(x)
+    n = plain_norm(x, dim, keepdim, acc)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isinf(n).any()):
+        return n
+    return torch.where(torch.isinf(n), scaled_norm(x, dim, keepdim, acc), n)
+
+
+def plain_norm(x: torch.Tensor, dim: int | None, keepdim: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``vector_norm`` in ``dtype``: overflows with the squares (see :func:`safe_norm`).
 
     On CPU ``vector_norm`` along a strided dim is ~4x slower than squaring a copy and summing, so a strided
     dim takes the latter.
     """
-    if x.is_contiguous() and dim in (-1, x.dim() - 1):
-        return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
-    return (x if x.dtype == dtype else x.to(dtype)).square().sum(dim, keepdim=True).sqrt_()
+    if dim is None or (x.is_contiguous() and dim in (-1, x.dim() - 1)):
+        return torch.linalg.vector_norm(x, dim=dim, keepdim=keepdim, dtype=dtype)
+    return (x if x.dtype == dtype else x.to(dtype)).square().sum(dim, keepdim=keepdim).sqrt_()
+
+
+def scaled_norm(x: torch.Tensor, dim: int | None, keepdim: bool, dtype: torch.dtype) -> torch.Tensor:
+    """``s · ‖x / s‖`` with ``s`` the largest power of two at most max|x| of each slice: the scaled entries
+    are below 2 in magnitude, so their squares cannot overflow. Inf and NaN entries give inf and NaN."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=dim, keepdim=True, dtype=dtype)  # max |x|, kept dims
+    s = power_of_two_scale(amax)
+    n = plain_norm(x / s.to(x.dtype), dim, keepdim, dtype)
+    return n * (s if keepdim else s.reshape(()) if dim is None else s.squeeze(dim))
 
 
 def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor | None:
@@ -145,19 +189,24 @@ def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float)
 
     With a previous norm N in ``state[key]``: k = max(‖S‖ / (N + 1e-8), γ) / γ and N ← ‖S‖ / k (the
     norm after limiting). Without one (the first step) N ← ‖S‖ and ``None`` is returned: never limited.
+
+    ‖S‖ / k is stored as what it equals when the limiter acts, γ·(N + 1e-8), and as ‖S‖ when it does not,
+    so a norm too large for the ratio (k = inf: S is scaled to 0 for this step) leaves a finite N rather
+    than inf/inf = NaN, and the following steps are limited from there.
     """
     prev = state.get(key)
     if prev is None:
         state[key] = norm.detach().clone()
         return None
+    bound = (prev + 1e-8) * gamma  # the largest norm allowed this step
     k = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma
-    torch.div(norm, k, out=prev)
+    torch.where(k > 1.0, bound, norm, out=prev)
     return k
 
 
 def limit_norm_growth_(S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
     """The norm-growth limiter applied in place to ``S``: S ← S / k with k from :func:`norm_growth_divisor`."""
-    k = norm_growth_divisor(torch.linalg.vector_norm(S, dtype=accumulation_dtype(S)), state, key, gamma)
+    k = norm_growth_divisor(safe_norm(S), state, key, gamma)
     if k is not None:
         S.div_(k.to(S.dtype))
     return S

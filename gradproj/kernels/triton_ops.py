@@ -11,16 +11,14 @@ from __future__ import annotations
 from . import reference
 from ._triton_common import interpreting_at_import
 from .adam import adam_update
-from .fira import ScaledResidual, fira_residual, fira_scaled_residual, limit_norm_growth_
+from .fira import ScaledResidual, fira_residual, fira_residual_factors, fira_scaled_residual, limit_norm_growth_
 from .update import apply_update
 
 #: True when the kernels were defined for the Triton interpreter (CPU tensors), False when compiled
 INTERPRETED = interpreting_at_import()
 apply_weight_decay_ = reference.apply_weight_decay_  # a single in-place add: nothing to fuse
 accumulation_dtype = reference.accumulation_dtype
-# Fira's factored path: a few norms of low-rank tensors and of G's rows/columns, and one scalar rule
-fira_residual_factors = reference.fira_residual_factors
-norm_growth_divisor = reference.norm_growth_divisor
+norm_growth_divisor = reference.norm_growth_divisor  # one scalar rule
 
 __all__ = [
     "INTERPRETED",

@@ -5,7 +5,15 @@ Register a new basis with :func:`register_projector`; the optimizer looks it up 
 
 from __future__ import annotations
 
-from .base import PROJ_TYPES, IdentityProjector, NonFiniteGradientError, Projector, choose_side
+from .base import (
+    PROJ_TYPES,
+    BasisDecompositionError,
+    BasisRefreshWarning,
+    IdentityProjector,
+    NonFiniteGradientError,
+    Projector,
+    choose_side,
+)
 from .change import BasisChange
 from .dct import DCTProjector, dct_fft, dct_matrix
 from .eigh import EighProjector, gram_bases
@@ -43,6 +51,8 @@ __all__ = [
     "PROJECTORS",
     "PROJ_TYPES",
     "BasisChange",
+    "BasisDecompositionError",
+    "BasisRefreshWarning",
     "DCTProjector",
     "EighProjector",
     "GoLoreProjector",

@@ -16,6 +16,7 @@ Sides (W is m x n, torch layout ``[out, in]``)::
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,19 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 class NonFiniteGradientError(ValueError):
     """Raised when the very first basis would have to be computed from a NaN/Inf gradient."""
+
+
+class BasisDecompositionError(ValueError):
+    """Raised when the decomposition that computes a parameter's very first basis fails (an SVD or
+    eigensolver that does not converge), so that there is no previous basis to keep."""
+
+
+class BasisRefreshWarning(RuntimeWarning):
+    """Warned when a basis refresh keeps the previous basis (a NaN/Inf gradient, a failed decomposition).
+
+    Python shows it once per cause; every occurrence, with the parameter's shape and the step, is also
+    logged to the ``gradproj`` logger.
+    """
 
 
 def choose_side(m: int, n: int, proj_type: str) -> str:
@@ -110,15 +124,16 @@ class Projector:
     def refresh(self, G: torch.Tensor, state: dict, step: int) -> bool:
         """Recompute the basis from gradient matrix ``G``; return True when the basis changed.
 
-        A non-finite gradient never reaches the decomposition: the previous basis is kept and a warning
-        logged, or, when there is no previous basis, :class:`NonFiniteGradientError` is raised (the
-        optimizer checks this before it modifies anything).
+        A non-finite gradient never reaches the decomposition: the previous basis is kept (with a
+        :class:`BasisRefreshWarning`), or, when there is no previous basis, :class:`NonFiniteGradientError` is
+        raised (the optimizer checks this before it modifies anything). A decomposition that fails is
+        handled the same way by :meth:`decomposition_failed`, with :class:`BasisDecompositionError`.
         """
         if not self.all_finite(G):
             if self.has_basis(state):
-                log.warning(
-                    "gradproj: non-finite gradient at a basis refresh (%dx%d, step %d); keeping the previous basis",
-                    self.m, self.n, step,
+                self._keep_previous_basis(
+                    "a non-finite gradient (NaN/Inf) at a basis refresh",
+                    "Check the loss scale and the data, or clip gradients with max_grad_norm", step,
                 )
                 return False
             raise NonFiniteGradientError(
@@ -141,6 +156,36 @@ class Projector:
 
     def compute_basis(self, G: torch.Tensor, state: dict, step: int) -> dict[str, torch.Tensor] | None:
         raise NotImplementedError
+
+    def decomposition_failed(self, what: str, err: Exception, state: dict, step: int) -> None:
+        """What :meth:`compute_basis` does when its decomposition (``what``, e.g. ``"SVD"``) raised ``err``:
+        ``return self.decomposition_failed(...)`` keeps the previous basis (returns None, with a
+        :class:`BasisRefreshWarning`), or raises :class:`BasisDecompositionError` at the first refresh, when
+        there is no previous basis."""
+        fix = "clip gradients with max_grad_norm if they are extreme or degenerate"
+        if self.name != "svd":
+            fix += ", or use projector='svd', which retries a failed float32 SVD in float64"
+        if not self.has_basis(state):
+            raise BasisDecompositionError(
+                f"the {what} of the gradient of a {self.m}x{self.n} parameter failed at its first basis refresh "
+                f"(step {step}), so there is no previous basis to keep: {err}. To fix it, {fix}."
+            ) from err
+        self._keep_previous_basis(f"the {what} failed at a basis refresh", f"If it persists, {fix}", step, err)
+        return None
+
+    def _keep_previous_basis(self, cause: str, advice: str, step: int, err: Exception | None = None) -> None:
+        """Report that a refresh keeps the previous basis: a warning whose text names only the cause (so Python
+        shows it once per cause) and a log record with the parameter's shape, the step and the error."""
+        warnings.warn(
+            f"gradproj: {cause}; keeping the previous basis. {advice}. Each occurrence is logged to the "
+            "'gradproj' logger.",
+            BasisRefreshWarning,
+            stacklevel=2,
+        )
+        log.warning(
+            "gradproj: %s (%dx%d, step %d)%s; keeping the previous basis",
+            cause, self.m, self.n, step, f": {err}" if err is not None else "",
+        )
 
     def all_finite(self, G: torch.Tensor) -> bool:
         """Whether ``G`` has no NaN/Inf (a sharded projector answers for the whole matrix, on every rank)."""

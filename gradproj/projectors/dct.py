@@ -15,9 +15,9 @@ import threading
 import torch
 
 from ..state_layout import Spec
-
-from .regenerated import RegeneratedBasis
 from .change import BasisChange
+from .linalg import unit_scaled
+from .regenerated import RegeneratedBasis
 
 DCT_NORMS = ("l1", "l2")
 DCT_IMPLS = ("auto", "matmul", "fft")
@@ -144,7 +144,7 @@ class DCTProjector(RegeneratedBasis):
     def _select(self, S: torch.Tensor, dim: int) -> torch.Tensor:
         """Indices of the ``rank`` columns (dim=1) or rows (dim=0) of S with the largest norms, best first."""
         other = 0 if dim == 1 else 1
-        A = S.float()
+        A = unit_scaled(S)  # exact rescaling: same order, but squares and sums of a large gradient stay finite
         scores = A.abs().sum(other) if self.group.get("dct_norm", "l1") == "l1" else A.square().sum(other)
         return torch.topk(scores, self.rank, sorted=True).indices.to(torch.int32)
 

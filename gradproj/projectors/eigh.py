@@ -12,23 +12,21 @@ shards' Gram matrices, so ranks can all-reduce it and call :func:`gradproj.proje
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from .base import NonFiniteGradientError, Projector
-from .linalg import orthonormalize, top_eigenvectors
-
-log = logging.getLogger("gradproj")
+from .base import Projector
+from .linalg import orthonormalize, top_eigenvectors, unit_scaled
 
 
 def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Top-``rank`` singular vectors of G from a Gram matrix, float32: ``(U m x r or None, Vh r x n or None)``.
 
     One side: the eigenvectors of that side's Gram matrix. Both sides: the smaller Gram matrix gives one
-    side, the other is orth(G V) (or orth(Gᵀ U)) with signs paired as in the SVD (G V = U S).
+    side, the other is orth(G V) (or orth(Gᵀ U)) with signs paired as in the SVD (G V = U S). G is rescaled
+    first (:func:`~gradproj.projectors.linalg.unit_scaled`), so a large finite gradient cannot overflow the
+    Gram matrix.
     """
-    A = G.float()
+    A = unit_scaled(G)
     m, n = A.shape
     if right and (not left or n <= m):
         _, V = top_eigenvectors(A.t() @ A, rank)
@@ -50,12 +48,7 @@ class EighProjector(Projector):
         try:
             U, Vh = gram_bases(G, self.rank, left=self.side in ("left", "full"), right=self.side in ("right", "full"))
         except torch.linalg.LinAlgError as err:
-            if self.has_basis(state):
-                log.warning("gradproj: eigh of the Gram matrix failed at step %d (%s); keeping the previous basis", step, err)
-                return None
-            raise NonFiniteGradientError(
-                f"the Gram eigendecomposition of a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-            ) from err
+            return self.decomposition_failed("eigendecomposition of the Gram matrix", err, state, step)
         dtype = G.dtype
         if self.side == "right":
             return {"proj": Vh.to(dtype)}

@@ -1,4 +1,5 @@
-"""Small dense linear-algebra pieces shared by the bases: orthonormalisation, canonical signs, Ritz steps."""
+"""Small dense linear-algebra pieces shared by the bases: orthonormalisation, canonical signs, Ritz steps, and
+exact (power-of-two) rescaling of a gradient before it is squared."""
 
 from __future__ import annotations
 
@@ -38,3 +39,30 @@ def top_eigenvectors(C: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     values = values.flip(0)[:r].to(C.dtype)
     vectors = vectors.flip(1)[:, :r].to(C.dtype).contiguous()
     return values, canonical_signs_(vectors, dim=0)
+
+
+def power_of_two_scale(a: torch.Tensor) -> torch.Tensor:
+    """The largest power of two <= ``a``, elementwise (1 where ``a`` is 0, subnormal, inf or NaN).
+
+    Dividing by it is exact, so what is computed from the scaled values rounds exactly as it would have
+    unscaled (unless that overflowed or underflowed): the scaling changes the range, not the bits.
+    """
+    bits = {torch.float32: (torch.int32, 0x7F800000), torch.float64: (torch.int64, 0x7FF0000000000000)}
+    if a.dtype in bits:
+        itype, mask = bits[a.dtype]
+        p = (a.contiguous().view(itype) & mask).view(a.dtype)  # the exponent alone: sign and mantissa cleared
+    else:
+        p = torch.exp2(torch.floor(torch.log2(a.float()))).to(a.dtype)
+    return torch.where(torch.isfinite(p) & (p > 0), p, torch.ones_like(p))
+
+
+def unit_scaled(G: torch.Tensor) -> torch.Tensor:
+    """``G`` in float32, divided by a power of two so that its largest magnitude lies in [1, 2).
+
+    The Gram matrix G Gᵀ of a finite float32 gradient overflows once its entries pass ~1e19 (and loses
+    them below ~1e-19); the entries of the rescaled G's Gram matrix are at most 4·min(m, n). The singular
+    vectors do not change, and the division is exact, so an ordinary gradient gets the same basis up to the
+    decomposition's rounding. An all-zero or non-finite G is returned unscaled.
+    """
+    A = G.float()
+    return A / power_of_two_scale(torch.linalg.vector_norm(A, ord=float("inf")))

@@ -7,17 +7,13 @@ are fast, instead of LAPACK's bidiagonalisation.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..state_layout import scalar_int
 
 from . import seeding
-from .base import NonFiniteGradientError, Projector
-from .linalg import orthonormalize, top_eigenvectors
-
-log = logging.getLogger("gradproj")
+from .base import Projector
+from .linalg import orthonormalize, top_eigenvectors, unit_scaled
 
 
 def randomized_svd(
@@ -52,7 +48,7 @@ def randomized_svd(
         ``(U, Vh)``: U m x rank (or None), Vh rank x n, float32, rows of Vh (and columns of U) in canonical
         signs (largest-magnitude entry positive).
     """
-    A = G.float()
+    A = unit_scaled(G)  # exact rescaling: YᵀY cannot overflow for a large finite gradient
     m, n = A.shape
     k = min(rank + oversample, m, n)
     if start is not None and start.shape[1] < k:
@@ -126,12 +122,7 @@ class RandomizedSVDProjector(Projector):
                 left=self.side == "full",
             )
         except torch.linalg.LinAlgError as err:
-            if self.has_basis(state):
-                log.warning("gradproj: randomized SVD failed at step %d (%s); keeping the previous basis", step, err)
-                return None
-            raise NonFiniteGradientError(
-                f"the randomized SVD of a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-            ) from err
+            return self.decomposition_failed("randomized SVD", err, state, step)
         dtype = G.dtype
         if self.side == "right":
             return {"proj": Vh.to(dtype)}

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from .base import NonFiniteGradientError, Projector
+from .base import Projector
 
 log = logging.getLogger("gradproj")
 
@@ -44,12 +44,7 @@ class SVDProjector(Projector):
         try:
             U, Vh = top_singular_vectors(G)
         except torch.linalg.LinAlgError as err:
-            if self.has_basis(state):
-                log.warning("gradproj: SVD failed at step %d (%s); keeping the previous basis", step, err)
-                return None
-            raise NonFiniteGradientError(
-                f"the SVD of a {self.m}x{self.n} gradient failed at its first refresh: {err}"
-            ) from err
+            return self.decomposition_failed("SVD", err, state, step)
         r, dtype = self.rank, G.dtype
         if self.side == "right":
             return {"proj": Vh[:r].to(dtype).contiguous()}

@@ -20,9 +20,8 @@ import math
 import torch
 
 from ..inner.base import StepContext
-from ..kernels.reference import accumulation_dtype
+from ..kernels.reference import ScaledResidual, safe_norm
 from ..projectors.base import Projector
-from ..kernels.reference import ScaledResidual
 from .base import ResidualTerm, dense_term
 
 #: group key of the limit γ (``None``: off)
@@ -49,13 +48,13 @@ def validate_norm_growth_limit(group: dict, where: str) -> None:
 
 
 def update_norm(U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, scale: float) -> torch.Tensor:
-    """‖scale · B(U) + S‖ as a 0-dim tensor on U's device, in the accumulation dtype."""
-    acc = accumulation_dtype(U)
+    """‖scale · B(U) + S‖ as a 0-dim tensor on U's device, in the accumulation dtype (overflow-safe: a
+    gradient spike gives a large finite norm, which the limiter then scales down)."""
     if S is None and projector.orthonormal:
-        return torch.linalg.vector_norm(U, dtype=acc) * abs(scale)  # ‖B(U)‖ = ‖U‖ for an isometry
+        return safe_norm(U) * abs(scale)  # ‖B(U)‖ = ‖U‖ for an isometry
     D = torch.zeros(projector.m, projector.n, dtype=U.dtype, device=U.device) if S is None else dense_term(S)
     projector.add_up_(D, U, state, alpha=scale)
-    return torch.linalg.vector_norm(D, dtype=accumulation_dtype(D))
+    return safe_norm(D)
 
 
 def limit_update_growth(
