@@ -378,7 +378,7 @@ def _adam_moments_after_refresh(name, proj_type, group, steps_before=3):
         W.grad = torch.randn(14, 9, dtype=torch.float64)
         opt.step()
     st = opt.state[W]
-    plan = opt._plan(W, opt.param_groups[0])
+    plan = opt.engine.plan(W, opt.param_groups[0])
     old = {k: v.clone() for k, v in plan.projector.basis_matrices(st).items()}
     M, V = st["exp_avg"].clone(), st["exp_avg_sq"].clone()
     old_idx = {k: st[k].clone() for k in ("proj_idx", "proj_idx_left", "proj_idx_right") if k in st}

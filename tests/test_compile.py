@@ -354,7 +354,7 @@ def tail_arguments(shape=(6,)):
     p.grad = torch.randn(shape)
     opt.step()
     group, state = opt.param_groups[0], opt.state[p]
-    plan = opt._plan(p, group)
+    plan = opt.engine.plan(p, group)
     ctx = StepContext(step=2, ops=plan.ops, state_dtype=p.dtype, param=p, scale=1.0)
     scalars = [torch.tensor(v) for v in (1e-2, 1e-2, 1e-2)]
     return p.detach(), (p.grad, p.grad, state, *scalars, plan.projector, plan.residual, group, ctx, 0.9, 0.999, 1e-6,
@@ -425,7 +425,7 @@ def test_failure_of_a_graph_that_ran_before():
     with torch._dynamo.config.patch(recompile_limit=1), \
             pytest.warns(CompileFallbackWarning, match="recompile limit"):
         step(params, loss_fn, opt)
-    regions = compiled._BOOKS[opt].regions.values()
+    regions = compiled._BOOKS[opt.engine].regions.values()
     assert all(region.eager and region.eager <= region.ran for region in regions)  # failed where they had run
     step(ref_params, loss_fn, ref)
     assert_bitwise_equal(params, opt, ref_params, ref)
@@ -438,7 +438,7 @@ def test_errors_after_a_graph_started_writing_are_raised():
     opt = gradproj.GaLoreAdamW(params, lr=1e-2, compile=AOT)
     for _ in range(2):
         step(params, loss_fn, opt)
-    (region,) = compiled._BOOKS[opt].regions.values()
+    (region,) = compiled._BOOKS[opt.engine].regions.values()
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("out of memory")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import gradproj
+from gradproj.optimizers.engine import Engine
 from gradproj import kernels
 from gradproj.optimizers import base as base_mod
 from gradproj.optimizers import multi_tensor
@@ -136,13 +137,13 @@ def test_triton_impl_folds_the_decay_like_its_kernel(dtype):
 
 def counting_update(monkeypatch):
     calls: list[int] = []
-    original = base_mod.ProjectedOptimizer._update
+    original = Engine.update
 
     def wrapper(self, p, *args, **kwargs):
         calls.append(id(p))
         return original(self, p, *args, **kwargs)
 
-    monkeypatch.setattr(base_mod.ProjectedOptimizer, "_update", wrapper)
+    monkeypatch.setattr(Engine, "update", wrapper)
     return calls
 
 

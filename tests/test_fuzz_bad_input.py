@@ -77,7 +77,7 @@ def test_every_option_with_junk_raises_before_any_change_or_trains_finite(opt_na
     _step(model, opt, 0)
     _step(model, opt, 1)
     group = opt.param_groups[-1]
-    keys = sorted(k for k in opt._group_keys() if k in group and k != "params")
+    keys = sorted(k for k in opt.engine.group_keys() if k in group and k != "params")
     assert {"rank", "scale", "lr", "weight_decay", "projector"} <= set(keys)
     tried = accepted = 0
     for key in keys:

@@ -317,7 +317,7 @@ def test_step_raising_at_a_first_refresh_ends_the_window(accumulation, micro):
     assert_trains_like_a_fresh_optimizer(model, opt, accumulation)
 
 
-@pytest.mark.parametrize("accumulation,where", [(1, "_prepare"), (1, "_step_param"), (3, "_prepare")],
+@pytest.mark.parametrize("accumulation,where", [(1, "prepare"), (1, "step_param"), (3, "prepare")],
                          ids=["k1_checks", "k1_update", "k3_mid_window"])
 def test_a_hook_raising_during_backward_ends_the_window(monkeypatch, accumulation, where):
     """An error inside fc1's hook (a RuntimeError, as out of memory would be; in its checks or at the start of its
@@ -328,15 +328,15 @@ def test_a_hook_raising_during_backward_ends_the_window(monkeypatch, accumulatio
     opt = make_galore(model, accumulation, moments_on_refresh="project")
     train(model, opt, 3, micro=accumulation)  # next window: step 3, a refresh that also maps the moments
     weights, state = snapshot(model), state_copy(opt, model)
-    real, armed = getattr(opt, where), []
+    real, armed = getattr(opt.engine, where), []
 
     def failing(*args):
-        p = args[2] if where == "_prepare" else args[0]
+        p = args[2] if where == "prepare" else args[0]
         if armed and p is model.fc1.weight:
             raise RuntimeError("simulated failure")
         return real(*args)
 
-    monkeypatch.setattr(opt, where, failing)
+    monkeypatch.setattr(opt.engine, where, failing)
     if accumulation > 1:
         tiny_loss(model, tiny_batch(100)).backward()  # the window's first micro-batch: refreshes, accumulates
     armed.append(True)

@@ -219,8 +219,8 @@ def test_changing_rank_or_projector_between_steps_restarts_that_state(change):
         state = opt.state[p]
         assert state["step"] == 7
         assert state["inner_start"] == 3
-        plan = opt._plan(p, group)
-        assert gradproj.state_layout.state_problem(state, opt._state_layout(p, group, plan)) is None
+        plan = opt.engine.plan(p, group)
+        assert gradproj.state_layout.state_problem(state, opt.engine.state_layout(p, group, plan)) is None
     # the same change made by hand: a fresh optimizer state at step 3 gives the same weights
     ref_model, ref = trained(steps=3)
     ref_group = ref.param_groups[-1]

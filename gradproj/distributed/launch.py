@@ -261,7 +261,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     with _single_process_quiet(env):
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
     if env.is_main:
-        own = optimizer.state_dict().get("gradproj", {}) if hasattr(optimizer, "_extra_state") else {}
+        own = optimizer.state_dict().get("gradproj", {}) if hasattr(optimizer, "extra_state") else {}
         torch.save({"extra": extra or {}, "optimizer_extra": own}, path / EXTRA_FILE)
     if env.is_distributed:
         dist.barrier()
@@ -284,6 +284,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     saved = torch.load(path / EXTRA_FILE, weights_only=True, map_location="cpu")
-    if saved.get("optimizer_extra") and hasattr(optimizer, "_load_extra_state"):
-        optimizer._load_extra_state(saved["optimizer_extra"])
+    if saved.get("optimizer_extra") and hasattr(optimizer, "load_extra_state"):
+        optimizer.load_extra_state(saved["optimizer_extra"])
     return saved.get("extra", {})

@@ -428,8 +428,8 @@ class ShardedStep:
     def ops(self, ops: Any) -> ShardedOps:
         return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None)
 
-    def update(self, optimizer: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
-        state = optimizer.state[p]
+    def update(self, engine: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
+        state = engine.optimizer.state[p]
         local: dict[str, Any] = {}
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and not is_dtensor(value):
@@ -440,7 +440,7 @@ class ShardedStep:
                 )
             local[key] = value.to_local() if is_dtensor(value) else value
         before = {k: v for k, v in local.items() if isinstance(v, torch.Tensor)}
-        optimizer._update(p.to_local(), grad.to_local(), group, plan, local)
+        engine.update(p.to_local(), grad.to_local(), group, plan, local)
         for key in [k for k in state if k not in local]:
             del state[key]
         for key, value in local.items():

@@ -27,7 +27,8 @@ import math
 import torch
 
 from ..state_layout import Spec
-from ..validation import check_bool, check_number, is_number
+from ..options import Option, boolean, number
+from ..validation import is_number
 from .base import InnerRule, StepContext
 
 PARAM_RMS = "RMS"
@@ -38,21 +39,36 @@ def _rms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dtype=dtype) / (t.numel() ** 0.5)
 
 
+def _check_eps(eps: object, name: str, where: str) -> None:
+    if not (isinstance(eps, (tuple, list)) and len(eps) == 2
+            and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)):
+        raise ValueError(
+            f"{where}: {name} = {eps!r} must be a pair (eps1 for the squared gradient, eps2 for the parameter "
+            "scale) of numbers >= 0, e.g. (1e-30, 1e-3)"
+        )
+
+
+def _check_beta1(beta1: object, name: str, where: str) -> None:
+    if beta1 is not None and not (is_number(beta1) and 0.0 <= float(beta1) < 1.0):
+        raise ValueError(f"{where}: {name} = {beta1} must be in [0, 1), or None for no first moment")
+
+
 class Adafactor(InnerRule):
     """Adafactor with transformers' options; state ``exp_avg_sq_row`` / ``exp_avg_sq_col`` (factored, for R
     with >= 2 dims) or ``exp_avg_sq``, ``exp_avg`` when ``beta1`` is set, and ``RMS`` (the weight's RMS
     before the update, a 0-dim tensor, as in transformers)."""
 
     name = "adafactor"
-    defaults = {
-        "eps": (1e-30, 1e-3),
-        "clip_threshold": 1.0,
-        "decay_rate": -0.8,
-        "beta1": None,
-        "scale_parameter": True,
-        "relative_step": True,
-        "warmup_init": False,
-    }
+    options = (
+        Option("eps", (1e-30, 1e-3), "(eps1 added to the squared gradient, eps2 the floor of the parameter scale)",
+               _check_eps),
+        Option("clip_threshold", 1.0, "update clipping threshold on its RMS", number(minimum=0.0, exclusive=True)),
+        Option("decay_rate", -0.8, "β2_t = 1 − t^decay_rate", number(maximum=0.0, hint="beta2_t = 1 - t^decay_rate")),
+        Option("beta1", None, "first-moment decay (None: no first moment)", _check_beta1),
+        Option("scale_parameter", True, "multiply the step size by the weight's RMS", boolean),
+        Option("relative_step", True, "step size min(1e-2, 1/√t) instead of lr (then lr must be None)", boolean),
+        Option("warmup_init", False, "relative step grows as 1e-6·t at first (needs relative_step)", boolean),
+    )
     state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
     state_parts = {PARAM_RMS: "other"}
 
@@ -69,22 +85,6 @@ class Adafactor(InnerRule):
             super().validate_lr(group, where)
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError(f"{where}: warmup_init=True requires relative_step=True")
-
-    def validate_group(self, group, where):
-        eps = group["eps"]
-        if not (isinstance(eps, (tuple, list)) and len(eps) == 2
-                and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)):
-            raise ValueError(
-                f"{where}: eps = {eps!r} must be a pair (eps1 for the squared gradient, eps2 for the parameter "
-                "scale) of numbers >= 0, e.g. (1e-30, 1e-3)"
-            )
-        check_number(group["clip_threshold"], "clip_threshold", where, minimum=0.0, exclusive=True)
-        check_number(group["decay_rate"], "decay_rate", where, maximum=0.0, hint="beta2_t = 1 - t^decay_rate")
-        beta1 = group["beta1"]
-        if beta1 is not None and not (is_number(beta1) and 0.0 <= float(beta1) < 1.0):
-            raise ValueError(f"{where}: beta1 = {beta1} must be in [0, 1), or None for no first moment")
-        for key in ("scale_parameter", "relative_step", "warmup_init"):
-            check_bool(group[key], key, where)
 
     def state_layout(self, shape, group):
         layout = {"exp_avg": Spec(tuple(shape)), PARAM_RMS: Spec(())}

@@ -7,18 +7,13 @@ import math
 import torch
 
 from ..state_layout import Spec
-from ..validation import check_number, is_number
+from ..options import Option, number, pair, unit_interval
 from .base import InnerRule, StepContext
 
 
-def check_betas_eps(group: dict, where: str) -> None:
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"{where}: betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        if not (is_number(b) and 0.0 <= float(b) < 1.0):
-            raise ValueError(f"{where}: betas[{i}] = {b} must be in [0, 1)")
-    check_number(group["eps"], "eps", where, minimum=0.0)
+#: Adam's options, shared by the rules built on it
+BETAS = Option("betas", (0.9, 0.999), "decay of the first and second moments", pair(unit_interval, unit_interval, "beta1, beta2"))
+EPS = Option("eps", 1e-6, "added to √v (GaLore's default; AdamW's is 1e-8)", number(minimum=0.0))
 
 
 def bias_corrected_lr(group: dict, t: int) -> float:
@@ -32,13 +27,11 @@ class Adam(InnerRule):
     step size lr·√(1−β2^t)/(1−β1^t). State: ``exp_avg``, ``exp_avg_sq``, shaped like R."""
 
     name = "adam"
-    defaults = {"betas": (0.9, 0.999), "eps": 1e-6}
+    options = (BETAS, EPS)
+    batched = True
     state_keys = ("exp_avg", "exp_avg_sq")
     shardable = ("rows", "cols")  # elementwise
     state_transforms = {"exp_avg": "linear", "exp_avg_sq": "second_moment"}
-
-    def validate_group(self, group, where):
-        check_betas_eps(group, where)
 
     def state_layout(self, shape, group):
         return {"exp_avg": Spec(shape, requires=("exp_avg_sq",)), "exp_avg_sq": Spec(shape, requires=("exp_avg",))}

@@ -23,7 +23,8 @@ import math
 
 import torch
 
-from .adam import Adam, check_betas_eps
+from ..options import Option, number
+from .adam import BETAS, EPS, Adam
 from ..state_layout import Spec
 from .base import StepContext
 
@@ -83,19 +84,18 @@ class Adam8bit(Adam):
     """
 
     name = "adam8bit"
-    defaults = {"betas": (0.9, 0.999), "eps": 1e-6, "min_8bit_size": 4096}
+    options = (
+        BETAS, EPS,
+        Option("min_8bit_size", 4096, "moments of tensors with fewer elements stay fp32 (as bitsandbytes)",
+               number(integer=True, minimum=0)),
+    )
     state_keys = ("exp_avg", "exp_avg_sq", EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX)
     state_parts = {EXP_AVG_ABSMAX: "scales", EXP_AVG_SQ_ABSMAX: "scales"}
     # Quantization blocks run across rows and columns of R, so a block of R's rows (FSDP) would get other
     # blocks than the whole matrix, and quantized codes cannot be rotated into a new basis: neither is offered.
     shardable = ()
+    batched = False  # quantized moments
     state_transforms = None
-
-    def validate_group(self, group, where):
-        check_betas_eps(group, where)
-        size = group["min_8bit_size"]
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
-            raise ValueError(f"{where}: min_8bit_size = {size!r} must be an integer >= 0")
 
     def state_layout(self, shape, group):
         blocks = (num_blocks(math.prod(shape)),)

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..options import Configurable
 from ..state_layout import Spec
 from ..validation import check_number
 
@@ -33,15 +34,16 @@ class StepContext:
     scale: float = 1.0
 
 
-class InnerRule:
+class InnerRule(Configurable):
     """Base class; subclasses define ``name``, ``defaults`` and :meth:`update`."""
 
     name: ClassVar[str] = ""
-    #: group keys the rule reads, with their default values (become the optimizer's defaults)
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: the group keys the rule reads: ``options`` (:mod:`gradproj.options`; the preset's become the optimizer's
+    #: defaults); ``defaults`` is derived
 
     def validate_group(self, group: dict, where: str) -> None:
-        """Raise ``ValueError`` naming ``where`` (e.g. "param group 1") for bad hyper-parameters."""
+        """Checks across several options (each option's own check is in its declaration); raise ``ValueError``
+        naming ``where`` (e.g. "param group 1")."""
 
     def validate_lr(self, group: dict, where: str) -> None:
         """Check the group's ``lr``: a number >= 0 (rules with their own step-size schedule may allow None)."""
@@ -54,6 +56,9 @@ class InnerRule:
         """The state keys the rule keeps for a low-rank gradient R of ``shape`` (:mod:`gradproj.state_layout`)."""
         return {}
 
+    #: whether the batched ``foreach`` step (gradproj.optimizers.multi_tensor) runs this rule: it implements
+    #: exactly :class:`gradproj.inner.Adam`'s arithmetic with torch's multi-tensor ops
+    batched: ClassVar[bool] = False
     #: the state keys this rule owns (dropped by :meth:`reset_state`)
     state_keys: ClassVar[tuple[str, ...]] = ()
     #: axes of R along which the rule runs unchanged on a block, as under FSDP (gradproj.distributed.sharding):

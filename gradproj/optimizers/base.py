@@ -1,82 +1,31 @@
-"""The one optimizer every gradproj method is a preset of.
+"""The one optimizer every gradproj method is a preset of: torch.optim's interface over the engine.
 
-For each parameter with a gradient, one step is::
-
-    P        = projector.refresh(G) when t % T == 0 (or no basis yet)     # svd | identity | ...
-    R        = projector.down(G)                                            # r x n or m x r
-    U, s     = inner.update(R, state)                                       # Adam | ...; s = step size
-    U, S     = residual.compute(G, R, U)                                    # Fira | FRUGAL | none
-    U, S     = limit growth of ‖scale · B(U) + S‖ (group option norm_growth_limit)
-    W       -= s · scale · projector.up(U) + s_res · S                      # s_res: s, or lr for FRUGAL;
-    W       -= decay_lr · weight_decay · W                                  # ops.apply_update, full space
-
-Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
-take the same path with the identity projector, ``scale`` 1 and no residual: exactly AdamW (for the Adam
-inner rule) with GaLore's placement of the weight decay.
+:class:`ProjectedOptimizer` holds the param groups and the state and runs the step loop; the step of one
+parameter, the schema of the options and every check are the engine's (:mod:`gradproj.optimizers.engine`).
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from itertools import chain
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from . import compiled, multi_tensor
-from ..distributed.sharding import all_finite, is_dtensor, shard_plan
-from ..inner import Adam, InnerRule, StepContext
-from ..projectors import PROJ_TYPES, IdentityProjector, Projector, get_projector
-from ..projectors.base import NonFiniteGradientError
-from ..residual import NoResidual, Residual, get_residual, limit_update_growth, validate_norm_growth_limit
+from ..inner import Adam, InnerRule
 from ..sampling.sampler import restore_sampler
-from ..state_layout import COMMON, Spec, state_problem
-from ..validation import FOREIGN_GROUP_KEYS, check_bool, check_number, is_number, refuse_unknown
+from ..state_layout import state_problem
+from ..validation import refuse_unknown
+from . import multi_tensor
+from .engine import OPTIMIZER_OPTIONS, PROJECTION_KEYS, STATE_DTYPES, Engine, Plan
 from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:
     from ..sampling.sampler import LayerSampler
 
-log = logging.getLogger("gradproj")
-
-#: keys a param group may carry to select and configure the projection (beyond the inner rule's)
-PROJECTION_KEYS = ("rank", "update_proj_gap", "scale", "alpha", "proj_type", "projector", "residual")
-#: what happens to the inner rule's state when a refresh replaces the basis
-MOMENT_RULES = ("keep", "reset", "project")
-STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_NAMES = {v: k for k, v in STATE_DTYPES.items() if k is not None}
-
-
-@dataclass
-class _Plan:
-    """How one parameter is stepped, derived from its shape and group (never stored in state)."""
-
-    shape2d: tuple[int, int] | None  # None: the update runs on the tensor's own shape (unprojected)
-    projector: Projector
-    residual: Residual
-    scale: float
-    ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
-    shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
-    fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
-    #: why the parameter's projected state no longer fits its group (rank, proj_type or projector changed):
-    #: the update restarts it (basis and inner state) at this step; None when it fits
-    restart: str | None = None
-    #: a first basis computed while the step's input was checked, before anything changed; the update
-    #: installs it instead of refreshing
-    first_basis: dict | None = None
-
-
-_UNPROJECTED_RESIDUAL = NoResidual()
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class ProjectedOptimizer(Optimizer):
@@ -132,35 +81,23 @@ class ProjectedOptimizer(Optimizer):
         check_layerwise_options(layerwise, accumulation_steps)
         if isinstance(extra_group_keys, str) or not all(isinstance(k, str) for k in extra_group_keys):
             raise TypeError(f"extra_group_keys = {extra_group_keys!r} must be a list of key names")
-        self._extra_group_keys = frozenset(extra_group_keys)
+        #: the step of one parameter, the schema and the checks (gradproj.optimizers.engine)
+        self.engine = Engine(self, self.inner_rule, frozenset(extra_group_keys))
         self._layerwise = LayerwiseStepper(self, accumulation_steps) if layerwise else None
-        self._inner = self.inner_rule()
-        defaults: dict[str, Any] = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "impl": impl,
-            "state_dtype": self._dtype_name(state_dtype),
-            "proj_type": "std",
-            "projector": "svd",
-            "residual": self.default_residual,
-            "moments_on_refresh": self.default_moments_on_refresh,
-            "stochastic_rounding": False,
-            "compile": False,
-            "norm_growth_limit": None,
-            "max_grad_norm": None,
-            "foreach": None,
-        }
-        defaults.update(self._inner.defaults)
-        refuse_unknown(options, set(defaults) | set(PROJECTION_KEYS) | _registered_option_keys(), type(self).__name__)
+        self.engine.layerwise = self._layerwise
+        defaults: dict[str, Any] = {o.name: o.default for o in OPTIMIZER_OPTIONS}
+        defaults.update(
+            lr=lr, weight_decay=weight_decay, impl=impl, state_dtype=self._dtype_name(state_dtype),
+            inner=self.inner_rule.name, residual=self.default_residual,
+            moments_on_refresh=self.default_moments_on_refresh, **self.inner_rule.defaults,
+        )
+        refuse_unknown(options, self.engine.group_keys() - {"params"}, type(self).__name__)
         defaults.update(options)
-        self._warned: set[int] = set()
-        self._param_index: dict[int, int] = {}  # id(p) -> position among all parameters (seeds random bases)
         super().__init__(params, defaults)
         self.sampler = sampler
         if sampler is not None:
             sampler.attach(self)
 
-    # ------------------------------------------------------------------------------------ validation
     @staticmethod
     def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
         if dtype is None or isinstance(dtype, str):
@@ -172,146 +109,35 @@ class ProjectedOptimizer(Optimizer):
         return _DTYPE_NAMES[dtype]
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group; the schema's defaults are written into it and every option is checked
+        (:meth:`Engine.validate_group`). A group may choose another inner rule than the preset's
+        (``"inner": "adafactor"``): it then takes that rule's defaults, not the preset's."""
+        inner = param_group.get("inner", self.engine.default_inner)
+        own = set(param_group)
+        if inner != self.engine.default_inner and isinstance(inner, str):
+            from ..inner import INNER_RULES
+
+            rule = INNER_RULES.get(inner)
+            if rule is not None:  # the preset's rule's defaults do not belong in this group
+                param_group = {**rule.defaults, **param_group}
+                own |= set(rule.defaults)
         super().add_param_group(param_group)
         group, index = self.param_groups[-1], len(self.param_groups) - 1
+        for key in set(self.inner_rule.defaults) - own:
+            if inner != self.engine.default_inner:
+                group.pop(key, None)
         try:
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise ValueError(f"param group {index}: a parameter of dtype {p.dtype} is not floating point")
-            self._validate_group(group, index)
+            self.engine.validate_group(group, index)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
         for p in group["params"]:
-            self._param_index.setdefault(id(p), len(self._param_index))
+            self.engine.param_index.setdefault(id(p), len(self.engine.param_index))
         if self._layerwise is not None:
             self._layerwise.register(index, group)
-
-    def _validate_group(self, group: dict, index: int) -> None:
-        """Check a group's options; cheap enough to run before every step (no per-parameter work)."""
-        where = f"param group {index}"
-        refuse_unknown(group, self._group_keys(), where, "param-group key")
-        self._inner.validate_lr(group, where)
-        check_number(group["weight_decay"], "weight_decay", where, minimum=0.0)
-        if group["impl"] not in kernels.IMPLS:
-            raise ValueError(f"{where}: impl = {group['impl']!r}; use one of {', '.join(kernels.IMPLS)}")
-        if not isinstance(group["state_dtype"], (str, type(None))) or group["state_dtype"] not in STATE_DTYPES:
-            raise ValueError(f"{where}: state_dtype = {group['state_dtype']!r}; use None, 'float32', 'bfloat16' or 'float16'")
-        check_bool(group["stochastic_rounding"], "stochastic_rounding", where)
-        check_number(group["max_grad_norm"], "max_grad_norm", where, minimum=0.0, exclusive=True, allow_none=True,
-                     hint="None means no clipping")
-        self._inner.validate_group(group, where)
-        compiled.validate(group["compile"], self._inner.name, where)
-        if group["compile"] and group["stochastic_rounding"]:
-            raise ValueError(
-                f"{where}: compile=True and stochastic_rounding=True cannot be combined (the compiled step rounds "
-                "to nearest); drop one of them"
-            )
-        validate_norm_growth_limit(group, where)
-        multi_tensor.check_option(group["foreach"], where)
-
-        rank = group.get("rank")
-        if rank is None:
-            stray = [k for k in ("update_proj_gap", "scale", "alpha") if k in group]
-            if stray:
-                raise ValueError(
-                    f"{where} sets {stray} but no 'rank', so it would not be projected; "
-                    "add 'rank' to project it, or drop those keys"
-                )
-            return
-        if not _is_int(rank) or rank <= 0:
-            raise ValueError(f"{where}: rank = {rank!r} must be a positive integer")
-        gap = group.get("update_proj_gap")
-        if gap is None:
-            raise ValueError(
-                f"{where} has 'rank' but no 'update_proj_gap'; add it (GaLore uses 200), "
-                "or build the groups with gradproj.param_groups()"
-            )
-        if not _is_int(gap) or gap <= 0:
-            raise ValueError(f"{where}: update_proj_gap = {gap!r} must be a positive integer")
-        if "scale" not in group and "alpha" not in group:
-            raise ValueError(
-                f"{where} has 'rank' but no 'scale' (alpha); add it (GaLore's recipe uses 0.25; the effective "
-                "lr of a projected matrix is lr * scale), or build the groups with gradproj.param_groups()"
-            )
-        for key in ("scale", "alpha"):
-            if key in group:
-                check_number(group[key], key, where, minimum=0.0, exclusive=True,
-                             hint="the update of a projected matrix is multiplied by it (GaLore uses 0.25)")
-        if "scale" in group and "alpha" in group and float(group["scale"]) != float(group["alpha"]):
-            raise ValueError(
-                f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
-                "option (alpha is Fira's spelling): keep one"
-            )
-        if group["moments_on_refresh"] not in MOMENT_RULES:
-            raise ValueError(
-                f"{where}: moments_on_refresh = {group['moments_on_refresh']!r}; use one of {', '.join(MOMENT_RULES)}"
-            )
-        if group["moments_on_refresh"] == "project" and self._inner.state_transforms is None:
-            raise ValueError(
-                f"{where}: moments_on_refresh='project' is not available for the {self._inner.name!r} inner rule "
-                "(it does not say how its state changes basis); use 'keep' or 'reset'"
-            )
-        for key in ("projector", "residual", "proj_type"):
-            if not isinstance(group[key], str):
-                raise ValueError(f"{where}: {key} = {group[key]!r} must be a name (a string)")
-        if group["proj_type"] not in PROJ_TYPES:
-            raise ValueError(f"{where}: proj_type = {group['proj_type']!r}; use one of {', '.join(PROJ_TYPES)}")
-        try:
-            projector_cls = get_projector(group["projector"])
-            residual_cls = get_residual(group["residual"])
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        projector_cls.validate_group(group, where)
-        residual_cls().validate_group(group, where)
-
-    def _group_keys(self) -> frozenset[str]:
-        """Every key a param group may hold: options, projection keys, registered axes' options, keys that
-        LR schedulers and torch write, and the user's ``extra_group_keys``."""
-        from ..projectors import PROJECTORS
-        from ..residual import RESIDUALS
-
-        stamp = (len(PROJECTORS), len(RESIDUALS), len(self.defaults))
-        cached = getattr(self, "_group_keys_cache", None)
-        if cached is None or cached[0] != stamp:
-            keys = frozenset(self.defaults) | set(PROJECTION_KEYS) | _registered_option_keys()
-            cached = self._group_keys_cache = (stamp, keys | FOREIGN_GROUP_KEYS | self._extra_group_keys)
-        return cached[1]
-
-    # ------------------------------------------------------------------------------------------ plan
-    @staticmethod
-    def _scale(group: dict) -> float:
-        return float(group["scale"] if "scale" in group else group["alpha"])
-
-    def _plan(self, p: torch.Tensor, group: dict) -> _Plan:
-        ops = kernels.resolve(group["impl"], p)
-        rank = group.get("rank")
-        if rank is None or p.dim() < 2 or p.numel() == 0:
-            return _Plan(None, IdentityProjector((0, 0), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops)
-        m, n = p.shape[0], p.numel() // p.shape[0]
-        if rank >= min(m, n) and group["projector"] != "identity":
-            if id(p) not in self._warned:
-                self._warned.add(id(p))
-                log.warning(
-                    "gradproj: rank %d >= min(%d, %d) for a parameter of shape %s: no memory can be saved, "
-                    "so it trains unprojected (full-rank inner rule, scale 1)",
-                    rank, m, n, tuple(p.shape),
-                )
-            return _Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops)
-        projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
-        projector.param_index = self._param_index.get(id(p), 0)
-        return _Plan((m, n), projector, get_residual(group["residual"])(), self._scale(group), ops)
-
-    def _state_layout(self, p: torch.Tensor, group: dict, plan: _Plan) -> dict[str, Spec]:
-        """Every state key ``p`` may hold under ``plan``, with its shape (see :mod:`gradproj.state_layout`)."""
-        shape = tuple(p.shape) if plan.shape2d is None else tuple(plan.projector.low_rank_shape())
-        return {
-            **COMMON,
-            "accum": Spec(shape),  # a layerwise accumulation window's summed low-rank gradient
-            **plan.projector.state_layout(),
-            **self._inner.state_layout(shape, group),
-            **plan.residual.state_layout(),
-        }
 
     # ------------------------------------------------------------------------------------------ step
     @torch.no_grad()
@@ -329,153 +155,25 @@ class ProjectedOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        engine = self.engine
         for i, group in enumerate(self.param_groups):
-            self._validate_group(group, i)
+            engine.validate_group(group, i)
         if self._layerwise is not None:  # the hooks stepped during backward; close the window
             self._layerwise.end_window(self)
         else:
             batch = multi_tensor.collect(self)  # foreach: regular GaLore steps, batched (multi_tensor.py)
-            work = self._gather(skip=batch.ids)
+            work = engine.gather(skip=batch.ids)
             multi_tensor.run(self, batch)
             for p, grad, group, plan in work:
-                self._step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+                engine.step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
         if self.sampler is not None:
             self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
         return loss
 
-    def _step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan) -> None:
-        """Update one parameter: :meth:`_update`, or for a DTensor the same on this rank's rows."""
-        if plan.shard is None:
-            self._update(p, grad, group, plan)
-        else:  # gradproj.distributed.sharding: local tensors in, DTensor state kept
-            plan.shard.update(self, p, grad, group, plan)
-
-    def _gather(self, skip: frozenset = frozenset()) -> list[tuple[torch.Tensor, torch.Tensor, dict, _Plan]]:
-        """Collect (param, grad, group, plan) and reject bad input before any state or weight changes;
-        parameters whose id is in ``skip`` are left out (the batched ``foreach`` step takes them)."""
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            for pi, p in enumerate(group["params"]):
-                if p.grad is not None and id(p) not in skip:
-                    work.append((p, p.grad, group, self._prepare(gi, pi, p, p.grad, group)))
-        return work
-
-    def _prepare(self, gi: int, pi: int, p: torch.Tensor, grad: torch.Tensor, group: dict) -> _Plan:
-        """Check one parameter's gradient and derive its plan; raises before anything is modified."""
-        where = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
-        if grad.is_sparse:
-            raise ValueError(
-                f"{where} has a sparse gradient; gradproj optimizers need dense gradients (use "
-                "torch.optim.SparseAdam, or nn.Embedding(sparse=False))"
-            )
-        if grad.shape != p.shape:
-            raise ValueError(
-                f"{where}: its gradient has shape {tuple(grad.shape)}; a gradient must have its parameter's shape "
-                "(check what was assigned to .grad)"
-            )
-        try:
-            plan = self._plan(p, group)
-        except ValueError as err:  # e.g. impl='triton' where it cannot run
-            raise ValueError(f"{where}: {err}") from None
-        state = self.state.get(p, {})
-        if state and not is_dtensor(p):
-            plan.restart = state_problem(state, self._state_layout(p, group, plan))
-        if is_dtensor(p):
-            plan = shard_plan(plan, p, group, self._inner, f"param group {gi}, parameter {pi}")
-        if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
-            plan.fused = compiled.CompiledTail(group["compile"])
-            plan.ops = kernels.reference
-        proj = plan.projector
-        if proj.refreshes and (plan.restart is not None or not proj.has_basis(state)):
-            if plan.shard is not None:  # a sharded refresh talks to the other ranks: it runs in the update
-                if not all_finite(grad):
-                    raise NonFiniteGradientError(
-                        f"{where}: the gradient is NaN/Inf at its first basis refresh, so no basis can be computed; "
-                        "nothing was updated. Check the loss scale / data, or clip gradients before optimizer.step()."
-                    )
-            else:  # compute the first basis now, so that a failure raises before any parameter is stepped
-                # the gradient the refresh in the update would see: clipped, except in a low-rank accumulation
-                clip = None if self._layerwise is not None and self._layerwise.low_rank(plan) else group["max_grad_norm"]
-                G = kernels.reference.clip_by_norm(grad, clip).reshape(plan.shape2d)
-                scratch = {"step": state.get("step", 0)} if plan.restart is not None else dict(state)
-                try:
-                    proj.refresh(G, scratch, scratch["step"] if "step" in scratch else 0)
-                except ValueError as err:
-                    raise type(err)(f"{where}: {err}") from None
-                plan.first_basis = {k: v for k, v in scratch.items() if state.get(k) is not v}
-        return plan
-
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: _Plan, state: dict | None = None) -> None:
-        """One parameter's update: the whole method, top to bottom (for a sharded parameter, on its local rows)."""
-        state = self.state[p] if state is None else state
-        step = state.get("step", 0)
-        if plan.restart is not None:
-            self._restart(p, state, step, plan.restart)
-        ctx = StepContext(
-            step=step + 1,
-            ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
-            state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
-            param=p,
-            scale=plan.scale,
-        )
-        proj = plan.projector
-        G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
-        self._refresh(G, state, group, step, plan)
-        R = proj.down(G, state)
-        state["step"] = step + 1
-        if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
-            return  # compile=True: the lines below ran as one compiled graph
-        U, step_size = self._inner.update(R, state, group, ctx)
-        U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
-        U, S = limit_update_growth(U, S, proj, state, group, ctx)
-        with _matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
-            ctx.ops.apply_update(W, proj, state, U, S, step_size, ctx.scale,
-                                 residual_step=plan.residual.step_size(group, step_size),
-                                 lr=self._inner.decay_lr(group, state), weight_decay=group["weight_decay"],
-                                 seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
-
-    def _refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: _Plan) -> None:
-        """Install the first basis computed in :meth:`_prepare`, or refresh the basis when it is due."""
-        proj = plan.projector
-        if plan.first_basis is not None:
-            state.update(plan.first_basis)
-            plan.first_basis = None
-        elif proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
-            self._on_basis_change(state, group, step, proj)
-
-    def _restart(self, p: torch.Tensor, state: dict, step: int, why: str) -> None:
-        """Drop a parameter's projected state (basis, inner and residual state) that no longer fits its group,
-        keeping its step count: the update then starts afresh in a new subspace, with its own bias correction."""
-        key = ("restart", step)  # one warning for all the parameters of a step
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(
-                f"gradproj: at step {step} the optimizer state of some parameters no longer fits their param group "
-                f"(e.g. shape {tuple(p.shape)}: its state {why}; was the group's rank, proj_type or projector "
-                "changed?): their basis and moments restart at this step",
-                stacklevel=4,
-            )
-        kept = {k: state[k] for k in ("sr_seed",) if k in state}
-        state.clear()
-        state.update(step=step, **kept)
-        self._inner.reset_state(state, step)
-
-    def _on_basis_change(self, state: dict, group: dict, step: int, proj: Projector) -> None:
-        """Apply the group's ``moments_on_refresh`` rule after a refresh replaced an existing basis.
-
-        ``"keep"`` (the reference behaviour) carries the moments over unchanged; ``"reset"`` drops them,
-        so the inner rule starts afresh (with its own bias correction) in the new subspace; ``"project"``
-        maps them into the new basis (:mod:`gradproj.projectors.change`).
-        """
-        if group["moments_on_refresh"] == "reset":
-            self._inner.reset_state(state, step)
-        elif group["moments_on_refresh"] == "project":
-            self._inner.project_state(state, proj.basis_change(state))
-
     # ------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        extra = self._extra_state()
+        extra = self.extra_state()
         if extra:
             sd["gradproj"] = extra
         return sd
@@ -503,7 +201,7 @@ class ProjectedOptimizer(Optimizer):
                 f"{len(self.param_groups)}; build the optimizer with the groups it was saved with"
             )
         groups = [self._incoming_group(i, saved, strict) for i, saved in enumerate(saved_groups)]
-        self._check_extra_state(state_dict.get("gradproj", {}))
+        self.check_extra_state(state_dict.get("gradproj", {}))
         params = {}  # saved id -> (group index, position, parameter)
         for gi, (current, saved) in enumerate(zip(self.param_groups, saved_groups)):
             for pi, (key, p) in enumerate(zip(saved["params"], current["params"])):
@@ -525,7 +223,7 @@ class ProjectedOptimizer(Optimizer):
         for key, saved in state.items():
             gi, pi, p = params[key]
             self.state[p] = {k: _to_device(v, p) for k, v in saved.items()}
-        self._load_extra_state(state_dict.get("gradproj", {}))
+        self.load_extra_state(state_dict.get("gradproj", {}))
         if self._layerwise is not None:  # a window open before the load belongs to the old state
             self._layerwise._new_window()
 
@@ -556,7 +254,7 @@ class ProjectedOptimizer(Optimizer):
             warnings.warn(f"gradproj: {message}", stacklevel=4)
             options = {k: v for k, v in options.items() if k not in self._TORCH_ONLY_KEYS}
         group = {**self.defaults, **options, "params": current["params"]}
-        self._validate_group(group, index)
+        self.engine.validate_group(group, index)
         return group
 
     def _incoming_state(self, gi: int, pi: int, p: torch.Tensor, group: dict, saved: Any) -> dict:
@@ -569,12 +267,12 @@ class ProjectedOptimizer(Optimizer):
         if isinstance(step, torch.Tensor) and step.numel() == 1:  # torch.optim keeps the step as a tensor
             saved["step"] = int(step.item())
         try:
-            plan = self._plan(p, group)
+            plan = self.engine.plan(p, group)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
-        problem = state_problem(saved, self._state_layout(p, group, plan), deep=True)
+        problem = state_problem(saved, self.engine.state_layout(p, group, plan), deep=True)
         if problem is None and saved and plan.projector.refreshes and not plan.projector.has_basis(saved) and any(
-                k in saved for k in self._inner.state_keys):
+                k in saved for k in plan.inner.state_keys):
             problem = "holds inner-rule state but no basis"
         if problem is not None:
             raise ValueError(
@@ -583,19 +281,19 @@ class ProjectedOptimizer(Optimizer):
             )
         return saved
 
-    def _extra_state(self) -> dict[str, Any]:
+    def extra_state(self) -> dict[str, Any]:
         """Optimizer-level state beyond per-parameter state (samplers, generators); tensors and scalars only."""
         extra: dict[str, Any] = {}
         if self.sampler is not None:
             extra["sampler"] = self.sampler.state_dict()
         return extra
 
-    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+    def check_extra_state(self, extra: dict[str, Any]) -> None:
         """Raise before anything is loaded if the optimizer-level state cannot be restored."""
         if self.sampler is not None and "sampler" in extra:
             self.sampler.check_state_dict(extra["sampler"])
 
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
         restore_sampler(self, extra.get("sampler"))
 
 
@@ -607,32 +305,3 @@ def _to_device(value: Any, p: torch.Tensor) -> Any:
     return value
 
 
-class _matrix_view:
-    """Context manager yielding ``p`` as an in-place-writable [m, n] matrix (a view when contiguous)."""
-
-    def __init__(self, p: torch.Tensor, shape2d: tuple[int, int] | None):
-        self.p, self.shape2d = p, shape2d
-        self.copy: torch.Tensor | None = None
-
-    def __enter__(self) -> torch.Tensor:
-        if self.shape2d is None:
-            return self.p
-        if self.p.is_contiguous():
-            return self.p.view(self.shape2d)
-        self.copy = self.p.reshape(self.shape2d).clone()
-        return self.copy
-
-    def __exit__(self, *exc: object) -> None:
-        if self.copy is not None and exc[0] is None:
-            self.p.copy_(self.copy.view(self.p.shape))
-
-
-def _registered_option_keys() -> set[str]:
-    """Group keys that registered projectors and residual rules understand."""
-    from ..projectors import PROJECTORS
-    from ..residual import RESIDUALS
-
-    keys: set[str] = set()
-    for cls in chain(PROJECTORS.values(), RESIDUALS.values()):
-        keys.update(getattr(cls, "defaults", {}) or {})
-    return keys

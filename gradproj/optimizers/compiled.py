@@ -147,14 +147,14 @@ class _Book:
         self.warned: set[str] = set()
 
 
-#: optimizer -> its _Book (weak: the graphs go with the optimizer)
+#: an optimizer's engine -> its _Book (weak: the graphs go with the optimizer)
 _BOOKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _book(optimizer: Any) -> _Book:
-    book = _BOOKS.get(optimizer)
+def _book(engine: Any) -> _Book:
+    book = _BOOKS.get(engine)
     if book is None:
-        book = _BOOKS[optimizer] = _Book()
+        book = _BOOKS[engine] = _Book()
     return book
 
 
@@ -201,18 +201,18 @@ class CompiledTail:
         self.options = dict(option) if isinstance(option, dict) else {}
         self.options_key = repr(sorted(self.options.items()))
 
-    def run(self, optimizer: Any, p: torch.Tensor, G: torch.Tensor, R: torch.Tensor, state: dict, group: dict,
+    def run(self, engine: Any, p: torch.Tensor, G: torch.Tensor, R: torch.Tensor, state: dict, group: dict,
             plan: Any, ctx: StepContext) -> bool:
         """Apply the step (moments, residual, weight update, decay) and return True; return False, having
         changed nothing, on a step that must create state (the first, or the first after a reset) and when
         compilation cannot serve this parameter — the eager lines of ``_update`` then run."""
-        inner = optimizer._inner
+        inner = plan.inner
         if any(key not in state for key in inner.state_keys):
             return False
-        from .base import _matrix_view
+        from .engine import matrix_view
 
-        book = _book(optimizer)
-        region = self._region(book, optimizer, p, state, group, plan)
+        book = _book(engine)
+        region = self._region(book, engine, p, state, group, plan)
         if region.broken:
             return False
         s = float(inner.step_size(group, state, ctx))
@@ -223,7 +223,7 @@ class CompiledTail:
         rest = (step_size, residual_step, decay, plan.projector, plan.residual, group, ctx, float(beta1),
                 float(beta2), float(group["eps"]), float(group["weight_decay"]))
         # the weight as a plain tensor: dynamo would keep a Parameter's (or its view's) sizes static
-        with _matrix_view(p.detach(), plan.shape2d) as W:
+        with matrix_view(p.detach(), plan.shape2d) as W:
             sig = _signature(W, G, R, state)
             if sig in region.eager:
                 return False
@@ -265,8 +265,8 @@ class CompiledTail:
             region.ran.add(sig)
         return True
 
-    def _region(self, book: _Book, optimizer: Any, p: torch.Tensor, state: dict, group: dict, plan: Any) -> _Region:
-        group_index = next((i for i, g in enumerate(optimizer.param_groups) if g is group), -1)
+    def _region(self, book: _Book, engine: Any, p: torch.Tensor, state: dict, group: dict, plan: Any) -> _Region:
+        group_index = next((i for i, g in enumerate(engine.optimizer.param_groups) if g is group), -1)
         moment = state.get("exp_avg")
         key = (
             self.options_key,

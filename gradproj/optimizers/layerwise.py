@@ -60,7 +60,8 @@ from ..kernels.reference import accumulation_dtype, clip_by_norm
 from ..residual.base import NoResidual
 
 if TYPE_CHECKING:
-    from .base import ProjectedOptimizer, _Plan
+    from .base import ProjectedOptimizer
+    from .engine import Plan as _Plan
 
 log = logging.getLogger("gradproj")
 
@@ -161,7 +162,7 @@ class LayerwiseStepper:
                 if not self._checked:
                     try:
                         for i, group in enumerate(opt.param_groups):
-                            opt._validate_group(group, i)
+                            opt.engine.validate_group(group, i)
                     except (ValueError, TypeError):
                         self._suspended = True  # optimizer.step() raises the same error, before anything changes
                         return
@@ -169,7 +170,7 @@ class LayerwiseStepper:
                 gi, pi = self._index[id(p)]
                 group = opt.param_groups[gi]
                 try:
-                    plan = opt._prepare(gi, pi, p, p.grad, group)
+                    plan = opt.engine.prepare(gi, pi, p, p.grad, group)
                 except ValueError:
                     return  # the gradient stays in p.grad; optimizer.step() raises with this parameter unchanged
                 self._consume(opt, p, group, plan, last=False)
@@ -198,7 +199,7 @@ class LayerwiseStepper:
             grad, p.grad = p.grad, None
             state.pop(ACCUM_COUNT, None)
             try:
-                opt._step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+                opt.engine.step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
             except BaseException:
                 p.grad = grad  # as in normal mode, a step that raised leaves the gradient where it was
                 raise
@@ -229,9 +230,9 @@ class LayerwiseStepper:
             if plan.restart is not None or plan.first_basis is not None or proj.needs_refresh(state, step):
                 self._saved[id(p)] = _before_refresh(opt, state, group)  # restored if the window is abandoned
             if plan.restart is not None:
-                opt._restart(p, state, step, plan.restart)
+                opt.engine.restart(p, state, step, plan.restart, plan.inner)
                 plan.restart = None
-            opt._refresh(G, state, group, step, plan)
+            opt.engine.refresh(G, state, group, step, plan)
             state[ACCUM] = proj.down(G, state).to(accumulation_dtype(G)).contiguous()
         else:
             state[ACCUM].add_(proj.down(G, state))
@@ -243,15 +244,15 @@ class LayerwiseStepper:
         state.pop(ACCUM_COUNT, None)
         plan = dataclasses.replace(plan, projector=_Projected(plan.projector, R))
         # the window's full gradient never existed; a meta tensor stands in for it (nothing reads it)
-        opt._update(p, torch.empty(plan.shape2d, device="meta"), group, plan)
+        opt.engine.update(p, torch.empty(plan.shape2d, device="meta"), group, plan)
 
     # ---------------------------------------------------------------------------------------- at step()
     def end_window(self, opt: ProjectedOptimizer) -> None:
         """Step what the hooks left, then start a new window. Raises before changing anything on bad input
         (``ProjectedOptimizer.step`` then calls :meth:`abandon`)."""
-        work = opt._gather()  # leftover gradients: checked first (sparse, NaN at a first refresh)
+        work = opt.engine.gather()  # leftover gradients: checked first (sparse, NaN at a first refresh)
         pending = [
-            (p, group, opt._plan(p, group))
+            (p, group, opt.engine.plan(p, group))
             for group in opt.param_groups
             for p in group["params"]
             if p.grad is None and ACCUM_COUNT in opt.state.get(p, {})
@@ -305,5 +306,5 @@ def _before_refresh(opt: ProjectedOptimizer, state: dict, group: dict) -> dict:
     """A copy of ``state`` that undoes a refresh: the basis is rewritten in place, so its tensors are cloned;
     the inner rule's state is shared unless ``moments_on_refresh="project"`` rewrites it in place too
     (``"reset"`` only drops it from ``state``)."""
-    shared = () if group["moments_on_refresh"] == "project" else opt._inner.state_keys
+    shared = () if group["moments_on_refresh"] == "project" else opt.engine.inner(group).state_keys
     return {k: v.clone() if torch.is_tensor(v) and k not in shared else v for k, v in state.items()}

@@ -52,7 +52,7 @@ import torch
 
 from .. import kernels
 from ..distributed.sharding import is_dtensor
-from ..inner import Adam
+
 from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
 from ..projectors.base import Projector, choose_side
@@ -96,7 +96,7 @@ def _group_eligible(opt: ProjectedOptimizer, group: dict) -> bool:
     """Group-level conditions of the batched step (checked once per group and step)."""
     return (
         group["foreach"] is not False
-        and type(opt._inner) is Adam
+        and opt.engine.inner(group).batched
         and group.get("rank") is not None
         and group["residual"] == "none"
         and group["norm_growth_limit"] is None
@@ -243,7 +243,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     del denom, Rs
 
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
-    alpha = -bucket.step_size * opt._scale(group)
+    alpha = -bucket.step_size * opt.engine.scale(group)
     decay = group["lr"] * group["weight_decay"]
     fused_decay = bucket.ops.apply_update is not kernels.reference.apply_update  # Triton: beta·W in the GEMM
     beta = 1.0 - decay if fused_decay else 1.0

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 
+from ..options import Configurable
 from ..state_layout import Spec
 from .change import BasisChange, snapshot_basis
 
@@ -62,7 +63,7 @@ def choose_side(m: int, n: int, proj_type: str) -> str:
     raise ValueError(f"unknown proj_type {proj_type!r}; use one of {', '.join(PROJ_TYPES)}")
 
 
-class Projector:
+class Projector(Configurable):
     """Base class of every basis. Subclasses implement :meth:`compute_basis` and the key layout.
 
     The default :meth:`down` / :meth:`up` / :meth:`add_up_` work for bases stored as dense
@@ -72,8 +73,7 @@ class Projector:
     name: ClassVar[str] = ""
     #: whether the basis is refreshed from the gradient (False for the identity)
     refreshes: ClassVar[bool] = True
-    #: extra group keys this projector reads, with their defaults (accepted as optimizer options too)
-    defaults: ClassVar[dict] = {}
+    #: the group keys this projector reads (``options``, :mod:`gradproj.options`; ``defaults`` is derived)
     #: True when ``up`` is an isometry whose adjoint is ``down`` (an orthonormal basis with R = down(G)):
     #: then ‖B(X)‖ = ‖X‖ and ⟨B(X), G⟩ = ⟨X, down(G)⟩ row by row (right) or column by column (left), which
     #: lets residual rules and the norm-growth limiter skip materialising full-size tensors. Leave False
@@ -88,14 +88,16 @@ class Projector:
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
-        """Raise ``ValueError`` naming ``where`` for bad projector options."""
+        """Checks across several options (each option's own check is in its declaration); raise
+        ``ValueError`` naming ``where``."""
 
     def __init__(self, shape: tuple[int, int], rank: int, proj_type: str, group: dict):
         self.m, self.n = shape
         self.rank = rank
         self.side = choose_side(self.m, self.n, proj_type)
         self.update_proj_gap = int(group.get("update_proj_gap", 1) or 1)
-        self.group = group
+        # the optimizer writes every option's default into its groups; a group built by hand gets them here
+        self.group = group if all(k in group for k in self.defaults) else {**self.defaults, **group}
 
     # ----------------------------------------------------------------------------------------- shapes
     def low_rank_shape(self) -> tuple[int, int]:

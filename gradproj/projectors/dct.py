@@ -14,6 +14,7 @@ import threading
 
 import torch
 
+from ..options import Option, choice
 from ..state_layout import Spec
 from .change import BasisChange
 from .linalg import unit_scaled
@@ -102,19 +103,16 @@ class DCTProjector(RegeneratedBasis):
 
     name = "dct"
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
-    defaults = {"dct_norm": "l1", "dct_impl": "auto"}
+    options = (
+        Option("dct_norm", "l1", "which norm scores the DCT coefficients at a refresh", choice(*DCT_NORMS)),
+        Option("dct_impl", "auto", "how S = G·Q is computed at a refresh (`'auto'`: FFT on the CPU for long rows)",
+               choice(*DCT_IMPLS)),
+    )
     basis_keys = ("proj_idx", "proj_idx_left", "proj_idx_right")
 
     #: R computed at the refresh from S, handed to the next down() of the same gradient (identified by its
     #: memory, layout and version: the optimizer may compute the first basis from another view of it)
     _pending: tuple[tuple, torch.Tensor] | None = None
-
-    @classmethod
-    def validate_group(cls, group, where):
-        if group.get("dct_norm", "l1") not in DCT_NORMS:
-            raise ValueError(f"{where}: dct_norm = {group['dct_norm']!r}; use one of {', '.join(DCT_NORMS)}")
-        if group.get("dct_impl", "auto") not in DCT_IMPLS:
-            raise ValueError(f"{where}: dct_impl = {group['dct_impl']!r}; use one of {', '.join(DCT_IMPLS)}")
 
     def state_layout(self):
         r = (self.rank,)
@@ -128,7 +126,7 @@ class DCTProjector(RegeneratedBasis):
         return ("proj_idx" if self.side != "full" else "proj_idx_left") in state
 
     def _use_fft(self, d: int, device: torch.device) -> bool:
-        impl = self.group.get("dct_impl", "auto")
+        impl = self.group["dct_impl"]
         if impl == "auto":
             return device.type == "cpu" and d >= FFT_MIN_LENGTH_CPU
         return impl == "fft"
@@ -145,7 +143,7 @@ class DCTProjector(RegeneratedBasis):
         """Indices of the ``rank`` columns (dim=1) or rows (dim=0) of S with the largest norms, best first."""
         other = 0 if dim == 1 else 1
         A = unit_scaled(S)  # exact rescaling: same order, but squares and sums of a large gradient stay finite
-        scores = A.abs().sum(other) if self.group.get("dct_norm", "l1") == "l1" else A.square().sum(other)
+        scores = A.abs().sum(other) if self.group["dct_norm"] == "l1" else A.square().sum(other)
         return torch.topk(scores, self.rank, sorted=True).indices.to(torch.int32)
 
     def compute_basis(self, G, state, step):

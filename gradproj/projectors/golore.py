@@ -7,6 +7,7 @@ switches from SVD to random after 80 % of training.
 
 from __future__ import annotations
 
+from ..options import Option, choice, number
 from . import seeding
 from .base import Projector
 from .eigh import EighProjector
@@ -20,9 +21,9 @@ _BEFORE = {"svd": SVDProjector, "randomized_svd": RandomizedSVDProjector, "eigh"
 def switch_step(group: dict) -> int:
     """The step count at which the basis becomes random: ``golore_switch_step``, or
     ``int(golore_switch_fraction · total_steps)``."""
-    if group.get("golore_switch_step") is not None:
+    if group["golore_switch_step"] is not None:
         return int(group["golore_switch_step"])
-    return int(float(group.get("golore_switch_fraction", 0.8)) * int(group["total_steps"]))
+    return int(float(group["golore_switch_fraction"]) * int(group["total_steps"]))
 
 
 class GoLoreProjector(Projector):
@@ -37,40 +38,34 @@ class GoLoreProjector(Projector):
     """
 
     name = "golore"
-    defaults = {
-        "golore_switch_step": None,
-        "golore_switch_fraction": 0.8,
-        "total_steps": None,
-        "golore_before": "svd",
-        **RandomProjector.defaults,
-    }
+    options = (
+        Option("golore_switch_step", None, "the step count at which the basis becomes random (or None: use "
+               "`golore_switch_fraction` of `total_steps`)", number(integer=True, minimum=0, allow_none=True)),
+        Option("golore_switch_fraction", 0.8, "the switch step as a fraction of `total_steps`",
+               number(minimum=0.0, maximum=1.0)),
+        Option("total_steps", None, "optimizer steps the run will take (with `golore_switch_fraction`)",
+               number(integer=True, minimum=0, allow_none=True)),
+        Option("golore_before", "svd", "the basis before the switch", choice(*_BEFORE)),
+        *RandomProjector.options,
+    )
     basis_keys = Projector.basis_keys + RandomProjector.basis_keys
 
     @classmethod
     def validate_group(cls, group, where):
-        before = group.get("golore_before", "svd")
-        if before not in _BEFORE:
-            raise ValueError(f"{where}: golore_before = {before!r}; use one of {', '.join(_BEFORE)}")
-        step, total = group.get("golore_switch_step"), group.get("total_steps")
-        if step is None and total is None:
+        if group["golore_switch_step"] is None and group["total_steps"] is None:
             raise ValueError(
                 f"{where}: projector='golore' needs the switch point: set golore_switch_step (a step count), or "
                 "total_steps (with golore_switch_fraction, default 0.8)"
             )
-        for key, value in (("golore_switch_step", step), ("total_steps", total)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{where}: {key} = {value!r} must be a non-negative integer")
-        fraction = group.get("golore_switch_fraction", 0.8)
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= float(fraction) <= 1.0:
-            raise ValueError(f"{where}: golore_switch_fraction = {fraction!r} must be in [0, 1]")
-        _BEFORE[before].validate_group(group, where)
-        RandomProjector.validate_group(group, where)
+        before = _BEFORE[group["golore_before"]]
+        before.apply_options(group, where)  # the options of the basis before the switch
+        before.validate_group(group, where)
 
     def __init__(self, shape, rank, proj_type, group):
         super().__init__(shape, rank, proj_type, group)
-        self.before = _BEFORE[group.get("golore_before", "svd")](shape, rank, proj_type, group)
+        self.before = _BEFORE[self.group["golore_before"]](shape, rank, proj_type, group)
         self.after = RandomProjector(shape, rank, proj_type, group)
-        self.switch = switch_step(group)
+        self.switch = switch_step(self.group)
 
     def _phase(self, state: dict) -> Projector:
         return self.after if DRAW_KEY in state else self.before

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..options import Option, choice
 from ..state_layout import INT, Spec, scalar_int
 
 from . import seeding
@@ -50,19 +51,15 @@ class RandomProjector(RegeneratedBasis):
     """
 
     name = "random"
-    defaults = {"random_kind": "gaussian", "proj_seed": 0}
+    options = (
+        Option("random_kind", "gaussian", "`'gaussian'` (scaled i.i.d. entries) or `'orthonormal'` (QR of them)",
+               choice(*RANDOM_KINDS)),
+        seeding.SEED_OPTION,
+    )
     basis_keys = (seeding.SEED_KEY, DRAW_KEY)
 
     #: the basis regenerated for this step, keyed by what it was generated from
     _cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
-
-    @classmethod
-    def validate_group(cls, group, where):
-        if group.get("random_kind", "gaussian") not in RANDOM_KINDS:
-            raise ValueError(
-                f"{where}: random_kind = {group['random_kind']!r}; use one of {', '.join(RANDOM_KINDS)}"
-            )
-        seeding.validate_seed(group, where)
 
     def has_basis(self, state):
         return DRAW_KEY in state
@@ -83,7 +80,7 @@ class RandomProjector(RegeneratedBasis):
         """Regenerate the dense basis (``{"left": m x r}``, ``{"right": r x n}`` or both) from the state, on
         ``device`` (default: that of the last refresh), as float32 (or ``dtype``); one draw per step."""
         device = torch.device(device or self.device or "cpu")
-        kind = self.group.get("random_kind", "gaussian")
+        kind = self.group["random_kind"]
         seed, draw = state[seeding.SEED_KEY], state[DRAW_KEY]
         key = (seed, draw, kind, device)
         if self._cache is None or self._cache[0] != key:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import Option, boolean, number
 from ..state_layout import scalar_int
 
 from . import seeding
@@ -83,19 +84,13 @@ class RandomizedSVDProjector(Projector):
 
     name = "randomized_svd"
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
-    defaults = {"rsvd_oversample": 8, "rsvd_power_iters": 1, "rsvd_warm_start": True, "proj_seed": 0}
-
-    @classmethod
-    def validate_group(cls, group, where):
-        p = group.get("rsvd_oversample", 8)
-        if not isinstance(p, int) or isinstance(p, bool) or p < 0:
-            raise ValueError(f"{where}: rsvd_oversample = {p!r} must be an integer >= 0 (8 to 16 is typical)")
-        q = group.get("rsvd_power_iters", 1)
-        if not isinstance(q, int) or isinstance(q, bool) or q < 0:
-            raise ValueError(f"{where}: rsvd_power_iters = {q!r} must be an integer >= 0 (1 is usually enough)")
-        if not isinstance(group.get("rsvd_warm_start", True), bool):
-            raise ValueError(f"{where}: rsvd_warm_start = {group['rsvd_warm_start']!r} must be True or False")
-        seeding.validate_seed(group, where)
+    options = (
+        Option("rsvd_oversample", 8, "extra random directions beyond the rank (8 to 16 is typical)",
+               number(integer=True, minimum=0)),
+        Option("rsvd_power_iters", 1, "power iterations (1 is usually enough)", number(integer=True, minimum=0)),
+        Option("rsvd_warm_start", True, "start each refresh from the previous basis", boolean),
+        seeding.SEED_OPTION,
+    )
 
     def state_layout(self):
         return {**super().state_layout(), seeding.SEED_KEY: scalar_int()}
@@ -103,7 +98,7 @@ class RandomizedSVDProjector(Projector):
     def compute_basis(self, G, state, step):
         g = self.group
         seed = seeding.parameter_seed(state, g, self.param_index)
-        warm = bool(g.get("rsvd_warm_start", True)) and self.has_basis(state)
+        warm = g["rsvd_warm_start"] and self.has_basis(state)
         # orient G so that the basis we keep is its right singular vectors (free from the iteration); a warm
         # start is the previous basis of that side as columns
         A = G.t() if self.side == "left" else G
@@ -115,8 +110,8 @@ class RandomizedSVDProjector(Projector):
         try:
             U, Vh = randomized_svd(
                 A, self.rank,
-                oversample=int(g.get("rsvd_oversample", 8)),
-                power_iters=int(g.get("rsvd_power_iters", 1)),
+                oversample=g["rsvd_oversample"],
+                power_iters=g["rsvd_power_iters"],
                 generator=seeding.generator(seed, step, G.device),
                 start=start,
                 left=self.side == "full",

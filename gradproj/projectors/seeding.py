@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..options import Option, number
+
 #: state key of a parameter's seed (plain int)
 SEED_KEY = "proj_seed"
 
@@ -36,7 +38,7 @@ def mix(a: int, b: int) -> int:
 def parameter_seed(state: dict, group: dict, param_index: int) -> int:
     """The parameter's seed: read from the state, or derived and stored there on first use."""
     if SEED_KEY not in state:
-        state[SEED_KEY] = mix(int(group.get("proj_seed", 0)), param_index)
+        state[SEED_KEY] = mix(int(group["proj_seed"]), param_index)
     return state[SEED_KEY]
 
 
@@ -45,7 +47,6 @@ def generator(seed: int, counter: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(mix(seed, counter))
 
 
-def validate_seed(group: dict, where: str) -> None:
-    seed = group.get("proj_seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"{where}: proj_seed = {seed!r} must be an integer")
+#: the group option that seeds random draws (random bases, randomized SVD); shared by the projectors using it
+SEED_OPTION = Option("proj_seed", 0, "seed of the random draws; each parameter's own seed mixes in its position",
+                     number(integer=True))

@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..options import Option, choice
 from .base import Projector
 
 log = logging.getLogger("gradproj")
@@ -31,14 +32,10 @@ class SVDProjector(Projector):
 
     name = "svd"
     orthonormal = True
-    #: FSDP only: refresh a right projection from the all-reduced Gram matrix ("gram") or the gathered
-    #: gradient ("gather": the projector's own basis of the whole gradient); see gradproj.distributed.sharding
-    defaults = {"sharded_refresh": "gram"}
-
-    @classmethod
-    def validate_group(cls, group, where):
-        if group.get("sharded_refresh", "gram") not in ("gram", "gather"):
-            raise ValueError(f"{where}: sharded_refresh = {group['sharded_refresh']!r}; use 'gram' or 'gather'")
+    options = (
+        Option("sharded_refresh", "gram", "FSDP2 only: refresh a right projection from the all-reduced Gram matrix "
+               "(`'gram'`) or the gathered gradient (`'gather'`)", choice("gram", "gather")),
+    )
 
     def compute_basis(self, G, state, step):
         try:

@@ -23,6 +23,7 @@ import torch
 from ..inner.base import StepContext
 from ..kernels.reference import ScaledResidual
 from ..projectors.base import Projector
+from ..options import Configurable
 from ..state_layout import Spec
 
 #: what a residual rule may return as its full-size term
@@ -34,13 +35,12 @@ def dense_term(S: ResidualTerm) -> torch.Tensor:
     return S.materialize() if isinstance(S, ScaledResidual) else S.clone()
 
 
-class Residual:
+class Residual(Configurable):
     name: ClassVar[str] = ""
-    #: group keys the rule reads, with their default values
-    defaults: ClassVar[dict[str, Any]] = {}
+    #: the group keys the rule reads: ``options`` (:mod:`gradproj.options`); ``defaults`` is derived
 
     def validate_group(self, group: dict, where: str) -> None:
-        """Raise ``ValueError`` naming ``where`` for bad options."""
+        """Checks across several options (each option's own check is in its declaration)."""
 
     def state_layout(self) -> dict[str, Spec]:
         """The state keys the rule keeps (:mod:`gradproj.state_layout`)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..options import Option
 from ..state_layout import Spec
 from ..kernels.reference import ScaledResidual
 from .base import Residual
@@ -30,7 +31,10 @@ class FiraResidual(Residual):
     """
 
     name = "fira"
-    defaults = {"limiter_gamma": 1.01}
+    options = (
+        Option("limiter_gamma", 1.01, "Fira's norm-growth limit γ on the residual (None: off)",
+               lambda v, name, where: check_growth_limit(v, name, where)),
+    )
 
     def validate_group(self, group, where):
         if group.get("proj_type") == "full":
@@ -38,13 +42,12 @@ class FiraResidual(Residual):
                 f"{where}: residual='fira' needs a one-sided projection (its scaling factors are per row or per "
                 "column of G); use proj_type 'std', 'reverse_std', 'left' or 'right' instead of 'full'"
             )
-        check_growth_limit(group.get("limiter_gamma", 1.01), "limiter_gamma", where)
 
     def state_layout(self):
         return {LIMITER_NORM: Spec(())}
 
     def compute(self, G, R, U, projector, state, group, ctx):
-        ops, axis, gamma = ctx.ops, projector.rank_axis(), group.get("limiter_gamma", 1.01)
+        ops, axis, gamma = ctx.ops, projector.rank_axis(), group["limiter_gamma"]
         if not (projector.orthonormal and G.dtype in (torch.float32, torch.float64)):
             S = ops.fira_residual(G, R, U, projector, state, ctx.scale)  # (G − α·B(R)) · φ
             if gamma is not None:

@@ -1,0 +1,452 @@
+"""The engine: one definition of a parameter's step, shared by every mode.
+
+For each parameter with a gradient, one step is::
+
+    P        = projector.refresh(G) when t % T == 0 (or no basis yet)     # svd | identity | ...
+    R        = projector.down(G)                                            # r x n or m x r
+    U, s     = inner.update(R, state)                                       # group key inner: adam | ...
+    U, S     = residual.compute(G, R, U)                                    # group key residual: fira | ...
+    U, S     = limit growth of ‖scale · B(U) + S‖ (group option norm_growth_limit)
+    W       -= s · scale · projector.up(U) + s_res · S                      # s_res: s, or lr for FRUGAL;
+    W       -= decay_lr · weight_decay · W                                  # ops.apply_update, full space
+
+Parameters of groups without ``rank``, 1-D tensors, and matrices whose rank would cover the whole space
+take the same path with the identity projector, ``scale`` 1 and no residual: exactly AdamW (for the Adam
+inner rule) with GaLore's placement of the weight decay.
+
+:class:`Engine` is the public interface the step modes build on — the per-parameter loop of
+``optimizer.step()``, per-layer stepping (:mod:`.layerwise`), the batched step (:mod:`.multi_tensor`), the
+compiled tail (:mod:`.compiled`) and FSDP2's sharded step (:mod:`gradproj.distributed.sharding`):
+
+* :meth:`Engine.validate_group` — apply the schema to a param group (defaults, checks, unknown keys);
+* :meth:`Engine.plan` / :meth:`Engine.prepare` — how one parameter is stepped, with every check that must
+  pass before anything changes;
+* :meth:`Engine.update` — one parameter's whole update; :meth:`Engine.refresh` /
+  :meth:`Engine.on_basis_change` / :meth:`Engine.restart` — the basis and what happens to the state.
+
+Every option is declared once (:data:`OPTIMIZER_OPTIONS`, :data:`PROJECTION_OPTIONS` and each axis's
+``options``; see :mod:`gradproj.options`).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import kernels
+from ..distributed.sharding import all_finite, is_dtensor, shard_plan
+from ..inner import INNER_RULES, InnerRule, StepContext
+from ..options import ABSENT, Option, boolean, choice, number, option_names
+from ..projectors import PROJ_TYPES, PROJECTORS, IdentityProjector, Projector, get_projector
+from ..projectors.base import NonFiniteGradientError
+from ..residual import RESIDUALS, NoResidual, Residual, get_residual, limit_update_growth
+from ..residual.limiter import NORM_GROWTH_KEY, check_growth_limit
+from ..state_layout import COMMON, Spec, state_problem
+from ..validation import FOREIGN_GROUP_KEYS, refuse_unknown
+from . import compiled, multi_tensor
+
+if TYPE_CHECKING:
+    from .base import ProjectedOptimizer
+
+#: what happens to the inner rule's state when a refresh replaces the basis
+MOMENT_RULES = ("keep", "reset", "project")
+STATE_DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _name(value: Any, name: str, where: str) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {name} = {value!r} must be a name (a string)")
+
+
+def _registered(registry: dict, what: str) -> Any:
+    def check(value: Any, name: str, where: str) -> None:
+        _name(value, name, where)
+        if value not in registry:
+            raise ValueError(f"{where}: unknown {what} {value!r}; available: {', '.join(sorted(registry))}")
+
+    return check
+
+
+def _positive_int(value: Any, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: {name} = {value!r} must be a positive integer")
+
+
+def _state_dtype(value: Any, name: str, where: str) -> None:
+    if not isinstance(value, (str, type(None))) or value not in STATE_DTYPES:
+        raise ValueError(f"{where}: {name} = {value!r}; use None, 'float32', 'bfloat16' or 'float16'")
+
+
+def _impl(value: Any, name: str, where: str) -> None:
+    if not isinstance(value, str) or value not in kernels.IMPLS:
+        raise ValueError(f"{where}: {name} = {value!r}; use one of {', '.join(kernels.IMPLS)}")
+
+
+#: the options every gradproj optimizer reads from every group (``inner``'s and ``residual``'s defaults
+#: are the preset's; ``lr`` is checked by the inner rule, which may allow None)
+OPTIMIZER_OPTIONS: tuple[Option, ...] = (
+    Option("lr", 1e-3, "learning rate (of a projected matrix: `lr · scale`)"),
+    Option("weight_decay", 0.0, "decoupled weight decay, applied after the update", number(minimum=0.0)),
+    Option("inner", "adam", "the update rule in the subspace (the preset's; any registered rule)"),
+    Option("projector", "svd", "the basis of projected groups", _registered(PROJECTORS, "projector")),
+    Option("residual", "none", "what to do with the discarded gradient (the preset's)",
+           _registered(RESIDUALS, "residual")),
+    Option("proj_type", "std", "the projected side (`std`: the longer side away)", choice(*PROJ_TYPES)),
+    Option("moments_on_refresh", "keep", "the inner state at a refresh: keep, reset or project it",
+           choice(*MOMENT_RULES)),
+    Option("impl", "auto", "kernels of the fused parts: `auto`, `torch` or `triton`", _impl),
+    Option("state_dtype", None, "dtype of the optimizer state (None: the parameter's)", _state_dtype),
+    Option("stochastic_rounding", False, "round bf16 weights stochastically after each update", boolean),
+    Option("compile", False, "run the per-step math as one `torch.compile` graph (True or its arguments)"),
+    Option(NORM_GROWTH_KEY, None, "limit each update's norm to grow by at most γ per step (None: off)",
+           lambda v, name, where: check_growth_limit(v, name, where)),
+    Option("max_grad_norm", None, "clip each parameter's gradient to this norm before its update (None: off)",
+           number(minimum=0.0, exclusive=True, allow_none=True)),
+    Option("foreach", None, "step regular GaLore steps batched (None: on CUDA)",
+           lambda v, name, where: multi_tensor.check_option(v, where)),
+)
+
+#: the keys that make a group projected; absent from unprojected groups (GaLore's keys)
+PROJECTION_OPTIONS: tuple[Option, ...] = (
+    Option("rank", ABSENT, "rank of the subspace; a group without it is not projected", _positive_int),
+    Option("update_proj_gap", ABSENT, "steps between basis refreshes (GaLore uses 200)", _positive_int),
+    Option("scale", ABSENT, "multiplies the update of a projected matrix (GaLore uses 0.25)",
+           number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it")),
+    Option("alpha", ABSENT, "Fira's spelling of `scale`",
+           number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it")),
+)
+PROJECTION_KEYS = tuple(o.name for o in PROJECTION_OPTIONS)
+
+
+@dataclass
+class Plan:
+    """How one parameter is stepped, derived from its shape and group (never stored in state)."""
+
+    shape2d: tuple[int, int] | None  # None: the update runs on the tensor's own shape (unprojected)
+    projector: Projector
+    residual: Residual
+    scale: float
+    ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
+    inner: InnerRule
+    shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
+    fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
+    #: why the parameter's state no longer fits its group (rank, proj_type or projector changed): the update
+    #: restarts it (basis and inner state) at this step; None when it fits
+    restart: str | None = None
+    #: a first basis computed while the step's input was checked, before anything changed; the update
+    #: installs it instead of refreshing
+    first_basis: dict | None = None
+
+
+_UNPROJECTED_RESIDUAL = NoResidual()
+
+
+class Engine:
+    """The step of a :class:`~gradproj.optimizers.base.ProjectedOptimizer`, one parameter at a time.
+
+    ``optimizer.engine`` is the whole interface that the step modes use; none of them reaches into the
+    optimizer itself.
+    """
+
+    def __init__(self, optimizer: ProjectedOptimizer, inner_rule: type[InnerRule], extra_group_keys: frozenset[str]):
+        self._optimizer = weakref.ref(optimizer)
+        #: the preset's inner rule (registered or not) and its name, the default of the group key ``inner``
+        self.inner_rule = inner_rule
+        self.default_inner = inner_rule.name
+        self.extra_group_keys = extra_group_keys
+        self._inners: dict[str, InnerRule] = {}
+        self._warned: set = set()
+        self._keys: tuple[tuple, frozenset[str]] | None = None
+        #: id(p) -> the parameter's position among all parameters (seeds random bases)
+        self.param_index: dict[int, int] = {}
+        #: per-layer stepping (gradproj.optimizers.layerwise.LayerwiseStepper), or None
+        self.layerwise: Any = None
+
+    @property
+    def optimizer(self) -> ProjectedOptimizer:
+        opt = self._optimizer()
+        assert opt is not None, "the optimizer of this engine no longer exists"
+        return opt
+
+    # ------------------------------------------------------------------------------------------ rules
+    def inner(self, group: dict) -> InnerRule:
+        """The inner rule of ``group`` (one instance per rule name; rules keep no per-parameter attributes)."""
+        name = group.get("inner", self.default_inner)
+        rule = self._inners.get(name)
+        if rule is None:
+            rule = self._inners[name] = (self.inner_rule if name == self.default_inner else INNER_RULES[name])()
+        return rule
+
+    @staticmethod
+    def scale(group: dict) -> float:
+        return float(group["scale"] if "scale" in group else group["alpha"])
+
+    # ------------------------------------------------------------------------------------- validation
+    def group_keys(self) -> frozenset[str]:
+        """Every key a param group may hold: the declared options of the optimizer and of every registered
+        axis, the keys LR schedulers and torch write, and the user's ``extra_group_keys``."""
+        stamp = (len(PROJECTORS), len(RESIDUALS), len(INNER_RULES))
+        if self._keys is None or self._keys[0] != stamp:
+            keys = {o.name for o in OPTIMIZER_OPTIONS} | set(PROJECTION_KEYS)
+            keys |= option_names(PROJECTORS.values()) | option_names(RESIDUALS.values())
+            keys |= option_names([*INNER_RULES.values(), self.inner_rule])
+            self._keys = (stamp, frozenset(keys | FOREIGN_GROUP_KEYS | self.extra_group_keys))
+        return self._keys[1]
+
+    def validate_group(self, group: dict, index: int) -> None:
+        """Apply the schema to ``group``: write missing defaults, check every value, refuse unknown keys.
+
+        Cheap enough to run before every step (no per-parameter work). Raises ``ValueError`` (``TypeError``
+        for an unknown key) naming the group and the option.
+        """
+        where = f"param group {index}"
+        refuse_unknown(group, self.group_keys(), where, "param-group key")
+        for option in OPTIMIZER_OPTIONS:
+            if option.name not in group:
+                group[option.name] = self.default_inner if option.name == "inner" else option.default
+            if option.check is not None:
+                option.check(group[option.name], option.name, where)
+        if group["inner"] != self.default_inner:
+            _registered(INNER_RULES, "inner rule")(group["inner"], "inner", where)
+        inner = self.inner(group)
+        inner.apply_options(group, where)
+        inner.validate_lr(group, where)
+        inner.validate_group(group, where)
+        compiled.validate(group["compile"], inner.name, where)
+        if group["compile"] and group["stochastic_rounding"]:
+            raise ValueError(
+                f"{where}: compile=True and stochastic_rounding=True cannot be combined (the compiled step rounds "
+                "to nearest); drop one of them"
+            )
+        if group.get("rank") is None:
+            stray = [k for k in ("update_proj_gap", "scale", "alpha") if k in group]
+            if stray:
+                raise ValueError(
+                    f"{where} sets {stray} but no 'rank', so it would not be projected; "
+                    "add 'rank' to project it, or drop those keys"
+                )
+            return
+        for option in PROJECTION_OPTIONS:
+            if option.name in group:
+                option.check(group[option.name], option.name, where)
+        if "update_proj_gap" not in group:
+            raise ValueError(
+                f"{where} has 'rank' but no 'update_proj_gap'; add it (GaLore uses 200), "
+                "or build the groups with gradproj.param_groups()"
+            )
+        if "scale" not in group and "alpha" not in group:
+            raise ValueError(
+                f"{where} has 'rank' but no 'scale' (alpha); add it (GaLore's recipe uses 0.25; the effective "
+                "lr of a projected matrix is lr * scale), or build the groups with gradproj.param_groups()"
+            )
+        if "scale" in group and "alpha" in group and float(group["scale"]) != float(group["alpha"]):
+            raise ValueError(
+                f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
+                "option (alpha is Fira's spelling): keep one"
+            )
+        if group["moments_on_refresh"] == "project" and inner.state_transforms is None:
+            raise ValueError(
+                f"{where}: moments_on_refresh='project' is not available for the {inner.name!r} inner rule "
+                "(it does not say how its state changes basis); use 'keep' or 'reset'"
+            )
+        projector_cls, residual_cls = get_projector(group["projector"]), get_residual(group["residual"])
+        projector_cls.apply_options(group, where)
+        projector_cls.validate_group(group, where)
+        residual_cls.apply_options(group, where)
+        residual_cls().validate_group(group, where)
+
+    # ------------------------------------------------------------------------------------------ plan
+    def plan(self, p: torch.Tensor, group: dict) -> Plan:
+        """How ``p`` is stepped under ``group``: its 2-D shape, projector, residual, scale and kernels."""
+        ops = kernels.resolve(group["impl"], p)
+        inner = self.inner(group)
+        rank = group.get("rank")
+        if rank is None or p.dim() < 2 or p.numel() == 0:
+            return Plan(None, IdentityProjector((0, 0), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops, inner)
+        m, n = p.shape[0], p.numel() // p.shape[0]
+        if rank >= min(m, n) and group["projector"] != "identity":
+            key = ("full rank", rank, m, n)
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f"gradproj: rank {rank} >= min({m}, {n}) for a parameter of shape {tuple(p.shape)}: no memory can "
+                    "be saved, so it trains unprojected (full-rank inner rule, scale 1); lower the rank or leave "
+                    "this matrix out of the projected group",
+                    stacklevel=5,
+                )
+            return Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops, inner)
+        projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
+        projector.param_index = self.param_index.get(id(p), 0)
+        return Plan((m, n), projector, get_residual(group["residual"])(), self.scale(group), ops, inner)
+
+    def state_layout(self, p: torch.Tensor, group: dict, plan: Plan) -> dict[str, Spec]:
+        """Every state key ``p`` may hold under ``plan``, with its shape (see :mod:`gradproj.state_layout`)."""
+        shape = tuple(p.shape) if plan.shape2d is None else tuple(plan.projector.low_rank_shape())
+        return {
+            **COMMON,
+            "accum": Spec(shape),  # a layerwise accumulation window's summed low-rank gradient
+            **plan.projector.state_layout(),
+            **plan.inner.state_layout(shape, group),
+            **plan.residual.state_layout(),
+        }
+
+    def gather(self, skip: frozenset = frozenset()) -> list[tuple[torch.Tensor, torch.Tensor, dict, Plan]]:
+        """Collect (param, grad, group, plan) of every parameter with a gradient and reject bad input before any
+        state or weight changes; parameters whose id is in ``skip`` are left out (the batched step takes them)."""
+        work = []
+        for gi, group in enumerate(self.optimizer.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is not None and id(p) not in skip:
+                    work.append((p, p.grad, group, self.prepare(gi, pi, p, p.grad, group)))
+        return work
+
+    def prepare(self, gi: int, pi: int, p: torch.Tensor, grad: torch.Tensor, group: dict) -> Plan:
+        """Check one parameter's gradient and state and derive its plan; raises before anything is modified.
+
+        A first basis (or the basis of a restarted state) is computed here, so that a gradient it cannot be
+        computed from raises before any parameter of the step is updated.
+        """
+        where = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+        if grad.is_sparse:
+            raise ValueError(
+                f"{where} has a sparse gradient; gradproj optimizers need dense gradients (use "
+                "torch.optim.SparseAdam, or nn.Embedding(sparse=False))"
+            )
+        if grad.shape != p.shape:
+            raise ValueError(
+                f"{where}: its gradient has shape {tuple(grad.shape)}; a gradient must have its parameter's shape "
+                "(check what was assigned to .grad)"
+            )
+        try:
+            plan = self.plan(p, group)
+        except ValueError as err:  # e.g. impl='triton' where it cannot run
+            raise ValueError(f"{where}: {err}") from None
+        state = self.optimizer.state.get(p, {})
+        if state and not is_dtensor(p):
+            plan.restart = state_problem(state, self.state_layout(p, group, plan))
+        if is_dtensor(p):
+            plan = shard_plan(plan, p, group, plan.inner, f"param group {gi}, parameter {pi}")
+        if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
+            plan.fused = compiled.CompiledTail(group["compile"])
+            plan.ops = kernels.reference
+        proj = plan.projector
+        if proj.refreshes and (plan.restart is not None or not proj.has_basis(state)):
+            if plan.shard is not None:  # a sharded refresh talks to the other ranks: it runs in the update
+                if not all_finite(grad):
+                    raise NonFiniteGradientError(
+                        f"{where}: the gradient is NaN/Inf at its first basis refresh, so no basis can be computed; "
+                        "nothing was updated. Check the loss scale / data, or clip gradients before optimizer.step()."
+                    )
+            else:
+                # the gradient the refresh in the update would see: clipped, except in a low-rank accumulation
+                low_rank = self.layerwise is not None and self.layerwise.low_rank(plan)
+                G = kernels.reference.clip_by_norm(grad, None if low_rank else group["max_grad_norm"])
+                scratch = {"step": state.get("step", 0)} if plan.restart is not None else dict(state)
+                try:
+                    proj.refresh(G.reshape(plan.shape2d), scratch, scratch["step"] if "step" in scratch else 0)
+                except ValueError as err:
+                    raise type(err)(f"{where}: {err}") from None
+                plan.first_basis = {k: v for k, v in scratch.items() if state.get(k) is not v}
+        return plan
+
+    # ------------------------------------------------------------------------------------------ update
+    def step_param(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Plan) -> None:
+        """Update one parameter: :meth:`update`, or for a DTensor the same on this rank's rows."""
+        if plan.shard is None:
+            self.update(p, grad, group, plan)
+        else:  # gradproj.distributed.sharding: local tensors in, DTensor state kept
+            plan.shard.update(self, p, grad, group, plan)
+
+    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Plan, state: dict | None = None) -> None:
+        """One parameter's update: the whole method, top to bottom (for a sharded parameter, on its local rows)."""
+        state = self.optimizer.state[p] if state is None else state
+        step = state.get("step", 0)
+        if plan.restart is not None:
+            self.restart(p, state, step, plan.restart, plan.inner)
+        inner = plan.inner
+        ctx = StepContext(
+            step=step + 1,
+            ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
+            state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
+            param=p,
+            scale=plan.scale,
+        )
+        proj = plan.projector
+        G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
+        self.refresh(G, state, group, step, plan)
+        R = proj.down(G, state)
+        state["step"] = step + 1
+        if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
+            return  # compile=True: the lines below ran as one compiled graph
+        U, step_size = inner.update(R, state, group, ctx)
+        U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
+        U, S = limit_update_growth(U, S, proj, state, group, ctx)
+        with matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
+            ctx.ops.apply_update(W, proj, state, U, S, step_size, ctx.scale,
+                                 residual_step=plan.residual.step_size(group, step_size),
+                                 lr=inner.decay_lr(group, state), weight_decay=group["weight_decay"],
+                                 seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
+
+    def refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: Plan) -> None:
+        """Install the first basis computed in :meth:`prepare`, or refresh the basis when it is due."""
+        proj = plan.projector
+        if plan.first_basis is not None:
+            state.update(plan.first_basis)
+            plan.first_basis = None
+        elif proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
+            self.on_basis_change(state, group, step, proj, plan.inner)
+
+    def restart(self, p: torch.Tensor, state: dict, step: int, why: str, inner: InnerRule) -> None:
+        """Drop a parameter's state (basis, inner and residual state) that no longer fits its group, keeping its
+        step count: the update then starts afresh in a new subspace, with its own bias correction."""
+        key = ("restart", step)  # one warning for all the parameters of a step
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"gradproj: at step {step} the optimizer state of some parameters no longer fits their param group "
+                f"(e.g. shape {tuple(p.shape)}: its state {why}; was the group's rank, proj_type, projector or inner "
+                "rule changed?): their basis and moments restart at this step",
+                stacklevel=5,
+            )
+        kept = {k: state[k] for k in ("sr_seed",) if k in state}
+        state.clear()
+        state.update(step=step, **kept)
+        inner.reset_state(state, step)
+
+    @staticmethod
+    def on_basis_change(state: dict, group: dict, step: int, proj: Projector, inner: InnerRule) -> None:
+        """Apply the group's ``moments_on_refresh`` rule after a refresh replaced an existing basis.
+
+        ``"keep"`` (the reference behaviour) carries the moments over unchanged; ``"reset"`` drops them,
+        so the inner rule starts afresh (with its own bias correction) in the new subspace; ``"project"``
+        maps them into the new basis (:mod:`gradproj.projectors.change`).
+        """
+        if group["moments_on_refresh"] == "reset":
+            inner.reset_state(state, step)
+        elif group["moments_on_refresh"] == "project":
+            inner.project_state(state, proj.basis_change(state))
+
+
+class matrix_view:
+    """Context manager yielding ``p`` as an in-place-writable [m, n] matrix (a view when contiguous)."""
+
+    def __init__(self, p: torch.Tensor, shape2d: tuple[int, int] | None):
+        self.p, self.shape2d = p, shape2d
+        self.copy: torch.Tensor | None = None
+
+    def __enter__(self) -> torch.Tensor:
+        if self.shape2d is None:
+            return self.p
+        if self.p.is_contiguous():
+            return self.p.view(self.shape2d)
+        self.copy = self.p.reshape(self.shape2d).clone()
+        return self.copy
+
+    def __exit__(self, *exc: object) -> None:
+        if self.copy is not None and exc[0] is None:
+            self.p.copy_(self.copy.view(self.p.shape))
