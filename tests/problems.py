@@ -74,7 +74,8 @@ def tiny_batch(seed=0, vocab=23, n=64):
 
 def tiny_loss(model, batch):
     x, y = batch
-    return torch.nn.functional.cross_entropy(model(x).float(), y)
+    logits = model(x)  # half precision is upcast to float32; float32 and float64 stay as they are
+    return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
 
 
 def direct_svd_projector() -> str:
@@ -89,3 +90,36 @@ def direct_svd_projector() -> str:
     if "svd_direct" not in PROJECTORS:
         gradproj.register_projector(type("DirectSVDProjector", (SVDProjector,), {"name": "svd_direct", "orthonormal": False}))
     return "svd_direct"
+
+
+def float64_svd_projector() -> str:
+    """Register (once) ``svd_fp64``: the ``svd`` projector's bases from an SVD taken in float64, each singular
+    vector with its largest entry positive; return its name.
+
+    For comparing two runs whose gradients differ by float64 rounding. ``svd`` decomposes ``G.float()``
+    whatever the parameter dtype and keeps LAPACK's signs, which are not continuous in the matrix: a
+    difference of one ulp can flip a singular vector (seen with gradients differing by 1e-15 relative,
+    singular values well apart), and with moments kept across refreshes a flip at one refresh but not the
+    next moves the weights by O(lr). Here the basis is a continuous function of G (save for exact ties).
+    """
+    import gradproj
+    from gradproj.projectors import PROJECTORS, SVDProjector
+    from gradproj.projectors.linalg import canonical_signs_
+
+    if "svd_fp64" not in PROJECTORS:
+        class Float64SVDProjector(SVDProjector):
+            name = "svd_fp64"
+
+            def compute_basis(self, G, state, step):
+                U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+                r, dtype = self.rank, G.dtype
+                left = canonical_signs_(U[:, :r].contiguous(), dim=0).to(dtype)
+                right = canonical_signs_(Vh[:r].contiguous(), dim=1).to(dtype)
+                if self.side == "right":
+                    return {"proj": right}
+                if self.side == "left":
+                    return {"proj": left}
+                return {"proj_left": left, "proj_right": right}
+
+        gradproj.register_projector(Float64SVDProjector)
+    return "svd_fp64"

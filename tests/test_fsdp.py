@@ -14,14 +14,49 @@ import gradproj
 from gradproj.distributed import estimate
 from distributed_utils import run_distributed
 from optim_table import OPTIMIZERS
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, direct_svd_projector, tiny_batch, tiny_loss
 
 pytest.importorskip("torch.distributed.fsdp")
 
 RANK, GAP, STEPS = 4, 3, 7  # refreshes at t = 0, 3, 6: two refreshes replace a basis with moments kept
-# float32; one process sums the whole batch where two ranks sum halves and average: rounding differences
-# of ~1e-7 that Adam's normalisation can amplify a little over 7 steps (observed max |Δ| ~ 5e-7)
+WORLD = 2  # run_distributed's processes
+
+# The parity test (test_fsdp_matches_one_process_across_refreshes) runs in float64, because a float32
+# comparison across refreshes has no valid tolerance: the float32 gradient sums of the two runs differ in
+# their last bits, and LAPACK's eigenvector / singular-vector signs are not continuous in the matrix, so some
+# refresh flips a vector in one run only (on some CPUs: an AVX-512 Xeon here, not AVX2 EPYCs); with the
+# moments kept that moves the weights by ~1e-2, as much as a real bug. In float64 the two runs' gradients
+# differ by ~1e-16 relative, and the bases, which gradproj computes in float32 whatever the dtype (SVD of
+# G.float(), eigh of the float32 Gram matrix), get bitwise the same input: a float32 element rounds
+# differently only if it lies within that difference of a rounding boundary (measured: 2e-3 expected such
+# elements over the 57600 basis inputs of the test, so about one CPU in 500 would meet one). What is left is
+# float64 rounding carried through 7 Adam steps: measured <= 3.2e-15 of each tensor's largest entry (AVX-512
+# and AVX2 alike). EXACT = 1e-10 of it leaves 3e4 for growth, yet fails on a float32 step in the path (an
+# R all-reduced in float32: 2e-7) and by far on a missing all-reduce (of the Gram matrix: 0.1; of Fira's
+# limiter norm: 2e-2).
+EXACT = 1e-10
+# fira_gram_reset compares two different float32 bases: eigh of the float32 Gram matrix against the SVD of
+# G. Their vectors differ (Davis-Kahan, with backward errors ~u‖GᵀG‖ and ~u‖G‖, u = 6e-8) by up to
+# ~u·σ₁²/min|σᵢ² − σⱼ²|: 1.4e-6 to 3.9e-6 at this test's three refreshes (measured 7e-7; the reset moments
+# make their signs irrelevant). A step moves W by lr = 1e-2 times a direction built from the basis whose
+# entries are O(1) (Adam-normalised; Fira's residual scaled by φ = ‖ψ‖/‖R‖ to the same order), so
+# |ΔW| <~ 7 steps x 1e-2 x a few x 4e-6 ~ 1e-6 (measured 4.2e-7): atol 1e-5. A basis from an unreduced Gram
+# matrix moves W by 2.5e-2.
+GRAM_VS_SVD = dict(rtol=0.0, atol=1e-5)
+# float32, no refresh (no basis is recomputed, so no sign choice): the one-process continuation of the
+# sharded checkpoint over 2 steps against the sharded one. The gradient sums (whole batch vs two halves)
+# differ by rounding, ~1e-7 relative; measured max |ΔW| 6e-8. A wrongly resharded state moves W by ~lr = 1e-2.
 TOL = dict(rtol=1e-4, atol=2e-5)
+
+
+def assert_float64_close(got, ref, what):
+    """``got`` equals the float64 ``ref`` to EXACT times ref's largest magnitude (integer tensors: exactly)."""
+    got, ref = got.detach(), ref.detach()
+    if not ref.is_floating_point():
+        assert torch.equal(got, ref), what
+        return
+    assert got.dtype == ref.dtype == torch.float64, (what, got.dtype, ref.dtype)
+    torch.testing.assert_close(got, ref, rtol=0.0, atol=EXACT * float(ref.abs().max()), msg=lambda m: f"{what}: {m}")
 
 
 def test_gram_basis_is_the_svd_basis_up_to_sign():
@@ -39,10 +74,10 @@ def test_gram_basis_is_the_svd_basis_up_to_sign():
     torch.testing.assert_close(P @ P.T, torch.eye(6), rtol=0, atol=1e-5)
 
 
-def fsdp_model():
+def fsdp_model(dtype=torch.float32):
     from torch.distributed.fsdp import fully_shard
 
-    model = TinyNet()
+    model = TinyNet().to(dtype)
     fully_shard(model)
     return model
 
@@ -64,52 +99,65 @@ def make_opt(cls, model, group=None, **kwargs):
 
 def register_gram_reference():
     """A plain single-process projector that picks its right basis the way the sharded Gram path does: the
-    top eigenvectors of GᵀG from torch.linalg.eigh (the left and full sides use the SVD, as that path does)."""
+    top eigenvectors (torch.linalg.eigh) of GᵀG summed from the float32 Gram matrices of the row blocks the
+    ranks hold (FSDP2 splits rows as torch.chunk does). For two ranks that sum is one float32 addition, which
+    commutes, so the matrix is bitwise the all-reduced one whenever the float32 blocks are: eigh then returns
+    the same vectors with the same signs. (Its signs are not a continuous function of the matrix: GᵀG formed
+    in one product differs in the last bits and can flip a vector.) The left and full sides use the SVD, as
+    that path does. Not declared orthonormal: Fira computes its residual directly, as the sharded path does
+    (the factored form equals it only to the float32 accuracy of the basis)."""
     from gradproj.projectors import SVDProjector, register_projector
 
     class GramReference(SVDProjector):
         name = "gram_reference"
+        orthonormal = False
 
         def compute_basis(self, G, state, step):
             if self.side != "right":
                 return super().compute_basis(G, state, step)
-            _, vecs = torch.linalg.eigh(G.float().T @ G.float())
+            A0, A1 = (B.float().T @ B.float() for B in G.chunk(WORLD))
+            _, vecs = torch.linalg.eigh(A0 + A1)
             return {"proj": vecs[:, -self.rank:].flip(-1).T.to(G.dtype).contiguous()}
 
     register_projector(GramReference)
 
 
+# The single-process projectors: "svd_direct" is "svd" without the orthonormal flag, so that Fira computes its
+# residual directly, as the sharded path always does (tests/test_residual.py checks the factored form).
 CASES = [  # name, optimizer, projected-group keys, constructor options, single-process projector
-    ("galore_gather", gradproj.GaLoreAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
-    ("fira_gather", gradproj.FiraAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
-    ("galore_full_wd", gradproj.GaLoreAdamW, {"proj_type": "full"}, {"weight_decay": 0.1}, "svd"),
+    ("galore_gather", gradproj.GaLoreAdamW, {"sharded_refresh": "gather"}, {}, "svd_direct"),
+    ("fira_gather", gradproj.FiraAdamW, {"sharded_refresh": "gather"}, {}, "svd_direct"),
+    ("galore_full_wd", gradproj.GaLoreAdamW, {"proj_type": "full"}, {"weight_decay": 0.1}, "svd_direct"),
     ("galore_gram", gradproj.GaLoreAdamW, {}, {}, "gram_reference"),
     ("fira_gram", gradproj.FiraAdamW, {}, {}, "gram_reference"),
     # moments restarted at every refresh: Adam's sign-equivariance makes the Gram basis give the SVD's
-    # trajectory (the weights; bases and moments may differ in the signs of basis vectors)
-    ("fira_gram_reset", gradproj.FiraAdamW, {"moments_on_refresh": "reset"}, {}, "svd"),
+    # trajectory (the weights, to the float32 accuracy of the two bases: GRAM_VS_SVD; bases and moments
+    # may differ in the signs of basis vectors)
+    ("fira_gram_reset", gradproj.FiraAdamW, {"moments_on_refresh": "reset"}, {}, "svd_direct"),
 ]
 
 
 def _parity_body(rank, world):
+    assert world == WORLD
     register_gram_reference()
+    direct_svd_projector()
     for name, cls, group, kwargs, ref_projector in CASES:
-        model = fsdp_model()
+        model = fsdp_model(torch.float64)
         opt = make_opt(cls, model, group, **kwargs)
         train(model, opt, STEPS, sharded=True)
-        ref = TinyNet()
+        ref = TinyNet().double()
         ref_group = {k: v for k, v in group.items() if k != "sharded_refresh"}
         ref_opt = make_opt(cls, ref, {**ref_group, "projector": ref_projector}, **kwargs)
         train(ref, ref_opt, STEPS)
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.full_tensor(), q, **TOL, msg=lambda m: f"{name} {pname}: {m}")
             if name.endswith("_reset"):
+                torch.testing.assert_close(p.full_tensor(), q, **GRAM_VS_SVD, msg=lambda m: f"{name} {pname}: {m}")
                 continue
+            assert_float64_close(p.full_tensor(), q, f"{name} {pname}")
             for key, value in ref_opt.state[q].items():
                 ours = opt.state[p][key]
                 if torch.is_tensor(value):
-                    torch.testing.assert_close(ours.full_tensor(), value, **TOL,
-                                               msg=lambda m: f"{name} {pname} state {key}: {m}")
+                    assert_float64_close(ours.full_tensor(), value, f"{name} {pname} state {key}")
                 else:
                     assert ours == value, (name, pname, key)
         assert gradproj.distributed.replicated_state_mismatches(opt) == [], name
@@ -122,23 +170,24 @@ def _parity_body(rank, world):
         if "rows" not in spec.cls.inner_rule.shardable:
             continue  # inner rules that cannot run on a block of rows are refused (same test as above)
         group = {**spec.group, "proj_type": "right", "sharded_refresh": "gather"}
-        model, ref = fsdp_model(), TinyNet()
-        opt, ref_opt = (spec.cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **group),
-                                 lr=1e-2, **spec.kwargs) for m in (model, ref))
+        ref_group = group if "projector" in group else {**group, "projector": "svd_direct"}
+        model, ref = fsdp_model(torch.float64), TinyNet().double()
+        opt, ref_opt = (spec.cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **g),
+                                 lr=1e-2, **spec.kwargs) for m, g in ((model, group), (ref, ref_group)))
         train(model, opt, STEPS, sharded=True)
         train(ref, ref_opt, STEPS)
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.full_tensor(), q, **TOL, msg=lambda m: f"{spec.id} {pname}: {m}")
+            assert_float64_close(p.full_tensor(), q, f"{spec.id} {pname}")
         assert gradproj.distributed.replicated_state_mismatches(opt) == [], spec.id
 
 
 def test_fsdp_matches_one_process_across_refreshes():
     """GaLore, Fira and the two-sided projection with weight decay, sharded over 2 ranks: weights and every
     piece of state (moments, bases, limiter norms, step counts) equal the single-process run after 7 steps
-    crossing two refreshes with the moments kept. ``sharded_refresh="gather"`` runs the exact SVD; the
-    default Gram path is compared with a single process taking the same eigenvector basis. Every row of the
-    generic optimizer table (tests/optim_table.py: each basis, each optimizer) is compared on right
-    projections."""
+    crossing two refreshes with the moments kept, in float64 (to EXACT; see there). ``sharded_refresh=
+    "gather"`` runs the exact SVD; the default Gram path is compared with a single process taking the same
+    eigenvector basis. Every row of the generic optimizer table (tests/optim_table.py: each basis, each
+    optimizer) is compared on right projections."""
     run_distributed(_parity_body)
 
 
