@@ -65,6 +65,24 @@ def accumulation_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
 
 
+def adam_update_foreach(
+    Rs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """:func:`adam_update` over lists of tensors with torch's multi-tensor ops (the batched ``foreach`` step):
+    the same operations in the same order, so each tensor gets exactly the per-tensor result."""
+    torch._foreach_lerp_(exp_avgs, Rs, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, Rs, Rs, value=1.0 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(exp_avgs, denom)
+
+
 def adam_update(
     R: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -255,6 +273,9 @@ def apply_update(
 ) -> None:
     """The weight update, in place: ``W -= step_size · scale · B(U) + s_res · S``, then ``W -= lr · wd · W``.
 
+    The step sizes and ``lr`` are numbers, or 0-dim tensors (the compiled step passes tensors so that its graph
+    does not depend on their values; U and S are then scaled before the GEMM and the adds).
+
     ``s_res`` is ``residual_step`` (FRUGAL's sign term moves by the plain lr), else ``step_size``. S may be
     dense or a :class:`ScaledResidual`. With ``seed=None`` the update is one GEMM into W (``addmm_``), one
     pass adding S and the decay, each rounded to W's dtype as it goes (round to nearest). With a seed
@@ -266,6 +287,13 @@ def apply_update(
     and rounded to bfloat16 once, stochastically. The Triton epilogue evaluates the same expression.
     """
     s_res = step_size if residual_step is None else residual_step
+    if isinstance(step_size, torch.Tensor):  # 0-dim tensors (compile=True: no guard on their values)
+        projector.add_up_(W, U * (-step_size * scale), state, alpha=1.0)
+        if S is not None:
+            W.add_(((S.materialize() if isinstance(S, ScaledResidual) else S) * -s_res).to(W.dtype))
+        if weight_decay != 0.0:
+            W.add_(W * (-lr * weight_decay))
+        return
     if seed is None:
         projector.add_up_(W, U, state, alpha=-step_size * scale)
         if isinstance(S, ScaledResidual):

@@ -59,7 +59,6 @@ import torch
 
 from ..inner.base import StepContext
 from ..residual import limit_update_growth
-from ..residual.base import dense_term
 
 #: inner rules whose moment update the compiled tail knows
 COMPILABLE_INNER = ("adam",)
@@ -104,11 +103,8 @@ def _tail(W, G, R, state, step_size, residual_step, decay, projector, residual, 
     U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps)
     U, S = residual.compute(G, R, U, projector, state, group, ctx)
     U, S = limit_update_growth(U, S, projector, state, group, ctx)
-    projector.add_up_(W, U * (-step_size * ctx.scale), state, alpha=1.0)
-    if S is not None:
-        W.add_((dense_term(S) * -residual_step).to(W.dtype))
-    if weight_decay != 0.0:
-        W.add_(W * (-decay * weight_decay))
+    ctx.ops.apply_update(W, projector, state, U, S, step_size, ctx.scale, lr=decay, weight_decay=weight_decay,
+                         residual_step=residual_step)
 
 
 def _compile(options: dict) -> Any:

@@ -52,10 +52,10 @@ import torch
 
 from .. import kernels
 from ..distributed.sharding import is_dtensor
-
 from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
-from ..projectors.base import Projector, choose_side
+from ..projectors.base import choose_side, dense_down
+from ..residual import get_residual
 
 if TYPE_CHECKING:
     from .base import ProjectedOptimizer
@@ -86,10 +86,7 @@ def check_option(value: object, where: str) -> None:
 
 def _projector_is_dense(name: str) -> bool:
     cls = get_projector(name)
-    return cls.refreshes and all(
-        getattr(cls, attr) is getattr(Projector, attr)
-        for attr in ("down", "up", "add_up_", "needs_refresh", "has_basis")
-    )
+    return cls.refreshes and cls.dense_basis
 
 
 def _group_eligible(opt: ProjectedOptimizer, group: dict) -> bool:
@@ -98,7 +95,7 @@ def _group_eligible(opt: ProjectedOptimizer, group: dict) -> bool:
         group["foreach"] is not False
         and opt.engine.inner(group).batched
         and group.get("rank") is not None
-        and group["residual"] == "none"
+        and get_residual(group["residual"]).batched
         and group["norm_growth_limit"] is None
         and group["max_grad_norm"] is None
         and not group["compile"]
@@ -224,7 +221,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         del G
         Rs = list(R.to(ms[0].dtype).unbind(0))
     else:
-        Rs = [_down(G, Pm, side) for G, Pm in zip(Gs, Ps)]
+        Rs = [dense_down(G, Pm, side) for G, Pm in zip(Gs, Ps)]
         if Rs[0].dtype != ms[0].dtype:
             Rs = list(torch.stack(Rs).to(ms[0].dtype).unbind(0))
 
@@ -234,13 +231,8 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     # where the kernel rounds once. Reproducing the single rounding here took float32 copies of all the
     # moments, which measured slower on an H100 than the per-matrix kernels (docs/benchmarks.md).
     beta1, beta2 = group["betas"]
-    torch._foreach_lerp_(ms, Rs, 1.0 - beta1)
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, Rs, Rs, value=1.0 - beta2)
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_add_(denom, group["eps"])
-    Us = torch._foreach_div(ms, denom)
-    del denom, Rs
+    Us = kernels.reference.adam_update_foreach(Rs, ms, vs, beta1, beta2, group["eps"])
+    del Rs
 
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
     alpha = -bucket.step_size * opt.engine.scale(group)
@@ -260,15 +252,6 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         W.addmm_(*((Xm, Pm) if side == "right" else (Pm, Xm)), beta=beta, alpha=alpha * beta)
     if not fused_decay and decay != 0.0:
         torch._foreach_add_(Ws, Ws, alpha=-decay)
-
-
-def _down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
-    """:meth:`Projector.down` for a one-sided dense basis."""
-    if side == "right":
-        return G @ P.t()
-    if G.device.type == "cpu":
-        return (G.t() @ P).t()
-    return P.t() @ G
 
 
 __all__ = ["BATCHED_GEMM_DEVICES", "BATCHED_GEMM_MAX_NUMEL", "CHUNK_BYTES", "Batch", "check_option", "collect", "run"]

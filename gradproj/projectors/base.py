@@ -63,6 +63,16 @@ def choose_side(m: int, n: int, proj_type: str) -> str:
     raise ValueError(f"unknown proj_type {proj_type!r}; use one of {', '.join(PROJ_TYPES)}")
 
 
+def dense_down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """R for a dense one-sided basis P: ``G Pᵀ`` (right, P r x n) or ``Pᵀ G`` (left, P m x r)."""
+    if side == "right":
+        return G @ P.t()
+    if G.device.type == "cpu":
+        # same product, but MKL runs G.T @ P (n x m times m x r) ~1.4x faster than P.T @ G here
+        return (G.t() @ P).t()
+    return P.t() @ G
+
+
 class Projector(Configurable):
     """Base class of every basis. Subclasses implement :meth:`compute_basis` and the key layout.
 
@@ -79,6 +89,10 @@ class Projector(Configurable):
     #: lets residual rules and the norm-growth limiter skip materialising full-size tensors. Leave False
     #: for bases that are not orthonormal (a Gaussian random projection); the exact slower path then runs.
     orthonormal: ClassVar[bool] = False
+    #: True when the basis is stored dense under ``proj`` (one side) and :meth:`down` / :meth:`up` /
+    #: :meth:`add_up_` / :meth:`needs_refresh` are this class's: the batched ``foreach`` step then runs it with
+    #: :func:`dense_down` and one GEMM per update. A subclass that stores or applies its basis otherwise sets False.
+    dense_basis: ClassVar[bool] = True
     #: the state keys that hold the basis (snapshotted before a refresh for ``moments_on_refresh="project"``)
     basis_keys: ClassVar[tuple[str, ...]] = ("proj", "proj_left", "proj_right")
     #: the parameter's position among the optimizer's parameters (set by the optimizer; seeds random bases)
@@ -215,14 +229,9 @@ class Projector(Configurable):
 
     # ------------------------------------------------------------------------------------ projections
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
-        if self.side == "right":
-            return G @ state["proj"].t()
-        if self.side == "left":
-            if G.device.type == "cpu":
-                # same product, but MKL runs G.T @ P (n x m times m x r) ~1.4x faster than P.T @ G here
-                return (G.t() @ state["proj"]).t()
-            return state["proj"].t() @ G
-        return state["proj_left"].t() @ G @ state["proj_right"].t()
+        if self.side == "full":
+            return state["proj_left"].t() @ G @ state["proj_right"].t()
+        return dense_down(G, state["proj"], self.side)
 
     def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
         if self.side == "right":

@@ -49,6 +49,7 @@ class GoLoreProjector(Projector):
         *RandomProjector.options,
     )
     basis_keys = Projector.basis_keys + RandomProjector.basis_keys
+    dense_basis = False  # a random basis after the switch
 
     @classmethod
     def validate_group(cls, group, where):

@@ -14,6 +14,8 @@ class RegeneratedBasis(Projector):
     ``like``'s dtype and device, ``None`` for a side that is not projected.
     """
 
+    dense_basis = False  # rebuilt per call, not stored under ``proj``
+
     def dense(self, state: dict, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         raise NotImplementedError
 

@@ -39,6 +39,9 @@ class Residual(Configurable):
     name: ClassVar[str] = ""
     #: the group keys the rule reads: ``options`` (:mod:`gradproj.options`); ``defaults`` is derived
 
+    #: whether the batched ``foreach`` step runs groups with this rule (only a rule that adds nothing)
+    batched: ClassVar[bool] = False
+
     def validate_group(self, group: dict, where: str) -> None:
         """Checks across several options (each option's own check is in its declaration)."""
 
@@ -72,6 +75,7 @@ class NoResidual(Residual):
     """GaLore: the discarded part is dropped."""
 
     name = "none"
+    batched = True
 
     def compute(self, G, R, U, projector, state, group, ctx):
         return U, None
