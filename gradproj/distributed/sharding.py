@@ -13,10 +13,11 @@ then runs on the local rows, with the few collectives the math needs (W is m x n
 A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial products; a reduce-scatter leaves
 each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
 the result ψ (r x n) feeds the back-projection P_j ψ of the local rows. Reduce-scatter plus all-gather
-move the bytes of one all-reduce, and the moments of a left projection are split k ways. Fira adds, per
-step, the all-reduce of one float32 (its limiter's norm) and, for left projections, an all-gather of R
-and of its n scaling factors. Everything else (Adam, Fira's scaling, the back-projection, weight decay)
-is local.
+move the bytes of one all-reduce, and the moments of a left projection are split k ways. Reductions over
+the whole matrix (Fira's residual norm, the ``norm_growth_limit`` norm) gather the ranks' partial norms
+(:class:`ShardedOps`): per step one float per rank, and for Fira on a left projection an all-gather of R
+and of its n scaling factors. Everything else (Adam, Fira's
+scaling, the back-projection, weight decay) is local.
 
 The refresh of a right projection never gathers G: its basis is the top-r eigenvectors of the Gram
 matrix GᵀG = Σ_j G_jᵀ G_j, which every rank sums with one all-reduce of n x n float32 values and
@@ -28,7 +29,7 @@ full projections, and every projector other than ``"svd"``, always use the gathe
 cannot give the row-sharded U without the n x n all-reduce, which costs more than gathering the m x n
 gradient when m < n).
 
-Replicated tensors (bases of right projections, R of full projections, Fira's limiter norm) are computed
+Replicated tensors (bases of right projections, R of full projections, the limiter norms) are computed
 by every rank from the same all-reduced or all-gathered values, so they are bitwise identical across
 ranks. A projector that draws random numbers must do so from a seed stored in the optimizer state or
 group (the same on every rank), never from the process's global RNG.
@@ -560,12 +561,6 @@ def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) 
             f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP) and its low-rank gradient would be "
             f"too, but the inner rule {type(inner).__name__} cannot run on a block of rows (InnerRule.shardable "
             f"= {shardable}); use DDP for this optimizer, or proj_type='left' / 'full' for this group"
-        )
-    if rows.sharded and group.get("norm_growth_limit") is not None:
-        raise ValueError(
-            f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP): norm_growth_limit needs the norm of the "
-            "whole update and has no sharded form yet; drop it for this group (Fira's own limiter, "
-            "limiter_gamma, does work sharded), or use DDP"
         )
     projector = plan.projector
     if projected:
