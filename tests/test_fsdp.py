@@ -142,7 +142,7 @@ def test_fsdp_matches_one_process_across_refreshes():
 
 # ------------------------------------------------------------------ whole-matrix reductions, in float64
 # The sharded forms of the kernel operations that reduce over the whole matrix (the norm_growth_limit
-# limiter's norm) against one process, in float64, so the bound can be tight.
+# limiter's norm, Fira's factored norms) against one process, in float64, so the bound can be tight.
 # The runs differ only by rounding (bases from the gathered gradient: the same SVD), u = 2⁻⁵³:
 # * gradients: one mean over 64 tokens against the average of two 32-token means; sums of at most 2⁷
 #   terms, so within 2⁷·u of the sums of absolute values (Higham's γₙ bound);
@@ -217,6 +217,11 @@ def _reductions_body(rank, world):
         ("limit_left", gradproj.GaLoreAdamW, {"proj_type": "left"}, limit, {"low_rank_norm"}),
         ("limit_full", gradproj.GaLoreAdamW, {"proj_type": "full"}, limit, {"low_rank_norm"}),
         ("limit_direct", gradproj.GaLoreAdamW, {"projector": direct}, limit, {"safe_norm"}),
+        ("fira_std", gradproj.FiraAdamW, {}, {}, {"fira_residual_factors"}),
+        ("fira_right", gradproj.FiraAdamW, {"proj_type": "right"}, {}, {"fira_residual_factors"}),
+        ("fira_left", gradproj.FiraAdamW, {"proj_type": "left"}, {}, {"fira_residual_factors"}),
+        ("fira_limited", gradproj.FiraAdamW, {}, limit, {"fira_residual_factors", "safe_norm"}),
+        ("fira_direct_limited", gradproj.FiraAdamW, {"projector": direct}, limit, {"fira_residual", "safe_norm"}),
     ]
     cases = [(n, c, {"projector": svd64, **g}, k, e) for n, c, g, k, e in cases]
     for name, cls, group, kwargs, expected_calls in cases:
@@ -231,6 +236,8 @@ def _reductions_body(rank, world):
         train64(ref, ref_opt, STEPS)
         ran = {op for op, n in calls.items() if n}
         assert expected_calls <= ran, (name, calls)
+        if "fira_residual_factors" in expected_calls:
+            assert calls["fira_residual"] == 0, (name, calls)  # the factored path only: S never materialised
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p.full_tensor(), q, **TOL64, msg=lambda m: f"{name} {pname}: {m}")
             assert set(opt.state[p]) == set(ref_opt.state[q]), (name, pname)
@@ -246,9 +253,10 @@ def _reductions_body(rank, world):
 
 def test_fsdp_whole_matrix_reductions_match_one_process_in_float64():
     """norm_growth_limit (on right, left, two-sided and unprojected parameters, with its low-rank shortcut and
-    with the dense direction of a basis not declared orthonormal) under FSDP2 on 2 ranks equals one process
-    in float64 to a bound derived from the rounding (above): weights and every piece of state, the limiter
-    norms replicated bit for bit."""
+    with the dense direction of a basis not declared orthonormal) and Fira's factored path (right and
+    column-split left projections, with and without norm_growth_limit on top) under FSDP2 on 2 ranks equal
+    one process in float64 to a bound derived from the rounding (above): weights and every piece of state,
+    the limiter norms replicated bit for bit. The factored path is checked to be the one that ran."""
     run_distributed(_reductions_body, timeout=300)
 
 

@@ -14,9 +14,9 @@ A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial product
 each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
 the result ψ (r x n) feeds the back-projection P_j ψ of the local rows. Reduce-scatter plus all-gather
 move the bytes of one all-reduce, and the moments of a left projection are split k ways. Reductions over
-the whole matrix (Fira's residual norm, the ``norm_growth_limit`` norm) gather the ranks' partial norms
-(:class:`ShardedOps`): per step one float per rank, and for Fira on a left projection an all-gather of R
-and of its n scaling factors. Everything else (Adam, Fira's
+the whole matrix (Fira's residual norm, the ``norm_growth_limit`` norm, a left projection's column norms of
+G) gather the ranks' partial norms (:class:`ShardedOps`): per step one float per rank, and for Fira's
+factored path on a left projection the n column norms of G, R and ψ. Everything else (Adam, Fira's
 scaling, the back-projection, weight decay) is local.
 
 The refresh of a right projection never gathers G: its basis is the top-r eigenvectors of the Gram
@@ -259,6 +259,17 @@ class ShardedProjector(Projector):
 
     def rank_axis(self) -> int:
         return self.base.rank_axis()
+
+    @property
+    def orthonormal(self) -> bool:  # the wrapped basis's: the fast paths of Fira and the limiter run sharded
+        return self.base.orthonormal
+
+    def low_rank_factors(self, phi: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a left projection's per-column factors when R is split by columns."""
+        if not self.split_cols:
+            return phi
+        _, offset, size = _split(self.n, self.rows.world, self.rows.index)
+        return phi.narrow(-1, offset, size)
 
     def has_basis(self, state: dict) -> bool:
         return self.base.has_basis(state)
