@@ -165,8 +165,6 @@ def _parity_body(rank, world):
     # every optimizer / basis of the generic table, on right projections (which any projector supports under
     # FSDP) with bases computed from the gathered gradient: the sharded run equals the single-process one
     for spec in OPTIMIZERS:
-        if spec.kwargs.get("norm_growth_limit") is not None or spec.group.get("norm_growth_limit") is not None:
-            continue  # no sharded form yet: refused with a clear error (test_fsdp_refuses_layouts_and_rules...)
         if "rows" not in spec.cls.inner_rule.shardable:
             continue  # inner rules that cannot run on a block of rows are refused (same test as above)
         group = {**spec.group, "proj_type": "right", "sharded_refresh": "gather"}
@@ -189,6 +187,126 @@ def test_fsdp_matches_one_process_across_refreshes():
     eigenvector basis. Every row of the generic optimizer table (tests/optim_table.py: each basis, each
     optimizer) is compared on right projections."""
     run_distributed(_parity_body)
+
+
+# ------------------------------------------------------------------ whole-matrix reductions, in float64
+# The sharded forms of the kernel operations that reduce over the whole matrix (the norm_growth_limit
+# limiter's norm, Fira's factored norms) against one process, in float64, so the bound can be tight.
+# The runs differ only by rounding (bases from the gathered gradient: the same SVD), u = 2⁻⁵³:
+# * gradients: one mean over 64 tokens against the average of two 32-token means; sums of at most 2⁷
+#   terms, so within 2⁷·u of the sums of absolute values (Higham's γₙ bound);
+# * norms combined over ranks (√(a² + b²) of the ranks' partial norms against one sum): a few u;
+# * the bases are float64 SVDs (register_svd64: the "svd" projector decomposes in float32, so its bases are
+#   float32-accurate, and a gradient entry that rounds to float32 differently in the two runs would move them
+#   by ~1e-7). The SVD is backward stable: a basis vector moves by the gradient's perturbation times the
+#   relative gap σ₁ / min_{i<=r} (σᵢ − σᵢ₊₁), at most ~100 (< 2⁷) at the refreshes of this problem, so 2¹⁴·u;
+# * Adam's ψ = m / (√v + eps) and Fira's φ are ratios: relative errors pass through, not amplified;
+# * 7 steps: each adds its own error to the propagated ones (lr = 1e-2 keeps the map near the identity): 2³.
+# Everything compared has magnitude of order 1 (weights, moments, norms), so 2¹⁷·u ≈ 1.5e-11 absolute and
+# relative; the float32 TOL above is 1e-4. A CPU with other SIMD widths sums in another order: still rounding.
+U64 = 2.0**-53
+TOL64 = dict(rtol=2**17 * U64, atol=2**17 * U64)
+
+
+def register_svd64() -> tuple[str, str]:
+    """Register (once) an exact SVD basis decomposed in float64, and its twin that does not declare itself
+    orthonormal (so Fira and the limiter take their direct paths); return their names."""
+    from gradproj.projectors import PROJECTORS, SVDProjector, register_projector
+
+    if "svd64" not in PROJECTORS:
+        class SVD64(SVDProjector):
+            name = "svd64"
+
+            def compute_basis(self, G, state, step):
+                U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+                left, right = U[:, : self.rank].to(G.dtype), Vh[: self.rank].to(G.dtype)
+                if self.side == "full":
+                    return {"proj_left": left.contiguous(), "proj_right": right.contiguous()}
+                return {"proj": (right if self.side == "right" else left).contiguous()}
+
+        register_projector(SVD64)
+        register_projector(type("SVD64Direct", (SVD64,), {"name": "svd64_direct", "orthonormal": False}))
+    return "svd64", "svd64_direct"
+
+
+def loss64(model, batch):
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)  # no cast to float32 (tiny_loss casts)
+
+
+def train64(model, opt, steps, sharded=False):
+    for s in range(steps):
+        x, y = tiny_batch(s)
+        if sharded:
+            x, y = x.chunk(dist.get_world_size())[dist.get_rank()], y.chunk(dist.get_world_size())[dist.get_rank()]
+        opt.zero_grad()
+        loss64(model, (x, y)).backward()
+        opt.step()
+
+
+def _reductions_body(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    from gradproj.distributed.sharding import ShardedOps
+
+    calls = {"fira_residual_factors": 0, "fira_residual": 0, "low_rank_norm": 0, "safe_norm": 0}
+    for op in calls:  # count which sharded operations the step takes (this process is a forked child)
+        def counted(self, *args, _op=op, _fn=getattr(ShardedOps, op), **kwargs):
+            calls[_op] += 1
+            return _fn(self, *args, **kwargs)
+        setattr(ShardedOps, op, counted)
+
+    svd64, direct = register_svd64()
+    limit = {"norm_growth_limit": 1.01}
+    # name, optimizer, projected-group keys, constructor options, the sharded operations that must have run
+    # (fc1 is 40x16, fc2 16x40: "std" projects fc1 on the right (R split by rows) and fc2 on the left (R split
+    # by columns); "full" keeps R replicated; the unprojected tensors' R is split by rows)
+    cases = [
+        ("limit_std", gradproj.GaLoreAdamW, {}, limit, {"low_rank_norm"}),
+        ("limit_left", gradproj.GaLoreAdamW, {"proj_type": "left"}, limit, {"low_rank_norm"}),
+        ("limit_full", gradproj.GaLoreAdamW, {"proj_type": "full"}, limit, {"low_rank_norm"}),
+        ("limit_direct", gradproj.GaLoreAdamW, {"projector": direct}, limit, {"safe_norm"}),
+        ("fira_std", gradproj.FiraAdamW, {}, {}, {"fira_residual_factors"}),
+        ("fira_right", gradproj.FiraAdamW, {"proj_type": "right"}, {}, {"fira_residual_factors"}),
+        ("fira_left", gradproj.FiraAdamW, {"proj_type": "left"}, {}, {"fira_residual_factors"}),
+        ("fira_limited", gradproj.FiraAdamW, {}, limit, {"fira_residual_factors", "safe_norm"}),
+        ("fira_direct_limited", gradproj.FiraAdamW, {"projector": direct}, limit, {"fira_residual", "safe_norm"}),
+    ]
+    cases = [(n, c, {"projector": svd64, **g}, k, e) for n, c, g, k, e in cases]
+    for name, cls, group, kwargs, expected_calls in cases:
+        for op in calls:
+            calls[op] = 0
+        model, ref = TinyNet().double(), TinyNet().double()
+        fully_shard(model)
+        opt, ref_opt = (cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **group, **extra),
+                            lr=1e-2, **kwargs)
+                        for m, extra in ((model, {"sharded_refresh": "gather"}), (ref, {})))
+        train64(model, opt, STEPS, sharded=True)
+        train64(ref, ref_opt, STEPS)
+        ran = {op for op, n in calls.items() if n}
+        assert expected_calls <= ran, (name, calls)
+        if "fira_residual_factors" in expected_calls:
+            assert calls["fira_residual"] == 0, (name, calls)  # the factored path only: S never materialised
+        for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.full_tensor(), q, **TOL64, msg=lambda m: f"{name} {pname}: {m}")
+            assert set(opt.state[p]) == set(ref_opt.state[q]), (name, pname)
+            for key, value in ref_opt.state[q].items():
+                ours = opt.state[p][key]
+                if torch.is_tensor(value):
+                    torch.testing.assert_close(ours.full_tensor(), value, **TOL64,
+                                               msg=lambda m: f"{name} {pname} state {key}: {m}")
+                else:
+                    assert ours == value, (name, pname, key)
+        assert gradproj.distributed.replicated_state_mismatches(opt) == [], name
+
+
+def test_fsdp_whole_matrix_reductions_match_one_process_in_float64():
+    """norm_growth_limit (on right, left, two-sided and unprojected parameters, with its low-rank shortcut and
+    with the dense direction of a basis not declared orthonormal) and Fira's factored path (right and
+    column-split left projections, with and without norm_growth_limit on top) under FSDP2 on 2 ranks equal
+    one process in float64 to a bound derived from the rounding (above): weights and every piece of state,
+    the limiter norms replicated bit for bit. The factored path is checked to be the one that ran."""
+    run_distributed(_reductions_body, timeout=300)
 
 
 def _state_body(rank, world, ckpt_dir):
@@ -301,13 +419,6 @@ def _errors_body(rank, world):
     opt = gradproj.GaLoreAdamW([{"params": [w], "rank": 2, "update_proj_gap": 2, "scale": 1.0}])
     w.grad = distribute_tensor(torch.randn(8, 6), mesh, [Shard(1)])
     with pytest.raises(ValueError, match=r"param group 0, parameter 0 .*Shard\(0\)"):
-        opt.step()
-
-    # the standalone norm-growth limiter needs the whole update's norm: refused for sharded parameters
-    model = fsdp_model()
-    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=2, update_proj_gap=2, scale=1.0), norm_growth_limit=1.01)
-    tiny_loss(model, tiny_batch(0)).backward()
-    with pytest.raises(ValueError, match="norm_growth_limit needs the norm of the whole update"):
         opt.step()
 
     # an inner rule that cannot run on a block of R refuses row-split R; a left projection falls back to a

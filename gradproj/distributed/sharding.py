@@ -13,10 +13,11 @@ then runs on the local rows, with the few collectives the math needs (W is m x n
 A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial products; a reduce-scatter leaves
 each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
 the result ψ (r x n) feeds the back-projection P_j ψ of the local rows. Reduce-scatter plus all-gather
-move the bytes of one all-reduce, and the moments of a left projection are split k ways. Fira adds, per
-step, the all-reduce of one float32 (its limiter's norm) and, for left projections, an all-gather of R
-and of its n scaling factors. Everything else (Adam, Fira's scaling, the back-projection, weight decay)
-is local.
+move the bytes of one all-reduce, and the moments of a left projection are split k ways. Reductions over
+the whole matrix (Fira's residual norm, the ``norm_growth_limit`` norm, a left projection's column norms of
+G) gather the ranks' partial norms (:class:`ShardedOps`): per step one float per rank, and for Fira's
+factored path on a left projection the n column norms of G, R and ψ. Everything else (Adam, Fira's
+scaling, the back-projection, weight decay) is local.
 
 The refresh of a right projection never gathers G: its basis is the top-r eigenvectors of the Gram
 matrix GᵀG = Σ_j G_jᵀ G_j, which every rank sums with one all-reduce of n x n float32 values and
@@ -28,7 +29,7 @@ full projections, and every projector other than ``"svd"``, always use the gathe
 cannot give the row-sharded U without the n x n all-reduce, which costs more than gathering the m x n
 gradient when m < n).
 
-Replicated tensors (bases of right projections, R of full projections, Fira's limiter norm) are computed
+Replicated tensors (bases of right projections, R of full projections, the limiter norms) are computed
 by every rank from the same all-reduced or all-gathered values, so they are bitwise identical across
 ranks. A projector that draws random numbers must do so from a seed stored in the optimizer state or
 group (the same on every rank), never from the process's global RNG.
@@ -259,6 +260,17 @@ class ShardedProjector(Projector):
     def rank_axis(self) -> int:
         return self.base.rank_axis()
 
+    @property
+    def orthonormal(self) -> bool:  # the wrapped basis's: the fast paths of Fira and the limiter run sharded
+        return self.base.orthonormal
+
+    def low_rank_factors(self, phi: torch.Tensor) -> torch.Tensor:
+        """This rank's block of a left projection's per-column factors when R is split by columns."""
+        if not self.split_cols:
+            return phi
+        _, offset, size = _split(self.n, self.rows.world, self.rows.index)
+        return phi.narrow(-1, offset, size)
+
     def has_basis(self, state: dict) -> bool:
         return self.base.has_basis(state)
 
@@ -355,27 +367,91 @@ class ShardedProjector(Projector):
 
 
 # ------------------------------------------------------------------------------------- sharded kernels
-class ShardedOps:
-    """The kernel operations for a row-sharded parameter: row-local ones delegate to ``ops``; the ones that
-    reduce over the whole matrix all-reduce their partial sums.
+def _all_gather_stacked(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Every rank's ``t`` (same shape on every rank), stacked along a new dim 0 in rank order."""
+    world = dist.get_world_size(group)
+    out = t.new_empty((world * max(t.numel(), 1),))
+    src = t.reshape(-1) if t.numel() else t.new_zeros(1)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, src.contiguous(), group=group)
+    return out.reshape((world, -1))[:, : t.numel()].reshape((world,) + tuple(t.shape))
 
-    An operation not listed here raises ``AttributeError``: a new fused operation must be classified
-    (row-local, or given a sharded form below) before sharded parameters can use it.
+
+def norm_over_ranks(norms: torch.Tensor, group: Any) -> torch.Tensor:
+    """The norm over ranks of each entry of ``norms`` (each rank's norm of its part): √Σⱼ nⱼ², overflow-safe.
+
+    The ranks' norms are all-gathered (one float per entry and rank) and combined by
+    :func:`~gradproj.kernels.reference.safe_norm` in rank order, so every rank gets the same bits (the limiter
+    state it feeds is replicated) and no square overflows in float32 (an all-reduce of squares would)."""
+    if group is None:
+        return norms
+    return reference.safe_norm(_all_gather_stacked(norms, group), 0)
+
+
+class ShardedOps:
+    """The kernel operations (:class:`~gradproj.kernels.protocol.KernelOps`) for a row-sharded parameter.
+
+    Full-size tensors are this rank's rows of the matrix; low-rank ones this rank's part of R (its rows for a
+    right projection or an unprojected parameter, a block of columns for a split left projection, all of it
+    when R is replicated). Elementwise operations and reductions within a row delegate to ``ops``; reductions
+    over rows (whole-matrix norms, column norms) combine the ranks' partial norms (:func:`norm_over_ranks`),
+    and column factors of a column-split R are all-gathered. Every operation of the protocol is defined here
+    (tests/test_kernel_protocol.py): a new one must be given its sharded form before FSDP2 can use it.
     """
 
-    #: operations whose result on a block of rows is that block of the whole result
-    ROW_LOCAL = ("adam_update", "apply_weight_decay_", "accumulation_dtype", "apply_update")
-
-    def __init__(self, ops: Any, group: Any, split_cols: int | None):
+    def __init__(self, ops: Any, group: Any, split_cols: int | None, low_rank_sharded: bool = True):
         self._ops, self._group, self._cols = ops, group, split_cols  # R's column count when R is column-split
+        self._low_rank_group = group if low_rank_sharded else None  # None: R replicated, its norms are whole
 
     def __getattr__(self, name: str) -> Any:
-        if name in ShardedOps.ROW_LOCAL:
-            return getattr(self._ops, name)
         raise AttributeError(
-            f"kernel operation {name!r} has no sharded form; add it to gradproj.distributed.sharding.ShardedOps "
-            "(ROW_LOCAL if it works on any block of rows, else a method that all-reduces its partial sums)"
+            f"kernel operation {name!r} has no sharded form; add it to gradproj.kernels.protocol.KernelOps and "
+            "define it on gradproj.distributed.sharding.ShardedOps (delegating if it works on any block of rows, "
+            "else combining the ranks' partial results)"
         )
+
+    # ---------------------------------------------------------------- elementwise / within a row: delegated
+    def accumulation_dtype(self, t):
+        return self._ops.accumulation_dtype(t)
+
+    def adam_update(self, R, exp_avg, exp_avg_sq, beta1, beta2, eps):
+        return self._ops.adam_update(R, exp_avg, exp_avg_sq, beta1, beta2, eps)
+
+    def norm_growth_divisor(self, norm, state, key, gamma):
+        """A scalar rule on the whole matrix's norm (already combined over ranks): the same on every rank."""
+        return self._ops.norm_growth_divisor(norm, state, key, gamma)
+
+    def apply_update(self, W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=None,
+                     residual_step=None):
+        """Row-local (the sharded projector gathers a column-split U before its back-projection)."""
+        self._ops.apply_update(W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=seed,
+                               residual_step=residual_step)
+
+    def apply_weight_decay_(self, W, lr, weight_decay):
+        self._ops.apply_weight_decay_(W, lr, weight_decay)
+
+    # ------------------------------------------------------------------------------- norms over the ranks
+    def safe_norm(self, x, dim=None, keepdim=False, dtype=None):
+        """The norm of the whole full-size matrix (``dim=None``) or of its columns (``dim=0``) combines the
+        ranks' norms; a norm within each row (``dim=1``) is local."""
+        n = self._ops.safe_norm(x, dim, keepdim, dtype)
+        if dim is not None and dim % max(x.dim(), 1) != 0:
+            return n
+        return norm_over_ranks(n, self._group)
+
+    def axis_norms(self, x, axis):
+        """Row norms (``axis=1``) are local; column norms (``axis=0``) combine the ranks' rows."""
+        n = self._ops.axis_norms(x, axis)
+        return n if axis == 1 else norm_over_ranks(n, self._group)
+
+    def low_rank_norm(self, x):
+        """Combined over ranks when R is split (by rows or columns); R replicated is whole on every rank."""
+        return norm_over_ranks(self._ops.low_rank_norm(x), self._low_rank_group)
+
+    # ------------------------------------------------------------------------------------------------ Fira
+    def _column_factors(self, x: torch.Tensor) -> torch.Tensor:
+        """A per-column vector of R (1 x local columns) for all n columns: gathered when R is column-split."""
+        return x if self._cols is None else all_gather_rows(x.t(), self._cols, self._group).t()
 
     def fira_residual(self, G, R, psi, projector, state, alpha):
         """Fira's scaled residual on this rank's rows (always the torch form: the limiter below needs S dense)."""
@@ -386,29 +462,44 @@ class ShardedOps:
         if self._cols is None:
             return reference.fira_scaled_residual(G, BR, psi, R, alpha, rank_axis)
         phi = reference.safe_norm(psi, 0, keepdim=True) / (reference.safe_norm(R, 0, keepdim=True).to(psi.dtype) + 1e-8)
-        phi = all_gather_rows(phi.t(), self._cols, self._group).t()
+        phi = self._column_factors(phi)
         S = G - alpha * BR.to(G.dtype)
         return S * phi.to(S.dtype)
 
-    def limit_norm_growth_(self, S: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor:
-        """Fira's limiter with the norm of the whole matrix: the ranks' norms are gathered (one collective of a
-        float32 scalar per rank) and combined without squaring them in float32, so a spike cannot overflow."""
-        norm = reference.safe_norm(S).reshape(1)
-        if self._group is not None:
-            parts = norm.new_empty(dist.get_world_size(self._group))
-            dist.all_gather_into_tensor(parts, norm, group=self._group)
-            norm = reference.safe_norm(parts)
-        k = reference.norm_growth_divisor(norm.reshape(()), state, key, gamma)
-        if k is not None:
-            S.div_(k.to(S.dtype))
-        return S
+    def fira_residual_factors(self, G, R, psi, alpha, rank_axis):
+        """Fira's factored path on this rank's rows. A right projection's rows (of G, R and ψ) each live on one
+        rank: the local factors are exact and only the norm of the residual combines over ranks (a float per
+        rank). A left projection's factors are per column: the column norms of G combine over ranks and those
+        of R and ψ are gathered when R is column-split (n values each); every rank then computes φ (all n
+        columns, laid out along G) and the norm itself, from the same values."""
+        if self._group is None:
+            return self._ops.fira_residual_factors(G, R, psi, alpha, rank_axis)
+        if rank_axis == 1:
+            phi, norm = self._ops.fira_residual_factors(G, R, psi, alpha, rank_axis)
+            return phi, norm_over_ranks(norm, self._group)
+        acc = reference.accumulation_dtype(G)
+        g_norm = self.axis_norms(G, 0).to(acc)
+        r_norm, psi_norm = (self._column_factors(self._ops.axis_norms(x, 0).to(acc)) for x in (R, psi))
+        phi, weighted = reference.fira_factors_from_norms(g_norm, r_norm, psi_norm, alpha)
+        return phi, reference.safe_norm(weighted)
+
+    def limit_norm_growth_(self, S, state, key, gamma):
+        """Fira's limiter with the norm of the whole matrix: the ranks' norms of their rows of S combine
+        (:func:`norm_over_ranks`), so a spike cannot overflow, and every rank divides by the same k."""
+        dense = S.materialize() if isinstance(S, reference.ScaledResidual) else S
+        k = self.norm_growth_divisor(self.safe_norm(dense), state, key, gamma)
+        if k is None:
+            return S
+        if isinstance(S, reference.ScaledResidual):
+            return S.divided(k)
+        return S.div_(k.to(S.dtype))
 
 
 @functools.lru_cache(maxsize=None)
-def _sharded_ops(ops: Any, group: Any, split_cols: int | None) -> ShardedOps:
+def _sharded_ops(ops: Any, group: Any, split_cols: int | None, low_rank_sharded: bool) -> ShardedOps:
     """One ShardedOps per (operations, process group, layout): stable objects, so a compiled step guards on
     them once."""
-    return ShardedOps(ops, group, split_cols)
+    return ShardedOps(ops, group, split_cols, low_rank_sharded)
 
 
 # ------------------------------------------------------------------------------------- the step's glue
@@ -426,7 +517,8 @@ class ShardedStep:
             self.layout = "cols" if projector.split_cols else "replicated"
 
     def ops(self, ops: Any) -> ShardedOps:
-        return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None)
+        return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None,
+                            self.layout != "replicated")
 
     def update(self, engine: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
         state = engine.optimizer.state[p]
@@ -480,12 +572,6 @@ def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) 
             f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP) and its low-rank gradient would be "
             f"too, but the inner rule {type(inner).__name__} cannot run on a block of rows (InnerRule.shardable "
             f"= {shardable}); use DDP for this optimizer, or proj_type='left' / 'full' for this group"
-        )
-    if rows.sharded and group.get("norm_growth_limit") is not None:
-        raise ValueError(
-            f"{where} (shape {tuple(p.shape)}) is sharded by rows (FSDP): norm_growth_limit needs the norm of the "
-            "whole update and has no sharded form yet; drop it for this group (Fira's own limiter, "
-            "limiter_gamma, does work sharded), or use DDP"
         )
     projector = plan.projector
     if projected:

@@ -1,8 +1,9 @@
 """Kernels: the torch reference (CPU path and test oracle) and the Triton twins, chosen by ``impl``.
 
-Every fused operation has the same name and signature in :mod:`gradproj.kernels.reference` (pure
-torch) and :mod:`gradproj.kernels.triton_ops` (Triton kernels around cuBLAS GEMMs); the optimizer calls
-them through the module :func:`resolve` returns, so the readable core never changes with the backend.
+Every operation the optimizer calls is listed by :class:`~gradproj.kernels.protocol.KernelOps` (names:
+:data:`OPS`) and has the same name and signature in :mod:`gradproj.kernels.reference` (pure torch) and
+:mod:`gradproj.kernels.triton_ops` (Triton kernels around cuBLAS GEMMs); the optimizer calls them through
+the module :func:`resolve` returns, so the readable core never changes with the backend.
 
 Dispatch rules (``impl`` is a param-group option of every gradproj optimizer):
 
@@ -25,14 +26,12 @@ from types import ModuleType
 import torch
 
 from . import reference
+from .protocol import OPS, KernelOps
 
 log = logging.getLogger("gradproj")
 IMPLS = ("auto", "torch", "triton")
 #: parameter dtypes the Triton kernels accept (they compute in float32 and round on store)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: the operations both modules provide, with the same signatures
-OPS = ("adam_update", "fira_residual", "fira_scaled_residual", "limit_norm_growth_", "apply_weight_decay_",
-       "apply_update")
 #: per-parameter state key of the stochastic-rounding seed (a Python int)
 SR_SEED = "sr_seed"
 
@@ -118,5 +117,5 @@ def rounding_seed(state: dict, enabled: bool, dtype: torch.dtype) -> int | None:
     return (base + state["step"] * 0x9E3779B1) % (2**31 - 1)
 
 
-__all__ = ["IMPLS", "OPS", "SR_SEED", "TRITON_DTYPES", "reference", "load_triton_ops", "resolve", "rounding_seed",
+__all__ = ["IMPLS", "KernelOps", "OPS", "SR_SEED", "TRITON_DTYPES", "reference", "load_triton_ops", "resolve", "rounding_seed",
            "why_not_triton"]

@@ -152,7 +152,10 @@ def _axis_sumsq_kernel(X, SSQ, SCALE, M, N, s_m, s_n, AXIS: tl.constexpr, BM: tl
 def axis_norms(x: torch.Tensor, axis: int) -> torch.Tensor:
     """Euclidean norms of the rows (``axis=1``) or columns (``axis=0``) of a 2-D tensor, kept along ``axis``,
     in float32, overflow-safe: one read of ``x`` (tiles of partial sums of squares, each with a power-of-two
-    scale), then a small combination of the partials in torch."""
+    scale), then a small combination of the partials in torch. Twin of
+    :func:`gradproj.kernels.reference.axis_norms`, which other dtypes (float64) and shapes are handed to."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return reference.axis_norms(x, axis)
     M, N = x.shape
     grid = (triton.cdiv(M, TILE_M), triton.cdiv(N, TILE_N))
     parts, F = (grid[1], M) if axis == 1 else (grid[0], N)
@@ -173,7 +176,8 @@ def fira_residual_factors(G, R, psi, alpha, rank_axis):
     off the CPU)."""
     if G.dtype != torch.float32:
         return reference.fira_residual_factors(G, R, psi, alpha, rank_axis)
-    return reference.fira_residual_factors(G, R, psi, alpha, rank_axis, norms=lambda x: axis_norms(x, rank_axis))
+    phi, weighted = reference.fira_factors_from_norms(*(axis_norms(x, rank_axis) for x in (G, R, psi)), alpha)
+    return phi, reference.safe_norm(weighted)
 
 
 def residual_base(G: torch.Tensor, R: torch.Tensor, projector: Projector, state: dict, alpha: float) -> torch.Tensor:

@@ -128,33 +128,43 @@ def fira_residual_factors(
     psi: torch.Tensor,
     alpha: float,
     rank_axis: int,
-    norms=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fira's scaling factors φ and the norm ‖(G - α·B(R)) · φ‖, without materialising the residual.
 
     Valid for a basis whose back-projection B is an isometry with adjoint ``down`` (orthonormal P and
-    R = down(G)). Row by row (right projection; column by column for a left one) B(R)_i = R_i P, so
+    R = down(G)). The norms of G, R and ψ along ``rank_axis`` (kept) are :func:`safe_norm` in the
+    accumulation dtype of G; :func:`fira_factors_from_norms` does the rest. φ has G's shape with size 1
+    along ``rank_axis``; both results are in :func:`accumulation_dtype`.
+    """
+    acc = accumulation_dtype(G)
+    g_norm, r_norm, psi_norm = (safe_norm(x, rank_axis, keepdim=True, dtype=acc) for x in (G, R, psi))
+    phi, weighted = fira_factors_from_norms(g_norm, r_norm, psi_norm, alpha)
+    return phi, safe_norm(weighted)
+
+
+def fira_factors_from_norms(
+    g_norm: torch.Tensor,
+    r_norm: torch.Tensor,
+    psi_norm: torch.Tensor,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """φ = ‖ψ‖ / (‖R‖ + 1e-8) and the residual's norm per row (column) times φ, from the norms of G, R and ψ
+    along the rank axis (the arguments are consumed: some are overwritten).
+
+    Row by row (right projection; column by column for a left one) B(R)_i = R_i P, so
     ⟨G_i, B(R)_i⟩ = ‖R_i‖² = ‖B(R)_i‖² and::
 
         ‖G_i - α·B(R)_i‖² = ‖G_i‖² - (2α - α²)·‖R_i‖²
 
     The squares are taken of both norms divided by a power of two at most ‖G_i‖: the same bits as without
-    the scaling, but no overflow when ‖G_i‖ exceeds ~1.8e19 in float32 (a gradient spike). ``norms(x)``
-    gives the norms of G, R and ψ along ``rank_axis`` (kept), in the accumulation dtype: :func:`safe_norm`
-    by default (the Triton twin passes its one-pass kernel). φ has G's shape with size 1 along
-    ``rank_axis``; both results are in :func:`accumulation_dtype`.
+    the scaling, but no overflow when ‖G_i‖ exceeds ~1.8e19 in float32 (a gradient spike). The norm of the
+    whole residual is the norm of the second result (:func:`fira_residual_factors`).
     """
-    acc = accumulation_dtype(G)
-    if norms is None:
-        def norms(x):
-            return safe_norm(x, rank_axis, keepdim=True, dtype=acc)
-    r_norm = norms(R)
-    phi = norms(psi).div_(r_norm + 1e-8)
-    g_norm = norms(G)
+    phi = psi_norm.div_(r_norm + 1e-8)
     s = power_of_two_scale(g_norm)
     residual_norm = g_norm.div_(s).square_().sub_(r_norm.div_(s).square_(), alpha=2.0 * alpha - alpha * alpha)
     residual_norm.clamp_(min=0.0).sqrt_().mul_(s)
-    return phi, safe_norm(residual_norm.mul_(phi))
+    return phi, residual_norm.mul_(phi)
 
 
 def safe_norm(
@@ -200,6 +210,20 @@ def scaled_norm(x: torch.Tensor, dim: int | None, keepdim: bool, dtype: torch.dt
     s = power_of_two_scale(amax)
     n = plain_norm(x / s.to(x.dtype), dim, keepdim, dtype)
     return n * (s if keepdim else s.reshape(()) if dim is None else s.squeeze(dim))
+
+
+def axis_norms(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Norms of the rows (``axis=1``) or columns (``axis=0``) of a 2-D tensor, kept along ``axis``, in the
+    accumulation dtype, overflow-safe: :func:`safe_norm` along ``axis`` (the Triton twin reads x once)."""
+    return safe_norm(x, axis, keepdim=True)
+
+
+def low_rank_norm(x: torch.Tensor) -> torch.Tensor:
+    """The norm of a whole low-rank tensor (shaped like R), 0-dim, overflow-safe: :func:`safe_norm`.
+
+    A separate operation from :func:`safe_norm` only for its layout: under FSDP2 R may be split by rows, by
+    columns or replicated, unlike a full-size tensor (see :mod:`gradproj.kernels.protocol`)."""
+    return safe_norm(x)
 
 
 def norm_growth_divisor(norm: torch.Tensor, state: dict, key: str, gamma: float) -> torch.Tensor | None:

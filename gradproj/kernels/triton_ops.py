@@ -11,7 +11,14 @@ from __future__ import annotations
 from . import reference
 from ._triton_common import interpreting_at_import
 from .adam import adam_update
-from .fira import ScaledResidual, fira_residual, fira_residual_factors, fira_scaled_residual, limit_norm_growth_
+from .fira import (
+    ScaledResidual,
+    axis_norms,
+    fira_residual,
+    fira_residual_factors,
+    fira_scaled_residual,
+    limit_norm_growth_,
+)
 from .update import apply_update
 
 #: True when the kernels were defined for the Triton interpreter (CPU tensors), False when compiled
@@ -19,6 +26,10 @@ INTERPRETED = interpreting_at_import()
 apply_weight_decay_ = reference.apply_weight_decay_  # a single in-place add: nothing to fuse
 accumulation_dtype = reference.accumulation_dtype
 norm_growth_divisor = reference.norm_growth_divisor  # one scalar rule
+# whole-tensor norms stay on torch: the overflow check costs passes off the CPU (docs/kernels.md), but the
+# optimizer takes them only for the norm_growth_limit option (Fira's own norms are fused above)
+safe_norm = reference.safe_norm
+low_rank_norm = reference.low_rank_norm
 
 __all__ = [
     "INTERPRETED",
@@ -27,9 +38,12 @@ __all__ = [
     "adam_update",
     "apply_update",
     "apply_weight_decay_",
+    "axis_norms",
     "fira_residual",
     "fira_residual_factors",
     "fira_scaled_residual",
     "limit_norm_growth_",
+    "low_rank_norm",
     "norm_growth_divisor",
+    "safe_norm",
 ]

@@ -122,6 +122,12 @@ class Projector(Configurable):
         """Axis of R that holds the rank: norms over it give one factor per row (right) / column (left)."""
         return 1 if self.side == "right" else 0
 
+    def low_rank_factors(self, phi: torch.Tensor) -> torch.Tensor:
+        """Factors of G along the axis R keeps (one per row of a right projection, per column of a left one,
+        shaped to broadcast against G), restricted to the rows / columns R holds: ``phi`` itself, except for
+        a sharded left projection whose R is this rank's block of columns (gradproj.distributed.sharding)."""
+        return phi
+
     def state_layout(self) -> dict[str, Spec]:
         """The state keys this projector owns and what they must look like (:mod:`gradproj.state_layout`)."""
         m, n, r = self.m, self.n, self.rank

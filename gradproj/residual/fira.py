@@ -24,7 +24,9 @@ class FiraResidual(Residual):
     With an orthonormal basis (``projector.orthonormal``) the residual is never materialised: since φ is
     constant along the rank axis, ``α·B(U) + S = α·B(U − φ⊙R) + φ⊙G``, so B(R) joins the back-projection
     GEMM the step does anyway and S becomes the broadcast product φ⊙G; its norm comes from row (column)
-    norms of G and R (:func:`~gradproj.kernels.reference.fira_residual_factors`). Other bases take the
+    norms of G and R (the ``fira_residual_factors`` kernel operation; φ comes laid out along G, and
+    ``projector.low_rank_factors`` gives the part that lines up with R, all of it unless R is a sharded
+    block of a left projection's columns). Other bases take the
     direct path, which computes S as written above. So do bf16/fp16 parameters: the identity behind the
     factored norm holds only to the basis's own precision, which in half precision is too coarse for the
     limiter (with α = 1 the norm is a difference of two nearly equal terms).
@@ -59,4 +61,4 @@ class FiraResidual(Residual):
             if k is not None:
                 phi = phi / k
         S = ScaledResidual(G, phi.reshape(-1), axis=0 if axis == 1 else 1)  # φ⊙G: one factor per row / column
-        return torch.addcmul(U, phi, R, value=-1.0), S  # U − φ⊙R
+        return torch.addcmul(U, projector.low_rank_factors(phi), R, value=-1.0), S  # U − φ⊙R

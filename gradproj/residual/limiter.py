@@ -20,7 +20,7 @@ import math
 import torch
 
 from ..inner.base import StepContext
-from ..kernels.reference import ScaledResidual, safe_norm
+from ..kernels.reference import ScaledResidual
 from ..projectors.base import Projector
 from .base import ResidualTerm, dense_term
 
@@ -47,14 +47,19 @@ def validate_norm_growth_limit(group: dict, where: str) -> None:
     check_growth_limit(group.get(NORM_GROWTH_KEY), NORM_GROWTH_KEY, where)
 
 
-def update_norm(U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, scale: float) -> torch.Tensor:
+def update_norm(U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, ctx: StepContext) -> torch.Tensor:
     """‖scale · B(U) + S‖ as a 0-dim tensor on U's device, in the accumulation dtype (overflow-safe: a
-    gradient spike gives a large finite norm, which the limiter then scales down)."""
+    gradient spike gives a large finite norm, which the limiter then scales down). The norms are the kernel
+    operations of ``ctx.ops``, which under FSDP2 combine the ranks' parts into the whole matrix's norm."""
     if S is None and projector.orthonormal:
-        return safe_norm(U) * abs(scale)  # ‖B(U)‖ = ‖U‖ for an isometry
-    D = torch.zeros(projector.m, projector.n, dtype=U.dtype, device=U.device) if S is None else dense_term(S)
-    projector.add_up_(D, U, state, alpha=scale)
-    return safe_norm(D)
+        return ctx.ops.low_rank_norm(U) * abs(ctx.scale)  # ‖B(U)‖ = ‖U‖ for an isometry
+    if S is None:
+        rows = projector.m if ctx.param is None else ctx.param.shape[0]  # this rank's rows under FSDP2
+        D = torch.zeros(rows, projector.n, dtype=U.dtype, device=U.device)
+    else:
+        D = dense_term(S)
+    projector.add_up_(D, U, state, alpha=ctx.scale)
+    return ctx.ops.safe_norm(D)
 
 
 def limit_update_growth(
@@ -69,7 +74,7 @@ def limit_update_growth(
     gamma = group.get(NORM_GROWTH_KEY)
     if gamma is None:
         return U, S
-    norm = update_norm(U, S, projector, state, ctx.scale)
+    norm = update_norm(U, S, projector, state, ctx)
     k = ctx.ops.norm_growth_divisor(norm, state, UPDATE_NORM, float(gamma))
     if k is None:
         return U, S
