@@ -14,7 +14,7 @@ import gradproj
 from gradproj.distributed import estimate
 from distributed_utils import run_distributed
 from optim_table import OPTIMIZERS
-from problems import TinyNet, direct_svd_projector, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -104,13 +104,12 @@ def register_gram_reference():
     commutes, so the matrix is bitwise the all-reduced one whenever the float32 blocks are: eigh then returns
     the same vectors with the same signs. (Its signs are not a continuous function of the matrix: GᵀG formed
     in one product differs in the last bits and can flip a vector.) The left and full sides use the SVD, as
-    that path does. Not declared orthonormal: Fira computes its residual directly, as the sharded path does
-    (the factored form equals it only to the float32 accuracy of the basis)."""
+    that path does. Orthonormal like the sharded basis, so Fira takes the same (factored) path in both runs
+    (the factored form equals the direct one only to the float32 accuracy of the basis)."""
     from gradproj.projectors import SVDProjector, register_projector
 
     class GramReference(SVDProjector):
         name = "gram_reference"
-        orthonormal = False
 
         def compute_basis(self, G, state, step):
             if self.side != "right":
@@ -122,25 +121,24 @@ def register_gram_reference():
     register_projector(GramReference)
 
 
-# The single-process projectors: "svd_direct" is "svd" without the orthonormal flag, so that Fira computes its
-# residual directly, as the sharded path always does (tests/test_residual.py checks the factored form).
+# The single-process projectors are orthonormal like the sharded ones, so Fira takes its factored path in both
+# runs (tests/test_residual.py checks the factored form against the direct one).
 CASES = [  # name, optimizer, projected-group keys, constructor options, single-process projector
-    ("galore_gather", gradproj.GaLoreAdamW, {"sharded_refresh": "gather"}, {}, "svd_direct"),
-    ("fira_gather", gradproj.FiraAdamW, {"sharded_refresh": "gather"}, {}, "svd_direct"),
-    ("galore_full_wd", gradproj.GaLoreAdamW, {"proj_type": "full"}, {"weight_decay": 0.1}, "svd_direct"),
+    ("galore_gather", gradproj.GaLoreAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
+    ("fira_gather", gradproj.FiraAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
+    ("galore_full_wd", gradproj.GaLoreAdamW, {"proj_type": "full"}, {"weight_decay": 0.1}, "svd"),
     ("galore_gram", gradproj.GaLoreAdamW, {}, {}, "gram_reference"),
     ("fira_gram", gradproj.FiraAdamW, {}, {}, "gram_reference"),
     # moments restarted at every refresh: Adam's sign-equivariance makes the Gram basis give the SVD's
     # trajectory (the weights, to the float32 accuracy of the two bases: GRAM_VS_SVD; bases and moments
     # may differ in the signs of basis vectors)
-    ("fira_gram_reset", gradproj.FiraAdamW, {"moments_on_refresh": "reset"}, {}, "svd_direct"),
+    ("fira_gram_reset", gradproj.FiraAdamW, {"moments_on_refresh": "reset"}, {}, "svd"),
 ]
 
 
 def _parity_body(rank, world):
     assert world == WORLD
     register_gram_reference()
-    direct_svd_projector()
     for name, cls, group, kwargs, ref_projector in CASES:
         model = fsdp_model(torch.float64)
         opt = make_opt(cls, model, group, **kwargs)
@@ -168,7 +166,7 @@ def _parity_body(rank, world):
         if "rows" not in spec.cls.inner_rule.shardable:
             continue  # inner rules that cannot run on a block of rows are refused (same test as above)
         group = {**spec.group, "proj_type": "right", "sharded_refresh": "gather"}
-        ref_group = group if "projector" in group else {**group, "projector": "svd_direct"}
+        ref_group = group
         model, ref = fsdp_model(torch.float64), TinyNet().double()
         opt, ref_opt = (spec.cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **g),
                                  lr=1e-2, **spec.kwargs) for m, g in ((model, group), (ref, ref_group)))
