@@ -49,7 +49,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .train.models import LLAMA_CONFIGS, LlamaShape, get_shape
+from .models import LLAMA_CONFIGS, LlamaShape, get_shape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PROJECTOR_KINDS = ("svd", "randomized_svd", "dct", "random")
@@ -215,7 +215,7 @@ def estimate_memory(
     """Analytic memory of training ``model`` with ``optimizer`` (see the module docstring for formulas).
 
     Args:
-        model: a name of :data:`gradproj.train.models.LLAMA_CONFIGS` or a :class:`LlamaShape`.
+        model: a name of :data:`gradproj.models.LLAMA_CONFIGS` or a :class:`LlamaShape`.
         optimizer: a name of :data:`OPTIMIZER_MODES`.
         rank: subspace rank of projected optimizers (default hidden // 4).
         layerwise: per-layer updates (only the largest gradient is alive at a time).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from ..train.models import LLAMA_CONFIGS
+from ..models import LLAMA_CONFIGS
 
 #: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
 LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)

@@ -248,7 +248,7 @@ def cmd_memory(ns: argparse.Namespace) -> int:
 
 def cmd_list(ns: argparse.Namespace) -> int:
     from ..memory_estimate import OPTIMIZER_MODES
-    from .models import LLAMA_CONFIGS
+    from ..models import LLAMA_CONFIGS
     from .optimizers import OPTIMIZERS, available_projectors
 
     print("models (hidden / intermediate / heads / layers; train uses the tokenizer's vocabulary):")
@@ -266,7 +266,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import LLAMA_CONFIGS
+    from ..models import LLAMA_CONFIGS
 
     parser = argparse.ArgumentParser(prog="gradproj", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
