@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..registry import OPTIMIZERS, OptimizerEntry, available_optimizers
+from ..registry import OPTIMIZERS, OptimizerEntry, available_optimizers  # OPTIMIZERS: re-exported, the one table
 
 log = logging.getLogger("gradproj")
 
