@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from gradproj.train.models import LLAMA_CONFIGS
+from gradproj.models import LLAMA_CONFIGS
 
 #: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
 LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)

@@ -8,11 +8,13 @@ Each axis says which state keys it owns and what they must look like (:class:`Sp
 wrong shape or kind, a key without its companion (one Adam moment without the other), DCT indices out of
 range. ``load_state_dict`` refuses a checkpoint with any problem before it loads anything; ``step()``
 restarts the projected state of a parameter whose group changed its ``rank``, ``proj_type`` or
-``projector`` since the state was written.
+``projector`` since the state was written. :func:`layout_bytes` turns a layout into the bytes a state of
+that layout holds, which is how :mod:`gradproj.memory_estimate` counts optimizer state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +86,67 @@ def value_problem(key: str, value: Any, spec: Spec, deep: bool) -> str | None:
             if lo < 0 or hi >= spec.bound:
                 return f"{key!r} holds indices in [{lo}, {hi}], outside [0, {spec.bound})"
     return None
+
+
+#: bytes of one element of an ``"index"`` tensor (int32) and of ``"codes"`` when they are 8-bit
+INDEX_BYTES, CODE_BYTES = 4, 1
+#: ``"codes"`` that are not quantized (a tensor below the 8-bit threshold) are kept as float32
+UNQUANTIZED_CODE_DTYPE = torch.float32
+#: 0-dim float state (norms, Adafactor's RMS, torch.optim's step tensor) and the block scales of codes
+SCALAR_DTYPE = torch.float32
+
+
+def _itemsize(dtype: torch.dtype | str) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def is_code_scale(spec: Spec, layout: dict[str, Spec]) -> bool:
+    """Whether ``spec`` holds the block scales of 8-bit codes: a float entry that requires a ``"codes"`` one."""
+    return spec.kind == "float" and any(layout.get(k, Spec(INT)).kind == "codes" for k in spec.requires)
+
+
+def spec_bytes(spec: Spec, float_dtype: torch.dtype | str, *, quantized: bool = False, code_scale: bool = False) -> int:
+    """Bytes of one entry of a layout; see :func:`layout_bytes` for the rules."""
+    if spec.shape is INT:
+        return 0
+    numel = math.prod(spec.shape)
+    if spec.kind == "index":
+        return INDEX_BYTES * numel
+    if spec.kind == "codes":
+        return numel * (CODE_BYTES if quantized else _itemsize(UNQUANTIZED_CODE_DTYPE))
+    if code_scale:
+        return numel * _itemsize(SCALAR_DTYPE) if quantized else 0
+    if spec.shape == ():
+        return _itemsize(SCALAR_DTYPE)
+    return numel * _itemsize(float_dtype)
+
+
+def layout_bytes(layout: dict[str, Spec], float_dtype: torch.dtype | str, *, quantized: bool = False,
+                 context: dict[str, Spec] | None = None) -> int:
+    """Bytes of a state holding every entry of ``layout``, whose floating-point tensors are ``float_dtype``.
+
+    Call it once per axis, with the dtype that axis stores floats in: the parameter's dtype for a
+    projector's layout (dense bases), the inner rule's state dtype for the inner rule's, anything for a
+    residual's (its entries are 0-dim). The rules:
+
+    * ``shape=None`` (a Python int: step counts, seeds): 0 bytes;
+    * ``kind="index"``: int32, 4 bytes per element;
+    * ``kind="codes"``: 1 byte per element when ``quantized`` (8-bit codes), else float32 (a tensor below
+      the 8-bit threshold keeps float32 values);
+    * a ``"float"`` entry that requires a ``"codes"`` one holds the codes' block scales: float32 when
+      ``quantized``, absent (0 bytes) otherwise;
+    * a 0-dim ``"float"`` (a norm, an RMS, torch.optim's step tensor): float32, 4 bytes;
+    * any other ``"float"``: ``float_dtype``.
+
+    A layout lists every key a state *may* hold; a caller counting a state that holds only some of them
+    (an optional first moment) passes the layout without the others. ``context``: the whole state's layout
+    when ``layout`` is one axis of it (to recognise block scales whose codes another axis lists).
+    """
+    whole = layout if context is None else {**context, **layout}
+    return sum(spec_bytes(spec, float_dtype, quantized=quantized, code_scale=is_code_scale(spec, whole))
+               for spec in layout.values())
 
 
 def state_problem(state: dict, layout: dict[str, Spec], deep: bool = False) -> str | None:

@@ -1,10 +1,12 @@
-"""The analytic per-GPU memory of gradproj.distributed.estimate against counts made independently."""
+"""The analytic per-GPU memory of gradproj.distributed.estimate against counts made independently, and
+against the single-GPU estimator it is a layer over."""
 
 import pytest
 import torch
 
 import gradproj
 from gradproj.distributed.estimate import llama_tensors, per_gpu_memory, sharded_communication
+from gradproj.memory_estimate import estimate_memory
 from problems import TinyNet, tiny_batch, tiny_loss
 
 
@@ -22,9 +24,8 @@ def test_one_gpu_estimate_equals_measured_state(cls, name):
     tiny_loss(model, tiny_batch(0)).backward()
     opt.step()
     est = per_gpu_memory(tiny_tensors(model, groups), name, rank=4, weight_bytes=4, grad_bytes=4, state_bytes=4)
-    measured = sum(v.numel() * v.element_size() for s in opt.state.values() for k, v in s.items()
-                   if torch.is_tensor(v) and k != "step")  # torch's AdamW keeps a tensor step count
-    assert est["optimizer_states"] == measured
+    measured = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    assert est["optimizer_states"] == measured == gradproj.optimizer_state_bytes(opt)["total"]
     assert est["weights"] == est["gradients"] == 4 * sum(p.numel() for p in model.parameters())
 
 
@@ -33,7 +34,8 @@ def test_llama_7b_counts():
     n = sum(torch.Size(s).numel() for s, _ in tensors)
     assert n == 6_738_415_616  # LLaMA-7B (vocabulary 32000, untied head)
     adamw = per_gpu_memory(tensors, "adamw", "ddp")
-    assert adamw["weights"] == adamw["gradients"] == 2 * n and adamw["optimizer_states"] == 4 * n
+    # two bf16 moments per element, and torch's float32 `step` tensor per parameter
+    assert adamw["weights"] == adamw["gradients"] == 2 * n and adamw["optimizer_states"] == 4 * n + 4 * len(tensors)
     # FSDP2 on 8 GPUs: GPU 0 holds ceil(m / 8) rows of every tensor
     fsdp = per_gpu_memory(tensors, "adamw", "fsdp", 8)
     assert fsdp["weights"] == 2 * sum(-(-s[0] // 8) * torch.Size(s[1:]).numel() for s, _ in tensors)
@@ -46,6 +48,29 @@ def test_llama_7b_counts():
     assert g["optimizer_states"] == 32 * block + other
     with pytest.raises(ValueError, match="optimizer='sgd'"):
         per_gpu_memory(tensors, "sgd")
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor", "galore_adamw", "fira_adamw", "galore_adamw8bit",
+                                  "galore_adafactor", "galore", "galore_8bit", "fira"])
+def test_one_gpu_is_the_single_gpu_estimate(name):
+    tensors = llama_tensors("llama_60m")
+    for wb, dtype in ((2, "bfloat16"), (4, "float32")):
+        gpu = per_gpu_memory(tensors, name, rank=128, weight_bytes=wb, grad_bytes=wb, state_bytes=wb)
+        est = estimate_memory("llama_60m", name, rank=128, dtype=dtype, state_dtype=dtype)
+        assert (gpu["weights"], gpu["gradients"], gpu["optimizer_states"]) == (est.weights, est.gradients,
+                                                                               est.optimizer_states)
+        # FSDP on one GPU holds everything, as DDP does
+        assert per_gpu_memory(tensors, name, "fsdp", 1, rank=128, weight_bytes=wb, grad_bytes=wb,
+                              state_bytes=wb) == gpu
+
+
+def test_galore_8bit_is_an_alias_with_blockwise_moments():
+    # one uint8 per moment element plus one float32 scale per block of 256; fp32 moments under 4096 elements
+    big, small = ((4096, 1024), True), ((64,), False)
+    g = per_gpu_memory([big, small], "galore_8bit", rank=256, weight_bytes=2, state_bytes=2)
+    r_elems = 4096 * 256  # right projection: R is 4096 x 256
+    assert g["optimizer_states"] == 2 * (r_elems + 4 * (r_elems // 256)) + 2 * 256 * 1024 + 2 * 4 * 64
+    assert g == per_gpu_memory([big, small], "galore_adamw8bit", rank=256, weight_bytes=2, state_bytes=2)
 
 
 def test_communication_counts():

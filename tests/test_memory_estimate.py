@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import gradproj
+from gradproj import registry
 from gradproj.memory_estimate import estimate_memory, llama_parameters
 from gradproj.train.models import LlamaShape, build_model
 from gradproj.train.optimizers import OPTIMIZERS, OptimizerChoice, build_optimizer
@@ -193,3 +194,82 @@ def test_bad_estimator_input_is_rejected():
         estimate_memory("llama_2b", "adamw")
     with pytest.raises(ValueError, match="rank = 0"):
         estimate_memory("llama_60m", "galore_adamw", rank=0)
+
+
+# --------------------------------------------------------------------------- every axis, from its layout
+GRADPROJ_OPTIMIZERS = [n for n, e in registry.OPTIMIZERS.items() if e.is_gradproj and e.resolve() is not None]
+TINY_LLAMA = LlamaShape(hidden=64, intermediate=160, heads=4, layers=2, vocab=96)
+
+
+def _measure(name, dtype, projector="svd", proj_type="std", options=None, group=None):
+    """A real optimizer's state bytes after one step on a small LLaMA."""
+    model = build_model(TINY_LLAMA, TINY_LLAMA.vocab, 16, dtype=getattr(torch, dtype))
+    choice = OptimizerChoice(name=name, rank=8, update_proj_gap=5, projector=projector, proj_type=proj_type,
+                             group_options=dict(group or {}), optimizer_options=dict(options or {}))
+    opt = build_optimizer(model, choice, TINY_LLAMA.hidden)
+    x = torch.randint(0, TINY_LLAMA.vocab, (2, 16))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    return gradproj.optimizer_state_bytes(opt)
+
+
+def test_every_inner_rule_and_residual_has_a_gradproj_optimizer_here():
+    assert {registry.OPTIMIZERS[n].inner for n in GRADPROJ_OPTIMIZERS} == set(registry.INNER_RULES)
+    assert {registry.OPTIMIZERS[n].residual for n in GRADPROJ_OPTIMIZERS} == set(registry.RESIDUALS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+@pytest.mark.parametrize("projector", registry.projector_names())
+@pytest.mark.parametrize("name", GRADPROJ_OPTIMIZERS)
+def test_estimate_from_layouts_equals_measured_state_for_every_projector_and_inner_rule(name, projector, proj_type, dtype):
+    if registry.OPTIMIZERS[name].residual == "fira" and proj_type == "full":
+        with pytest.raises(ValueError, match="residual='fira' needs a one-sided projection"):
+            estimate_memory(TINY_LLAMA, name, rank=8, projector=projector, proj_type=proj_type)
+        return
+    # golore switches to random bases at step 100: the estimate counts its first, dense phase
+    group = {"golore_switch_step": 100} if projector == "golore" else None
+    measured = _measure(name, dtype, projector, proj_type, group=group)
+    est = estimate_memory(TINY_LLAMA, name, rank=8, dtype=dtype, projector=projector, proj_type=proj_type)
+    # `shared` holds the DCT matrices the projector caches outside the optimizer state
+    assert est.optimizer_states - est.optimizer_states_detail["shared"] == measured["total"]
+    assert est.optimizer_states_detail["basis"] == measured["basis"]
+
+
+@pytest.mark.parametrize("state_dtype", [None, "float32", "bfloat16"])
+@pytest.mark.parametrize("name", GRADPROJ_OPTIMIZERS)
+def test_estimate_follows_state_dtype_and_layout_options(name, state_dtype):
+    options = {"state_dtype": state_dtype} if state_dtype else {}
+    if registry.OPTIMIZERS[name].inner == "adafactor":
+        options["beta1"] = 0.9  # the optional first moment
+    if registry.OPTIMIZERS[name].inner == "adam8bit":
+        options["min_8bit_size"] = 500  # R of q/k/v/o (64 x 8) quantized too
+    measured = _measure(name, "bfloat16", options=options)
+    layout_options = {k: v for k, v in options.items() if k != "state_dtype"}
+    est = estimate_memory(TINY_LLAMA, name, rank=8, dtype="bfloat16", state_dtype=state_dtype, options=layout_options)
+    assert est.optimizer_states == measured["total"]
+
+
+def test_layout_bytes_rules():
+    from gradproj.state_layout import INT, Spec, layout_bytes
+
+    layout = {
+        "count": Spec(INT),
+        "idx": Spec((5,), "index", bound=9),
+        "codes": Spec((3, 4), "codes"),
+        "scales": Spec((2,), requires=("codes",)),
+        "norm": Spec(()),
+        "moment": Spec((3, 4)),
+    }
+    assert layout_bytes(layout, torch.bfloat16, quantized=True) == 0 + 4 * 5 + 12 + 4 * 2 + 4 + 2 * 12
+    assert layout_bytes(layout, "float32", quantized=False) == 0 + 4 * 5 + 4 * 12 + 0 + 4 + 4 * 12
+    # an axis counted alone still sees the codes another axis lists
+    assert layout_bytes({"scales": layout["scales"]}, "float32", quantized=True, context=layout) == 8
+
+
+def test_aliases_and_every_registered_projector_are_accepted():
+    assert estimate_memory(SMALL, "galore_8bit", rank=4).optimizer == "galore_adamw8bit"
+    for projector in registry.projector_names():
+        assert estimate_memory(SMALL, "galore_adamw", rank=4, projector=projector).n_projected == 14
+    with pytest.raises(ValueError, match="projector = 'wavelet'"):
+        estimate_memory(SMALL, "galore_adamw", projector="wavelet")

@@ -5,41 +5,77 @@ GPU holds everything) or FSDP2 (each GPU holds its ``torch.chunk`` share of ever
 gradproj state is laid out as :mod:`gradproj.distributed.sharding` describes). Activations, FSDP's
 all-gathered block parameters and the refresh's temporary buffers are not included.
 
-This is deliberately small; the ``gradproj memory`` command has the single-GPU estimator, and the two
-should become one.
+This is a layer over the one estimator, :mod:`gradproj.memory_estimate`: the state of each parameter is
+:func:`gradproj.memory_estimate.parameter_state` (the layouts of its projector, inner rule and residual
+rule); sharding only divides what is sharded. Optimizer names are those of :mod:`gradproj.registry`
+(this module's older spellings ``galore``, ``galore_8bit`` and ``fira`` are registered aliases of
+``galore_adamw``, ``galore_adamw8bit`` and ``fira_adamw``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
-from ..train.models import LLAMA_CONFIGS
+from ..memory_estimate import ParameterState, llama_parameters, parameter_state
+from ..models import LLAMA_CONFIGS, get_shape
+from ..projectors import choose_side
+from ..registry import get_optimizer, optimizer_names
+from .sharding import ROW_BASIS_KEYS
 
 #: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
 LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)
          for name, s in LLAMA_CONFIGS.items() if name.startswith("llama_")}
 VOCAB = 32000
-OPTIMIZERS = ("adamw", "galore", "galore_8bit", "fira")
 STRATEGIES = ("ddp", "fsdp")
-#: bitsandbytes' 8-bit optimizers: one float32 absmax per block of 256 values; tensors under 4096
-#: elements keep 32-bit state
-BLOCK_8BIT, MIN_8BIT = 256, 4096
+#: element size in bytes -> the dtype the estimator counts with
+DTYPES = {4: "float32", 2: "bfloat16"}
 
 
 def llama_tensors(name: str) -> list[tuple[tuple[int, ...], bool]]:
     """``(shape, projected)`` of every parameter of a LLaMA config: the 7 Linear weights of each decoder
     block are projected (gradproj.param_groups' default); embeddings, head and norms are not."""
-    if name not in LLAMA:
-        raise ValueError(f"unknown model {name!r}; use one of {', '.join(LLAMA)}")
-    h, i, _, layers = LLAMA[name]
-    block = [((h, h), True)] * 4 + [((i, h), True)] * 2 + [((h, i), True)] + [((h,), False)] * 2
-    return [((VOCAB, h), False)] + block * layers + [((h,), False), ((VOCAB, h), False)]
+    return [(p.shape, p.linear) for p in llama_parameters(get_shape(name))]
 
 
 def _rows(m: int, world: int, rank: int) -> int:
     chunk = math.ceil(m / world)
     return max(0, min(chunk, m - rank * chunk))
+
+
+def _dtype(nbytes: int, what: str) -> str:
+    if nbytes not in DTYPES:
+        raise ValueError(f"{what} = {nbytes!r}; use 4 (float32) or 2 (bfloat16)")
+    return DTYPES[nbytes]
+
+
+def shard_state(ps: ParameterState, world: int, index: int) -> ParameterState:
+    """The part of ``ps`` that GPU ``index`` of ``world`` holds under FSDP2 (:mod:`gradproj.distributed.sharding`).
+
+    The inner rule runs on this GPU's block of R: its rows (``torch.chunk`` of W's rows) for a right
+    projection or an unprojected parameter, its columns for a left projection, all of R (replicated) for
+    a two-sided one. The bases of left and two-sided projections (``proj`` / ``proj_left``, m x r) are
+    split by rows like W; everything else is replicated. Inner rules that cannot run on a block
+    (``InnerRule.shardable``; 8-bit Adam) are counted as if they could: gradproj refuses them under FSDP
+    today (right projections) or replicates R (left ones).
+    """
+    if world <= 1:
+        return ps
+    low = ps.low_rank_shape
+    if ps.side is None or ps.side == "right":
+        block = (_rows(low[0], world, index), *low[1:])
+    elif ps.side == "left":
+        block = (low[0], _rows(low[1], world, index))
+    else:
+        block = low
+    basis = dict(ps.basis)
+    if ps.side in ("left", "full"):
+        rows = _rows(ps.shape[0], world, index)
+        for key in ROW_BASIS_KEYS:
+            if key in basis and basis[key].shape is not None:
+                basis[key] = replace(basis[key], shape=(rows, *basis[key].shape[1:]))
+    return replace(ps.on_block(block), basis=basis)
 
 
 def per_gpu_memory(
@@ -54,57 +90,43 @@ def per_gpu_memory(
     grad_bytes: int = 2,
     state_bytes: int = 2,
     proj_type: str = "std",
+    projector: str = "svd",
 ) -> dict[str, int]:
     """Bytes of ``weights``, ``gradients``, ``optimizer_states`` and their ``total`` on GPU ``gpu``.
 
-    ``tensors``: ``(shape, projected)`` pairs (see :func:`llama_tensors`). ``optimizer``: ``"adamw"``,
-    ``"galore"``, ``"galore_8bit"`` or ``"fira"``; ``rank`` is the projection rank. Under FSDP2, GPU 0
-    holds the largest shards. Byte sizes default to bf16 weights, gradients and states; bases are stored
-    in the weights' dtype, Fira's limiter norm in float32.
+    ``tensors``: ``(shape, projected)`` pairs (see :func:`llama_tensors`). ``optimizer``: a name or alias of
+    :mod:`gradproj.registry` (``"adamw"``, ``"galore"``, ``"galore_8bit"``, ``"fira"``, ...); ``rank`` is
+    the projection rank. Under FSDP2, GPU 0 holds the largest shards. Byte sizes (4 or 2) default to bf16
+    weights, gradients and states (``state_bytes`` is the optimizer's ``state_dtype`` option: float32 or
+    bfloat16); bases are stored in the weights' dtype, scalars (Fira's limiter norm, torch's ``step``
+    tensor) in float32.
     """
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    try:
+        entry = get_optimizer(optimizer)
+    except ValueError:
+        raise ValueError(f"optimizer={optimizer!r}; use one of {', '.join(optimizer_names(aliases=True))}") from None
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}")
+    weight_dtype, state_dtype = _dtype(weight_bytes, "weight_bytes"), _dtype(state_bytes, "state_bytes")
     k = world_size if strategy == "fsdp" else 1
+    index = gpu if k > 1 else 0
     out = {"weights": 0, "gradients": 0, "optimizer_states": 0}
     for shape, projected in tensors:
+        shape = tuple(shape)
         m = shape[0] if shape else 1
         rest = math.prod(shape[1:]) if len(shape) > 1 else 1
-        rows = _rows(m, k, gpu if k > 1 else 0)
-        local = rows * rest
+        local = _rows(m, k, index) * rest
         out["weights"] += local * weight_bytes
         out["gradients"] += local * grad_bytes
-        r = rank
-        if optimizer == "adamw" or not projected or len(shape) < 2 or r >= min(m, rest):
-            out["optimizer_states"] += _moments(local, optimizer, state_bytes)
-            continue
-        side = _side(m, rest, proj_type)
-        if side == "right":  # R (m x r) row-sharded like W; basis r x n replicated
-            moment_elems, basis_bytes = rows * r, r * rest * weight_bytes
-        elif side == "left":  # R (r x n) split by columns; basis m x r split by rows
-            moment_elems, basis_bytes = r * _rows(rest, k, gpu if k > 1 else 0), rows * r * weight_bytes
-        else:  # full: R r x r replicated; bases m x r (row-sharded) and r x n (replicated)
-            moment_elems, basis_bytes = r * r, (rows * r + r * rest) * weight_bytes
-        out["optimizer_states"] += _moments(moment_elems, optimizer, state_bytes) + basis_bytes
-        if optimizer == "fira":
-            out["optimizer_states"] += 4
+        ps = parameter_state(entry, shape, rank=rank, projected=projected, proj_type=proj_type, projector=projector,
+                             dtype=weight_dtype, state_dtype=state_dtype)
+        out["optimizer_states"] += sum(shard_state(ps, k, index).state_bytes().values())
     out["total"] = sum(out.values())
     return out
 
 
 def _side(m: int, n: int, proj_type: str) -> str:
-    if proj_type == "std":
-        return "right" if m >= n else "left"
-    if proj_type == "reverse_std":
-        return "left" if m >= n else "right"
-    return proj_type
-
-
-def _moments(elements: int, optimizer: str, state_bytes: int) -> int:
-    if optimizer == "galore_8bit" and elements >= MIN_8BIT:
-        return 2 * (elements + 4 * math.ceil(elements / BLOCK_8BIT))
-    return 2 * elements * (4 if optimizer == "galore_8bit" else state_bytes)
+    return choose_side(m, n, proj_type)
 
 
 def sharded_communication(

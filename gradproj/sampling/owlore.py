@@ -1,17 +1,23 @@
-"""OwLore in one call: outlier ratios, a layer sampler and GaLore groups for a transformers causal LM."""
+"""OwLore in one call: outlier ratios, a layer sampler and GaLore groups for a transformers causal LM.
+
+The optimizers sit above the sampling package (``ProjectedOptimizer`` steps a ``LayerSampler``), so this
+recipe imports them when it is called, never when the module is imported.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..optimizers import GaLoreAdamW, ProjectedOptimizer, param_groups
 from .outliers import block_linears, decoder_blocks, outlier_ratios
 from .sampler import LayerSampler
+
+if TYPE_CHECKING:
+    from ..optimizers import ProjectedOptimizer
 
 log = logging.getLogger("gradproj")
 
@@ -37,7 +43,7 @@ def owlore(
     M: float = 13.0,
     seed: int = 0,
     blocks: Sequence[nn.Module] | None = None,
-    optimizer_cls: type[ProjectedOptimizer] = GaLoreAdamW,
+    optimizer_cls: type[ProjectedOptimizer] | None = None,
     lr: float = 3e-4,
     **optimizer_kwargs: Any,
 ) -> ProjectedOptimizer:
@@ -65,9 +71,14 @@ def owlore(
         M: outlier threshold of the ratios (see :func:`gradproj.outlier_ratios`).
         seed: the sampler's seed.
         blocks: the sampled modules (default ``model.model.layers``).
-        optimizer_cls: any gradproj optimizer class (``GaLoreAdamW``, ``FiraAdamW``, ...).
+        optimizer_cls: any gradproj optimizer class (``GaLoreAdamW``, ``FiraAdamW``, ...); None:
+            :class:`~gradproj.GaLoreAdamW`.
         lr, **optimizer_kwargs: passed to ``optimizer_cls`` (``weight_decay``, ``betas``, ``state_dtype``...).
     """
+    from ..optimizers import GaLoreAdamW, param_groups
+
+    if optimizer_cls is None:
+        optimizer_cls = GaLoreAdamW
     blocks = decoder_blocks(model) if blocks is None else list(blocks)
     if rank is None:
         rank = default_rank(model, blocks)

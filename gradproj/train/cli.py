@@ -50,6 +50,8 @@ def _add(group, *flags, section: str, field: str, **kwargs):
 
 
 def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
+    from .. import registry
+
     m = p.add_argument_group("model and data")
     _add(m, "--model", section="cfg", field="model", help="LLaMA configuration (see `gradproj list`; default tiny)")
     _add(m, "--data", section="cfg", field="data", nargs="+", metavar="PATH",
@@ -62,14 +64,15 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
     o = p.add_argument_group("optimizer")
     if not compare:
-        _add(o, "--optimizer", section="opt", field="name", help="optimizer name (see `gradproj list`; default galore_adamw)")
+        _add(o, "--optimizer", section="opt", field="name", metavar="NAME",
+             help=f"{', '.join(registry.optimizer_names())} (see `gradproj list`; default galore_adamw)")
     _add(o, "--lr", section="opt", field="lr", type=float, help="peak learning rate (default: the optimizer's recipe, 1e-2 projected / 1e-3 full-rank and FRUGAL)")
     _add(o, "--weight-decay", section="opt", field="weight_decay", type=float, help="decoupled weight decay (default 0)")
     _add(o, "--rank", section="opt", field="rank", type=_positive_int, help="subspace rank (default hidden // 4)")
     _add(o, "--scale", "--alpha", section="opt", field="scale", type=float, help="alpha: projected matrices move at lr * scale (default 0.25; FRUGAL 1)")
     _add(o, "--update-proj-gap", section="opt", field="update_proj_gap", type=_positive_int, help="T: refresh the subspace every T steps (default 200)")
     _add(o, "--proj-type", section="opt", field="proj_type", choices=["std", "reverse_std", "left", "right", "full"], help="projection side (default std)")
-    _add(o, "--projector", section="opt", field="projector", metavar="NAME", help="subspace basis: svd (default) or any registered projector")
+    _add(o, "--projector", section="opt", field="projector", metavar="NAME", help=f"subspace basis: {', '.join(registry.projector_names())} or one registered with gradproj.register_projector (default svd)")
     _add(o, "--target-modules", section="opt", field="target_modules", nargs="+", metavar="PATTERN",
          help="module names (substrings or regexes) whose weights are projected (default: every Linear of the blocks)")
     _add(o, "--layerwise", section="opt", field="layerwise", action="store_true", help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes per update)")
@@ -247,26 +250,26 @@ def cmd_memory(ns: argparse.Namespace) -> int:
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
-    from ..memory_estimate import OPTIMIZER_MODES
-    from .models import LLAMA_CONFIGS
-    from .optimizers import OPTIMIZERS, available_projectors
+    from .. import registry
+    from ..models import LLAMA_CONFIGS
 
     print("models (hidden / intermediate / heads / layers; train uses the tokenizer's vocabulary):")
     for name, s in LLAMA_CONFIGS.items():
         print(f"  {name:<12} {s.hidden:>5} {s.intermediate:>6} {s.heads:>3} {s.layers:>3}")
     print("optimizers (train / compare; memory knows all of them analytically):")
-    for name, spec in OPTIMIZERS.items():
+    for name, spec in registry.OPTIMIZERS.items():
         status = "available" if spec.resolve() is not None else "not installed"
-        print(f"  {name:<18} {status:<14} lr {spec.lr:<7g} {spec.help}")
-    extra = sorted(set(OPTIMIZER_MODES) - set(OPTIMIZERS))
-    if extra:
-        print(f"  (memory only: {', '.join(extra)})")
-    print(f"projectors: {', '.join(available_projectors())}")
+        aliases = f" (also: {', '.join(spec.aliases)})" if spec.aliases else ""
+        print(f"  {name:<18} {status:<14} lr {spec.lr:<7g} {spec.help}{aliases}")
+    print(f"projectors: {', '.join(registry.projector_names())}")
+    print(f"inner rules: {', '.join(registry.inner_names())}")
+    print(f"residual rules: {', '.join(registry.residual_names())}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import LLAMA_CONFIGS
+    from .. import registry
+    from ..models import LLAMA_CONFIGS
 
     parser = argparse.ArgumentParser(prog="gradproj", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -284,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("memory", help="analytic memory of a configuration and optimizer", description="Analytic memory: weights, gradients, optimizer states, activations.")
     p.add_argument("--model", default="llama_7b", choices=list(LLAMA_CONFIGS), help="configuration (default llama_7b; vocabulary 32000 except tiny)")
-    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, adafactor, galore_adamw, fira_adamw, frugal_adamw, galore_adamw8bit, galore_adafactor")
+    p.add_argument("--optimizer", default="adamw", choices=registry.optimizer_names(aliases=True), metavar="NAME",
+                   help=f"any registered optimizer, installed or not: {', '.join(registry.optimizer_names())} (default adamw)")
     p.add_argument("--rank", type=_positive_int, help="subspace rank (default hidden // 4)")
     p.add_argument("--layerwise", action="store_true", help="per-layer updates: one gradient alive at a time")
     p.add_argument("--batch-size", "--batch", type=int, default=0, help="sequences per step (with --seq: count activations)")
@@ -292,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and gradients (default bfloat16)")
     p.add_argument("--state-dtype", choices=["bfloat16", "float16", "float32"], help="Adam state (default: --dtype)")
     p.add_argument("--proj-type", default="std", choices=["std", "reverse_std", "left", "right", "full"])
-    p.add_argument("--projector", default="svd", choices=["svd", "randomized_svd", "dct", "random"])
+    p.add_argument("--projector", default="svd", choices=registry.projector_names(), metavar="NAME",
+                   help=f"basis kind: {', '.join(registry.projector_names())} (default svd)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--vocab-size", type=_positive_int, help="override the vocabulary (default 32000)")
     p.add_argument("--active-layers", type=_positive_int, help="blocks trained at a time under a layer sampler (LISA / OwLore)")

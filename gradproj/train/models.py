@@ -1,55 +1,15 @@
-"""LLaMA configurations by name (the papers' table) and building a model from one.
+"""Building a LLaMA model from a configuration of :mod:`gradproj.models` (the papers' table).
 
-The shapes are those of the GaLore / Fira pre-training experiments (SiLU, RMSNorm eps 1e-6, init 0.02,
-untied input and output embeddings). The papers use a 32000-token vocabulary; ``gradproj train`` takes the
-vocabulary size from its tokenizer instead (256 for the default byte-level tokenizer), while
-:mod:`gradproj.memory_estimate` uses 32000 unless told otherwise.
+The shapes (``LlamaShape``, ``LLAMA_CONFIGS``, ``get_shape``) live in the core module
+:mod:`gradproj.models` and are re-exported here; the models follow the GaLore / Fira pre-training
+experiments (SiLU, RMSNorm eps 1e-6, init 0.02, untied input and output embeddings).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
-
 import torch
 
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """The numbers that determine a LLaMA model's parameter and activation sizes."""
-
-    hidden: int
-    intermediate: int
-    heads: int
-    layers: int
-    vocab: int = 32000
-
-    def with_vocab(self, vocab: int) -> "LlamaShape":
-        return replace(self, vocab=vocab)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-#: the GaLore paper's configurations, plus ``tiny``: the default of ``gradproj train``, small enough to train visibly on
-#: two CPU cores in about a minute (the llama_9m block shapes over a byte vocabulary).
-LLAMA_CONFIGS: dict[str, LlamaShape] = {
-    "tiny": LlamaShape(128, 352, 4, 4, vocab=256),
-    "llama_9m": LlamaShape(128, 352, 4, 4),
-    "llama_20m": LlamaShape(256, 688, 4, 4),
-    "llama_35m": LlamaShape(384, 1024, 8, 6),
-    "llama_60m": LlamaShape(512, 1376, 8, 8),
-    "llama_130m": LlamaShape(768, 2048, 12, 12),
-    "llama_350m": LlamaShape(1024, 2736, 16, 24),
-    "llama_1b": LlamaShape(2048, 5461, 32, 24),
-    "llama_7b": LlamaShape(4096, 11008, 32, 32),
-}
-
-
-def get_shape(name: str) -> LlamaShape:
-    try:
-        return LLAMA_CONFIGS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(LLAMA_CONFIGS)}") from None
+from ..models import LLAMA_CONFIGS, MODEL_NAMES, LlamaShape, get_shape
 
 
 def build_model(
@@ -88,3 +48,6 @@ def build_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     return model.to(device=device, dtype=dtype)
+
+
+__all__ = ["LLAMA_CONFIGS", "MODEL_NAMES", "LlamaShape", "build_model", "get_shape"]

@@ -1,15 +1,16 @@
-"""The optimizers ``gradproj train`` / ``compare`` know by name.
+"""The optimizers ``gradproj train`` / ``compare`` know by name: those of :mod:`gradproj.registry`.
 
-Adding one is one line in :data:`OPTIMIZERS`: the class (as ``"module:Name"``, imported only when used),
-its default learning rate, whether it takes GaLore's projected param groups, and default constructor
-arguments / projected-group keys. A name whose class cannot be imported in this installation (an optional
-dependency missing, or a class this version of gradproj does not have) is listed as unavailable and
-rejected with a clear message, so the table can name optimizers before they exist.
+Adding one is one :func:`gradproj.registry.register_optimizer` call: the class (as ``"module:Name"``,
+imported only when used), its default learning rate, whether it takes GaLore's projected param groups,
+default constructor arguments / projected-group keys, and how its state is laid out (for the memory
+estimators). A name whose class cannot be imported in this installation (an optional dependency missing,
+or a class this version of gradproj does not have) is listed as unavailable and rejected with a clear
+message, so the table can name optimizers before they exist. Aliases (old spellings such as
+``galore_8bit``) are accepted wherever a name is.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,60 +18,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import registry
+from ..registry import OPTIMIZERS, OptimizerEntry, available_optimizers  # OPTIMIZERS: re-exported, the one table
+
 log = logging.getLogger("gradproj")
 
-_ADAFACTOR_FIXED_LR = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
+#: the registry's entry type, under the name this module has always used
+OptimizerSpec = OptimizerEntry
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    #: ``"module:Class"``; resolved lazily
-    target: str
-    #: default learning rate (the papers' recipes: 1e-3 for full-rank Adam, 1e-2 with projection, α = 0.25)
-    lr: float
-    #: takes GaLore's projected param groups (rank, update_proj_gap, scale, proj_type)
-    projected: bool = True
-    #: default constructor keyword arguments
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    #: default keys of the projected group
-    group: dict[str, Any] = field(default_factory=dict)
-    #: default scale (alpha) of the projected matrices
-    scale: float = 0.25
-    help: str = ""
-
-    def resolve(self) -> type[torch.optim.Optimizer] | None:
-        """The optimizer class, or None when it cannot be imported here."""
-        module, _, name = self.target.partition(":")
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            return None
-        except Exception as err:  # an optional dependency failing at import (e.g. a broken CUDA setup)
-            log.debug("gradproj: importing %s failed: %s", self.target, err)
-            return None
-
-
-#: name -> spec. One line per optimizer.
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec("torch.optim:AdamW", 1e-3, projected=False, kwargs={"weight_decay": 0.0}, help="torch.optim.AdamW (full-rank baseline)"),
-    "adamw8bit": OptimizerSpec("bitsandbytes.optim:AdamW8bit", 1e-3, projected=False, kwargs={"weight_decay": 0.0}, help="bitsandbytes 8-bit AdamW (full-rank baseline)"),
-    "adafactor": OptimizerSpec("transformers.optimization:Adafactor", 1e-3, projected=False, kwargs=_ADAFACTOR_FIXED_LR, help="transformers Adafactor, fixed lr (full-rank baseline)"),
-    "galore_adamw": OptimizerSpec("gradproj:GaLoreAdamW", 1e-2, help="GaLore: Adam in a low-rank gradient subspace"),
-    "fira_adamw": OptimizerSpec("gradproj:FiraAdamW", 1e-2, help="Fira: GaLore plus the scaled residual, norm-growth limited"),
-    "frugal_adamw": OptimizerSpec("gradproj:FrugalAdamW", 1e-3, scale=1.0, help="FRUGAL: Adam in the subspace, signSGD outside it"),
-    "galore_adamw8bit": OptimizerSpec("gradproj:GaLoreAdamW8bit", 1e-2, help="GaLore with 8-bit blockwise moments"),
-    "galore_adafactor": OptimizerSpec("gradproj:GaLoreAdafactor", 1e-2, kwargs=_ADAFACTOR_FIXED_LR, help="GaLore with Adafactor's factored second moment"),
-}
-
-
-def available_optimizers() -> list[str]:
-    return [name for name, spec in OPTIMIZERS.items() if spec.resolve() is not None]
-
-
-def get_spec(name: str) -> OptimizerSpec:
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available_optimizers())}")
-    spec = OPTIMIZERS[name]
+def get_spec(name: str) -> OptimizerEntry:
+    """The registered entry of ``name`` (or of an alias); ValueError when unknown or not importable here."""
+    try:
+        spec = registry.get_optimizer(name)
+    except ValueError:
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available_optimizers())}") from None
     if spec.resolve() is None:
         raise ValueError(
             f"optimizer {name!r} ({spec.target.replace(':', '.')}) is not available in this installation; "
@@ -80,9 +42,7 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def available_projectors() -> list[str]:
-    from ..projectors import PROJECTORS
-
-    return sorted(PROJECTORS)
+    return registry.projector_names()
 
 
 @dataclass
