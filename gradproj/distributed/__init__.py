@@ -5,7 +5,7 @@
   optimizer state (a per-parameter counter or seed), never from the process's global RNG, which differs
   between ranks; :func:`replicated_state_mismatches` checks it.
 * FSDP2 (``fully_shard``): gradproj optimizers accept DTensor parameters sharded on dim 0 and step each
-  rank's rows; see :mod:`gradproj.distributed.sharding` for the layout of the state and the communication.
+  rank's rows; see :mod:`gradproj.optimizers.sharding` for the layout of the state and the communication.
 * :mod:`gradproj.distributed.launch`: process group from torchrun's environment, model wrapping,
   per-rank data, rank-0 helpers and distributed checkpoints.
 """

@@ -2,7 +2,7 @@
 
 Counts what persists across steps on one GPU: weights, gradients and optimizer state, under DDP (every
 GPU holds everything) or FSDP2 (each GPU holds its ``torch.chunk`` share of every tensor's rows, and the
-gradproj state is laid out as :mod:`gradproj.distributed.sharding` describes). Activations, FSDP's
+gradproj state is laid out as :mod:`gradproj.optimizers.sharding` describes). Activations, FSDP's
 all-gathered block parameters and the refresh's temporary buffers are not included.
 
 This is a layer over the one estimator, :mod:`gradproj.memory_estimate`: the state of each parameter is
@@ -51,7 +51,7 @@ def _dtype(nbytes: int, what: str) -> str:
 
 
 def shard_state(ps: ParameterState, world: int, index: int) -> ParameterState:
-    """The part of ``ps`` that GPU ``index`` of ``world`` holds under FSDP2 (:mod:`gradproj.distributed.sharding`).
+    """The part of ``ps`` that GPU ``index`` of ``world`` holds under FSDP2 (:mod:`gradproj.optimizers.sharding`).
 
     The inner rule runs on this GPU's block of R: its rows (``torch.chunk`` of W's rows) for a right
     projection or an unprojected parameter, its columns for a left projection, all of R (replicated) for

@@ -61,7 +61,7 @@ class InnerRule(Configurable):
     batched: ClassVar[bool] = False
     #: the state keys this rule owns (dropped by :meth:`reset_state`)
     state_keys: ClassVar[tuple[str, ...]] = ()
-    #: axes of R along which the rule runs unchanged on a block, as under FSDP (gradproj.distributed.sharding):
+    #: axes of R along which the rule runs unchanged on a block, as under FSDP (gradproj.optimizers.sharding):
     #: "rows" when the update of a row reads only that row and every state tensor has R's rows as dim 0;
     #: "cols" likewise for columns and dim 1
     shardable: ClassVar[tuple[str, ...]] = ()

@@ -2,7 +2,7 @@
 
 The readable core (inner rules, residual rules, the limiter, the outer step) never imports a backend: it
 calls every fused or distribution-sensitive operation through ``ctx.ops`` (the object
-:func:`gradproj.kernels.resolve` returns, wrapped by :class:`gradproj.distributed.sharding.ShardedOps` for
+:func:`gradproj.kernels.resolve` returns, wrapped by :class:`gradproj.optimizers.sharding.ShardedOps` for
 an FSDP2 parameter). :class:`KernelOps` lists all of them; :data:`OPS` is their names. The torch reference
 (:mod:`gradproj.kernels.reference`), the Triton module (:mod:`gradproj.kernels.triton_ops`) and
 ``ShardedOps`` each provide every one with these parameters (tests/test_kernel_protocol.py checks names,

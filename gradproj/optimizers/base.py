@@ -50,7 +50,7 @@ class ProjectedOptimizer(Optimizer):
       :mod:`gradproj.optimizers.compiled`.
 
     DTensor parameters (FSDP2's ``fully_shard``) are stepped on each rank's rows; see
-    :mod:`gradproj.distributed.sharding`.
+    :mod:`gradproj.optimizers.sharding`.
     * ``norm_growth_limit``: ``None`` (default) or γ >= 1 — limit every parameter's update norm to grow by
       at most γ per step (Fira's limiter on the whole update; see :mod:`gradproj.residual.limiter`).
     * ``layerwise``: step each parameter inside its post-accumulate-grad hook and free its gradient at

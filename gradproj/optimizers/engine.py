@@ -16,7 +16,7 @@ inner rule) with GaLore's placement of the weight decay.
 
 :class:`Engine` is the public interface the step modes build on — the per-parameter loop of
 ``optimizer.step()``, per-layer stepping (:mod:`.layerwise`), the batched step (:mod:`.multi_tensor`), the
-compiled tail (:mod:`.compiled`) and FSDP2's sharded step (:mod:`gradproj.distributed.sharding`):
+compiled tail (:mod:`.compiled`) and FSDP2's sharded step (:mod:`gradproj.optimizers.sharding`):
 
 * :meth:`Engine.validate_group` — apply the schema to a param group (defaults, checks, unknown keys);
 * :meth:`Engine.plan` / :meth:`Engine.prepare` — how one parameter is stepped, with every check that must
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import kernels
-from ..distributed.sharding import all_finite, is_dtensor, shard_plan
+from .sharding import all_finite, is_dtensor, shard_plan
 from ..inner import INNER_RULES, InnerRule, StepContext
 from ..options import ABSENT, Option, boolean, choice, number, option_names
 from ..projectors import PROJ_TYPES, PROJECTORS, IdentityProjector, Projector, get_projector
@@ -133,7 +133,7 @@ class Plan:
     scale: float
     ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
     inner: InnerRule
-    shard: Any = None  # DTensor (FSDP2) parameters: gradproj.distributed.sharding.ShardedStep
+    shard: Any = None  # DTensor (FSDP2) parameters: gradproj.optimizers.sharding.ShardedStep
     fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
     #: why the parameter's state no longer fits its group (rank, proj_type or projector changed): the update
     #: restarts it (basis and inner state) at this step; None when it fits
@@ -359,7 +359,7 @@ class Engine:
         """Update one parameter: :meth:`update`, or for a DTensor the same on this rank's rows."""
         if plan.shard is None:
             self.update(p, grad, group, plan)
-        else:  # gradproj.distributed.sharding: local tensors in, DTensor state kept
+        else:  # gradproj.optimizers.sharding: local tensors in, DTensor state kept
             plan.shard.update(self, p, grad, group, plan)
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Plan, state: dict | None = None) -> None:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import kernels
-from ..distributed.sharding import is_dtensor
+from .sharding import is_dtensor
 from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
 from ..projectors.base import choose_side, dense_down

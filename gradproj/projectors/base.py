@@ -125,7 +125,7 @@ class Projector(Configurable):
     def low_rank_factors(self, phi: torch.Tensor) -> torch.Tensor:
         """Factors of G along the axis R keeps (one per row of a right projection, per column of a left one,
         shaped to broadcast against G), restricted to the rows / columns R holds: ``phi`` itself, except for
-        a sharded left projection whose R is this rank's block of columns (gradproj.distributed.sharding)."""
+        a sharded left projection whose R is this rank's block of columns (gradproj.optimizers.sharding)."""
         return phi
 
     def state_layout(self) -> dict[str, Spec]:
