@@ -1,0 +1,137 @@
+"""This checkout's optimizer step against another version of gradproj, side by side in one process.
+
+The other version is a source tree (e.g. ``git archive <commit> gradproj | tar -x -C /tmp/base``) imported
+as the package ``gradproj_baseline``; both step the same parameter set — every tensor of a LLaMA model:
+the decoder blocks' Linear weights (projected), their norms, the embedding and the head (unprojected) —
+with fixed random gradients, in rotated rounds (one step of each version per round, the first one rotated),
+so the ratio holds when the machine's load changes during the run. Regular steps and refresh steps are
+timed separately (medians); the amortized step is (refresh + (T - 1) · regular) / T.
+
+    git archive 7c2730e gradproj | tar -x -C /tmp/base
+    python benchmarks/versions.py --baseline /tmp/base --models llama_20m llama_60m [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gradproj
+from common import LLAMA, block_matrix_shapes, machine
+
+VOCAB = 32000
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def load_baseline(src: str):
+    root = Path(src) / "gradproj"
+    spec = importlib.util.spec_from_file_location("gradproj_baseline", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gradproj_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_shapes(name: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(projected matrices, unprojected tensors) of a LLaMA model."""
+    h, _, _, layers = LLAMA[name]
+    return block_matrix_shapes(name), [(VOCAB, h), (VOCAB, h), (h,)] + [(h,)] * (2 * layers)
+
+
+def make_params(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    return params
+
+
+def build(package, projected, regular, rank, gap):
+    groups = [{"params": regular}, {"params": projected, "rank": rank, "update_proj_gap": gap, "scale": 0.25}]
+    return package.GaLoreAdamW(groups, lr=1e-3)
+
+
+def timed(opt) -> float:
+    t0 = time.perf_counter()
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def compare(name: str, baseline, gap: int, repeats: int) -> dict:
+    shapes, others = model_shapes(name)
+    rank = LLAMA[name][0] // 4
+    runs = {}
+    for label, package in (("this", gradproj), ("baseline", baseline)):
+        projected, regular = make_params(shapes, 0), make_params(others, 1)
+        runs[label] = build(package, projected, regular, rank, gap)
+    for opt in runs.values():
+        opt.step()  # the first refresh allocates the state
+    times = {label: {"regular": [], "refresh": []} for label in runs}
+    labels = list(runs)
+    for i in range(repeats):
+        order = labels[i % 2:] + labels[:i % 2]
+        for label in order:
+            times[label]["regular"].append(timed(runs[label]))  # a regular step
+        for label in order:
+            opt = runs[label]
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if "step" in opt.state.get(p, {}):
+                        opt.state[p]["step"] = gap * (i + 1)  # the next step refreshes
+            times[label]["refresh"].append(timed(opt))
+    row = {"model": name, "rank": rank, "gap": gap}
+    for label in labels:
+        reg = statistics.median(times[label]["regular"])
+        ref = statistics.median(times[label]["refresh"])
+        row[f"{label}_regular_ms"] = 1e3 * reg
+        row[f"{label}_refresh_ms"] = 1e3 * ref
+        row[f"{label}_amortized_ms"] = 1e3 * (ref + (gap - 1) * reg) / gap
+    for kind in ("regular", "refresh", "amortized"):
+        row[f"{kind}_ratio"] = row[f"this_{kind}_ms"] / row[f"baseline_{kind}_ms"]
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline", required=True, help="a directory holding the other version's gradproj/")
+    ap.add_argument("--models", nargs="+", default=["llama_20m", "llama_60m"])
+    ap.add_argument("--gap", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline)
+    rows = [compare(name, baseline, args.gap, args.repeats) for name in args.models]
+    print(f"# {cpu_model()}, {machine()}; GaLoreAdamW on a whole LLaMA parameter set, rank hidden/4, T {args.gap}")
+    print("| model | regular (this / baseline, ms) | refresh (ms) | amortized (ms) | ratio regular | ratio amortized |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['this_regular_ms']:.1f} / {r['baseline_regular_ms']:.1f} "
+              f"| {r['this_refresh_ms']:.0f} / {r['baseline_refresh_ms']:.0f} "
+              f"| {r['this_amortized_ms']:.1f} / {r['baseline_amortized_ms']:.1f} "
+              f"| {r['regular_ratio']:.3f} | {r['amortized_ratio']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
