@@ -25,8 +25,11 @@ from ..registry import get_optimizer, optimizer_names
 from .sharding import ROW_BASIS_KEYS
 
 #: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
-LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)
-         for name, s in LLAMA_CONFIGS.items() if name.startswith("llama_")}
+LLAMA = {
+    name: (s.hidden, s.intermediate, s.heads, s.layers)
+    for name, s in LLAMA_CONFIGS.items()
+    if name.startswith("llama_")
+}
 VOCAB = 32000
 STRATEGIES = ("ddp", "fsdp")
 #: element size in bytes -> the dtype the estimator counts with
@@ -118,8 +121,16 @@ def per_gpu_memory(
         local = _rows(m, k, index) * rest
         out["weights"] += local * weight_bytes
         out["gradients"] += local * grad_bytes
-        ps = parameter_state(entry, shape, rank=rank, projected=projected, proj_type=proj_type, projector=projector,
-                             dtype=weight_dtype, state_dtype=state_dtype)
+        ps = parameter_state(
+            entry,
+            shape,
+            rank=rank,
+            projected=projected,
+            proj_type=proj_type,
+            projector=projector,
+            dtype=weight_dtype,
+            state_dtype=state_dtype,
+        )
         out["optimizer_states"] += sum(shard_state(ps, k, index).state_bytes().values())
     out["total"] = sum(out.values())
     return out

@@ -219,7 +219,9 @@ def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     return wrapper
 
 
-def quiet_other_ranks(env: DistributedEnv, loggers: Iterable[str] = ("gradproj",), level: int = logging.WARNING) -> None:
+def quiet_other_ranks(
+    env: DistributedEnv, loggers: Iterable[str] = ("gradproj",), level: int = logging.WARNING
+) -> None:
     """On ranks other than 0, raise the given loggers' level (default: warnings and errors only)."""
     if not env.is_main:
         for name in loggers:
@@ -244,8 +246,13 @@ class _single_process_quiet(warnings.catch_warnings):
         return out
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistributedEnv,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistributedEnv,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Save model and optimizer with ``torch.distributed.checkpoint`` into the directory ``path``.
 
     Every rank must call it: each writes its own shards (FSDP2) or rank 0 writes the replicated tensors
@@ -267,8 +274,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         dist.barrier()
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    env: DistributedEnv) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistributedEnv
+) -> dict[str, Any]:
     """Load what :func:`save_checkpoint` wrote into ``model`` and ``optimizer`` (same world size and
     wrapping, or any world size for FSDP2: DCP reshards); returns ``extra``. Every rank must call it."""
     import torch.distributed.checkpoint as dcp

@@ -40,8 +40,11 @@ def _rms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _check_eps(eps: object, name: str, where: str) -> None:
-    if not (isinstance(eps, (tuple, list)) and len(eps) == 2
-            and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)):
+    if not (
+        isinstance(eps, (tuple, list))
+        and len(eps) == 2
+        and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)
+    ):
         raise ValueError(
             f"{where}: {name} = {eps!r} must be a pair (eps1 for the squared gradient, eps2 for the parameter "
             "scale) of numbers >= 0, e.g. (1e-30, 1e-3)"
@@ -60,8 +63,12 @@ class Adafactor(InnerRule):
 
     name = "adafactor"
     options = (
-        Option("eps", (1e-30, 1e-3), "(eps1 added to the squared gradient, eps2 the floor of the parameter scale)",
-               _check_eps),
+        Option(
+            "eps",
+            (1e-30, 1e-3),
+            "(eps1 added to the squared gradient, eps2 the floor of the parameter scale)",
+            _check_eps,
+        ),
         Option("clip_threshold", 1.0, "update clipping threshold on its RMS", number(minimum=0.0, exclusive=True)),
         Option("decay_rate", -0.8, "β2_t = 1 − t^decay_rate", number(maximum=0.0, hint="beta2_t = 1 - t^decay_rate")),
         Option("beta1", None, "first-moment decay (None: no first moment)", _check_beta1),

@@ -12,7 +12,9 @@ from .base import InnerRule, StepContext
 
 
 #: Adam's options, shared by the rules built on it
-BETAS = Option("betas", (0.9, 0.999), "decay of the first and second moments", pair(unit_interval, unit_interval, "beta1, beta2"))
+BETAS = Option(
+    "betas", (0.9, 0.999), "decay of the first and second moments", pair(unit_interval, unit_interval, "beta1, beta2")
+)
 EPS = Option("eps", 1e-6, "added to √v (GaLore's default; AdamW's is 1e-8)", number(minimum=0.0))
 
 

@@ -85,9 +85,14 @@ class Adam8bit(Adam):
 
     name = "adam8bit"
     options = (
-        BETAS, EPS,
-        Option("min_8bit_size", 4096, "moments of tensors with fewer elements stay fp32 (as bitsandbytes)",
-               number(integer=True, minimum=0)),
+        BETAS,
+        EPS,
+        Option(
+            "min_8bit_size",
+            4096,
+            "moments of tensors with fewer elements stay fp32 (as bitsandbytes)",
+            number(integer=True, minimum=0),
+        ),
     )
     state_keys = ("exp_avg", "exp_avg_sq", EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX)
     state_parts = {EXP_AVG_ABSMAX: "scales", EXP_AVG_SQ_ABSMAX: "scales"}

@@ -353,6 +353,8 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # -65536 == 0xFFFF0000 as int32
     rounded = bits.view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+
 def clip_by_norm(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """``g · min(1, max_norm / (‖g‖ + 1e-6))`` as a new tensor (``g`` itself when ``max_norm`` is None).
 

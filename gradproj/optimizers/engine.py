@@ -94,31 +94,53 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option("weight_decay", 0.0, "decoupled weight decay, applied after the update", number(minimum=0.0)),
     Option("inner", "adam", "the update rule in the subspace (the preset's; any registered rule)"),
     Option("projector", "svd", "the basis of projected groups", _registered(PROJECTORS, "projector")),
-    Option("residual", "none", "what to do with the discarded gradient (the preset's)",
-           _registered(RESIDUALS, "residual")),
+    Option(
+        "residual", "none", "what to do with the discarded gradient (the preset's)", _registered(RESIDUALS, "residual")
+    ),
     Option("proj_type", "std", "the projected side (`std`: the longer side away)", choice(*PROJ_TYPES)),
-    Option("moments_on_refresh", "keep", "the inner state at a refresh: keep, reset or project it",
-           choice(*MOMENT_RULES)),
+    Option(
+        "moments_on_refresh", "keep", "the inner state at a refresh: keep, reset or project it", choice(*MOMENT_RULES)
+    ),
     Option("impl", "auto", "kernels of the fused parts: `auto`, `torch` or `triton`", _impl),
     Option("state_dtype", None, "dtype of the optimizer state (None: the parameter's)", _state_dtype),
     Option("stochastic_rounding", False, "round bf16 weights stochastically after each update", boolean),
     Option("compile", False, "run the per-step math as one `torch.compile` graph (True or its arguments)"),
-    Option(NORM_GROWTH_KEY, None, "limit each update's norm to grow by at most γ per step (None: off)",
-           lambda v, name, where: check_growth_limit(v, name, where)),
-    Option("max_grad_norm", None, "clip each parameter's gradient to this norm before its update (None: off)",
-           number(minimum=0.0, exclusive=True, allow_none=True)),
-    Option("foreach", None, "step regular GaLore steps batched (None: on CUDA)",
-           lambda v, name, where: multi_tensor.check_option(v, where)),
+    Option(
+        NORM_GROWTH_KEY,
+        None,
+        "limit each update's norm to grow by at most γ per step (None: off)",
+        lambda v, name, where: check_growth_limit(v, name, where),
+    ),
+    Option(
+        "max_grad_norm",
+        None,
+        "clip each parameter's gradient to this norm before its update (None: off)",
+        number(minimum=0.0, exclusive=True, allow_none=True),
+    ),
+    Option(
+        "foreach",
+        None,
+        "step regular GaLore steps batched (None: on CUDA)",
+        lambda v, name, where: multi_tensor.check_option(v, where),
+    ),
 )
 
 #: the keys that make a group projected; absent from unprojected groups (GaLore's keys)
 PROJECTION_OPTIONS: tuple[Option, ...] = (
     Option("rank", ABSENT, "rank of the subspace; a group without it is not projected", _positive_int),
     Option("update_proj_gap", ABSENT, "steps between basis refreshes (GaLore uses 200)", _positive_int),
-    Option("scale", ABSENT, "multiplies the update of a projected matrix (GaLore uses 0.25)",
-           number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it")),
-    Option("alpha", ABSENT, "Fira's spelling of `scale`",
-           number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it")),
+    Option(
+        "scale",
+        ABSENT,
+        "multiplies the update of a projected matrix (GaLore uses 0.25)",
+        number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it"),
+    ),
+    Option(
+        "alpha",
+        ABSENT,
+        "Fira's spelling of `scale`",
+        number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it"),
+    ),
 )
 PROJECTION_KEYS = tuple(o.name for o in PROJECTION_OPTIONS)
 
@@ -387,10 +409,19 @@ class Engine:
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
         with matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
-            ctx.ops.apply_update(W, proj, state, U, S, step_size, ctx.scale,
-                                 residual_step=plan.residual.step_size(group, step_size),
-                                 lr=inner.decay_lr(group, state), weight_decay=group["weight_decay"],
-                                 seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
+            ctx.ops.apply_update(
+                W,
+                proj,
+                state,
+                U,
+                S,
+                step_size,
+                ctx.scale,
+                residual_step=plan.residual.step_size(group, step_size),
+                lr=inner.decay_lr(group, state),
+                weight_decay=group["weight_decay"],
+                seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype),
+            )
 
     def refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: Plan) -> None:
         """Install the first basis computed in :meth:`prepare`, or refresh the basis when it is due."""

@@ -262,7 +262,8 @@ class LayerwiseStepper:
             log.warning(
                 "gradproj: optimizer.step() closed an accumulation window after %d of accumulation_steps=%d backward "
                 "passes (expected at the end of an epoch; otherwise call step() every accumulation_steps passes)",
-                self._window_max, self.accumulation_steps,
+                self._window_max,
+                self.accumulation_steps,
             )
         for p, _, group, plan in work:
             self._consume(opt, p, group, plan, last=True)

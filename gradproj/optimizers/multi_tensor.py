@@ -156,8 +156,16 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             side = choose_side(m, n, group["proj_type"])
             low, basis = ((m, rank), (rank, n)) if side == "right" else ((rank, n), (m, rank))
             dev = p.device
-            if (ea.shape != low or eas.shape != low or ea.dtype != eas.dtype or not ea.is_floating_point()
-                    or proj.shape != basis or proj.dtype != p.dtype or ea.device != dev or proj.device != dev):
+            if (
+                ea.shape != low
+                or eas.shape != low
+                or ea.dtype != eas.dtype
+                or not ea.is_floating_point()
+                or proj.shape != basis
+                or proj.dtype != p.dtype
+                or ea.device != dev
+                or proj.device != dev
+            ):
                 continue
             okey = (dev, p.dtype)
             if okey not in ops_cache:
@@ -193,7 +201,7 @@ def _chunks(bucket: _Bucket) -> list[list[_Item]]:
     if _stacked(first.p.device, m * n, len(bucket.items)):
         per += 2 * m * n * psize + first.state["proj"].numel() * psize  # stacked G and W, stacked bases
     size = max(1, CHUNK_BYTES // per)
-    return [bucket.items[i:i + size] for i in range(0, len(bucket.items), size)]
+    return [bucket.items[i : i + size] for i in range(0, len(bucket.items), size)]
 
 
 def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) -> None:

@@ -159,21 +159,25 @@ class RowSharding:
         """``local`` (this rank's rows of a tensor split like the parameter) as a DTensor."""
         shape = (self.global_rows,) + tuple(local.shape[1:])
         stride = _contiguous_stride(shape)
-        return _dtensor_api()[0].from_local(local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
+        return _dtensor_api()[0].from_local(
+            local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride
+        )
 
     def col_dtensor(self, local: torch.Tensor, total: int) -> torch.Tensor:
         """``local`` (this rank's block of columns of a 2-D tensor with ``total`` columns) as a DTensor."""
         DTensor, Replicate, Shard = _dtensor_api()
         placements = [Replicate() if isinstance(pl, Replicate) else Shard(1) for pl in self.placements]
         shape = (local.shape[0], total)
-        return DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
-                                  stride=_contiguous_stride(shape))
+        return DTensor.from_local(
+            local, self.mesh, placements, run_check=False, shape=shape, stride=_contiguous_stride(shape)
+        )
 
     def replicated_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         DTensor, Replicate, _ = _dtensor_api()
         placements = [Replicate()] * self.mesh.ndim
-        return DTensor.from_local(local, self.mesh, placements, run_check=False,
-                                  shape=local.shape, stride=local.stride())
+        return DTensor.from_local(
+            local, self.mesh, placements, run_check=False, shape=local.shape, stride=local.stride()
+        )
 
 
 def _split(total: int, world: int, index: int) -> tuple[int, int, int]:
@@ -421,11 +425,13 @@ class ShardedOps:
         """A scalar rule on the whole matrix's norm (already combined over ranks): the same on every rank."""
         return self._ops.norm_growth_divisor(norm, state, key, gamma)
 
-    def apply_update(self, W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=None,
-                     residual_step=None):
+    def apply_update(
+        self, W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=None, residual_step=None
+    ):
         """Row-local (the sharded projector gathers a column-split U before its back-projection)."""
-        self._ops.apply_update(W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=seed,
-                               residual_step=residual_step)
+        self._ops.apply_update(
+            W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=seed, residual_step=residual_step
+        )
 
     def apply_weight_decay_(self, W, lr, weight_decay):
         self._ops.apply_weight_decay_(W, lr, weight_decay)
@@ -517,8 +523,9 @@ class ShardedStep:
             self.layout = "cols" if projector.split_cols else "replicated"
 
     def ops(self, ops: Any) -> ShardedOps:
-        return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None,
-                            self.layout != "replicated")
+        return _sharded_ops(
+            ops, self.rows.group, self.projector.n if self.layout == "cols" else None, self.layout != "replicated"
+        )
 
     def update(self, engine: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
         state = engine.optimizer.state[p]

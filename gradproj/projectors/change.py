@@ -57,13 +57,12 @@ class BasisChange:
         return cls(left, right)
 
     @classmethod
-    def between_indices(
-        cls, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
-    ) -> BasisChange:
+    def between_indices(cls, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> BasisChange:
         """For bases made of columns of one orthonormal matrix, chosen by index: T_ij = [new_i == old_j]
         exactly (a partial permutation)."""
-        maps = {side: (new[side].long()[:, None] == old[side].long().to(new[side].device)[None, :]).float()
-                for side in new}
+        maps = {
+            side: (new[side].long()[:, None] == old[side].long().to(new[side].device)[None, :]).float() for side in new
+        }
         return cls(maps.get("left"), maps.get("right"))
 
     def _apply(self, X: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:

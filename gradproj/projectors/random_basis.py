@@ -52,8 +52,12 @@ class RandomProjector(RegeneratedBasis):
 
     name = "random"
     options = (
-        Option("random_kind", "gaussian", "`'gaussian'` (scaled i.i.d. entries) or `'orthonormal'` (QR of them)",
-               choice(*RANDOM_KINDS)),
+        Option(
+            "random_kind",
+            "gaussian",
+            "`'gaussian'` (scaled i.i.d. entries) or `'orthonormal'` (QR of them)",
+            choice(*RANDOM_KINDS),
+        ),
         seeding.SEED_OPTION,
     )
     basis_keys = (seeding.SEED_KEY, DRAW_KEY)

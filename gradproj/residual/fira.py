@@ -34,8 +34,12 @@ class FiraResidual(Residual):
 
     name = "fira"
     options = (
-        Option("limiter_gamma", 1.01, "Fira's norm-growth limit γ on the residual (None: off)",
-               lambda v, name, where: check_growth_limit(v, name, where)),
+        Option(
+            "limiter_gamma",
+            1.01,
+            "Fira's norm-growth limit γ on the residual (None: off)",
+            lambda v, name, where: check_growth_limit(v, name, where),
+        ),
     )
 
     def validate_group(self, group, where):

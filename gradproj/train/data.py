@@ -73,9 +73,7 @@ def _expand(spec: str) -> list[Path]:
     return [Path(m) for m in matches if Path(m).is_file()]
 
 
-def iter_documents(
-    data: list[str] | None, text_key: str = "text", max_bytes: int | None = None
-) -> Iterator[str]:
+def iter_documents(data: list[str] | None, text_key: str = "text", max_bytes: int | None = None) -> Iterator[str]:
     """Documents of a corpus, in a deterministic order, stopping once ``max_bytes`` of text were read.
 
     ``data`` is ``None`` (the standard library's sources) or a list of: text files, ``.jsonl`` files (one
@@ -129,7 +127,9 @@ def _hf_texts(name: str, text_key: str) -> Iterator[str]:
         ) from None
     for record in ds:
         if text_key not in record:
-            raise ValueError(f"--data hf:{name}: records have no {text_key!r} field (set --text-key); fields: {sorted(record)}")
+            raise ValueError(
+                f"--data hf:{name}: records have no {text_key!r} field (set --text-key); fields: {sorted(record)}"
+            )
         yield str(record[text_key])
 
 
@@ -296,7 +296,9 @@ class BatchStream:
     processes together see the same windows as one process with an N times larger batch.
     """
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"the training stream has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed

@@ -69,8 +69,9 @@ class OptimizerChoice:
         return self.lr if self.lr is not None else get_spec(self.name).lr
 
 
-def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed: int = 0,
-                    accumulation_steps: int = 1) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, choice: OptimizerChoice, hidden: int, seed: int = 0, accumulation_steps: int = 1
+) -> torch.optim.Optimizer:
     """Build the optimizer ``choice`` describes for ``model``; raises ValueError naming the bad option.
 
     ``accumulation_steps``: backward passes per optimizer step; with ``choice.layerwise`` the per-layer

@@ -83,8 +83,9 @@ class Runtime:
     def checkpoint_name(self, step: int) -> str:
         return f"step_{step:07d}.pt"
 
-    def save_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        extra: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+    ) -> None:
         """Write model, optimizer and ``extra`` (tensors and plain values) to ``path``."""
         self.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, str(path))
 
@@ -180,8 +181,9 @@ class DistributedRuntime(Runtime):
     def checkpoint_name(self, step: int) -> str:
         return f"step_{step:07d}" if self.strategy == "fsdp" else super().checkpoint_name(step)
 
-    def save_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        extra: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+    ) -> None:
         if self.strategy != "fsdp":
             return super().save_checkpoint(path, model, optimizer, extra)
         from ..distributed import save_checkpoint
