@@ -36,7 +36,7 @@ the layouts amount to:
 | Adam (torch AdamW, GaLore, Fira, FRUGAL) | 2·s·|X| (+4 per tensor for torch AdamW's ``step`` tensor) |
 | 8-bit Adam, bitsandbytes ``AdamW8bit`` | |X| >= 4096: 2·(|X| + 4·⌈|X|/256⌉ + 4·256); smaller: 2·4·|X| (fp32) |
 | 8-bit Adam inside GaLore | 2·(|X| + 4·⌈|X|/256⌉): one byte per element, one fp32 scale per block of 256 |
-| Adafactor (transformers; fp32) | 2-D+: 4·(rows + cols) + 4; 1-D: 4·|X| + 4 (no first moment, as its default beta1=None) |
+| Adafactor (transformers; fp32) | 2-D+: 4·(rows + cols) + 4; 1-D: 4·|X| + 4 (no first moment: beta1=None by default) |
 
 plus, for a projected matrix, the basis: b·(r·n) or b·(m·r) for the dense bases (``svd``, ``eigh``,
 ``randomized_svd``; both for ``full``; ``golore`` in its first, dense phase), 4·r for ``dct`` (int32
@@ -120,7 +120,7 @@ class ParameterState:
     def layout(self) -> dict[str, Spec]:
         return {**self.basis, **self.inner, **self.other}
 
-    def on_block(self, low_rank_shape: tuple[int, ...]) -> "ParameterState":
+    def on_block(self, low_rank_shape: tuple[int, ...]) -> ParameterState:
         """The same parameter with the inner rule run on a block of R of ``low_rank_shape`` (a sharded R)."""
         shape = tuple(low_rank_shape)
         return replace(self, low_rank_shape=shape, inner=inner_layout(self.rule, shape, self.group))

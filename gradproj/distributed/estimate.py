@@ -24,7 +24,8 @@ from ..projectors import choose_side
 from ..registry import get_optimizer, optimizer_names
 from .sharding import ROW_BASIS_KEYS
 
-#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
+#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one
+#: table
 LLAMA = {
     name: (s.hidden, s.intermediate, s.heads, s.layers)
     for name, s in LLAMA_CONFIGS.items()

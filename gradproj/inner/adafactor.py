@@ -7,7 +7,8 @@ Options and their meaning are those of ``transformers.optimization.Adafactor`` (
     lr_t    = ρ · max(eps[1], RMS(W))                       if scale_parameter, else ρ
     β2_t    = 1 − t^decay_rate
     R²ₑ     = R² + eps[0]
-    factored (R has >= 2 dims):  r = β2_t·r + (1−β2_t)·mean(R²ₑ, last dim);  c = β2_t·c + (1−β2_t)·mean(R²ₑ, second-last)
+    factored (R has >= 2 dims):  r = β2_t·r + (1−β2_t)·mean(R²ₑ, last dim)
+                                 c = β2_t·c + (1−β2_t)·mean(R²ₑ, second-last)
                                  V̂ = (r / mean(r)) ⊗ c
     otherwise:                   v = β2_t·v + (1−β2_t)·R²ₑ;   V̂ = v
     u       = R / √V̂ ;  u ← u / max(1, RMS(u) / clip_threshold) ;  u ← lr_t · u
@@ -26,8 +27,8 @@ import math
 
 import torch
 
-from ..state_layout import Spec
 from ..options import Option, boolean, number
+from ..state_layout import Spec
 from ..validation import is_number
 from .base import InnerRule, StepContext
 

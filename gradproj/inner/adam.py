@@ -6,10 +6,9 @@ import math
 
 import torch
 
-from ..state_layout import Spec
 from ..options import Option, number, pair, unit_interval
+from ..state_layout import Spec
 from .base import InnerRule, StepContext
-
 
 #: Adam's options, shared by the rules built on it
 BETAS = Option(

@@ -36,7 +36,7 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SR_SEED = "sr_seed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when triton and the kernel modules import, else why not (cached: checked once per process)."""
     try:
@@ -128,12 +128,12 @@ def rounding_seed(state: dict, enabled: bool, dtype: torch.dtype) -> int | None:
 
 __all__ = [
     "IMPLS",
-    "KernelOps",
     "OPS",
     "SR_SEED",
     "TRITON_DTYPES",
-    "reference",
+    "KernelOps",
     "load_triton_ops",
+    "reference",
     "resolve",
     "rounding_seed",
     "why_not_triton",

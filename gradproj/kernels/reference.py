@@ -45,7 +45,7 @@ class ScaledResidual:
         S = self.D.to(acc) if c is None else self.D.to(acc) * c
         return S.to(self.D.dtype)
 
-    def divided(self, k: torch.Tensor) -> "ScaledResidual":
+    def divided(self, k: torch.Tensor) -> ScaledResidual:
         """S / k (k a 0-dim or 1-element tensor), still factored."""
         inv = 1.0 / k.reshape(1).float()
         return ScaledResidual(self.D, self.phi, self.axis, inv if self.inv_k is None else self.inv_k * inv)

@@ -19,7 +19,7 @@ from ..sampling.sampler import restore_sampler
 from ..state_layout import state_problem
 from ..validation import refuse_unknown
 from . import multi_tensor
-from .engine import OPTIMIZER_OPTIONS, PROJECTION_KEYS, STATE_DTYPES, Engine, Plan
+from .engine import OPTIMIZER_OPTIONS, STATE_DTYPES, Engine
 from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:

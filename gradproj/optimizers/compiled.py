@@ -137,7 +137,7 @@ def _scalar(value: float, device: torch.device, role: str) -> torch.Tensor:
 class _Region:
     """One compiled copy of the tail (one optimizer, one layout) and what is known about its signatures."""
 
-    __slots__ = ("fn", "ran", "eager", "broken")
+    __slots__ = ("broken", "eager", "fn", "ran")
 
     def __init__(self, fn: Any):
         self.fn = fn
@@ -172,7 +172,7 @@ def _signature(W: torch.Tensor, G: torch.Tensor, R: torch.Tensor, state: dict) -
 
 
 def _versions(W: torch.Tensor, state: dict) -> tuple[int, ...]:
-    return (W._version,) + tuple(v._version for v in state.values() if isinstance(v, torch.Tensor))
+    return (W._version, *(v._version for v in state.values() if isinstance(v, torch.Tensor)))
 
 
 #: where dynamo decides to (re)compile a frame; an error raised below it comes from compiling

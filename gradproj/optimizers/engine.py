@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import kernels
-from .sharding import all_finite, is_dtensor, shard_plan
 from ..inner import INNER_RULES, InnerRule, StepContext
 from ..options import ABSENT, Option, boolean, choice, number, option_names
 from ..projectors import PROJ_TYPES, PROJECTORS, IdentityProjector, Projector, get_projector
@@ -49,6 +48,7 @@ from ..residual.limiter import NORM_GROWTH_KEY, check_growth_limit
 from ..state_layout import COMMON, Spec, state_problem
 from ..validation import FOREIGN_GROUP_KEYS, refuse_unknown
 from . import compiled, multi_tensor
+from .sharding import all_finite, is_dtensor, shard_plan
 
 if TYPE_CHECKING:
     from .base import ProjectedOptimizer
@@ -370,7 +370,7 @@ class Engine:
                 G = kernels.reference.clip_by_norm(grad, None if low_rank else group["max_grad_norm"])
                 scratch = {"step": state.get("step", 0)} if plan.restart is not None else dict(state)
                 try:
-                    proj.refresh(G.reshape(plan.shape2d), scratch, scratch["step"] if "step" in scratch else 0)
+                    proj.refresh(G.reshape(plan.shape2d), scratch, scratch.get("step", 0))
                 except ValueError as err:
                     raise type(err)(f"{where}: {err}") from None
                 plan.first_basis = {k: v for k, v in scratch.items() if state.get(k) is not v}

@@ -275,9 +275,9 @@ class LayerwiseStepper:
         """End the current window after an error (a hook raised during backward, or ``step()`` raised).
 
         Parameters already stepped in the window keep their update (undoing it would take a copy of every
-        parameter and its state through backward). Every other parameter gets back exactly the state it had before the window:
-        its low-rank buffer and micro-batch count are dropped, and a basis refreshed at the window's first
-        micro-batch is restored, with the inner state that ``moments_on_refresh`` changed. Gradients in
+        parameter and its state through backward). Every other parameter gets back exactly the state it had
+        before the window: its low-rank buffer and micro-batch count are dropped, and a basis refreshed at the
+        window's first micro-batch is restored, with the inner state that ``moments_on_refresh`` changed. Gradients in
         ``p.grad`` are left as they are (as normal mode leaves them when ``step()`` raises): ``zero_grad()``
         and a new window then trains as a fresh optimizer with this state would.
         """

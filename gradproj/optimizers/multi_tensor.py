@@ -51,11 +51,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import kernels
-from .sharding import is_dtensor
 from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
 from ..projectors.base import choose_side, dense_down
 from ..residual import get_residual
+from .sharding import is_dtensor
 
 if TYPE_CHECKING:
     from .base import ProjectedOptimizer

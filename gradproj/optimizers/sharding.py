@@ -4,11 +4,11 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) stores every parameter and its gr
 sharded on dim 0 (``Shard(0)``): rank j holds rows ``[o_j, o_j + m_j)`` of W and of G. A gradproj step
 then runs on the local rows, with the few collectives the math needs (W is m x n, r the rank, k ranks)::
 
-    side          basis P                R and the moments         per step                     per refresh
-    right (m>=n)  r x n, replicated      m x r, Shard(0)           nothing                      all-reduce GᵀG (n x n fp32)
-    left  (m<n)   m x r, Shard(0)        r x n, Shard(1)           reduce-scatter R, gather ψ   all-gather G (m x n)
-    full          Shard(0) + replicated  r x r, replicated         all-reduce R (r x r)         all-gather G (m x n)
-    unprojected   -                      like W, Shard(0)          nothing                      -
+    side          basis P                R and the moments      per step                     per refresh
+    right (m>=n)  r x n, replicated      m x r, Shard(0)        nothing                      all-reduce GᵀG (n x n fp32)
+    left  (m<n)   m x r, Shard(0)        r x n, Shard(1)        reduce-scatter R, gather ψ   all-gather G (m x n)
+    full          Shard(0) + replicated  r x r, replicated      all-reduce R (r x r)         all-gather G (m x n)
+    unprojected   -                      like W, Shard(0)       nothing                      -
 
 A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial products; a reduce-scatter leaves
 each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
@@ -157,7 +157,7 @@ class RowSharding:
     # ---------------------------------------------------------------------------------------- layouts
     def row_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` (this rank's rows of a tensor split like the parameter) as a DTensor."""
-        shape = (self.global_rows,) + tuple(local.shape[1:])
+        shape = (self.global_rows, *local.shape[1:])
         stride = _contiguous_stride(shape)
         return _dtensor_api()[0].from_local(
             local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride
@@ -191,9 +191,9 @@ def all_gather_rows(local: torch.Tensor, total: int, group: Any) -> torch.Tensor
     """The whole tensor (``total`` rows) from every rank's block of rows (padded to one chunk for the collective)."""
     world, index = dist.get_world_size(group), dist.get_rank(group)
     chunk = _split(total, world, index)[0]
-    pad = local.new_zeros((chunk,) + tuple(local.shape[1:]))
+    pad = local.new_zeros((chunk, *local.shape[1:]))
     pad[: local.shape[0]].copy_(local)
-    out = local.new_empty((world * chunk,) + tuple(local.shape[1:]))
+    out = local.new_empty((world * chunk, *local.shape[1:]))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, pad, group=group)
     return torch.cat([out[i * chunk : i * chunk + _split(total, world, i)[2]] for i in range(world)])
@@ -204,9 +204,9 @@ def reduce_scatter_rows(full: torch.Tensor, group: Any) -> torch.Tensor:
     world, index = dist.get_world_size(group), dist.get_rank(group)
     total = full.shape[0]
     chunk, _, size = _split(total, world, index)
-    pad = full.new_zeros((world * chunk,) + tuple(full.shape[1:]))
+    pad = full.new_zeros((world * chunk, *full.shape[1:]))
     pad[:total].copy_(full)
-    out = full.new_empty((chunk,) + tuple(full.shape[1:]))
+    out = full.new_empty((chunk, *full.shape[1:]))
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
     scatter(out, pad, group=group)
     return out[:size]
@@ -378,7 +378,7 @@ def _all_gather_stacked(t: torch.Tensor, group: Any) -> torch.Tensor:
     src = t.reshape(-1) if t.numel() else t.new_zeros(1)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, src.contiguous(), group=group)
-    return out.reshape((world, -1))[:, : t.numel()].reshape((world,) + tuple(t.shape))
+    return out.reshape((world, -1))[:, : t.numel()].reshape((world, *t.shape))
 
 
 def norm_over_ranks(norms: torch.Tensor, group: Any) -> torch.Tensor:
@@ -501,7 +501,7 @@ class ShardedOps:
         return S.div_(k.to(S.dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sharded_ops(ops: Any, group: Any, split_cols: int | None, low_rank_sharded: bool) -> ShardedOps:
     """One ShardedOps per (operations, process group, layout): stable objects, so a compiled step guards on
     them once."""

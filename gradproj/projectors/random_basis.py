@@ -14,10 +14,9 @@ import torch
 
 from ..options import Option, choice
 from ..state_layout import INT, Spec, scalar_int
-
 from . import seeding
-from .regenerated import RegeneratedBasis
 from .linalg import orthonormalize
+from .regenerated import RegeneratedBasis
 
 RANDOM_KINDS = ("gaussian", "orthonormal")
 #: state key of the step whose draw is the current basis (plain int)

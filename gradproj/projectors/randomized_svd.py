@@ -11,7 +11,6 @@ import torch
 
 from ..options import Option, boolean, number
 from ..state_layout import scalar_int
-
 from . import seeding
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.reference import ScaledResidual
 from ..options import Option
 from ..state_layout import Spec
-from ..kernels.reference import ScaledResidual
 from .base import Residual
 from .limiter import check_growth_limit
 

@@ -149,7 +149,8 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         section="opt",
         field="projector",
         metavar="NAME",
-        help=f"subspace basis: {', '.join(registry.projector_names())} or one registered with gradproj.register_projector (default svd)",
+        help=f"subspace basis: {', '.join(registry.projector_names())} or one registered with "
+        "gradproj.register_projector (default svd)",
     )
     _add(
         o,
@@ -166,7 +167,8 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         section="opt",
         field="layerwise",
         action="store_true",
-        help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes per update)",
+        help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes "
+        "per update)",
     )
     _add(
         o,
@@ -394,7 +396,8 @@ def _print_result(result, out: str | None) -> None:
         else ""
     )
     print(
-        f"done: step {result.steps_done}, {result.tokens_per_s:,.0f} tokens/s, {1000 * result.mean_step_time_s:,.1f} ms/step"
+        f"done: step {result.steps_done}, {result.tokens_per_s:,.0f} tokens/s, "
+        f"{1000 * result.mean_step_time_s:,.1f} ms/step"
     )
     print(f"final train loss {result.final_train_loss:.4f}{val}")
     where = " on rank 0 (its shards under FSDP2)" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""

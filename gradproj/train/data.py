@@ -162,7 +162,7 @@ class BPETokenizer:
         self.eot_id = tokenizer.token_to_id(EOT)
 
     @classmethod
-    def train(cls, docs: list[str], vocab_size: int, max_train_bytes: int = 8_000_000) -> "BPETokenizer":
+    def train(cls, docs: list[str], vocab_size: int, max_train_bytes: int = 8_000_000) -> BPETokenizer:
         try:
             from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         except ImportError as err:  # pragma: no cover
@@ -186,7 +186,7 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_file(str(path)))

@@ -106,7 +106,7 @@ class TrainConfig:
             )
 
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+        return round(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up reaching the peak at
@@ -126,7 +126,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         opt = OptimizerChoice(**d.pop("optimizer", {}))
         known = {f.name for f in fields(cls)}
@@ -342,7 +342,8 @@ def _train(
                 last_val = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
                 record.update(last_val)
                 say(
-                    f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val ppl {last_val['val_ppl']:.2f}"
+                    f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                    f"val ppl {last_val['val_ppl']:.2f}"
                 )
             if step % config.log_every == 0 or record or step == end:
                 record = {

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..registry import OPTIMIZERS, OptimizerEntry, available_optimizers  # OPTIMIZERS: re-exported, the one table
+from ..registry import OPTIMIZERS as OPTIMIZERS  # re-exported: the registry's one table
+from ..registry import OptimizerEntry, available_optimizers
 
 log = logging.getLogger("gradproj")
 
