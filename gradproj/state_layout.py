@@ -97,9 +97,8 @@ SCALAR_DTYPE = torch.float32
 
 
 def _itemsize(dtype: torch.dtype | str) -> int:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return torch.empty((), dtype=dtype).element_size()
+    torch_dtype: torch.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.empty((), dtype=torch_dtype).element_size()
 
 
 def is_code_scale(spec: Spec, layout: dict[str, Spec]) -> bool:

@@ -77,8 +77,8 @@ def shard_state(ps: ParameterState, world: int, index: int) -> ParameterState:
     if ps.side in ("left", "full"):
         rows = _rows(ps.shape[0], world, index)
         for key in ROW_BASIS_KEYS:
-            if key in basis and basis[key].shape is not None:
-                basis[key] = replace(basis[key], shape=(rows, *basis[key].shape[1:]))
+            if key in basis and (shape := basis[key].shape) is not None:
+                basis[key] = replace(basis[key], shape=(rows, *shape[1:]))
     return replace(ps.on_block(block), basis=basis)
 
 

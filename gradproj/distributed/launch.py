@@ -110,7 +110,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     if blocks:
         return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    largest = max(lists, key=len)
+    return list(largest)
 
 
 def wrap_model(
@@ -180,11 +183,11 @@ def split_batch(batch: T, env: DistributedEnv) -> T:
                 f"a global batch of {batch.shape[0]} rows does not split evenly over {env.world_size} ranks; "
                 "use a batch size divisible by the number of processes"
             )
-        return batch.chunk(env.world_size)[env.rank]
+        return batch.chunk(env.world_size)[env.rank]  # type: ignore[return-value]
     if isinstance(batch, Mapping):
         return type(batch)({k: split_batch(v, env) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(split_batch(v, env) for v in batch)  # type: ignore[call-arg]
+        return type(batch)(split_batch(v, env) for v in batch)
     raise TypeError(f"split_batch takes tensors or tuples / lists / dicts of tensors, not {type(batch).__name__}")
 
 
@@ -236,7 +239,7 @@ class _single_process_quiet(warnings.catch_warnings):
     """Silence DCP's warning that it saves / loads in one process, when that is what was asked for."""
 
     def __init__(self, env: DistributedEnv):
-        super().__init__()
+        super().__init__(record=False)
         self.env = env
 
     def __enter__(self):
@@ -287,7 +290,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"{path} is not a gradproj checkpoint directory (no {EXTRA_FILE})")
     inner = unwrap_model(model)
     model_sd, optim_sd = get_state_dict(inner, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet(env):
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -24,6 +24,7 @@ transformers applies it just before adding the update — the two differ by lr_t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ def _check_eps(eps: object, name: str, where: str) -> None:
         )
 
 
-def _check_beta1(beta1: object, name: str, where: str) -> None:
+def _check_beta1(beta1: Any, name: str, where: str) -> None:
     if beta1 is not None and not (is_number(beta1) and 0.0 <= float(beta1) < 1.0):
         raise ValueError(f"{where}: {name} = {beta1} must be in [0, 1), or None for no first moment")
 
@@ -121,7 +122,7 @@ class Adafactor(InnerRule):
         self._init_state(g, state, group, compute if group["state_dtype"] is None else ctx.state_dtype)
         t = ctx.step - state.get("inner_start", 0)  # steps since the moments were (re)started
         state[PARAM_RMS] = _rms(ctx.param if ctx.param is not None else g, dtype=compute)
-        lr_t = self.relative_step_size(group, ctx.step)
+        lr_t: float | torch.Tensor = self.relative_step_size(group, ctx.step)
         if group["scale_parameter"]:
             lr_t = torch.clamp(state[PARAM_RMS], min=group["eps"][1]) * lr_t  # on the device, no host sync
         beta2t = 1.0 - math.pow(t, group["decay_rate"])

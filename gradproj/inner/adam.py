@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
@@ -28,11 +29,11 @@ class Adam(InnerRule):
     step size lr·√(1−β2^t)/(1−β1^t). State: ``exp_avg``, ``exp_avg_sq``, shaped like R."""
 
     name = "adam"
-    options = (BETAS, EPS)
+    options: ClassVar[tuple[Option, ...]] = (BETAS, EPS)
     batched = True
-    state_keys = ("exp_avg", "exp_avg_sq")
-    shardable = ("rows", "cols")  # elementwise
-    state_transforms = {"exp_avg": "linear", "exp_avg_sq": "second_moment"}
+    state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+    shardable: ClassVar[tuple[str, ...]] = ("rows", "cols")  # elementwise
+    state_transforms: ClassVar[dict[str, str] | None] = {"exp_avg": "linear", "exp_avg_sq": "second_moment"}
 
     def state_layout(self, shape, group):
         return {"exp_avg": Spec(shape, requires=("exp_avg_sq",)), "exp_avg_sq": Spec(shape, requires=("exp_avg",))}

@@ -115,7 +115,7 @@ class Adam8bit(Adam):
     def update(self, R, state, group, ctx: StepContext):
         if "exp_avg" not in state:
             self._init_state(R, state, group)
-        beta1, beta2, eps = *group["betas"], group["eps"]
+        (beta1, beta2), eps = group["betas"], group["eps"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype != torch.uint8:  # a small tensor: fp32 moments
             return ctx.ops.adam_update(R, m, v, beta1, beta2, eps), self.step_size(group, state, ctx)

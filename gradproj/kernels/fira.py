@@ -190,7 +190,8 @@ def fira_residual_factors(G, R, psi, alpha, rank_axis):
     off the CPU)."""
     if G.dtype != torch.float32:
         return reference.fira_residual_factors(G, R, psi, alpha, rank_axis)
-    phi, weighted = reference.fira_factors_from_norms(*(axis_norms(x, rank_axis) for x in (G, R, psi)), alpha)
+    g_norm, r_norm, psi_norm = (axis_norms(x, rank_axis) for x in (G, R, psi))
+    phi, weighted = reference.fira_factors_from_norms(g_norm, r_norm, psi_norm, alpha)
     return phi, reference.safe_norm(weighted)
 
 

@@ -17,7 +17,7 @@ the ranks' partial results under FSDP2; elementwise operations and reductions wi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..projectors.base import Projector
     from .reference import ScaledResidual
 
-    ResidualTerm = torch.Tensor | ScaledResidual
+    ResidualTerm: TypeAlias = torch.Tensor | ScaledResidual
 
 
 @runtime_checkable

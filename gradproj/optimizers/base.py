@@ -67,7 +67,7 @@ class ProjectedOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
+        lr: float | None = 1e-3,  # None: the inner rule's own step size (GaLoreAdafactor's relative step)
         weight_decay: float = 0.0,
         *,
         impl: str = "auto",

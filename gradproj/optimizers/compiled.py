@@ -356,7 +356,8 @@ class CompiledTail:
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside gradproj and torch (the user's ``optimizer.step()``)."""
     inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
-    level, frame = 2, sys._getframe(2)  # 1: _fall_back's caller; warnings.warn counts from _fall_back
+    level = 2  # 1: _fall_back's caller; warnings.warn counts from _fall_back
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level

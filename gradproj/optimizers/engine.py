@@ -33,7 +33,6 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +50,7 @@ from . import compiled, multi_tensor
 from .sharding import all_finite, is_dtensor, shard_plan
 
 if TYPE_CHECKING:
+    from ..kernels.protocol import KernelOps
     from .base import ProjectedOptimizer
 
 #: what happens to the inner rule's state when a refresh replaces the basis
@@ -153,7 +153,7 @@ class Plan:
     projector: Projector
     residual: Residual
     scale: float
-    ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
+    ops: KernelOps  # the kernel operations chosen by the group's impl for this tensor
     inner: InnerRule
     shard: Any = None  # DTensor (FSDP2) parameters: gradproj.optimizers.sharding.ShardedStep
     fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
@@ -255,6 +255,7 @@ class Engine:
             return
         for option in PROJECTION_OPTIONS:
             if option.name in group:
+                assert option.check is not None  # every projection option declares its check
                 option.check(group[option.name], option.name, where)
         if "update_proj_gap" not in group:
             raise ValueError(
@@ -355,7 +356,7 @@ class Engine:
             plan = shard_plan(plan, p, group, plan.inner, f"param group {gi}, parameter {pi}")
         if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
             plan.fused = compiled.CompiledTail(group["compile"])
-            plan.ops = kernels.reference
+            plan.ops = kernels.reference  # type: ignore[assignment]  # a dense S only: see kernels.resolve
         proj = plan.projector
         if proj.refreshes and (plan.restart is not None or not proj.has_basis(state)):
             if plan.shard is not None:  # a sharded refresh talks to the other ranks: it runs in the update
@@ -369,6 +370,7 @@ class Engine:
                 low_rank = self.layerwise is not None and self.layerwise.low_rank(plan)
                 G = kernels.reference.clip_by_norm(grad, None if low_rank else group["max_grad_norm"])
                 scratch = {"step": state.get("step", 0)} if plan.restart is not None else dict(state)
+                assert plan.shape2d is not None  # a projector that refreshes: a projected matrix
                 try:
                     proj.refresh(G.reshape(plan.shape2d), scratch, scratch.get("step", 0))
                 except ValueError as err:

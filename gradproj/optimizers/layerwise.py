@@ -197,6 +197,7 @@ class LayerwiseStepper:
             return
         if final and ACCUM not in state:  # the whole gradient is at hand: exactly normal mode's step
             grad, p.grad = p.grad, None
+            assert grad is not None  # with no gradient and no buffer it returned above
             state.pop(ACCUM_COUNT, None)
             try:
                 opt.engine.step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
@@ -224,6 +225,7 @@ class LayerwiseStepper:
     def _accumulate(self, opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         """Project this micro-batch's gradient into the window's buffer and free it."""
         proj = plan.projector
+        assert p.grad is not None and plan.shape2d is not None  # called for a low-rank plan's fresh gradient
         G = p.grad.reshape(plan.shape2d)
         if ACCUM not in state:  # the window's first micro-batch: its full gradient is the one a refresh sees
             step = state.get("step", 0)
@@ -242,7 +244,9 @@ class LayerwiseStepper:
     def _step_accumulated(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         R = clip_by_norm(state.pop(ACCUM), group["max_grad_norm"])
         state.pop(ACCUM_COUNT, None)
-        plan = dataclasses.replace(plan, projector=_Projected(plan.projector, R))
+        # a proxy: everything but down() and needs_refresh() is the projector's own
+        plan = dataclasses.replace(plan, projector=_Projected(plan.projector, R))  # type: ignore[arg-type]
+        assert plan.shape2d is not None  # only low-rank plans accumulate
         # the window's full gradient never existed; a meta tensor stands in for it (nothing reads it)
         opt.engine.update(p, torch.empty(plan.shape2d, device="meta"), group, plan)
 

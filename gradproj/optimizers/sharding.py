@@ -53,7 +53,7 @@ import functools
 import logging
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,9 @@ from ..kernels import reference
 from ..projectors.base import Projector
 from ..projectors.linalg import power_of_two_scale
 from ..projectors.svd import SVDProjector
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("gradproj")
 
@@ -83,7 +86,7 @@ ROW_BASIS_KEYS = ("proj", "proj_left")
 DENSE_BASIS_KEYS = ("proj", "proj_left", "proj_right")
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """True for a DTensor (checked without importing the DTensor package when no DTensor can exist)."""
     if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return False
@@ -108,11 +111,15 @@ class RowSharding:
     ``Shard(0)`` (rows split as ``torch.chunk`` does). Anything else raises ``ValueError``.
     """
 
-    def __init__(self, p: torch.Tensor, where: str = "a parameter"):
+    def __init__(self, p: DTensor, where: str = "a parameter"):
         _, Replicate, Shard = _dtensor_api()
         mesh, placements = p.device_mesh, tuple(p.placements)
         shard_dims = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
-        bad = [pl for pl in placements if not isinstance(pl, Replicate) and not (type(pl) is Shard and pl.dim == 0)]
+        bad = [
+            pl
+            for pl in placements
+            if not isinstance(pl, Replicate) and not (type(pl) is Shard and pl.dim == 0)  # type: ignore[attr-defined]
+        ]
         if bad or len(shard_dims) > 1:
             raise ValueError(
                 f"{where} (shape {tuple(p.shape)}) is a DTensor with placements {placements}; gradproj supports "
@@ -124,7 +131,7 @@ class RowSharding:
         self.rows = p.to_local().shape[0] if p.dim() else 1
         if shard_dims:
             d = shard_dims[0]
-            self.group = mesh.get_group(d)
+            self.group: dist.ProcessGroup | None = mesh.get_group(d)
             self.world = mesh.size(d)
             self.index = mesh.get_local_rank(d)
         else:
@@ -248,10 +255,11 @@ class ShardedProjector(Projector):
     def __init__(self, base: Projector, rows: RowSharding, method: str, split_cols: bool):
         self.base, self.rows, self.method = base, rows, method
         self.split_cols = split_cols and base.side == "left" and rows.sharded
-        self.name = base.name
+        # the wrapped projector's class attributes, per instance (mypy: ClassVars set through self)
+        self.name = base.name  # type: ignore[misc]
         self.m, self.n, self.rank, self.side = base.m, base.n, base.rank, base.side
         self.update_proj_gap, self.group = base.update_proj_gap, base.group
-        self.refreshes = base.refreshes
+        self.refreshes = base.refreshes  # type: ignore[misc]
 
     # shapes and schedule: the wrapped projector's, with this rank's rows
     def low_rank_shape(self) -> tuple[int, int]:
@@ -264,8 +272,10 @@ class ShardedProjector(Projector):
     def rank_axis(self) -> int:
         return self.base.rank_axis()
 
+    # the wrapped basis's: the fast paths of Fira and the limiter run sharded (a read-only property over
+    # Projector's class attribute)
     @property
-    def orthonormal(self) -> bool:  # the wrapped basis's: the fast paths of Fira and the limiter run sharded
+    def orthonormal(self) -> bool:  # type: ignore[override]
         return self.base.orthonormal
 
     def low_rank_factors(self, phi: torch.Tensor) -> torch.Tensor:
@@ -290,8 +300,8 @@ class ShardedProjector(Projector):
         return bool(flag.item())
 
     # --------------------------------------------------------------------------------- change of basis
-    @property
-    def basis_keys(self) -> tuple[str, ...]:
+    @property  # a read-only property over Projector's class attribute
+    def basis_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.base.basis_keys
 
     def basis_matrices(self, state: dict) -> dict[str, torch.Tensor]:
@@ -306,7 +316,7 @@ class ShardedProjector(Projector):
         def whole(st: dict) -> dict:
             return {k: (self.rows.all_gather_rows(v) if k in ROW_BASIS_KEYS else v) for k, v in st.items()}
 
-        self.base.previous = whole(self.previous)
+        self.base.previous = whole(self.previous)  # type: ignore[arg-type]  # set by the refresh before any change
         return self.base.basis_change(whole(state))
 
     def uses_gram(self) -> bool:
@@ -520,14 +530,15 @@ class ShardedStep:
         if not projected or projector.side == "right":
             self.layout = "rows"
         else:
-            self.layout = "cols" if projector.split_cols else "replicated"
+            # projected: shard_plan passes a ShardedProjector
+            self.layout = "cols" if projector.split_cols else "replicated"  # type: ignore[attr-defined]
 
     def ops(self, ops: Any) -> ShardedOps:
         return _sharded_ops(
             ops, self.rows.group, self.projector.n if self.layout == "cols" else None, self.layout != "replicated"
         )
 
-    def update(self, engine: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
+    def update(self, engine: Any, p: DTensor, grad: DTensor, group: dict, plan: Any) -> None:
         state = engine.optimizer.state[p]
         local: dict[str, Any] = {}
         for key, value in state.items():
@@ -567,7 +578,7 @@ class ShardedStep:
         return rows.replicated_dtensor(local)
 
 
-def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) -> Any:
+def shard_plan(plan: Any, p: DTensor, group: dict, inner: Any, where: str) -> Any:
     """The plan of a DTensor parameter: local 2-D shape, the projector wrapped, the sharded step attached."""
     from dataclasses import replace
 

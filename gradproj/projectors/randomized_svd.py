@@ -127,4 +127,5 @@ class RandomizedSVDProjector(Projector):
             return {"proj": Vh.to(dtype)}
         if self.side == "left":
             return {"proj": Vh.t().to(dtype).contiguous()}
+        assert U is not None  # randomized_svd returns U when asked for the left side (full)
         return {"proj_left": U.to(dtype).contiguous(), "proj_right": Vh.to(dtype)}

@@ -351,7 +351,8 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
 
 def _split(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    cfg, opt = {}, {}
+    cfg: dict[str, Any] = {}
+    opt: dict[str, Any] = {}
     for dest, (section, field) in _TRAIN_FIELDS.items():
         if hasattr(ns, dest):
             value = getattr(ns, dest)

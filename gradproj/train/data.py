@@ -266,7 +266,8 @@ def load_data(
     ``tokenizer`` is ``"byte"`` or ``"bpe"`` (trained on the corpus with ``vocab_size`` entries, or loaded
     from ``tokenizer_path`` when that file exists, so a resumed run uses the very same tokenizer).
     """
-    docs = iter_documents(data, text_key=text_key, max_bytes=max_bytes)
+    docs: Iterable[str] = iter_documents(data, text_key=text_key, max_bytes=max_bytes)
+    tok: ByteTokenizer | BPETokenizer
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":

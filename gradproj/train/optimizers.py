@@ -80,6 +80,7 @@ def build_optimizer(
     """
     spec = get_spec(choice.name)
     cls = spec.resolve()
+    assert cls is not None  # get_spec refuses optimizers that cannot be imported
     kwargs: dict[str, Any] = {
         **spec.kwargs,
         "lr": choice.learning_rate(),
@@ -130,7 +131,7 @@ def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
 
     if choice.sampler not in ("uniform", "owl"):
         raise ValueError(f"sampler = {choice.sampler!r}; use 'uniform' (LISA) or 'owl' (OwLore)")
-    blocks = model.model.layers
+    blocks: Any = model.model.layers  # type: ignore[union-attr]  # a LLaMA's decoder layers (nn.Module.__getattr__)
     try:
         return sampler_cls(blocks, choice.active_layers, choice.sample_interval, probs=choice.sampler, seed=seed)
     except ValueError as err:

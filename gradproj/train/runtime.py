@@ -174,8 +174,11 @@ class DistributedRuntime(Runtime):
 
     def accumulate(self, model: nn.Module, sync: bool):
         if self.strategy == "ddp":
-            return contextlib.nullcontext() if sync else model.no_sync()
-        model.set_requires_gradient_sync(sync)  # FSDP2: reduce-scatter only on the last micro-batch
+            # DDP's no_sync() and FSDP2's set_requires_gradient_sync(): methods of the wrapped model, which
+            # nn.Module's annotations do not know
+            return contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
+        # FSDP2: reduce-scatter only on the last micro-batch
+        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
         return contextlib.nullcontext()
 
     def checkpoint_name(self, step: int) -> str:
