@@ -183,6 +183,7 @@ def split_batch(batch: T, env: DistributedEnv) -> T:
                 f"a global batch of {batch.shape[0]} rows does not split evenly over {env.world_size} ranks; "
                 "use a batch size divisible by the number of processes"
             )
+        # (the ignores: isinstance does not narrow the type variable T, so mypy cannot see these are T)
         return batch.chunk(env.world_size)[env.rank]  # type: ignore[return-value]
     if isinstance(batch, Mapping):
         return type(batch)({k: split_batch(v, env) for k, v in batch.items()})  # type: ignore[call-arg]

@@ -115,7 +115,7 @@ class RowSharding:
         _, Replicate, Shard = _dtensor_api()
         mesh, placements = p.device_mesh, tuple(p.placements)
         shard_dims = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
-        bad = [
+        bad = [  # Shard comes from _dtensor_api(), so mypy cannot narrow pl to it
             pl
             for pl in placements
             if not isinstance(pl, Replicate) and not (type(pl) is Shard and pl.dim == 0)  # type: ignore[attr-defined]

@@ -80,5 +80,5 @@ class BasisChange:
 
     def second_moment(self, V: torch.Tensor) -> torch.Tensor:
         """An elementwise second moment in the new coordinates: (T∘T) V (see the module docstring)."""
-        sq = lambda T: None if T is None else T * T  # noqa: E731
+        sq = lambda T: None if T is None else T * T  # noqa: E731  # a one-line local helper
         return self._apply(V, sq(self.left), sq(self.right))
