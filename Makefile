@@ -8,7 +8,7 @@ TORCH_CONSTRAINT ?= constraints-cpu.txt
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install train test bench quality clean
+.PHONY: install train lint test bench quality clean
 
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINT)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,13 @@ train: $(STAMP)
 	rm -rf runs/quickstart
 	$(BIN)/gradproj train --out runs/quickstart
 
-test: $(STAMP)
+# lint, format check and type check of the package (each stops `make test` before pytest if it fails)
+lint: $(STAMP)
+	$(BIN)/ruff check gradproj
+	$(BIN)/ruff format --check gradproj
+	$(BIN)/mypy
+
+test: lint
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -32,4 +38,4 @@ quality: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/quality.py --plot docs/img/quality_loss.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -36,7 +36,7 @@ the layouts amount to:
 | Adam (torch AdamW, GaLore, Fira, FRUGAL) | 2·s·|X| (+4 per tensor for torch AdamW's ``step`` tensor) |
 | 8-bit Adam, bitsandbytes ``AdamW8bit`` | |X| >= 4096: 2·(|X| + 4·⌈|X|/256⌉ + 4·256); smaller: 2·4·|X| (fp32) |
 | 8-bit Adam inside GaLore | 2·(|X| + 4·⌈|X|/256⌉): one byte per element, one fp32 scale per block of 256 |
-| Adafactor (transformers; fp32) | 2-D+: 4·(rows + cols) + 4; 1-D: 4·|X| + 4 (no first moment, as its default beta1=None) |
+| Adafactor (transformers; fp32) | 2-D+: 4·(rows + cols) + 4; 1-D: 4·|X| + 4 (no first moment: beta1=None by default) |
 
 plus, for a projected matrix, the basis: b·(r·n) or b·(m·r) for the dense bases (``svd``, ``eigh``,
 ``randomized_svd``; both for ``full``; ``golore`` in its first, dense phase), 4·r for ``dct`` (int32
@@ -120,7 +120,7 @@ class ParameterState:
     def layout(self) -> dict[str, Spec]:
         return {**self.basis, **self.inner, **self.other}
 
-    def on_block(self, low_rank_shape: tuple[int, ...]) -> "ParameterState":
+    def on_block(self, low_rank_shape: tuple[int, ...]) -> ParameterState:
         """The same parameter with the inner rule run on a block of R of ``low_rank_shape`` (a sharded R)."""
         shape = tuple(low_rank_shape)
         return replace(self, low_rank_shape=shape, inner=inner_layout(self.rule, shape, self.group))
@@ -142,15 +142,28 @@ def inner_layout(rule: InnerRule, shape: tuple[int, ...], group: dict[str, Any])
     return {k: v for k, v in layout.items() if group.get(OPTIONAL_KEYS.get((rule.name, k), ""), True) is not None}
 
 
-def estimate_group(entry: OptimizerEntry, rank: int | None, proj_type: str, projector: str,
-                   state_dtype: str | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def estimate_group(
+    entry: OptimizerEntry,
+    rank: int | None,
+    proj_type: str,
+    projector: str,
+    state_dtype: str | None,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The param group an optimizer of ``entry`` would give a matrix: the defaults of its inner rule,
     the projector and the residual, the entry's recipe (lr, constructor arguments, group keys), then
     ``options``."""
     rule, proj_cls, res_cls = get_inner(entry.inner), get_projector(projector), get_residual(entry.residual)
     group: dict[str, Any] = {**rule.defaults, **proj_cls.defaults, **res_cls.defaults, **entry.kwargs, **entry.group}
-    group.update(lr=entry.lr, rank=rank, update_proj_gap=UPDATE_PROJ_GAP, proj_type=proj_type, projector=projector,
-                 residual=entry.residual, state_dtype=state_dtype)
+    group.update(
+        lr=entry.lr,
+        rank=rank,
+        update_proj_gap=UPDATE_PROJ_GAP,
+        proj_type=proj_type,
+        projector=projector,
+        residual=entry.residual,
+        state_dtype=state_dtype,
+    )
     group.update(options or {})
     if group.get("golore_switch_step") is None and group.get("total_steps") is None:
         group["total_steps"] = 0  # GoLore's switch point; its layout holds the keys of both phases either way
@@ -190,8 +203,16 @@ def parameter_state(
             other = get_residual(entry.residual)().state_layout()
     inner_dtype = entry.state_dtype or state_dtype or DEFAULT_STATE_DTYPE.get(rule.name, dtype)
     return ParameterState(
-        shape=shape, low_rank_shape=low, side=side, basis=dict(basis), inner=inner_layout(rule, low, group),
-        other={**other, **entry.extra_state}, param_dtype=dtype, inner_dtype=inner_dtype, rule=rule, group=group,
+        shape=shape,
+        low_rank_shape=low,
+        side=side,
+        basis=dict(basis),
+        inner=inner_layout(rule, low, group),
+        other={**other, **entry.extra_state},
+        param_dtype=dtype,
+        inner_dtype=inner_dtype,
+        rule=rule,
+        group=group,
     )
 
 
@@ -317,7 +338,11 @@ def estimate_memory(
     if vocab_size is not None:
         shape = shape.with_vocab(vocab_size)
     entry = get_optimizer(optimizer)
-    for arg, value, allowed in (("dtype", dtype, DTYPE_BYTES), ("projector", projector, sorted(PROJECTORS)), ("attention", attention, ATTENTION)):
+    for arg, value, allowed in (
+        ("dtype", dtype, DTYPE_BYTES),
+        ("projector", projector, sorted(PROJECTORS)),
+        ("attention", attention, ATTENTION),
+    ):
         if value not in allowed:
             raise ValueError(f"{arg} = {value!r}; use one of {', '.join(allowed)}")
     if state_dtype is not None and state_dtype not in DTYPE_BYTES:
@@ -344,8 +369,17 @@ def estimate_memory(
     n_projected = 0
     shared_dims: set[int] = set()
     for p in trainable:
-        ps = parameter_state(entry, p.shape, rank=r, projected=p.linear, proj_type=proj_type, projector=projector,
-                             dtype=dtype, state_dtype=state_dtype, options=options)
+        ps = parameter_state(
+            entry,
+            p.shape,
+            rank=r,
+            projected=p.linear,
+            proj_type=proj_type,
+            projector=projector,
+            dtype=dtype,
+            state_dtype=state_dtype,
+            options=options,
+        )
         for part, nbytes in ps.state_bytes().items():
             detail[part] += nbytes
         n_projected += ps.projected

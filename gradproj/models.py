@@ -22,7 +22,7 @@ class LlamaShape:
     layers: int
     vocab: int = 32000
 
-    def with_vocab(self, vocab: int) -> "LlamaShape":
+    def with_vocab(self, vocab: int) -> LlamaShape:
         return replace(self, vocab=vocab)
 
     def as_dict(self) -> dict:

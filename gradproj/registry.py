@@ -164,29 +164,87 @@ _TORCH_STEP = {"step": Spec(())}
 #: after the moments they decode; absent, like the block scales, when a tensor is too small to quantize)
 _BNB_CODE_MAPS = {"qmap1": Spec((256,), requires=("exp_avg",)), "qmap2": Spec((256,), requires=("exp_avg_sq",))}
 
-register_optimizer("adamw", OptimizerEntry(
-    "torch.optim:AdamW", 1e-3, projected=False, kwargs={"weight_decay": 0.0}, extra_state=_TORCH_STEP,
-    help="torch.optim.AdamW (full-rank baseline)"))
-register_optimizer("adamw8bit", OptimizerEntry(
-    "bitsandbytes.optim:AdamW8bit", 1e-3, inner="adam8bit", projected=False, kwargs={"weight_decay": 0.0},
-    extra_state=_BNB_CODE_MAPS, help="bitsandbytes 8-bit AdamW (full-rank baseline)"))
-register_optimizer("adafactor", OptimizerEntry(
-    "transformers.optimization:Adafactor", 1e-3, inner="adafactor", projected=False, kwargs=_ADAFACTOR_FIXED_LR,
-    state_dtype="float32", help="transformers Adafactor, fixed lr (full-rank baseline)"))
-register_optimizer("galore_adamw", OptimizerEntry(
-    "gradproj:GaLoreAdamW", 1e-2, aliases=("galore",), help="GaLore: Adam in a low-rank gradient subspace"))
-register_optimizer("fira_adamw", OptimizerEntry(
-    "gradproj:FiraAdamW", 1e-2, residual="fira", aliases=("fira",),
-    help="Fira: GaLore plus the scaled residual, norm-growth limited"))
-register_optimizer("frugal_adamw", OptimizerEntry(
-    "gradproj:FrugalAdamW", 1e-3, residual="frugal", scale=1.0,
-    help="FRUGAL: Adam in the subspace, signSGD outside it"))
-register_optimizer("galore_adamw8bit", OptimizerEntry(
-    "gradproj:GaLoreAdamW8bit", 1e-2, inner="adam8bit", aliases=("galore_8bit",),
-    help="GaLore with 8-bit blockwise moments"))
-register_optimizer("galore_adafactor", OptimizerEntry(
-    "gradproj:GaLoreAdafactor", 1e-2, inner="adafactor", kwargs=_ADAFACTOR_FIXED_LR,
-    help="GaLore with Adafactor's factored second moment"))
+register_optimizer(
+    "adamw",
+    OptimizerEntry(
+        "torch.optim:AdamW",
+        1e-3,
+        projected=False,
+        kwargs={"weight_decay": 0.0},
+        extra_state=_TORCH_STEP,
+        help="torch.optim.AdamW (full-rank baseline)",
+    ),
+)
+register_optimizer(
+    "adamw8bit",
+    OptimizerEntry(
+        "bitsandbytes.optim:AdamW8bit",
+        1e-3,
+        inner="adam8bit",
+        projected=False,
+        kwargs={"weight_decay": 0.0},
+        extra_state=_BNB_CODE_MAPS,
+        help="bitsandbytes 8-bit AdamW (full-rank baseline)",
+    ),
+)
+register_optimizer(
+    "adafactor",
+    OptimizerEntry(
+        "transformers.optimization:Adafactor",
+        1e-3,
+        inner="adafactor",
+        projected=False,
+        kwargs=_ADAFACTOR_FIXED_LR,
+        state_dtype="float32",
+        help="transformers Adafactor, fixed lr (full-rank baseline)",
+    ),
+)
+register_optimizer(
+    "galore_adamw",
+    OptimizerEntry(
+        "gradproj:GaLoreAdamW", 1e-2, aliases=("galore",), help="GaLore: Adam in a low-rank gradient subspace"
+    ),
+)
+register_optimizer(
+    "fira_adamw",
+    OptimizerEntry(
+        "gradproj:FiraAdamW",
+        1e-2,
+        residual="fira",
+        aliases=("fira",),
+        help="Fira: GaLore plus the scaled residual, norm-growth limited",
+    ),
+)
+register_optimizer(
+    "frugal_adamw",
+    OptimizerEntry(
+        "gradproj:FrugalAdamW",
+        1e-3,
+        residual="frugal",
+        scale=1.0,
+        help="FRUGAL: Adam in the subspace, signSGD outside it",
+    ),
+)
+register_optimizer(
+    "galore_adamw8bit",
+    OptimizerEntry(
+        "gradproj:GaLoreAdamW8bit",
+        1e-2,
+        inner="adam8bit",
+        aliases=("galore_8bit",),
+        help="GaLore with 8-bit blockwise moments",
+    ),
+)
+register_optimizer(
+    "galore_adafactor",
+    OptimizerEntry(
+        "gradproj:GaLoreAdafactor",
+        1e-2,
+        inner="adafactor",
+        kwargs=_ADAFACTOR_FIXED_LR,
+        help="GaLore with Adafactor's factored second moment",
+    ),
+)
 
 __all__ = [
     "INNER_RULES",

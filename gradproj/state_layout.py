@@ -97,9 +97,8 @@ SCALAR_DTYPE = torch.float32
 
 
 def _itemsize(dtype: torch.dtype | str) -> int:
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return torch.empty((), dtype=dtype).element_size()
+    torch_dtype: torch.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.empty((), dtype=torch_dtype).element_size()
 
 
 def is_code_scale(spec: Spec, layout: dict[str, Spec]) -> bool:
@@ -123,8 +122,13 @@ def spec_bytes(spec: Spec, float_dtype: torch.dtype | str, *, quantized: bool = 
     return numel * _itemsize(float_dtype)
 
 
-def layout_bytes(layout: dict[str, Spec], float_dtype: torch.dtype | str, *, quantized: bool = False,
-                 context: dict[str, Spec] | None = None) -> int:
+def layout_bytes(
+    layout: dict[str, Spec],
+    float_dtype: torch.dtype | str,
+    *,
+    quantized: bool = False,
+    context: dict[str, Spec] | None = None,
+) -> int:
     """Bytes of a state holding every entry of ``layout``, whose floating-point tensors are ``float_dtype``.
 
     Call it once per axis, with the dtype that axis stores floats in: the parameter's dtype for a
@@ -145,8 +149,10 @@ def layout_bytes(layout: dict[str, Spec], float_dtype: torch.dtype | str, *, qua
     when ``layout`` is one axis of it (to recognise block scales whose codes another axis lists).
     """
     whole = layout if context is None else {**context, **layout}
-    return sum(spec_bytes(spec, float_dtype, quantized=quantized, code_scale=is_code_scale(spec, whole))
-               for spec in layout.values())
+    return sum(
+        spec_bytes(spec, float_dtype, quantized=quantized, code_scale=is_code_scale(spec, whole))
+        for spec in layout.values()
+    )
 
 
 def state_problem(state: dict, layout: dict[str, Spec], deep: bool = False) -> str | None:

@@ -17,10 +17,21 @@ import torch
 
 #: group keys that other parts of the torch stack write into param groups (LR schedulers, SWA, named
 #: parameters); a gradproj optimizer accepts them and leaves them alone
-FOREIGN_GROUP_KEYS = frozenset({
-    "params", "param_names", "name", "initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum",
-    "max_momentum", "swa_lr", "differentiable",
-})
+FOREIGN_GROUP_KEYS = frozenset(
+    {
+        "params",
+        "param_names",
+        "name",
+        "initial_lr",
+        "max_lr",
+        "min_lr",
+        "base_lr",
+        "base_momentum",
+        "max_momentum",
+        "swa_lr",
+        "differentiable",
+    }
+)
 
 
 def is_number(value: Any) -> bool:

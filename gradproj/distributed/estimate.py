@@ -24,9 +24,13 @@ from ..projectors import choose_side
 from ..registry import get_optimizer, optimizer_names
 from .sharding import ROW_BASIS_KEYS
 
-#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one table
-LLAMA = {name: (s.hidden, s.intermediate, s.heads, s.layers)
-         for name, s in LLAMA_CONFIGS.items() if name.startswith("llama_")}
+#: name -> (hidden, intermediate, heads, layers); vocabulary 32000 (the GaLore paper's configurations), from the one
+#: table
+LLAMA = {
+    name: (s.hidden, s.intermediate, s.heads, s.layers)
+    for name, s in LLAMA_CONFIGS.items()
+    if name.startswith("llama_")
+}
 VOCAB = 32000
 STRATEGIES = ("ddp", "fsdp")
 #: element size in bytes -> the dtype the estimator counts with
@@ -73,8 +77,8 @@ def shard_state(ps: ParameterState, world: int, index: int) -> ParameterState:
     if ps.side in ("left", "full"):
         rows = _rows(ps.shape[0], world, index)
         for key in ROW_BASIS_KEYS:
-            if key in basis and basis[key].shape is not None:
-                basis[key] = replace(basis[key], shape=(rows, *basis[key].shape[1:]))
+            if key in basis and (shape := basis[key].shape) is not None:
+                basis[key] = replace(basis[key], shape=(rows, *shape[1:]))
     return replace(ps.on_block(block), basis=basis)
 
 
@@ -118,8 +122,16 @@ def per_gpu_memory(
         local = _rows(m, k, index) * rest
         out["weights"] += local * weight_bytes
         out["gradients"] += local * grad_bytes
-        ps = parameter_state(entry, shape, rank=rank, projected=projected, proj_type=proj_type, projector=projector,
-                             dtype=weight_dtype, state_dtype=state_dtype)
+        ps = parameter_state(
+            entry,
+            shape,
+            rank=rank,
+            projected=projected,
+            proj_type=proj_type,
+            projector=projector,
+            dtype=weight_dtype,
+            state_dtype=state_dtype,
+        )
         out["optimizer_states"] += sum(shard_state(ps, k, index).state_bytes().values())
     out["total"] = sum(out.values())
     return out

@@ -110,7 +110,10 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     if blocks:
         return blocks
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return list(max(lists, key=len)) if lists else []
+    if not lists:
+        return []
+    largest = max(lists, key=len)
+    return list(largest)
 
 
 def wrap_model(
@@ -180,11 +183,12 @@ def split_batch(batch: T, env: DistributedEnv) -> T:
                 f"a global batch of {batch.shape[0]} rows does not split evenly over {env.world_size} ranks; "
                 "use a batch size divisible by the number of processes"
             )
-        return batch.chunk(env.world_size)[env.rank]
+        # (the ignores: isinstance does not narrow the type variable T, so mypy cannot see these are T)
+        return batch.chunk(env.world_size)[env.rank]  # type: ignore[return-value]
     if isinstance(batch, Mapping):
         return type(batch)({k: split_batch(v, env) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(split_batch(v, env) for v in batch)  # type: ignore[call-arg]
+        return type(batch)(split_batch(v, env) for v in batch)
     raise TypeError(f"split_batch takes tensors or tuples / lists / dicts of tensors, not {type(batch).__name__}")
 
 
@@ -219,7 +223,9 @@ def rank_zero_only(fn: Callable[..., T]) -> Callable[..., T | None]:
     return wrapper
 
 
-def quiet_other_ranks(env: DistributedEnv, loggers: Iterable[str] = ("gradproj",), level: int = logging.WARNING) -> None:
+def quiet_other_ranks(
+    env: DistributedEnv, loggers: Iterable[str] = ("gradproj",), level: int = logging.WARNING
+) -> None:
     """On ranks other than 0, raise the given loggers' level (default: warnings and errors only)."""
     if not env.is_main:
         for name in loggers:
@@ -234,7 +240,7 @@ class _single_process_quiet(warnings.catch_warnings):
     """Silence DCP's warning that it saves / loads in one process, when that is what was asked for."""
 
     def __init__(self, env: DistributedEnv):
-        super().__init__()
+        super().__init__(record=False)
         self.env = env
 
     def __enter__(self):
@@ -244,8 +250,13 @@ class _single_process_quiet(warnings.catch_warnings):
         return out
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistributedEnv,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    env: DistributedEnv,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Save model and optimizer with ``torch.distributed.checkpoint`` into the directory ``path``.
 
     Every rank must call it: each writes its own shards (FSDP2) or rank 0 writes the replicated tensors
@@ -267,8 +278,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         dist.barrier()
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    env: DistributedEnv) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, env: DistributedEnv
+) -> dict[str, Any]:
     """Load what :func:`save_checkpoint` wrote into ``model`` and ``optimizer`` (same world size and
     wrapping, or any world size for FSDP2: DCP reshards); returns ``extra``. Every rank must call it."""
     import torch.distributed.checkpoint as dcp
@@ -279,7 +291,7 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise FileNotFoundError(f"{path} is not a gradproj checkpoint directory (no {EXTRA_FILE})")
     inner = unwrap_model(model)
     model_sd, optim_sd = get_state_dict(inner, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet(env):
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

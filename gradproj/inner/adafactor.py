@@ -7,7 +7,8 @@ Options and their meaning are those of ``transformers.optimization.Adafactor`` (
     lr_t    = ρ · max(eps[1], RMS(W))                       if scale_parameter, else ρ
     β2_t    = 1 − t^decay_rate
     R²ₑ     = R² + eps[0]
-    factored (R has >= 2 dims):  r = β2_t·r + (1−β2_t)·mean(R²ₑ, last dim);  c = β2_t·c + (1−β2_t)·mean(R²ₑ, second-last)
+    factored (R has >= 2 dims):  r = β2_t·r + (1−β2_t)·mean(R²ₑ, last dim)
+                                 c = β2_t·c + (1−β2_t)·mean(R²ₑ, second-last)
                                  V̂ = (r / mean(r)) ⊗ c
     otherwise:                   v = β2_t·v + (1−β2_t)·R²ₑ;   V̂ = v
     u       = R / √V̂ ;  u ← u / max(1, RMS(u) / clip_threshold) ;  u ← lr_t · u
@@ -23,11 +24,12 @@ transformers applies it just before adding the update — the two differ by lr_t
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from ..state_layout import Spec
 from ..options import Option, boolean, number
+from ..state_layout import Spec
 from ..validation import is_number
 from .base import InnerRule, StepContext
 
@@ -40,15 +42,18 @@ def _rms(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 
 def _check_eps(eps: object, name: str, where: str) -> None:
-    if not (isinstance(eps, (tuple, list)) and len(eps) == 2
-            and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)):
+    if not (
+        isinstance(eps, (tuple, list))
+        and len(eps) == 2
+        and all(is_number(e) and math.isfinite(float(e)) and float(e) >= 0.0 for e in eps)
+    ):
         raise ValueError(
             f"{where}: {name} = {eps!r} must be a pair (eps1 for the squared gradient, eps2 for the parameter "
             "scale) of numbers >= 0, e.g. (1e-30, 1e-3)"
         )
 
 
-def _check_beta1(beta1: object, name: str, where: str) -> None:
+def _check_beta1(beta1: Any, name: str, where: str) -> None:
     if beta1 is not None and not (is_number(beta1) and 0.0 <= float(beta1) < 1.0):
         raise ValueError(f"{where}: {name} = {beta1} must be in [0, 1), or None for no first moment")
 
@@ -60,8 +65,12 @@ class Adafactor(InnerRule):
 
     name = "adafactor"
     options = (
-        Option("eps", (1e-30, 1e-3), "(eps1 added to the squared gradient, eps2 the floor of the parameter scale)",
-               _check_eps),
+        Option(
+            "eps",
+            (1e-30, 1e-3),
+            "(eps1 added to the squared gradient, eps2 the floor of the parameter scale)",
+            _check_eps,
+        ),
         Option("clip_threshold", 1.0, "update clipping threshold on its RMS", number(minimum=0.0, exclusive=True)),
         Option("decay_rate", -0.8, "β2_t = 1 − t^decay_rate", number(maximum=0.0, hint="beta2_t = 1 - t^decay_rate")),
         Option("beta1", None, "first-moment decay (None: no first moment)", _check_beta1),
@@ -113,7 +122,7 @@ class Adafactor(InnerRule):
         self._init_state(g, state, group, compute if group["state_dtype"] is None else ctx.state_dtype)
         t = ctx.step - state.get("inner_start", 0)  # steps since the moments were (re)started
         state[PARAM_RMS] = _rms(ctx.param if ctx.param is not None else g, dtype=compute)
-        lr_t = self.relative_step_size(group, ctx.step)
+        lr_t: float | torch.Tensor = self.relative_step_size(group, ctx.step)
         if group["scale_parameter"]:
             lr_t = torch.clamp(state[PARAM_RMS], min=group["eps"][1]) * lr_t  # on the device, no host sync
         beta2t = 1.0 - math.pow(t, group["decay_rate"])

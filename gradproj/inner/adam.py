@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
-from ..state_layout import Spec
 from ..options import Option, number, pair, unit_interval
+from ..state_layout import Spec
 from .base import InnerRule, StepContext
 
-
 #: Adam's options, shared by the rules built on it
-BETAS = Option("betas", (0.9, 0.999), "decay of the first and second moments", pair(unit_interval, unit_interval, "beta1, beta2"))
+BETAS = Option(
+    "betas", (0.9, 0.999), "decay of the first and second moments", pair(unit_interval, unit_interval, "beta1, beta2")
+)
 EPS = Option("eps", 1e-6, "added to √v (GaLore's default; AdamW's is 1e-8)", number(minimum=0.0))
 
 
@@ -27,11 +29,11 @@ class Adam(InnerRule):
     step size lr·√(1−β2^t)/(1−β1^t). State: ``exp_avg``, ``exp_avg_sq``, shaped like R."""
 
     name = "adam"
-    options = (BETAS, EPS)
+    options: ClassVar[tuple[Option, ...]] = (BETAS, EPS)
     batched = True
-    state_keys = ("exp_avg", "exp_avg_sq")
-    shardable = ("rows", "cols")  # elementwise
-    state_transforms = {"exp_avg": "linear", "exp_avg_sq": "second_moment"}
+    state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
+    shardable: ClassVar[tuple[str, ...]] = ("rows", "cols")  # elementwise
+    state_transforms: ClassVar[dict[str, str] | None] = {"exp_avg": "linear", "exp_avg_sq": "second_moment"}
 
     def state_layout(self, shape, group):
         return {"exp_avg": Spec(shape, requires=("exp_avg_sq",)), "exp_avg_sq": Spec(shape, requires=("exp_avg",))}

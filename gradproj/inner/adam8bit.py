@@ -10,8 +10,9 @@ unsigned map. Quantization and dequantization are bitsandbytes' functional ops
 One update: dequantize m and v to fp32, run the same Adam step as :class:`gradproj.inner.Adam` on them
 (the direction is computed from the fresh fp32 moments), then quantize them back into the stored codes and
 scales. This runs over chunks of 2^20 values (whole blocks, which are independent), so the fp32
-transients stay small however large the tensor; the direction is returned in R's dtype. Tensors with fewer than ``min_8bit_size`` elements (4096, as bitsandbytes) keep fp32 moments:
-their blocks would cost more in scales and rounding than they save.
+transients stay small however large the tensor; the direction is returned in R's dtype. Tensors with
+fewer than ``min_8bit_size`` elements (4096, as bitsandbytes) keep fp32 moments: their blocks would cost
+more in scales and rounding than they save.
 
 The two code maps are a fixed function of bitsandbytes (``create_dynamic_map``); they are rebuilt once per
 device and cached here, never stored in the optimizer state.
@@ -24,8 +25,8 @@ import math
 import torch
 
 from ..options import Option, number
-from .adam import BETAS, EPS, Adam
 from ..state_layout import Spec
+from .adam import BETAS, EPS, Adam
 from .base import StepContext
 
 #: values per quantization block (bitsandbytes' blockwise optimizers use 256)
@@ -85,9 +86,14 @@ class Adam8bit(Adam):
 
     name = "adam8bit"
     options = (
-        BETAS, EPS,
-        Option("min_8bit_size", 4096, "moments of tensors with fewer elements stay fp32 (as bitsandbytes)",
-               number(integer=True, minimum=0)),
+        BETAS,
+        EPS,
+        Option(
+            "min_8bit_size",
+            4096,
+            "moments of tensors with fewer elements stay fp32 (as bitsandbytes)",
+            number(integer=True, minimum=0),
+        ),
     )
     state_keys = ("exp_avg", "exp_avg_sq", EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX)
     state_parts = {EXP_AVG_ABSMAX: "scales", EXP_AVG_SQ_ABSMAX: "scales"}
@@ -109,7 +115,7 @@ class Adam8bit(Adam):
     def update(self, R, state, group, ctx: StepContext):
         if "exp_avg" not in state:
             self._init_state(R, state, group)
-        beta1, beta2, eps = *group["betas"], group["eps"]
+        (beta1, beta2), eps = group["betas"], group["eps"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype != torch.uint8:  # a small tensor: fp32 moments
             return ctx.ops.adam_update(R, m, v, beta1, beta2, eps), self.step_size(group, state, ctx)

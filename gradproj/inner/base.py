@@ -8,14 +8,16 @@ residual, applies it to W and applies decoupled weight decay in full space.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ..options import Configurable
 from ..state_layout import Spec
 from ..validation import check_number
+
+if TYPE_CHECKING:
+    from ..kernels.protocol import KernelOps
 
 
 @dataclass
@@ -24,8 +26,9 @@ class StepContext:
 
     #: the parameter's step count after this update (1 at the first update)
     step: int
-    #: the operations module chosen by ``impl`` (:mod:`gradproj.kernels.reference` or an accelerated twin)
-    ops: ModuleType
+    #: the operations chosen by ``impl`` (:mod:`gradproj.kernels.reference` or an accelerated twin; a
+    #: :class:`~gradproj.optimizers.sharding.ShardedOps` wrapping one for an FSDP2 parameter)
+    ops: KernelOps
     #: dtype the rule keeps its state in
     state_dtype: torch.dtype
     #: the parameter, for rules whose step size depends on it (Adafactor's relative step); read only

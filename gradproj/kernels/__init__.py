@@ -36,13 +36,15 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SR_SEED = "sr_seed"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> str | None:
     """None when triton and the kernel modules import, else why not (cached: checked once per process)."""
     try:
         importlib.import_module("triton")
     except Exception as err:  # ImportError, or a broken install raising anything at import
-        return f"triton cannot be imported ({type(err).__name__}: {err}); install it with pip install 'gradproj[triton]'"
+        return (
+            f"triton cannot be imported ({type(err).__name__}: {err}); install it with pip install 'gradproj[triton]'"
+        )
     try:
         load_triton_ops()
     except Exception as err:  # e.g. a triton too old for the kernels' language features
@@ -83,19 +85,28 @@ def why_not_triton(tensor: torch.Tensor) -> str | None:
     return None
 
 
-def resolve(impl: str, tensor: torch.Tensor) -> ModuleType:
+def resolve(impl: str, tensor: torch.Tensor) -> KernelOps:
     """Return the module of operations to use for ``tensor`` under ``impl`` (see the module doc)."""
+    # reference's limit_norm_growth_ is typed for the dense S its own fira_residual returns, narrower than
+    # the protocol's dense-or-ScaledResidual S: hence the ignores below
     if impl == "torch":
-        return reference
+        return reference  # type: ignore[return-value]
     if impl == "auto":
-        if tensor.is_cuda and tensor.dtype in TRITON_DTYPES and not interpreter_requested() and triton_import_error() is None:
+        if (
+            tensor.is_cuda
+            and tensor.dtype in TRITON_DTYPES
+            and not interpreter_requested()
+            and triton_import_error() is None
+        ):
             return load_triton_ops()
-        return reference
+        return reference  # type: ignore[return-value]
     if impl == "triton":
         reason = why_not_triton(tensor)
         if reason is not None:
-            raise ValueError(f"impl='triton' cannot run here: {reason}. Use impl='auto' (Triton where it can run, "
-                             "torch elsewhere) or impl='torch'")
+            raise ValueError(
+                f"impl='triton' cannot run here: {reason}. Use impl='auto' (Triton where it can run, "
+                "torch elsewhere) or impl='torch'"
+            )
         return load_triton_ops()
     raise ValueError(f"unknown impl {impl!r}; use one of {', '.join(IMPLS)}")
 
@@ -117,5 +128,15 @@ def rounding_seed(state: dict, enabled: bool, dtype: torch.dtype) -> int | None:
     return (base + state["step"] * 0x9E3779B1) % (2**31 - 1)
 
 
-__all__ = ["IMPLS", "KernelOps", "OPS", "SR_SEED", "TRITON_DTYPES", "reference", "load_triton_ops", "resolve", "rounding_seed",
-           "why_not_triton"]
+__all__ = [
+    "IMPLS",
+    "OPS",
+    "SR_SEED",
+    "TRITON_DTYPES",
+    "KernelOps",
+    "load_triton_ops",
+    "reference",
+    "resolve",
+    "rounding_seed",
+    "why_not_triton",
+]

@@ -45,7 +45,7 @@ def store_rounded(ptrs, x, mask):
 
 #: launch options of every kernel: 4 warps; multiply-adds fused into FMAs (Triton's long-standing default,
 #: stated so that Triton >= 3.9 does not warn about a default that will change)
-LAUNCH = dict(num_warps=4, enable_fp_fusion=True)
+LAUNCH = {"num_warps": 4, "enable_fp_fusion": True}
 
 
 def device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -62,7 +62,16 @@ def adam_update(
     numel = exp_avg.numel()
     with device_of(R):
         _adam_kernel[(triton.cdiv(numel, BLOCK),)](
-            R, exp_avg, exp_avg_sq, psi, numel, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-            BLOCK=BLOCK, **LAUNCH,
+            R,
+            exp_avg,
+            exp_avg_sq,
+            psi,
+            numel,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            eps,
+            BLOCK=BLOCK,
+            **LAUNCH,
         )
     return psi

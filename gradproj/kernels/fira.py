@@ -79,8 +79,21 @@ def _phi_kernel(PSI, R, PHI, F, K, s_pf, s_pk, s_rf, s_rk, BLOCK_F: tl.constexpr
 
 
 @triton.jit
-def _scaled_sumsq_kernel(D, PHI, INV_K, PARTIAL, M, N, s_dm, s_dn, HAS_PHI: tl.constexpr, PHI_AXIS: tl.constexpr,
-                         HAS_INV_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _scaled_sumsq_kernel(
+    D,
+    PHI,
+    INV_K,
+    PARTIAL,
+    M,
+    N,
+    s_dm,
+    s_dn,
+    HAS_PHI: tl.constexpr,
+    PHI_AXIS: tl.constexpr,
+    HAS_INV_K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -162,8 +175,9 @@ def axis_norms(x: torch.Tensor, axis: int) -> torch.Tensor:
     ssq = torch.empty(parts, F, dtype=torch.float32, device=x.device)
     scale = torch.empty(parts, F, dtype=torch.float32, device=x.device)
     with device_of(x):
-        _axis_sumsq_kernel[grid](x, ssq, scale, M, N, x.stride(0), x.stride(1), AXIS=axis, BM=TILE_M, BN=TILE_N,
-                                 **LAUNCH)
+        _axis_sumsq_kernel[grid](
+            x, ssq, scale, M, N, x.stride(0), x.stride(1), AXIS=axis, BM=TILE_M, BN=TILE_N, **LAUNCH
+        )
     top = scale.amax(0)
     q = scale / top  # powers of two <= 1: exact
     norms = ssq.mul_(q.square_()).sum(0).sqrt_().mul_(top)
@@ -176,7 +190,8 @@ def fira_residual_factors(G, R, psi, alpha, rank_axis):
     off the CPU)."""
     if G.dtype != torch.float32:
         return reference.fira_residual_factors(G, R, psi, alpha, rank_axis)
-    phi, weighted = reference.fira_factors_from_norms(*(axis_norms(x, rank_axis) for x in (G, R, psi)), alpha)
+    g_norm, r_norm, psi_norm = (axis_norms(x, rank_axis) for x in (G, R, psi))
+    phi, weighted = reference.fira_factors_from_norms(g_norm, r_norm, psi_norm, alpha)
     return phi, reference.safe_norm(weighted)
 
 
@@ -197,8 +212,18 @@ def norm_ratio(psi: torch.Tensor, R: torch.Tensor, rank_axis: int) -> torch.Tens
     phi = torch.empty(F, dtype=torch.float32, device=R.device)
     with device_of(R):
         _phi_kernel[(triton.cdiv(F, PHI_BLOCK_F),)](
-            psi, R, phi, F, K, sp[0], sp[1], sr[0], sr[1],
-            BLOCK_F=PHI_BLOCK_F, BLOCK_K=PHI_BLOCK_K, **LAUNCH,
+            psi,
+            R,
+            phi,
+            F,
+            K,
+            sp[0],
+            sp[1],
+            sr[0],
+            sr[1],
+            BLOCK_F=PHI_BLOCK_F,
+            BLOCK_K=PHI_BLOCK_K,
+            **LAUNCH,
         )
     return phi
 
@@ -237,12 +262,24 @@ def limit_norm_growth_(S, state: dict, key: str, gamma: float) -> ScaledResidual
     inv_k = torch.empty(1, dtype=torch.float32, device=D.device)
     with device_of(D):
         _scaled_sumsq_kernel[grid](  # absent factors: any pointer, never read
-            D, partial if S.phi is None else S.phi, partial if S.inv_k is None else S.inv_k, partial,
-            M, N, D.stride(0), D.stride(1), HAS_PHI=S.phi is not None, PHI_AXIS=S.axis,
-            HAS_INV_K=S.inv_k is not None, BM=TILE_M, BN=TILE_N, **LAUNCH,
+            D,
+            partial if S.phi is None else S.phi,
+            partial if S.inv_k is None else S.inv_k,
+            partial,
+            M,
+            N,
+            D.stride(0),
+            D.stride(1),
+            HAS_PHI=S.phi is not None,
+            PHI_AXIS=S.axis,
+            HAS_INV_K=S.inv_k is not None,
+            BM=TILE_M,
+            BN=TILE_N,
+            **LAUNCH,
         )
-        _limiter_kernel[(1,)](partial, grid[0] * grid[1], prev, inv_k, float(gamma),
-                              HAS_PREV=has_prev, BLOCK=SUM_BLOCK, **LAUNCH)
+        _limiter_kernel[(1,)](
+            partial, grid[0] * grid[1], prev, inv_k, float(gamma), HAS_PREV=has_prev, BLOCK=SUM_BLOCK, **LAUNCH
+        )
     if S.inv_k is not None:  # limiting an already limited residual: the factors compose
         inv_k = inv_k * S.inv_k
     S.inv_k = inv_k

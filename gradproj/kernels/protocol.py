@@ -17,7 +17,7 @@ the ranks' partial results under FSDP2; elementwise operations and reductions wi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
 import torch
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..projectors.base import Projector
     from .reference import ScaledResidual
 
-    ResidualTerm = Union[torch.Tensor, ScaledResidual]
+    ResidualTerm: TypeAlias = torch.Tensor | ScaledResidual
 
 
 @runtime_checkable
@@ -42,10 +42,12 @@ class KernelOps(Protocol):
         keepdim: bool = False,
         dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Overflow-safe Euclidean norm of a full-size ``x``, whole or along ``dim``, in ``dtype`` (default: accumulation)."""
+        """Overflow-safe Euclidean norm of a full-size ``x``, whole or along ``dim``, in ``dtype`` (default:
+        accumulation)."""
 
     def axis_norms(self, x: torch.Tensor, axis: int) -> torch.Tensor:
-        """Overflow-safe norms of the rows (``axis=1``) or columns (``axis=0``) of a full-size 2-D ``x``, kept along ``axis``."""
+        """Overflow-safe norms of the rows (``axis=1``) or columns (``axis=0``) of a full-size 2-D ``x``, kept
+        along ``axis``."""
 
     def low_rank_norm(self, x: torch.Tensor) -> torch.Tensor:
         """Overflow-safe Euclidean norm (0-dim, accumulation dtype) of a whole low-rank tensor shaped like R."""
@@ -124,4 +126,4 @@ OPS: tuple[str, ...] = tuple(
     name for name, value in vars(KernelOps).items() if callable(value) and not name.startswith("_")
 )
 
-__all__ = ["KernelOps", "OPS"]
+__all__ = ["OPS", "KernelOps"]

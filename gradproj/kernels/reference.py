@@ -45,7 +45,7 @@ class ScaledResidual:
         S = self.D.to(acc) if c is None else self.D.to(acc) * c
         return S.to(self.D.dtype)
 
-    def divided(self, k: torch.Tensor) -> "ScaledResidual":
+    def divided(self, k: torch.Tensor) -> ScaledResidual:
         """S / k (k a 0-dim or 1-element tensor), still factored."""
         inv = 1.0 / k.reshape(1).float()
         return ScaledResidual(self.D, self.phi, self.axis, inv if self.inv_k is None else self.inv_k * inv)
@@ -72,7 +72,7 @@ def adam_update_foreach(
     beta1: float,
     beta2: float,
     eps: float,
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:  # torch 2.13's _foreach ops return tuples
     """:func:`adam_update` over lists of tensors with torch's multi-tensor ops (the batched ``foreach`` step):
     the same operations in the same order, so each tensor gets exactly the per-tensor result."""
     torch._foreach_lerp_(exp_avgs, Rs, 1.0 - beta1)
@@ -332,7 +332,11 @@ def apply_update(
     u = back_project(projector, U, state, W.dtype).float() * scale  # a new tensor: U is left as it is
     w.sub_(step_size * u)
     if S is not None:
-        dense = S.D.float() * S.factor(torch.float32) if isinstance(S, ScaledResidual) else S.float()
+        dense = (
+            S.D.float() * S.factor(torch.float32)  # type: ignore[operator]  # Fira's S carries φ: never None
+            if isinstance(S, ScaledResidual)
+            else S.float()
+        )
         w.sub_(s_res * dense)
     w.sub_(lr * weight_decay * w)
     W.copy_(stochastic_round_to_bf16(w, seed))
@@ -353,6 +357,8 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # -65536 == 0xFFFF0000 as int32
     rounded = bits.view(torch.float32)
     return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)
+
+
 def clip_by_norm(g: torch.Tensor, max_norm: float | None) -> torch.Tensor:
     """``g · min(1, max_norm / (‖g‖ + 1e-6))`` as a new tensor (``g`` itself when ``max_norm`` is None).
 

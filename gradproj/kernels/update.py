@@ -27,10 +27,33 @@ TILE_M, TILE_N = 32, 128  # 128 contiguous elements per row, 4096 per program
 
 
 @triton.jit(do_not_specialize=["seed"])  # a new seed every step must not mean a new compilation
-def _update_kernel(W, BU, S, PHI, INV_K, M, N, s_wm, s_wn, s_bm, s_bn, s_sm, s_sn,
-                   step, scale, res_step, decay, seed,
-                   HAS_S: tl.constexpr, HAS_PHI: tl.constexpr, PHI_AXIS: tl.constexpr, HAS_INV_K: tl.constexpr,
-                   STOCHASTIC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+def _update_kernel(
+    W,
+    BU,
+    S,
+    PHI,
+    INV_K,
+    M,
+    N,
+    s_wm,
+    s_wn,
+    s_bm,
+    s_bn,
+    s_sm,
+    s_sn,
+    step,
+    scale,
+    res_step,
+    decay,
+    seed,
+    HAS_S: tl.constexpr,
+    HAS_PHI: tl.constexpr,
+    PHI_AXIS: tl.constexpr,
+    HAS_INV_K: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+):
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -63,7 +86,9 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor | None:
     return t.view(1, -1) if t.dim() < 2 else t.view(t.shape[0], -1)
 
 
-def _add_up_scaled_(W: torch.Tensor, projector: Projector, state: dict, U: torch.Tensor, alpha: float, beta: float) -> None:
+def _add_up_scaled_(
+    W: torch.Tensor, projector: Projector, state: dict, U: torch.Tensor, alpha: float, beta: float
+) -> None:
     """``W ← beta·W + alpha·B(U)`` in one GEMM, for projectors using :meth:`Projector.add_up_`'s dense bases."""
     X = U.to(W.dtype)
     if projector.side == "right":
@@ -108,12 +133,30 @@ def apply_update(
     M, N = W2.shape
     with device_of(W2):
         _update_kernel[(triton.cdiv(M, TILE_M), triton.cdiv(N, TILE_N))](
-            W2, BU, D,
+            W2,
+            BU,
+            D,
             S.phi if S is not None and S.phi is not None else BU,
             S.inv_k if S is not None and S.inv_k is not None else BU,
-            M, N, W2.stride(0), W2.stride(1), BU.stride(0), BU.stride(1), D.stride(0), D.stride(1),
-            float(step_size), float(scale), float(s_res), float(decay), 0 if seed is None else int(seed),
-            HAS_S=S is not None, HAS_PHI=S is not None and S.phi is not None, PHI_AXIS=S.axis if S is not None else 0,
-            HAS_INV_K=S is not None and S.inv_k is not None, STOCHASTIC=seed is not None,
-            BM=TILE_M, BN=TILE_N, **LAUNCH,
+            M,
+            N,
+            W2.stride(0),
+            W2.stride(1),
+            BU.stride(0),
+            BU.stride(1),
+            D.stride(0),
+            D.stride(1),
+            float(step_size),
+            float(scale),
+            float(s_res),
+            float(decay),
+            0 if seed is None else int(seed),
+            HAS_S=S is not None,
+            HAS_PHI=S is not None and S.phi is not None,
+            PHI_AXIS=S.axis if S is not None else 0,
+            HAS_INV_K=S is not None and S.inv_k is not None,
+            STOCHASTIC=seed is not None,
+            BM=TILE_M,
+            BN=TILE_N,
+            **LAUNCH,
         )

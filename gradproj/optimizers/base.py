@@ -19,7 +19,7 @@ from ..sampling.sampler import restore_sampler
 from ..state_layout import state_problem
 from ..validation import refuse_unknown
 from . import multi_tensor
-from .engine import OPTIMIZER_OPTIONS, PROJECTION_KEYS, STATE_DTYPES, Engine, Plan
+from .engine import OPTIMIZER_OPTIONS, STATE_DTYPES, Engine
 from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class ProjectedOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
+        lr: float | None = 1e-3,  # None: the inner rule's own step size (GaLoreAdafactor's relative step)
         weight_decay: float = 0.0,
         *,
         impl: str = "auto",
@@ -87,9 +87,14 @@ class ProjectedOptimizer(Optimizer):
         self.engine.layerwise = self._layerwise
         defaults: dict[str, Any] = {o.name: o.default for o in OPTIMIZER_OPTIONS}
         defaults.update(
-            lr=lr, weight_decay=weight_decay, impl=impl, state_dtype=self._dtype_name(state_dtype),
-            inner=self.inner_rule.name, residual=self.default_residual,
-            moments_on_refresh=self.default_moments_on_refresh, **self.inner_rule.defaults,
+            lr=lr,
+            weight_decay=weight_decay,
+            impl=impl,
+            state_dtype=self._dtype_name(state_dtype),
+            inner=self.inner_rule.name,
+            residual=self.default_residual,
+            moments_on_refresh=self.default_moments_on_refresh,
+            **self.inner_rule.defaults,
         )
         refuse_unknown(options, self.engine.group_keys() - {"params"}, type(self).__name__)
         defaults.update(options)
@@ -242,15 +247,19 @@ class ProjectedOptimizer(Optimizer):
         options = {k: v for k, v in saved.items() if k != "params"}
         foreign = sorted(self._TORCH_ONLY_KEYS & set(options))
         if foreign or ("rank" in current and "rank" not in options):
-            what = (f"was written by a torch.optim optimizer (it has {', '.join(foreign)})" if foreign
-                    else "has no 'rank'")
-            message = (f"{where} {what}, while the optimizer's group {index} projects with rank={current.get('rank')}; "
-                       "loading it makes that group train unprojected (full-rank state) from here on")
+            what = (
+                f"was written by a torch.optim optimizer (it has {', '.join(foreign)})" if foreign else "has no 'rank'"
+            )
+            message = (
+                f"{where} {what}, while the optimizer's group {index} projects with rank={current.get('rank')}; "
+                "loading it makes that group train unprojected (full-rank state) from here on"
+            )
             if "rank" not in current or "rank" in options:
                 message = f"{where} {what}; its torch-only options are dropped"
             if strict:
-                raise ValueError(f"{message}. Load a checkpoint of this gradproj optimizer, or pass strict=False to "
-                                 "load it anyway")
+                raise ValueError(
+                    f"{message}. Load a checkpoint of this gradproj optimizer, or pass strict=False to load it anyway"
+                )
             warnings.warn(f"gradproj: {message}", stacklevel=4)
             options = {k: v for k, v in options.items() if k not in self._TORCH_ONLY_KEYS}
         group = {**self.defaults, **options, "params": current["params"]}
@@ -271,8 +280,13 @@ class ProjectedOptimizer(Optimizer):
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from None
         problem = state_problem(saved, self.engine.state_layout(p, group, plan), deep=True)
-        if problem is None and saved and plan.projector.refreshes and not plan.projector.has_basis(saved) and any(
-                k in saved for k in plan.inner.state_keys):
+        if (
+            problem is None
+            and saved
+            and plan.projector.refreshes
+            and not plan.projector.has_basis(saved)
+            and any(k in saved for k in plan.inner.state_keys)
+        ):
             problem = "holds inner-rule state but no basis"
         if problem is not None:
             raise ValueError(
@@ -303,5 +317,3 @@ def _to_device(value: Any, p: torch.Tensor) -> Any:
     if isinstance(value, dict):
         return {k: _to_device(v, p) for k, v in value.items()}
     return value
-
-

@@ -98,13 +98,24 @@ def _compile_arguments() -> frozenset[str]:
     return frozenset(name for name, p in params.items() if p.kind == p.KEYWORD_ONLY)
 
 
-def _tail(W, G, R, state, step_size, residual_step, decay, projector, residual, group, ctx, beta1, beta2, eps,
-          weight_decay):
+def _tail(
+    W, G, R, state, step_size, residual_step, decay, projector, residual, group, ctx, beta1, beta2, eps, weight_decay
+):
     U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps)
     U, S = residual.compute(G, R, U, projector, state, group, ctx)
     U, S = limit_update_growth(U, S, projector, state, group, ctx)
-    ctx.ops.apply_update(W, projector, state, U, S, step_size, ctx.scale, lr=decay, weight_decay=weight_decay,
-                         residual_step=residual_step)
+    ctx.ops.apply_update(
+        W,
+        projector,
+        state,
+        U,
+        S,
+        step_size,
+        ctx.scale,
+        lr=decay,
+        weight_decay=weight_decay,
+        residual_step=residual_step,
+    )
 
 
 def _compile(options: dict) -> Any:
@@ -126,7 +137,7 @@ def _scalar(value: float, device: torch.device, role: str) -> torch.Tensor:
 class _Region:
     """One compiled copy of the tail (one optimizer, one layout) and what is known about its signatures."""
 
-    __slots__ = ("fn", "ran", "eager", "broken")
+    __slots__ = ("broken", "eager", "fn", "ran")
 
     def __init__(self, fn: Any):
         self.fn = fn
@@ -161,7 +172,7 @@ def _signature(W: torch.Tensor, G: torch.Tensor, R: torch.Tensor, state: dict) -
 
 
 def _versions(W: torch.Tensor, state: dict) -> tuple[int, ...]:
-    return (W._version,) + tuple(v._version for v in state.values() if isinstance(v, torch.Tensor))
+    return (W._version, *(v._version for v in state.values() if isinstance(v, torch.Tensor)))
 
 
 #: where dynamo decides to (re)compile a frame; an error raised below it comes from compiling
@@ -197,8 +208,17 @@ class CompiledTail:
         self.options = dict(option) if isinstance(option, dict) else {}
         self.options_key = repr(sorted(self.options.items()))
 
-    def run(self, engine: Any, p: torch.Tensor, G: torch.Tensor, R: torch.Tensor, state: dict, group: dict,
-            plan: Any, ctx: StepContext) -> bool:
+    def run(
+        self,
+        engine: Any,
+        p: torch.Tensor,
+        G: torch.Tensor,
+        R: torch.Tensor,
+        state: dict,
+        group: dict,
+        plan: Any,
+        ctx: StepContext,
+    ) -> bool:
         """Apply the step (moments, residual, weight update, decay) and return True; return False, having
         changed nothing, on a step that must create state (the first, or the first after a reset) and when
         compilation cannot serve this parameter — the eager lines of ``_update`` then run."""
@@ -216,8 +236,19 @@ class CompiledTail:
         residual_step = _scalar(float(plan.residual.step_size(group, s)), R.device, "residual")
         decay = _scalar(float(inner.decay_lr(group, state)), R.device, "decay")
         beta1, beta2 = group["betas"]
-        rest = (step_size, residual_step, decay, plan.projector, plan.residual, group, ctx, float(beta1),
-                float(beta2), float(group["eps"]), float(group["weight_decay"]))
+        rest = (
+            step_size,
+            residual_step,
+            decay,
+            plan.projector,
+            plan.residual,
+            group,
+            ctx,
+            float(beta1),
+            float(beta2),
+            float(group["eps"]),
+            float(group["weight_decay"]),
+        )
         # the weight as a plain tensor: dynamo would keep a Parameter's (or its view's) sizes static
         with matrix_view(p.detach(), plan.shape2d) as W:
             sig = _signature(W, G, R, state)
@@ -253,8 +284,12 @@ class CompiledTail:
                 del state[key]
             for key, value in state_try.items():
                 old = state.get(key)
-                if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor) and old.shape == value.shape \
-                        and old.dtype == value.dtype:
+                if (
+                    isinstance(old, torch.Tensor)
+                    and isinstance(value, torch.Tensor)
+                    and old.shape == value.shape
+                    and old.dtype == value.dtype
+                ):
                     old.copy_(value)  # keep the state's own tensors (a sharded step maps them back by identity)
                 else:
                     state[key] = value
@@ -321,7 +356,8 @@ class CompiledTail:
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside gradproj and torch (the user's ``optimizer.step()``)."""
     inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
-    level, frame = 2, sys._getframe(2)  # 1: _fall_back's caller; warnings.warn counts from _fall_back
+    level = 2  # 1: _fall_back's caller; warnings.warn counts from _fall_back
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1
     return level

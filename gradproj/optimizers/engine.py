@@ -33,13 +33,11 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .. import kernels
-from .sharding import all_finite, is_dtensor, shard_plan
 from ..inner import INNER_RULES, InnerRule, StepContext
 from ..options import ABSENT, Option, boolean, choice, number, option_names
 from ..projectors import PROJ_TYPES, PROJECTORS, IdentityProjector, Projector, get_projector
@@ -49,8 +47,10 @@ from ..residual.limiter import NORM_GROWTH_KEY, check_growth_limit
 from ..state_layout import COMMON, Spec, state_problem
 from ..validation import FOREIGN_GROUP_KEYS, refuse_unknown
 from . import compiled, multi_tensor
+from .sharding import all_finite, is_dtensor, shard_plan
 
 if TYPE_CHECKING:
+    from ..kernels.protocol import KernelOps
     from .base import ProjectedOptimizer
 
 #: what happens to the inner rule's state when a refresh replaces the basis
@@ -94,31 +94,53 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option("weight_decay", 0.0, "decoupled weight decay, applied after the update", number(minimum=0.0)),
     Option("inner", "adam", "the update rule in the subspace (the preset's; any registered rule)"),
     Option("projector", "svd", "the basis of projected groups", _registered(PROJECTORS, "projector")),
-    Option("residual", "none", "what to do with the discarded gradient (the preset's)",
-           _registered(RESIDUALS, "residual")),
+    Option(
+        "residual", "none", "what to do with the discarded gradient (the preset's)", _registered(RESIDUALS, "residual")
+    ),
     Option("proj_type", "std", "the projected side (`std`: the longer side away)", choice(*PROJ_TYPES)),
-    Option("moments_on_refresh", "keep", "the inner state at a refresh: keep, reset or project it",
-           choice(*MOMENT_RULES)),
+    Option(
+        "moments_on_refresh", "keep", "the inner state at a refresh: keep, reset or project it", choice(*MOMENT_RULES)
+    ),
     Option("impl", "auto", "kernels of the fused parts: `auto`, `torch` or `triton`", _impl),
     Option("state_dtype", None, "dtype of the optimizer state (None: the parameter's)", _state_dtype),
     Option("stochastic_rounding", False, "round bf16 weights stochastically after each update", boolean),
     Option("compile", False, "run the per-step math as one `torch.compile` graph (True or its arguments)"),
-    Option(NORM_GROWTH_KEY, None, "limit each update's norm to grow by at most γ per step (None: off)",
-           lambda v, name, where: check_growth_limit(v, name, where)),
-    Option("max_grad_norm", None, "clip each parameter's gradient to this norm before its update (None: off)",
-           number(minimum=0.0, exclusive=True, allow_none=True)),
-    Option("foreach", None, "step regular GaLore steps batched (None: on CUDA)",
-           lambda v, name, where: multi_tensor.check_option(v, where)),
+    Option(
+        NORM_GROWTH_KEY,
+        None,
+        "limit each update's norm to grow by at most γ per step (None: off)",
+        lambda v, name, where: check_growth_limit(v, name, where),
+    ),
+    Option(
+        "max_grad_norm",
+        None,
+        "clip each parameter's gradient to this norm before its update (None: off)",
+        number(minimum=0.0, exclusive=True, allow_none=True),
+    ),
+    Option(
+        "foreach",
+        None,
+        "step regular GaLore steps batched (None: on CUDA)",
+        lambda v, name, where: multi_tensor.check_option(v, where),
+    ),
 )
 
 #: the keys that make a group projected; absent from unprojected groups (GaLore's keys)
 PROJECTION_OPTIONS: tuple[Option, ...] = (
     Option("rank", ABSENT, "rank of the subspace; a group without it is not projected", _positive_int),
     Option("update_proj_gap", ABSENT, "steps between basis refreshes (GaLore uses 200)", _positive_int),
-    Option("scale", ABSENT, "multiplies the update of a projected matrix (GaLore uses 0.25)",
-           number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it")),
-    Option("alpha", ABSENT, "Fira's spelling of `scale`",
-           number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it")),
+    Option(
+        "scale",
+        ABSENT,
+        "multiplies the update of a projected matrix (GaLore uses 0.25)",
+        number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it"),
+    ),
+    Option(
+        "alpha",
+        ABSENT,
+        "Fira's spelling of `scale`",
+        number(minimum=0.0, exclusive=True, hint="the update of a projected matrix is multiplied by it"),
+    ),
 )
 PROJECTION_KEYS = tuple(o.name for o in PROJECTION_OPTIONS)
 
@@ -131,7 +153,7 @@ class Plan:
     projector: Projector
     residual: Residual
     scale: float
-    ops: ModuleType  # the kernels module chosen by the group's impl for this tensor
+    ops: KernelOps  # the kernel operations chosen by the group's impl for this tensor
     inner: InnerRule
     shard: Any = None  # DTensor (FSDP2) parameters: gradproj.optimizers.sharding.ShardedStep
     fused: Any = None  # compile=True: gradproj.optimizers.compiled.CompiledTail
@@ -233,6 +255,7 @@ class Engine:
             return
         for option in PROJECTION_OPTIONS:
             if option.name in group:
+                assert option.check is not None  # every projection option declares its check
                 option.check(group[option.name], option.name, where)
         if "update_proj_gap" not in group:
             raise ValueError(
@@ -333,7 +356,7 @@ class Engine:
             plan = shard_plan(plan, p, group, plan.inner, f"param group {gi}, parameter {pi}")
         if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
             plan.fused = compiled.CompiledTail(group["compile"])
-            plan.ops = kernels.reference
+            plan.ops = kernels.reference  # type: ignore[assignment]  # a dense S only: see kernels.resolve
         proj = plan.projector
         if proj.refreshes and (plan.restart is not None or not proj.has_basis(state)):
             if plan.shard is not None:  # a sharded refresh talks to the other ranks: it runs in the update
@@ -347,8 +370,9 @@ class Engine:
                 low_rank = self.layerwise is not None and self.layerwise.low_rank(plan)
                 G = kernels.reference.clip_by_norm(grad, None if low_rank else group["max_grad_norm"])
                 scratch = {"step": state.get("step", 0)} if plan.restart is not None else dict(state)
+                assert plan.shape2d is not None  # a projector that refreshes: a projected matrix
                 try:
-                    proj.refresh(G.reshape(plan.shape2d), scratch, scratch["step"] if "step" in scratch else 0)
+                    proj.refresh(G.reshape(plan.shape2d), scratch, scratch.get("step", 0))
                 except ValueError as err:
                     raise type(err)(f"{where}: {err}") from None
                 plan.first_basis = {k: v for k, v in scratch.items() if state.get(k) is not v}
@@ -387,10 +411,19 @@ class Engine:
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
         with matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
-            ctx.ops.apply_update(W, proj, state, U, S, step_size, ctx.scale,
-                                 residual_step=plan.residual.step_size(group, step_size),
-                                 lr=inner.decay_lr(group, state), weight_decay=group["weight_decay"],
-                                 seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype))
+            ctx.ops.apply_update(
+                W,
+                proj,
+                state,
+                U,
+                S,
+                step_size,
+                ctx.scale,
+                residual_step=plan.residual.step_size(group, step_size),
+                lr=inner.decay_lr(group, state),
+                weight_decay=group["weight_decay"],
+                seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype),
+            )
 
     def refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: Plan) -> None:
         """Install the first basis computed in :meth:`prepare`, or refresh the basis when it is due."""

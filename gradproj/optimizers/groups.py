@@ -76,15 +76,16 @@ def param_groups(
     if not projected:
         names = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), nn.Parameter)][:8]
         raise ValueError(
-            f"target_modules={target_modules!r} matched no module with a >= 2-D weight; "
-            f"module names look like {names}"
+            f"target_modules={target_modules!r} matched no module with a >= 2-D weight; module names look like {names}"
         )
-    regular = [
-        p for p in model.parameters() if id(p) not in seen and (p.requires_grad or not trainable_only)
-    ]
+    regular = [p for p in model.parameters() if id(p) not in seen and (p.requires_grad or not trainable_only)]
     # model.parameters() already de-duplicates tied weights
-    log.info("gradproj: projecting %d weight matrices at rank %d; %d other tensors unprojected",
-             len(projected), rank, len(regular))
+    log.info(
+        "gradproj: projecting %d weight matrices at rank %d; %d other tensors unprojected",
+        len(projected),
+        rank,
+        len(regular),
+    )
     groups: list[dict[str, Any]] = []
     if regular:
         groups.append({"params": regular})

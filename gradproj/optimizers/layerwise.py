@@ -197,6 +197,7 @@ class LayerwiseStepper:
             return
         if final and ACCUM not in state:  # the whole gradient is at hand: exactly normal mode's step
             grad, p.grad = p.grad, None
+            assert grad is not None  # with no gradient and no buffer it returned above
             state.pop(ACCUM_COUNT, None)
             try:
                 opt.engine.step_param(p, clip_by_norm(grad, group["max_grad_norm"]), group, plan)
@@ -224,6 +225,7 @@ class LayerwiseStepper:
     def _accumulate(self, opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         """Project this micro-batch's gradient into the window's buffer and free it."""
         proj = plan.projector
+        assert p.grad is not None and plan.shape2d is not None  # called for a low-rank plan's fresh gradient
         G = p.grad.reshape(plan.shape2d)
         if ACCUM not in state:  # the window's first micro-batch: its full gradient is the one a refresh sees
             step = state.get("step", 0)
@@ -242,7 +244,9 @@ class LayerwiseStepper:
     def _step_accumulated(opt: ProjectedOptimizer, p: torch.Tensor, state: dict, group: dict, plan: _Plan) -> None:
         R = clip_by_norm(state.pop(ACCUM), group["max_grad_norm"])
         state.pop(ACCUM_COUNT, None)
-        plan = dataclasses.replace(plan, projector=_Projected(plan.projector, R))
+        # a proxy: everything but down() and needs_refresh() is the projector's own
+        plan = dataclasses.replace(plan, projector=_Projected(plan.projector, R))  # type: ignore[arg-type]
+        assert plan.shape2d is not None  # only low-rank plans accumulate
         # the window's full gradient never existed; a meta tensor stands in for it (nothing reads it)
         opt.engine.update(p, torch.empty(plan.shape2d, device="meta"), group, plan)
 
@@ -262,7 +266,8 @@ class LayerwiseStepper:
             log.warning(
                 "gradproj: optimizer.step() closed an accumulation window after %d of accumulation_steps=%d backward "
                 "passes (expected at the end of an epoch; otherwise call step() every accumulation_steps passes)",
-                self._window_max, self.accumulation_steps,
+                self._window_max,
+                self.accumulation_steps,
             )
         for p, _, group, plan in work:
             self._consume(opt, p, group, plan, last=True)
@@ -274,9 +279,9 @@ class LayerwiseStepper:
         """End the current window after an error (a hook raised during backward, or ``step()`` raised).
 
         Parameters already stepped in the window keep their update (undoing it would take a copy of every
-        parameter and its state through backward). Every other parameter gets back exactly the state it had before the window:
-        its low-rank buffer and micro-batch count are dropped, and a basis refreshed at the window's first
-        micro-batch is restored, with the inner state that ``moments_on_refresh`` changed. Gradients in
+        parameter and its state through backward). Every other parameter gets back exactly the state it had
+        before the window: its low-rank buffer and micro-batch count are dropped, and a basis refreshed at the
+        window's first micro-batch is restored, with the inner state that ``moments_on_refresh`` changed. Gradients in
         ``p.grad`` are left as they are (as normal mode leaves them when ``step()`` raises): ``zero_grad()``
         and a new window then trains as a fresh optimizer with this state would.
         """

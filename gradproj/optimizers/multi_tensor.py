@@ -45,19 +45,19 @@ matrix has its own GEMMs (:data:`BATCHED_GEMM_DEVICES`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import kernels
-from .sharding import is_dtensor
 from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
 from ..projectors.base import choose_side, dense_down
 from ..residual import get_residual
+from .sharding import is_dtensor
 
 if TYPE_CHECKING:
+    from ..kernels.protocol import KernelOps
     from .base import ProjectedOptimizer
 
 #: upper bound on the transient bytes of one chunk (low-rank R and U; stacked gradients and weights for small
@@ -118,7 +118,7 @@ class _Bucket:
     group: dict
     shape2d: tuple[int, int]
     side: str
-    ops: ModuleType
+    ops: KernelOps
     step_size: float
     items: list[_Item] = field(default_factory=list)
 
@@ -138,7 +138,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
         if not _group_eligible(opt, group):
             continue
         rank, gap, auto = group["rank"], int(group["update_proj_gap"]), group["foreach"] is None
-        ops_cache: dict[tuple, ModuleType | None] = {}
+        ops_cache: dict[tuple, KernelOps | None] = {}
         for p in group["params"]:
             g = p.grad
             state = opt.state.get(p)
@@ -156,8 +156,16 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             side = choose_side(m, n, group["proj_type"])
             low, basis = ((m, rank), (rank, n)) if side == "right" else ((rank, n), (m, rank))
             dev = p.device
-            if (ea.shape != low or eas.shape != low or ea.dtype != eas.dtype or not ea.is_floating_point()
-                    or proj.shape != basis or proj.dtype != p.dtype or ea.device != dev or proj.device != dev):
+            if (
+                ea.shape != low
+                or eas.shape != low
+                or ea.dtype != eas.dtype
+                or not ea.is_floating_point()
+                or proj.shape != basis
+                or proj.dtype != p.dtype
+                or ea.device != dev
+                or proj.device != dev
+            ):
                 continue
             okey = (dev, p.dtype)
             if okey not in ops_cache:
@@ -193,7 +201,7 @@ def _chunks(bucket: _Bucket) -> list[list[_Item]]:
     if _stacked(first.p.device, m * n, len(bucket.items)):
         per += 2 * m * n * psize + first.state["proj"].numel() * psize  # stacked G and W, stacked bases
     size = max(1, CHUNK_BYTES // per)
-    return [bucket.items[i:i + size] for i in range(0, len(bucket.items), size)]
+    return [bucket.items[i : i + size] for i in range(0, len(bucket.items), size)]
 
 
 def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) -> None:
@@ -211,6 +219,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
 
     # R = down(G): Projector.down, matrix by matrix or as one batched product
     if batched:
+        assert P is not None
         G = torch.stack(Gs)
         if side == "right":
             R = torch.bmm(G, P.transpose(1, 2))
@@ -242,6 +251,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     X = torch.stack(Us).to(Ws[0].dtype) if (batched or Us[0].dtype != Ws[0].dtype) else None
     Xs = Us if X is None else list(X.unbind(0))
     if batched:  # the weights stacked, so the update is one fused baddbmm_ as the per-matrix addmm_ is
+        assert X is not None and P is not None
         Wst = torch.stack(Ws)
         Wst.baddbmm_(*((X, P) if side == "right" else (P, X)), beta=beta, alpha=alpha * beta)
         if not fused_decay and decay != 0.0:

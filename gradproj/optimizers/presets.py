@@ -114,8 +114,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         **options: Any,
     ):
         bnb_functional()  # a clear ImportError now rather than at the first step
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         min_8bit_size=min_8bit_size, **options)
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size, **options
+        )
 
 
 class GaLoreAdafactor(ProjectedOptimizer):
@@ -147,7 +148,15 @@ class GaLoreAdafactor(ProjectedOptimizer):
         **options: Any,
     ):
         super().__init__(
-            params, lr=lr, weight_decay=weight_decay, eps=eps, clip_threshold=clip_threshold,
-            decay_rate=decay_rate, beta1=beta1, scale_parameter=scale_parameter, relative_step=relative_step,
-            warmup_init=warmup_init, **options,
+            params,
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            **options,
         )

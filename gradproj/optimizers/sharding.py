@@ -4,11 +4,11 @@ FSDP2 (``torch.distributed.fsdp.fully_shard``) stores every parameter and its gr
 sharded on dim 0 (``Shard(0)``): rank j holds rows ``[o_j, o_j + m_j)`` of W and of G. A gradproj step
 then runs on the local rows, with the few collectives the math needs (W is m x n, r the rank, k ranks)::
 
-    side          basis P                R and the moments         per step                     per refresh
-    right (m>=n)  r x n, replicated      m x r, Shard(0)           nothing                      all-reduce GᵀG (n x n fp32)
-    left  (m<n)   m x r, Shard(0)        r x n, Shard(1)           reduce-scatter R, gather ψ   all-gather G (m x n)
-    full          Shard(0) + replicated  r x r, replicated         all-reduce R (r x r)         all-gather G (m x n)
-    unprojected   -                      like W, Shard(0)          nothing                      -
+    side          basis P                R and the moments      per step                     per refresh
+    right (m>=n)  r x n, replicated      m x r, Shard(0)        nothing                      all-reduce GᵀG (n x n fp32)
+    left  (m<n)   m x r, Shard(0)        r x n, Shard(1)        reduce-scatter R, gather ψ   all-gather G (m x n)
+    full          Shard(0) + replicated  r x r, replicated      all-reduce R (r x r)         all-gather G (m x n)
+    unprojected   -                      like W, Shard(0)       nothing                      -
 
 A left projection's R = Pᵀ G = Σ_j P_jᵀ G_j sums the ranks' partial products; a reduce-scatter leaves
 each rank the sum for its block of R's columns, the inner rule runs on that block, and one all-gather of
@@ -53,7 +53,7 @@ import functools
 import logging
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,9 @@ from ..kernels import reference
 from ..projectors.base import Projector
 from ..projectors.linalg import power_of_two_scale
 from ..projectors.svd import SVDProjector
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 log = logging.getLogger("gradproj")
 
@@ -83,7 +86,7 @@ ROW_BASIS_KEYS = ("proj", "proj_left")
 DENSE_BASIS_KEYS = ("proj", "proj_left", "proj_right")
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """True for a DTensor (checked without importing the DTensor package when no DTensor can exist)."""
     if not isinstance(t, torch.Tensor) or type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return False
@@ -108,11 +111,15 @@ class RowSharding:
     ``Shard(0)`` (rows split as ``torch.chunk`` does). Anything else raises ``ValueError``.
     """
 
-    def __init__(self, p: torch.Tensor, where: str = "a parameter"):
+    def __init__(self, p: DTensor, where: str = "a parameter"):
         _, Replicate, Shard = _dtensor_api()
         mesh, placements = p.device_mesh, tuple(p.placements)
         shard_dims = [i for i, pl in enumerate(placements) if not isinstance(pl, Replicate)]
-        bad = [pl for pl in placements if not isinstance(pl, Replicate) and not (type(pl) is Shard and pl.dim == 0)]
+        bad = [  # Shard comes from _dtensor_api(), so mypy cannot narrow pl to it
+            pl
+            for pl in placements
+            if not isinstance(pl, Replicate) and not (type(pl) is Shard and pl.dim == 0)  # type: ignore[attr-defined]
+        ]
         if bad or len(shard_dims) > 1:
             raise ValueError(
                 f"{where} (shape {tuple(p.shape)}) is a DTensor with placements {placements}; gradproj supports "
@@ -124,7 +131,7 @@ class RowSharding:
         self.rows = p.to_local().shape[0] if p.dim() else 1
         if shard_dims:
             d = shard_dims[0]
-            self.group = mesh.get_group(d)
+            self.group: dist.ProcessGroup | None = mesh.get_group(d)
             self.world = mesh.size(d)
             self.index = mesh.get_local_rank(d)
         else:
@@ -157,23 +164,27 @@ class RowSharding:
     # ---------------------------------------------------------------------------------------- layouts
     def row_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` (this rank's rows of a tensor split like the parameter) as a DTensor."""
-        shape = (self.global_rows,) + tuple(local.shape[1:])
+        shape = (self.global_rows, *local.shape[1:])
         stride = _contiguous_stride(shape)
-        return _dtensor_api()[0].from_local(local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
+        return _dtensor_api()[0].from_local(
+            local, self.mesh, self.placements, run_check=False, shape=shape, stride=stride
+        )
 
     def col_dtensor(self, local: torch.Tensor, total: int) -> torch.Tensor:
         """``local`` (this rank's block of columns of a 2-D tensor with ``total`` columns) as a DTensor."""
         DTensor, Replicate, Shard = _dtensor_api()
         placements = [Replicate() if isinstance(pl, Replicate) else Shard(1) for pl in self.placements]
         shape = (local.shape[0], total)
-        return DTensor.from_local(local, self.mesh, placements, run_check=False, shape=shape,
-                                  stride=_contiguous_stride(shape))
+        return DTensor.from_local(
+            local, self.mesh, placements, run_check=False, shape=shape, stride=_contiguous_stride(shape)
+        )
 
     def replicated_dtensor(self, local: torch.Tensor) -> torch.Tensor:
         DTensor, Replicate, _ = _dtensor_api()
         placements = [Replicate()] * self.mesh.ndim
-        return DTensor.from_local(local, self.mesh, placements, run_check=False,
-                                  shape=local.shape, stride=local.stride())
+        return DTensor.from_local(
+            local, self.mesh, placements, run_check=False, shape=local.shape, stride=local.stride()
+        )
 
 
 def _split(total: int, world: int, index: int) -> tuple[int, int, int]:
@@ -187,9 +198,9 @@ def all_gather_rows(local: torch.Tensor, total: int, group: Any) -> torch.Tensor
     """The whole tensor (``total`` rows) from every rank's block of rows (padded to one chunk for the collective)."""
     world, index = dist.get_world_size(group), dist.get_rank(group)
     chunk = _split(total, world, index)[0]
-    pad = local.new_zeros((chunk,) + tuple(local.shape[1:]))
+    pad = local.new_zeros((chunk, *local.shape[1:]))
     pad[: local.shape[0]].copy_(local)
-    out = local.new_empty((world * chunk,) + tuple(local.shape[1:]))
+    out = local.new_empty((world * chunk, *local.shape[1:]))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, pad, group=group)
     return torch.cat([out[i * chunk : i * chunk + _split(total, world, i)[2]] for i in range(world)])
@@ -200,9 +211,9 @@ def reduce_scatter_rows(full: torch.Tensor, group: Any) -> torch.Tensor:
     world, index = dist.get_world_size(group), dist.get_rank(group)
     total = full.shape[0]
     chunk, _, size = _split(total, world, index)
-    pad = full.new_zeros((world * chunk,) + tuple(full.shape[1:]))
+    pad = full.new_zeros((world * chunk, *full.shape[1:]))
     pad[:total].copy_(full)
-    out = full.new_empty((chunk,) + tuple(full.shape[1:]))
+    out = full.new_empty((chunk, *full.shape[1:]))
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # renamed in torch 2.13
     scatter(out, pad, group=group)
     return out[:size]
@@ -244,10 +255,11 @@ class ShardedProjector(Projector):
     def __init__(self, base: Projector, rows: RowSharding, method: str, split_cols: bool):
         self.base, self.rows, self.method = base, rows, method
         self.split_cols = split_cols and base.side == "left" and rows.sharded
-        self.name = base.name
+        # the wrapped projector's class attributes, per instance (mypy: ClassVars set through self)
+        self.name = base.name  # type: ignore[misc]
         self.m, self.n, self.rank, self.side = base.m, base.n, base.rank, base.side
         self.update_proj_gap, self.group = base.update_proj_gap, base.group
-        self.refreshes = base.refreshes
+        self.refreshes = base.refreshes  # type: ignore[misc]
 
     # shapes and schedule: the wrapped projector's, with this rank's rows
     def low_rank_shape(self) -> tuple[int, int]:
@@ -260,8 +272,10 @@ class ShardedProjector(Projector):
     def rank_axis(self) -> int:
         return self.base.rank_axis()
 
+    # the wrapped basis's: the fast paths of Fira and the limiter run sharded (a read-only property over
+    # Projector's class attribute)
     @property
-    def orthonormal(self) -> bool:  # the wrapped basis's: the fast paths of Fira and the limiter run sharded
+    def orthonormal(self) -> bool:  # type: ignore[override]
         return self.base.orthonormal
 
     def low_rank_factors(self, phi: torch.Tensor) -> torch.Tensor:
@@ -286,8 +300,8 @@ class ShardedProjector(Projector):
         return bool(flag.item())
 
     # --------------------------------------------------------------------------------- change of basis
-    @property
-    def basis_keys(self) -> tuple[str, ...]:
+    @property  # a read-only property over Projector's class attribute
+    def basis_keys(self) -> tuple[str, ...]:  # type: ignore[override]
         return self.base.basis_keys
 
     def basis_matrices(self, state: dict) -> dict[str, torch.Tensor]:
@@ -302,7 +316,7 @@ class ShardedProjector(Projector):
         def whole(st: dict) -> dict:
             return {k: (self.rows.all_gather_rows(v) if k in ROW_BASIS_KEYS else v) for k, v in st.items()}
 
-        self.base.previous = whole(self.previous)
+        self.base.previous = whole(self.previous)  # type: ignore[arg-type]  # set by the refresh before any change
         return self.base.basis_change(whole(state))
 
     def uses_gram(self) -> bool:
@@ -374,7 +388,7 @@ def _all_gather_stacked(t: torch.Tensor, group: Any) -> torch.Tensor:
     src = t.reshape(-1) if t.numel() else t.new_zeros(1)
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
     gather(out, src.contiguous(), group=group)
-    return out.reshape((world, -1))[:, : t.numel()].reshape((world,) + tuple(t.shape))
+    return out.reshape((world, -1))[:, : t.numel()].reshape((world, *t.shape))
 
 
 def norm_over_ranks(norms: torch.Tensor, group: Any) -> torch.Tensor:
@@ -421,11 +435,13 @@ class ShardedOps:
         """A scalar rule on the whole matrix's norm (already combined over ranks): the same on every rank."""
         return self._ops.norm_growth_divisor(norm, state, key, gamma)
 
-    def apply_update(self, W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=None,
-                     residual_step=None):
+    def apply_update(
+        self, W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=None, residual_step=None
+    ):
         """Row-local (the sharded projector gathers a column-split U before its back-projection)."""
-        self._ops.apply_update(W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=seed,
-                               residual_step=residual_step)
+        self._ops.apply_update(
+            W, projector, state, U, S, step_size, scale, lr, weight_decay, seed=seed, residual_step=residual_step
+        )
 
     def apply_weight_decay_(self, W, lr, weight_decay):
         self._ops.apply_weight_decay_(W, lr, weight_decay)
@@ -495,7 +511,7 @@ class ShardedOps:
         return S.div_(k.to(S.dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sharded_ops(ops: Any, group: Any, split_cols: int | None, low_rank_sharded: bool) -> ShardedOps:
     """One ShardedOps per (operations, process group, layout): stable objects, so a compiled step guards on
     them once."""
@@ -514,13 +530,15 @@ class ShardedStep:
         if not projected or projector.side == "right":
             self.layout = "rows"
         else:
-            self.layout = "cols" if projector.split_cols else "replicated"
+            # projected: shard_plan passes a ShardedProjector
+            self.layout = "cols" if projector.split_cols else "replicated"  # type: ignore[attr-defined]
 
     def ops(self, ops: Any) -> ShardedOps:
-        return _sharded_ops(ops, self.rows.group, self.projector.n if self.layout == "cols" else None,
-                            self.layout != "replicated")
+        return _sharded_ops(
+            ops, self.rows.group, self.projector.n if self.layout == "cols" else None, self.layout != "replicated"
+        )
 
-    def update(self, engine: Any, p: torch.Tensor, grad: torch.Tensor, group: dict, plan: Any) -> None:
+    def update(self, engine: Any, p: DTensor, grad: DTensor, group: dict, plan: Any) -> None:
         state = engine.optimizer.state[p]
         local: dict[str, Any] = {}
         for key, value in state.items():
@@ -560,7 +578,7 @@ class ShardedStep:
         return rows.replicated_dtensor(local)
 
 
-def shard_plan(plan: Any, p: torch.Tensor, group: dict, inner: Any, where: str) -> Any:
+def shard_plan(plan: Any, p: DTensor, group: dict, inner: Any, where: str) -> Any:
     """The plan of a DTensor parameter: local 2-D shape, the projector wrapped, the sharded step attached."""
     from dataclasses import replace
 

@@ -37,9 +37,7 @@ def get_projector(name: str) -> type[Projector]:
     try:
         return PROJECTORS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown projector {name!r}; available: {', '.join(sorted(PROJECTORS))}"
-        ) from None
+        raise ValueError(f"unknown projector {name!r}; available: {', '.join(sorted(PROJECTORS))}") from None
 
 
 register_projector(SVDProjector)

@@ -132,7 +132,10 @@ class Projector(Configurable):
         """The state keys this projector owns and what they must look like (:mod:`gradproj.state_layout`)."""
         m, n, r = self.m, self.n, self.rank
         if self.side == "full":
-            return {"proj_left": Spec((m, r), requires=("proj_right",)), "proj_right": Spec((r, n), requires=("proj_left",))}
+            return {
+                "proj_left": Spec((m, r), requires=("proj_right",)),
+                "proj_right": Spec((r, n), requires=("proj_left",)),
+            }
         return {"proj": Spec((r, n) if self.side == "right" else (m, r))}
 
     # ---------------------------------------------------------------------------------------- refresh
@@ -155,7 +158,8 @@ class Projector(Configurable):
             if self.has_basis(state):
                 self._keep_previous_basis(
                     "a non-finite gradient (NaN/Inf) at a basis refresh",
-                    "Check the loss scale and the data, or clip gradients with max_grad_norm", step,
+                    "Check the loss scale and the data, or clip gradients with max_grad_norm",
+                    step,
                 )
                 return False
             raise NonFiniteGradientError(
@@ -206,7 +210,11 @@ class Projector(Configurable):
         )
         log.warning(
             "gradproj: %s (%dx%d, step %d)%s; keeping the previous basis",
-            cause, self.m, self.n, step, f": {err}" if err is not None else "",
+            cause,
+            self.m,
+            self.n,
+            step,
+            f": {err}" if err is not None else "",
         )
 
     def all_finite(self, G: torch.Tensor) -> bool:
@@ -229,8 +237,9 @@ class Projector(Configurable):
         """The change of coordinates from the basis before the last refresh (``self.previous``) to the current
         one: c_new = T c_old, with T = P_newᵀ P_old for a left basis and P_new P_oldᵀ for a right basis."""
         if self.previous is None:
-            raise RuntimeError("basis_change() needs the basis before the refresh; it is kept only when "
-                               "moments_on_refresh='project'")
+            raise RuntimeError(
+                "basis_change() needs the basis before the refresh; it is kept only when moments_on_refresh='project'"
+            )
         return BasisChange.between(self.basis_matrices(self.previous), self.basis_matrices(state))
 
     # ------------------------------------------------------------------------------------ projections

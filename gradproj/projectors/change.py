@@ -57,13 +57,12 @@ class BasisChange:
         return cls(left, right)
 
     @classmethod
-    def between_indices(
-        cls, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]
-    ) -> BasisChange:
+    def between_indices(cls, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> BasisChange:
         """For bases made of columns of one orthonormal matrix, chosen by index: T_ij = [new_i == old_j]
         exactly (a partial permutation)."""
-        maps = {side: (new[side].long()[:, None] == old[side].long().to(new[side].device)[None, :]).float()
-                for side in new}
+        maps = {
+            side: (new[side].long()[:, None] == old[side].long().to(new[side].device)[None, :]).float() for side in new
+        }
         return cls(maps.get("left"), maps.get("right"))
 
     def _apply(self, X: torch.Tensor, left: torch.Tensor | None, right: torch.Tensor | None) -> torch.Tensor:
@@ -81,5 +80,5 @@ class BasisChange:
 
     def second_moment(self, V: torch.Tensor) -> torch.Tensor:
         """An elementwise second moment in the new coordinates: (T∘T) V (see the module docstring)."""
-        sq = lambda T: None if T is None else T * T  # noqa: E731
+        sq = lambda T: None if T is None else T * T  # noqa: E731  # a one-line local helper
         return self._apply(V, sq(self.left), sq(self.right))

@@ -105,8 +105,12 @@ class DCTProjector(RegeneratedBasis):
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
     options = (
         Option("dct_norm", "l1", "which norm scores the DCT coefficients at a refresh", choice(*DCT_NORMS)),
-        Option("dct_impl", "auto", "how S = G·Q is computed at a refresh (`'auto'`: FFT on the CPU for long rows)",
-               choice(*DCT_IMPLS)),
+        Option(
+            "dct_impl",
+            "auto",
+            "how S = G·Q is computed at a refresh (`'auto'`: FFT on the CPU for long rows)",
+            choice(*DCT_IMPLS),
+        ),
     )
     basis_keys = ("proj_idx", "proj_idx_left", "proj_idx_right")
 
@@ -117,8 +121,10 @@ class DCTProjector(RegeneratedBasis):
     def state_layout(self):
         r = (self.rank,)
         if self.side == "full":
-            return {"proj_idx_left": Spec(r, "index", self.m, ("proj_idx_right",)),
-                    "proj_idx_right": Spec(r, "index", self.n, ("proj_idx_left",))}
+            return {
+                "proj_idx_left": Spec(r, "index", self.m, ("proj_idx_right",)),
+                "proj_idx_right": Spec(r, "index", self.n, ("proj_idx_left",)),
+            }
         return {"proj_idx": Spec(r, "index", self.n if self.side == "right" else self.m)}
 
     # ---------------------------------------------------------------------------------------- refresh
@@ -165,6 +171,7 @@ class DCTProjector(RegeneratedBasis):
     # ------------------------------------------------------------------------------------ projections
     def dense(self, state, like):
         """The selected basis functions, gathered from the shared matrix in ``like``'s dtype and device."""
+
         def rows(d: int, key: str) -> torch.Tensor:
             return dct_matrix(d, like.device, like.dtype).index_select(0, state[key].to(like.device).long())
 

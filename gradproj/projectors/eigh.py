@@ -51,7 +51,10 @@ class EighProjector(Projector):
             return self.decomposition_failed("eigendecomposition of the Gram matrix", err, state, step)
         dtype = G.dtype
         if self.side == "right":
+            assert Vh is not None  # gram_bases returns the sides it was asked for
             return {"proj": Vh.to(dtype)}
+        assert U is not None
         if self.side == "left":
             return {"proj": U.to(dtype).contiguous()}
+        assert Vh is not None
         return {"proj_left": U.to(dtype).contiguous(), "proj_right": Vh.to(dtype)}

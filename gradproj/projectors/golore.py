@@ -39,12 +39,24 @@ class GoLoreProjector(Projector):
 
     name = "golore"
     options = (
-        Option("golore_switch_step", None, "the step count at which the basis becomes random (or None: use "
-               "`golore_switch_fraction` of `total_steps`)", number(integer=True, minimum=0, allow_none=True)),
-        Option("golore_switch_fraction", 0.8, "the switch step as a fraction of `total_steps`",
-               number(minimum=0.0, maximum=1.0)),
-        Option("total_steps", None, "optimizer steps the run will take (with `golore_switch_fraction`)",
-               number(integer=True, minimum=0, allow_none=True)),
+        Option(
+            "golore_switch_step",
+            None,
+            "the step count at which the basis becomes random (or None: use `golore_switch_fraction` of `total_steps`)",
+            number(integer=True, minimum=0, allow_none=True),
+        ),
+        Option(
+            "golore_switch_fraction",
+            0.8,
+            "the switch step as a fraction of `total_steps`",
+            number(minimum=0.0, maximum=1.0),
+        ),
+        Option(
+            "total_steps",
+            None,
+            "optimizer steps the run will take (with `golore_switch_fraction`)",
+            number(integer=True, minimum=0, allow_none=True),
+        ),
         Option("golore_before", "svd", "the basis before the switch", choice(*_BEFORE)),
         *RandomProjector.options,
     )

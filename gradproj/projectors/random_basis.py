@@ -14,10 +14,9 @@ import torch
 
 from ..options import Option, choice
 from ..state_layout import INT, Spec, scalar_int
-
 from . import seeding
-from .regenerated import RegeneratedBasis
 from .linalg import orthonormalize
+from .regenerated import RegeneratedBasis
 
 RANDOM_KINDS = ("gaussian", "orthonormal")
 #: state key of the step whose draw is the current basis (plain int)
@@ -52,8 +51,12 @@ class RandomProjector(RegeneratedBasis):
 
     name = "random"
     options = (
-        Option("random_kind", "gaussian", "`'gaussian'` (scaled i.i.d. entries) or `'orthonormal'` (QR of them)",
-               choice(*RANDOM_KINDS)),
+        Option(
+            "random_kind",
+            "gaussian",
+            "`'gaussian'` (scaled i.i.d. entries) or `'orthonormal'` (QR of them)",
+            choice(*RANDOM_KINDS),
+        ),
         seeding.SEED_OPTION,
     )
     basis_keys = (seeding.SEED_KEY, DRAW_KEY)

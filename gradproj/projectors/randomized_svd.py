@@ -11,7 +11,6 @@ import torch
 
 from ..options import Option, boolean, number
 from ..state_layout import scalar_int
-
 from . import seeding
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled
@@ -85,8 +84,12 @@ class RandomizedSVDProjector(Projector):
     name = "randomized_svd"
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
     options = (
-        Option("rsvd_oversample", 8, "extra random directions beyond the rank (8 to 16 is typical)",
-               number(integer=True, minimum=0)),
+        Option(
+            "rsvd_oversample",
+            8,
+            "extra random directions beyond the rank (8 to 16 is typical)",
+            number(integer=True, minimum=0),
+        ),
         Option("rsvd_power_iters", 1, "power iterations (1 is usually enough)", number(integer=True, minimum=0)),
         Option("rsvd_warm_start", True, "start each refresh from the previous basis", boolean),
         seeding.SEED_OPTION,
@@ -109,7 +112,8 @@ class RandomizedSVDProjector(Projector):
             start = (state["proj"] if self.side == "right" else state["proj_right"]).t()  # n x r
         try:
             U, Vh = randomized_svd(
-                A, self.rank,
+                A,
+                self.rank,
                 oversample=g["rsvd_oversample"],
                 power_iters=g["rsvd_power_iters"],
                 generator=seeding.generator(seed, step, G.device),
@@ -123,4 +127,5 @@ class RandomizedSVDProjector(Projector):
             return {"proj": Vh.to(dtype)}
         if self.side == "left":
             return {"proj": Vh.t().to(dtype).contiguous()}
+        assert U is not None  # randomized_svd returns U when asked for the left side (full)
         return {"proj_left": U.to(dtype).contiguous(), "proj_right": Vh.to(dtype)}

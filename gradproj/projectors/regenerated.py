@@ -32,9 +32,12 @@ class RegeneratedBasis(Projector):
     def down(self, G, state):
         left, right = self.dense(state, G)
         if self.side == "right":
+            assert right is not None  # dense() returns the basis of each projected side
             return G @ right.t()
+        assert left is not None
         if self.side == "left":
             return left.t() @ G
+        assert right is not None
         return left.t() @ G @ right.t()
 
     def up(self, X, state):

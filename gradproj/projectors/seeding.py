@@ -48,5 +48,6 @@ def generator(seed: int, counter: int, device: torch.device) -> torch.Generator:
 
 
 #: the group option that seeds random draws (random bases, randomized SVD); shared by the projectors using it
-SEED_OPTION = Option("proj_seed", 0, "seed of the random draws; each parameter's own seed mixes in its position",
-                     number(integer=True))
+SEED_OPTION = Option(
+    "proj_seed", 0, "seed of the random draws; each parameter's own seed mixes in its position", number(integer=True)
+)

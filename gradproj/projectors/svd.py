@@ -33,8 +33,13 @@ class SVDProjector(Projector):
     name = "svd"
     orthonormal = True
     options = (
-        Option("sharded_refresh", "gram", "FSDP2 only: refresh a right projection from the all-reduced Gram matrix "
-               "(`'gram'`) or the gathered gradient (`'gather'`)", choice("gram", "gather")),
+        Option(
+            "sharded_refresh",
+            "gram",
+            "FSDP2 only: refresh a right projection from the all-reduced Gram matrix "
+            "(`'gram'`) or the gathered gradient (`'gather'`)",
+            choice("gram", "gather"),
+        ),
     )
 
     def compute_basis(self, G, state, step):

@@ -16,18 +16,18 @@ only run for projected matrices.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Union
+from typing import ClassVar
 
 import torch
 
 from ..inner.base import StepContext
 from ..kernels.reference import ScaledResidual
-from ..projectors.base import Projector
 from ..options import Configurable
+from ..projectors.base import Projector
 from ..state_layout import Spec
 
 #: what a residual rule may return as its full-size term
-ResidualTerm = Union[torch.Tensor, ScaledResidual]
+ResidualTerm = torch.Tensor | ScaledResidual
 
 
 def dense_term(S: ResidualTerm) -> torch.Tensor:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.reference import ScaledResidual
 from ..options import Option
 from ..state_layout import Spec
-from ..kernels.reference import ScaledResidual
 from .base import Residual
 from .limiter import check_growth_limit
 
@@ -34,8 +34,12 @@ class FiraResidual(Residual):
 
     name = "fira"
     options = (
-        Option("limiter_gamma", 1.01, "Fira's norm-growth limit γ on the residual (None: off)",
-               lambda v, name, where: check_growth_limit(v, name, where)),
+        Option(
+            "limiter_gamma",
+            1.01,
+            "Fira's norm-growth limit γ on the residual (None: off)",
+            lambda v, name, where: check_growth_limit(v, name, where),
+        ),
     )
 
     def validate_group(self, group, where):

@@ -1,4 +1,4 @@
-"""FRUGAL: the complement of the subspace updated state-free with signSGD (arXiv 2411.07837; docs/algorithms.md, FRUGAL)."""
+"""FRUGAL: the complement of the subspace updated state-free with signSGD (arXiv 2411.07837; docs/algorithms.md)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,9 @@ def validate_norm_growth_limit(group: dict, where: str) -> None:
     check_growth_limit(group.get(NORM_GROWTH_KEY), NORM_GROWTH_KEY, where)
 
 
-def update_norm(U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, ctx: StepContext) -> torch.Tensor:
+def update_norm(
+    U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, ctx: StepContext
+) -> torch.Tensor:
     """‖scale · B(U) + S‖ as a 0-dim tensor on U's device, in the accumulation dtype (overflow-safe: a
     gradient spike gives a large finite norm, which the limiter then scales down). The norms are the kernel
     operations of ``ctx.ops``, which under FSDP2 combine the ranks' parts into the whole matrix's norm."""

@@ -102,8 +102,9 @@ def input_feature_norms(
         for m, training in modes:
             m.training = training
     if n_batches == 0:
-        raise ValueError("batches is empty: no calibration batch ran; pass at least one, or batches=None "
-                         "for a weights-only score")
+        raise ValueError(
+            "batches is empty: no calibration batch ran; pass at least one, or batches=None for a weights-only score"
+        )
     missing = [i for i, lin in enumerate(linears) if stats[id(lin)][1] is None]
     if missing:
         raise ValueError(
@@ -176,9 +177,15 @@ def outlier_ratios(
         if model is None:
             raise ValueError("batches need the model to run them: pass model as well")
         norms = input_feature_norms(model, [lin for group in linears for lin in group], batches)
-    ratios = [_block_ratio(group, norms, float(M)) for group in tqdm(linears, desc="gradproj: outlier ratios",
-                                                                       leave=False, disable=None)]
+    ratios = [
+        _block_ratio(group, norms, float(M))
+        for group in tqdm(linears, desc="gradproj: outlier ratios", leave=False, disable=None)
+    ]
     out = torch.tensor(ratios, dtype=torch.float64)
-    log.info("gradproj: outlier ratios (M=%g, %s): %s", M, "calibrated" if norms is not None else "weights only",
-             [round(r, 6) for r in ratios])
+    log.info(
+        "gradproj: outlier ratios (M=%g, %s): %s",
+        M,
+        "calibrated" if norms is not None else "weights only",
+        [round(r, 6) for r in ratios],
+    )
     return out

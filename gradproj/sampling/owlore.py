@@ -101,6 +101,12 @@ def owlore(
         for p, flag in flags:  # a bad option leaves the model as it was
             p.requires_grad_(flag)
         raise
-    log.info("gradproj: OwLore with %d of %d blocks active, interval %d, rank %d; sampling probabilities %s",
-             n_active, len(blocks), interval, rank, [round(x, 4) for x in sampler.probs.tolist()])
+    log.info(
+        "gradproj: OwLore with %d of %d blocks active, interval %d, rank %d; sampling probabilities %s",
+        n_active,
+        len(blocks),
+        interval,
+        rank,
+        [round(x, 4) for x in sampler.probs.tolist()],
+    )
     return opt

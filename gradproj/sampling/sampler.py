@@ -266,8 +266,10 @@ class LayerSampler:
         self._apply(self._active, optimizer)
 
     def __repr__(self) -> str:
-        return (f"LayerSampler(blocks={self.n_blocks}, n_active={self.n_active}, interval={self.interval}, "
-                f"steps={self._steps}, active={self._active})")
+        return (
+            f"LayerSampler(blocks={self.n_blocks}, n_active={self.n_active}, interval={self.interval}, "
+            f"steps={self._steps}, active={self._active})"
+        )
 
 
 def restore_sampler(optimizer: torch.optim.Optimizer, state: dict[str, Any] | None) -> None:
@@ -275,11 +277,15 @@ def restore_sampler(optimizer: torch.optim.Optimizer, state: dict[str, Any] | No
     sampler = getattr(optimizer, "sampler", None)
     if state is None:
         if sampler is not None:
-            log.warning("gradproj: the checkpoint holds no sampler state; the sampler keeps its own draws, so "
-                        "sampling will not continue the saved run's")
+            log.warning(
+                "gradproj: the checkpoint holds no sampler state; the sampler keeps its own draws, so "
+                "sampling will not continue the saved run's"
+            )
         return
     if sampler is None:
-        log.warning("gradproj: the checkpoint holds a layer sampler's state but this optimizer has none; it is "
-                    "ignored and the blocks keep their current requires_grad flags")
+        log.warning(
+            "gradproj: the checkpoint holds a layer sampler's state but this optimizer has none; it is "
+            "ignored and the blocks keep their current requires_grad flags"
+        )
         return
     sampler.load_state_dict(state, optimizer)

@@ -54,62 +54,296 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
     m = p.add_argument_group("model and data")
     _add(m, "--model", section="cfg", field="model", help="LLaMA configuration (see `gradproj list`; default tiny)")
-    _add(m, "--data", section="cfg", field="data", nargs="+", metavar="PATH",
-         help="text / .jsonl files, directories, globs or hf:NAME[:CONFIG] (default: the standard library's sources)")
-    _add(m, "--text-key", section="cfg", field="text_key", help="field of .jsonl / datasets records holding the text (default text)")
-    _add(m, "--tokenizer", section="cfg", field="tokenizer", choices=["byte", "bpe"], help="byte-level (default) or a BPE trained on the corpus")
-    _add(m, "--vocab-size", section="cfg", field="vocab_size", type=_positive_int, help="BPE vocabulary size (default 4096)")
-    _add(m, "--val-fraction", section="cfg", field="val_fraction", type=float, help="share of the corpus held out for validation (default 0.05)")
+    _add(
+        m,
+        "--data",
+        section="cfg",
+        field="data",
+        nargs="+",
+        metavar="PATH",
+        help="text / .jsonl files, directories, globs or hf:NAME[:CONFIG] (default: the standard library's sources)",
+    )
+    _add(
+        m,
+        "--text-key",
+        section="cfg",
+        field="text_key",
+        help="field of .jsonl / datasets records holding the text (default text)",
+    )
+    _add(
+        m,
+        "--tokenizer",
+        section="cfg",
+        field="tokenizer",
+        choices=["byte", "bpe"],
+        help="byte-level (default) or a BPE trained on the corpus",
+    )
+    _add(
+        m,
+        "--vocab-size",
+        section="cfg",
+        field="vocab_size",
+        type=_positive_int,
+        help="BPE vocabulary size (default 4096)",
+    )
+    _add(
+        m,
+        "--val-fraction",
+        section="cfg",
+        field="val_fraction",
+        type=float,
+        help="share of the corpus held out for validation (default 0.05)",
+    )
     _add(m, "--max-bytes", section="cfg", field="max_bytes", type=_positive_int, help="read at most this much text")
 
     o = p.add_argument_group("optimizer")
     if not compare:
-        _add(o, "--optimizer", section="opt", field="name", metavar="NAME",
-             help=f"{', '.join(registry.optimizer_names())} (see `gradproj list`; default galore_adamw)")
-    _add(o, "--lr", section="opt", field="lr", type=float, help="peak learning rate (default: the optimizer's recipe, 1e-2 projected / 1e-3 full-rank and FRUGAL)")
-    _add(o, "--weight-decay", section="opt", field="weight_decay", type=float, help="decoupled weight decay (default 0)")
+        _add(
+            o,
+            "--optimizer",
+            section="opt",
+            field="name",
+            metavar="NAME",
+            help=f"{', '.join(registry.optimizer_names())} (see `gradproj list`; default galore_adamw)",
+        )
+    _add(
+        o,
+        "--lr",
+        section="opt",
+        field="lr",
+        type=float,
+        help="peak learning rate (default: the optimizer's recipe, 1e-2 projected / 1e-3 full-rank and FRUGAL)",
+    )
+    _add(
+        o, "--weight-decay", section="opt", field="weight_decay", type=float, help="decoupled weight decay (default 0)"
+    )
     _add(o, "--rank", section="opt", field="rank", type=_positive_int, help="subspace rank (default hidden // 4)")
-    _add(o, "--scale", "--alpha", section="opt", field="scale", type=float, help="alpha: projected matrices move at lr * scale (default 0.25; FRUGAL 1)")
-    _add(o, "--update-proj-gap", section="opt", field="update_proj_gap", type=_positive_int, help="T: refresh the subspace every T steps (default 200)")
-    _add(o, "--proj-type", section="opt", field="proj_type", choices=["std", "reverse_std", "left", "right", "full"], help="projection side (default std)")
-    _add(o, "--projector", section="opt", field="projector", metavar="NAME", help=f"subspace basis: {', '.join(registry.projector_names())} or one registered with gradproj.register_projector (default svd)")
-    _add(o, "--target-modules", section="opt", field="target_modules", nargs="+", metavar="PATTERN",
-         help="module names (substrings or regexes) whose weights are projected (default: every Linear of the blocks)")
-    _add(o, "--layerwise", section="opt", field="layerwise", action="store_true", help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes per update)")
-    _add(o, "--group-option", section="opt", field="group_options", type=_kv, action="append", metavar="KEY=VALUE",
-         help="any further key of the projected param group (repeatable), e.g. limiter_gamma=1.05")
-    _add(o, "--optimizer-option", section="opt", field="optimizer_options", type=_kv, action="append", metavar="KEY=VALUE",
-         help="any further constructor argument (repeatable), e.g. impl=torch, state_dtype=float32")
-    _add(o, "--sampler", section="opt", field="sampler", choices=["uniform", "owl"], help="train a few decoder blocks at a time: uniform (LISA) or owl (OwLore)")
-    _add(o, "--active-layers", section="opt", field="active_layers", type=_positive_int, help="blocks trained at a time with --sampler (default 2)")
-    _add(o, "--sample-interval", section="opt", field="sample_interval", type=_positive_int, help="steps between block draws with --sampler (default 50)")
+    _add(
+        o,
+        "--scale",
+        "--alpha",
+        section="opt",
+        field="scale",
+        type=float,
+        help="alpha: projected matrices move at lr * scale (default 0.25; FRUGAL 1)",
+    )
+    _add(
+        o,
+        "--update-proj-gap",
+        section="opt",
+        field="update_proj_gap",
+        type=_positive_int,
+        help="T: refresh the subspace every T steps (default 200)",
+    )
+    _add(
+        o,
+        "--proj-type",
+        section="opt",
+        field="proj_type",
+        choices=["std", "reverse_std", "left", "right", "full"],
+        help="projection side (default std)",
+    )
+    _add(
+        o,
+        "--projector",
+        section="opt",
+        field="projector",
+        metavar="NAME",
+        help=f"subspace basis: {', '.join(registry.projector_names())} or one registered with "
+        "gradproj.register_projector (default svd)",
+    )
+    _add(
+        o,
+        "--target-modules",
+        section="opt",
+        field="target_modules",
+        nargs="+",
+        metavar="PATTERN",
+        help="module names (substrings or regexes) whose weights are projected (default: every Linear of the blocks)",
+    )
+    _add(
+        o,
+        "--layerwise",
+        section="opt",
+        field="layerwise",
+        action="store_true",
+        help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes "
+        "per update)",
+    )
+    _add(
+        o,
+        "--group-option",
+        section="opt",
+        field="group_options",
+        type=_kv,
+        action="append",
+        metavar="KEY=VALUE",
+        help="any further key of the projected param group (repeatable), e.g. limiter_gamma=1.05",
+    )
+    _add(
+        o,
+        "--optimizer-option",
+        section="opt",
+        field="optimizer_options",
+        type=_kv,
+        action="append",
+        metavar="KEY=VALUE",
+        help="any further constructor argument (repeatable), e.g. impl=torch, state_dtype=float32",
+    )
+    _add(
+        o,
+        "--sampler",
+        section="opt",
+        field="sampler",
+        choices=["uniform", "owl"],
+        help="train a few decoder blocks at a time: uniform (LISA) or owl (OwLore)",
+    )
+    _add(
+        o,
+        "--active-layers",
+        section="opt",
+        field="active_layers",
+        type=_positive_int,
+        help="blocks trained at a time with --sampler (default 2)",
+    )
+    _add(
+        o,
+        "--sample-interval",
+        section="opt",
+        field="sample_interval",
+        type=_positive_int,
+        help="steps between block draws with --sampler (default 50)",
+    )
 
     t = p.add_argument_group("training")
     _add(t, "--steps", section="cfg", field="steps", type=_positive_int, help="optimizer steps (default 200)")
-    _add(t, "--batch-size", "--batch", section="cfg", field="batch_size", type=_positive_int, help="sequences per step and process (default 8)")
-    _add(t, "--seq-len", "--seq", section="cfg", field="seq_len", type=_positive_int, help="tokens per sequence (default 128)")
-    _add(t, "--grad-accum", section="cfg", field="grad_accum", type=_positive_int, help="micro-batches per step (default 1)")
-    _add(t, "--schedule", section="cfg", field="schedule", choices=["cosine", "linear", "constant"], help="after warm-up (default cosine)")
-    _add(t, "--warmup", section="cfg", field="warmup", type=float, help="warm-up: a fraction of the steps if < 1, else steps (default 0.1)")
+    _add(
+        t,
+        "--batch-size",
+        "--batch",
+        section="cfg",
+        field="batch_size",
+        type=_positive_int,
+        help="sequences per step and process (default 8)",
+    )
+    _add(
+        t,
+        "--seq-len",
+        "--seq",
+        section="cfg",
+        field="seq_len",
+        type=_positive_int,
+        help="tokens per sequence (default 128)",
+    )
+    _add(
+        t,
+        "--grad-accum",
+        section="cfg",
+        field="grad_accum",
+        type=_positive_int,
+        help="micro-batches per step (default 1)",
+    )
+    _add(
+        t,
+        "--schedule",
+        section="cfg",
+        field="schedule",
+        choices=["cosine", "linear", "constant"],
+        help="after warm-up (default cosine)",
+    )
+    _add(
+        t,
+        "--warmup",
+        section="cfg",
+        field="warmup",
+        type=float,
+        help="warm-up: a fraction of the steps if < 1, else steps (default 0.1)",
+    )
     _add(t, "--min-lr-ratio", section="cfg", field="min_lr_ratio", type=float, help="final lr / peak lr (default 0.1)")
     _add(t, "--clip", section="cfg", field="clip", type=float, help="clip the global gradient norm (default 0: off)")
     _add(t, "--seed", section="cfg", field="seed", type=int, help="model init and batches (default 0)")
-    _add(t, "--dtype", section="cfg", field="dtype", choices=["float32", "bfloat16", "float16"], help="model dtype (default float32)")
+    _add(
+        t,
+        "--dtype",
+        section="cfg",
+        field="dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="model dtype (default float32)",
+    )
     _add(t, "--device", section="cfg", field="device", help="auto (default), cpu, cuda, cuda:1, ...")
-    _add(t, "--parallel", section="cfg", field="parallel", choices=["auto", "none", "ddp", "fsdp"],
-         help="under torchrun: ddp or fsdp (FSDP2); auto (default): DDP under torchrun, else one process")
-    _add(t, "--fsdp", section="cfg", field="parallel", action="store_const", const="fsdp",
-         help="shard parameters, gradients and optimizer state with FSDP2 (same as --parallel fsdp; needs torchrun)")
-    _add(t, "--log-every", section="cfg", field="log_every", type=_positive_int, help="write a metrics line every N steps (default 1)")
-    _add(t, "--eval-every", section="cfg", field="eval_every", type=_positive_int, help="validation every N steps and at the end (default 50)")
-    _add(t, "--eval-batches", section="cfg", field="eval_batches", type=_positive_int, help="validation batches (default 8)")
+    _add(
+        t,
+        "--parallel",
+        section="cfg",
+        field="parallel",
+        choices=["auto", "none", "ddp", "fsdp"],
+        help="under torchrun: ddp or fsdp (FSDP2); auto (default): DDP under torchrun, else one process",
+    )
+    _add(
+        t,
+        "--fsdp",
+        section="cfg",
+        field="parallel",
+        action="store_const",
+        const="fsdp",
+        help="shard parameters, gradients and optimizer state with FSDP2 (same as --parallel fsdp; needs torchrun)",
+    )
+    _add(
+        t,
+        "--log-every",
+        section="cfg",
+        field="log_every",
+        type=_positive_int,
+        help="write a metrics line every N steps (default 1)",
+    )
+    _add(
+        t,
+        "--eval-every",
+        section="cfg",
+        field="eval_every",
+        type=_positive_int,
+        help="validation every N steps and at the end (default 50)",
+    )
+    _add(
+        t,
+        "--eval-batches",
+        section="cfg",
+        field="eval_batches",
+        type=_positive_int,
+        help="validation batches (default 8)",
+    )
     if not compare:
-        _add(t, "--save-every", section="cfg", field="save_every", type=_positive_int, help="checkpoint every N steps and at the end (default 1000)")
-        _add(t, "--keep-checkpoints", section="cfg", field="keep_checkpoints", type=_positive_int, help="newest checkpoints kept (default 2)")
-        _add(t, "--stop-at", section="cfg", field="stop_at", type=_positive_int, help="stop after this step, keeping the schedule of --steps (resume later)")
+        _add(
+            t,
+            "--save-every",
+            section="cfg",
+            field="save_every",
+            type=_positive_int,
+            help="checkpoint every N steps and at the end (default 1000)",
+        )
+        _add(
+            t,
+            "--keep-checkpoints",
+            section="cfg",
+            field="keep_checkpoints",
+            type=_positive_int,
+            help="newest checkpoints kept (default 2)",
+        )
+        _add(
+            t,
+            "--stop-at",
+            section="cfg",
+            field="stop_at",
+            type=_positive_int,
+            help="stop after this step, keeping the schedule of --steps (resume later)",
+        )
 
     r = p.add_argument_group("output")
-    r.add_argument("--out", metavar="DIR", help="write metrics.jsonl, loss.png, config.json, summary.json" + ("" if compare else ", checkpoints/"))
+    r.add_argument(
+        "--out",
+        metavar="DIR",
+        help="write metrics.jsonl, loss.png, config.json, summary.json" + ("" if compare else ", checkpoints/"),
+    )
     if not compare:
         r.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its configuration is used)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -117,7 +351,8 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
 
 
 def _split(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    cfg, opt = {}, {}
+    cfg: dict[str, Any] = {}
+    opt: dict[str, Any] = {}
     for dest, (section, field) in _TRAIN_FIELDS.items():
         if hasattr(ns, dest):
             value = getattr(ns, dest)
@@ -153,13 +388,18 @@ def _report(line: str) -> None:
 def _print_result(result, out: str | None) -> None:
     if not _is_main():
         return
-    parts = ", ".join(f"{k} {_mib(v)}" for k, v in result.optimizer_state_parts.items() if not k.startswith("key:") and v)
+    parts = ", ".join(
+        f"{k} {_mib(v)}" for k, v in result.optimizer_state_parts.items() if not k.startswith("key:") and v
+    )
     val = (
         f" | val loss {result.final_val_loss:.4f} | val ppl {result.final_val_ppl:.3f}"
         if result.final_val_loss is not None
         else ""
     )
-    print(f"done: step {result.steps_done}, {result.tokens_per_s:,.0f} tokens/s, {1000 * result.mean_step_time_s:,.1f} ms/step")
+    print(
+        f"done: step {result.steps_done}, {result.tokens_per_s:,.0f} tokens/s, "
+        f"{1000 * result.mean_step_time_s:,.1f} ms/step"
+    )
     print(f"final train loss {result.final_train_loss:.4f}{val}")
     where = " on rank 0 (its shards under FSDP2)" if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
     print(f"optimizer state{where}: {_mib(result.optimizer_state_bytes)}" + (f" ({parts})" if parts else ""))
@@ -176,14 +416,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
         cfg, opt = _split(ns)
         bad = sorted(set(cfg) - set(RESUMABLE)) + sorted(opt)
         if bad:
-            raise ValueError(f"--resume uses the saved configuration; cannot change {', '.join(bad)} (only {', '.join(RESUMABLE)})")
+            raise ValueError(
+                f"--resume uses the saved configuration; cannot change {', '.join(bad)} (only {', '.join(RESUMABLE)})"
+            )
         result = train(out_dir=ns.out, resume=ns.resume, overrides=cfg, progress=progress, report=_report)
         out = ns.out or ns.resume
     else:
         config = _config(ns)
         if _is_main():
-            print(f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
-                  f"{config.batch_size} x {config.seq_len} tokens" + (f" -> {ns.out}" if ns.out else ""))
+            print(
+                f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
+                f"{config.batch_size} x {config.seq_len} tokens" + (f" -> {ns.out}" if ns.out else "")
+            )
         result = train(config, out_dir=ns.out, progress=progress, report=_report)
         out = ns.out
     _print_result(result, out)
@@ -271,37 +515,82 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import registry
     from ..models import LLAMA_CONFIGS
 
-    parser = argparse.ArgumentParser(prog="gradproj", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gradproj", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="{train,compare,memory,list}")
 
-    p = sub.add_parser("train", help="pretrain a LLaMA model with one optimizer", description="Pretrain a LLaMA model with one optimizer.")
+    p = sub.add_parser(
+        "train",
+        help="pretrain a LLaMA model with one optimizer",
+        description="Pretrain a LLaMA model with one optimizer.",
+    )
     _add_train_options(p, compare=False)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("compare", help="several optimizers on the same model, data and seed", description="Train the same model, data and seed with several optimizers; write a table and one plot.")
-    p.add_argument("--optimizers", nargs="+", required=True, metavar="SPEC",
-                   help="NAME or NAME:key=value,... (e.g. adamw:lr=3e-3 galore_adamw:rank=64 galore_adamw:projector=dct)")
+    p = sub.add_parser(
+        "compare",
+        help="several optimizers on the same model, data and seed",
+        description="Train the same model, data and seed with several optimizers; write a table and one plot.",
+    )
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        required=True,
+        metavar="SPEC",
+        help="NAME or NAME:key=value,... (e.g. adamw:lr=3e-3 galore_adamw:rank=64 galore_adamw:projector=dct)",
+    )
     _add_train_options(p, compare=True)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("memory", help="analytic memory of a configuration and optimizer", description="Analytic memory: weights, gradients, optimizer states, activations.")
-    p.add_argument("--model", default="llama_7b", choices=list(LLAMA_CONFIGS), help="configuration (default llama_7b; vocabulary 32000 except tiny)")
-    p.add_argument("--optimizer", default="adamw", choices=registry.optimizer_names(aliases=True), metavar="NAME",
-                   help=f"any registered optimizer, installed or not: {', '.join(registry.optimizer_names())} (default adamw)")
+    p = sub.add_parser(
+        "memory",
+        help="analytic memory of a configuration and optimizer",
+        description="Analytic memory: weights, gradients, optimizer states, activations.",
+    )
+    p.add_argument(
+        "--model",
+        default="llama_7b",
+        choices=list(LLAMA_CONFIGS),
+        help="configuration (default llama_7b; vocabulary 32000 except tiny)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adamw",
+        choices=registry.optimizer_names(aliases=True),
+        metavar="NAME",
+        help=f"any registered optimizer, installed or not: {', '.join(registry.optimizer_names())} (default adamw)",
+    )
     p.add_argument("--rank", type=_positive_int, help="subspace rank (default hidden // 4)")
     p.add_argument("--layerwise", action="store_true", help="per-layer updates: one gradient alive at a time")
-    p.add_argument("--batch-size", "--batch", type=int, default=0, help="sequences per step (with --seq: count activations)")
+    p.add_argument(
+        "--batch-size", "--batch", type=int, default=0, help="sequences per step (with --seq: count activations)"
+    )
     p.add_argument("--seq-len", "--seq", type=int, default=0, help="tokens per sequence")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="weights and gradients (default bfloat16)")
+    p.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float16", "float32"],
+        help="weights and gradients (default bfloat16)",
+    )
     p.add_argument("--state-dtype", choices=["bfloat16", "float16", "float32"], help="Adam state (default: --dtype)")
     p.add_argument("--proj-type", default="std", choices=["std", "reverse_std", "left", "right", "full"])
-    p.add_argument("--projector", default="svd", choices=registry.projector_names(), metavar="NAME",
-                   help=f"basis kind: {', '.join(registry.projector_names())} (default svd)")
+    p.add_argument(
+        "--projector",
+        default="svd",
+        choices=registry.projector_names(),
+        metavar="NAME",
+        help=f"basis kind: {', '.join(registry.projector_names())} (default svd)",
+    )
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--vocab-size", type=_positive_int, help="override the vocabulary (default 32000)")
-    p.add_argument("--active-layers", type=_positive_int, help="blocks trained at a time under a layer sampler (LISA / OwLore)")
-    p.add_argument("--shards", type=_positive_int, default=1, help="FSDP: weights, gradients and states split over N devices")
+    p.add_argument(
+        "--active-layers", type=_positive_int, help="blocks trained at a time under a layer sampler (LISA / OwLore)"
+    )
+    p.add_argument(
+        "--shards", type=_positive_int, default=1, help="FSDP: weights, gradients and states split over N devices"
+    )
     p.add_argument("--budget", help="device memory to check against, e.g. 24GB or 80GiB")
     p.add_argument("--json", action="store_true", help="print JSON with byte counts")
     p.set_defaults(func=cmd_memory)

@@ -173,5 +173,9 @@ def compare(
         kind = next(iter(results.values())).peak_memory_kind
         (out / "results.md").write_text(to_markdown(rows, config, kind))
         (out / "results.csv").write_text(to_csv(rows))
-        try_plot_losses({k: v.history for k, v in results.items()}, out / "loss_curves.png", title=f"{config.model}: loss by optimizer")
+        try_plot_losses(
+            {k: v.history for k, v in results.items()},
+            out / "loss_curves.png",
+            title=f"{config.model}: loss by optimizer",
+        )
     return rows, results

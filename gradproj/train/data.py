@@ -73,9 +73,7 @@ def _expand(spec: str) -> list[Path]:
     return [Path(m) for m in matches if Path(m).is_file()]
 
 
-def iter_documents(
-    data: list[str] | None, text_key: str = "text", max_bytes: int | None = None
-) -> Iterator[str]:
+def iter_documents(data: list[str] | None, text_key: str = "text", max_bytes: int | None = None) -> Iterator[str]:
     """Documents of a corpus, in a deterministic order, stopping once ``max_bytes`` of text were read.
 
     ``data`` is ``None`` (the standard library's sources) or a list of: text files, ``.jsonl`` files (one
@@ -129,7 +127,9 @@ def _hf_texts(name: str, text_key: str) -> Iterator[str]:
         ) from None
     for record in ds:
         if text_key not in record:
-            raise ValueError(f"--data hf:{name}: records have no {text_key!r} field (set --text-key); fields: {sorted(record)}")
+            raise ValueError(
+                f"--data hf:{name}: records have no {text_key!r} field (set --text-key); fields: {sorted(record)}"
+            )
         yield str(record[text_key])
 
 
@@ -162,7 +162,7 @@ class BPETokenizer:
         self.eot_id = tokenizer.token_to_id(EOT)
 
     @classmethod
-    def train(cls, docs: list[str], vocab_size: int, max_train_bytes: int = 8_000_000) -> "BPETokenizer":
+    def train(cls, docs: list[str], vocab_size: int, max_train_bytes: int = 8_000_000) -> BPETokenizer:
         try:
             from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         except ImportError as err:  # pragma: no cover
@@ -186,7 +186,7 @@ class BPETokenizer:
         return cls(tok)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
+    def load(cls, path: str | os.PathLike) -> BPETokenizer:
         from tokenizers import Tokenizer
 
         return cls(Tokenizer.from_file(str(path)))
@@ -266,7 +266,8 @@ def load_data(
     ``tokenizer`` is ``"byte"`` or ``"bpe"`` (trained on the corpus with ``vocab_size`` entries, or loaded
     from ``tokenizer_path`` when that file exists, so a resumed run uses the very same tokenizer).
     """
-    docs = iter_documents(data, text_key=text_key, max_bytes=max_bytes)
+    docs: Iterable[str] = iter_documents(data, text_key=text_key, max_bytes=max_bytes)
+    tok: ByteTokenizer | BPETokenizer
     if tokenizer == "byte":
         tok = ByteTokenizer()
     elif tokenizer == "bpe":
@@ -296,7 +297,9 @@ class BatchStream:
     processes together see the same windows as one process with an N times larger batch.
     """
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         if len(tokens) < seq_len + 1:
             raise ValueError(f"the training stream has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
         self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed

@@ -71,7 +71,17 @@ class TrainConfig:
     # ---------------------------------------------------------------------------------------- checks
     def validate(self) -> None:
         get_shape(self.model)
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_checkpoints",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} = {value!r} must be a positive integer")
@@ -96,7 +106,7 @@ class TrainConfig:
             )
 
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps)) if self.warmup < 1 else int(self.warmup)
+        return round(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the base lr for optimizer step ``step`` (0-based): linear warm-up reaching the peak at
@@ -116,7 +126,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
         opt = OptimizerChoice(**d.pop("optimizer", {}))
         known = {f.name for f in fields(cls)}
@@ -219,7 +229,9 @@ def train(
             runtime.close()
 
 
-def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, progress: bool, say, label, checkpoints) -> RunResult:
+def _train(
+    config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, progress: bool, say, label, checkpoints
+) -> RunResult:
     if isinstance(runtime, DistributedRuntime):
         if config.optimizer.layerwise:
             raise ValueError(
@@ -232,8 +244,10 @@ def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, pr
                 "DDP / FSDP2, which fixes the trained parameters when it wraps; use --sampler in one process"
             )
     if not runtime.is_main:  # one process reports for all
+
         def say(_line: str) -> None:
             pass
+
     device, dtype = runtime.device, DTYPES[config.dtype]
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and checkpoints and (out != resume) and latest_checkpoint(out) is not None:
@@ -260,8 +274,13 @@ def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, pr
     model = build_model(config.model, data.vocab_size, config.seq_len, seed=config.seed, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     model = runtime.wrap_model(model)
-    optimizer = build_optimizer(runtime.unwrap_model(model), config.optimizer, shape.hidden, seed=config.seed,
-                                accumulation_steps=config.grad_accum)
+    optimizer = build_optimizer(
+        runtime.unwrap_model(model),
+        config.optimizer,
+        shape.hidden,
+        seed=config.seed,
+        accumulation_steps=config.grad_accum,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s))
 
     start = 0
@@ -273,11 +292,19 @@ def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, pr
 
     stream = BatchStream(data.train, config.batch_size, config.seq_len, config.seed, runtime.rank, runtime.world_size)
     # the same windows as one process with a world_size times larger batch, split between the ranks
-    val_x = _shard(eval_windows(data.val, config.eval_batches * config.batch_size * runtime.world_size, config.seq_len), runtime)
+    val_x = _shard(
+        eval_windows(data.val, config.eval_batches * config.batch_size * runtime.world_size, config.seq_len), runtime
+    )
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * runtime.world_size
 
     runtime.reset_peak_memory()
-    bar = tqdm(total=config.steps, initial=start, desc=label or config.optimizer.name, disable=not (progress and runtime.is_main), dynamic_ncols=True)
+    bar = tqdm(
+        total=config.steps,
+        initial=start,
+        desc=label or config.optimizer.name,
+        disable=not (progress and runtime.is_main),
+        dynamic_ncols=True,
+    )
     step_times: list[float] = []
     last_val: dict[str, float] = {}
     t_run = time.perf_counter()
@@ -305,14 +332,19 @@ def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, pr
                 step_times.append(dt)
             train_loss = runtime.reduce_mean(loss_sum)
             if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss is {train_loss} at step {step}; lower the learning rate or enable --clip")
+                raise FloatingPointError(
+                    f"training loss is {train_loss} at step {step}; lower the learning rate or enable --clip"
+                )
 
             record: dict[str, Any] = {}
             if step % config.eval_every == 0 or step == config.steps:
                 val_loss = evaluate(model, val_x, config.batch_size, runtime)
                 last_val = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
                 record.update(last_val)
-                say(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, val ppl {last_val['val_ppl']:.2f}")
+                say(
+                    f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                    f"val ppl {last_val['val_ppl']:.2f}"
+                )
             if step % config.log_every == 0 or record or step == end:
                 record = {
                     "step": step,
@@ -325,7 +357,11 @@ def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, pr
                 }
                 metrics.append(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", **({"val": f"{last_val['val_loss']:.3f}"} if last_val else {}))
+            bar.set_postfix(
+                loss=f"{train_loss:.3f}",
+                tok_s=f"{tokens_per_step / dt:,.0f}",
+                **({"val": f"{last_val['val_loss']:.3f}"} if last_val else {}),
+            )
             if checkpoints and out is not None and (step % config.save_every == 0 or step == end):
                 save_checkpoint(out, step, runtime.unwrap_model(model), optimizer, scheduler, config, runtime)
     finally:
@@ -359,7 +395,11 @@ def _train(config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, pr
         if history:
             from .plots import try_plot_losses
 
-            try_plot_losses({label or config.optimizer.name: history}, out / "loss.png", title=f"{config.model}, {config.optimizer.name}")
+            try_plot_losses(
+                {label or config.optimizer.name: history},
+                out / "loss.png",
+                title=f"{config.model}, {config.optimizer.name}",
+            )
     return result
 
 
@@ -387,8 +427,11 @@ def checkpoint_dir(out: Path) -> Path:
 def list_checkpoints(out: str | Path) -> list[Path]:
     """Checkpoints of a run, oldest first: ``step_NNNNNNN.pt`` files and ``step_NNNNNNN/`` directories
     (``torch.distributed.checkpoint``, written under FSDP2)."""
-    found = [p for p in checkpoint_dir(Path(out)).glob("step_*")
-             if (p.is_file() and p.suffix == ".pt") or (p.is_dir() and (p / "extra.pt").is_file())]
+    found = [
+        p
+        for p in checkpoint_dir(Path(out)).glob("step_*")
+        if (p.is_file() and p.suffix == ".pt") or (p.is_dir() and (p / "extra.pt").is_file())
+    ]
     return sorted(found, key=lambda p: int(p.name[5:].split(".")[0]))
 
 

@@ -47,7 +47,7 @@ def build_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype)  # type: ignore[call-arg]  # transformers' decorated to()
 
 
 __all__ = ["LLAMA_CONFIGS", "MODEL_NAMES", "LlamaShape", "build_model", "get_shape"]

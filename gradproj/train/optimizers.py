@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..registry import OPTIMIZERS, OptimizerEntry, available_optimizers  # OPTIMIZERS: re-exported, the one table
+from ..registry import OPTIMIZERS as OPTIMIZERS  # re-exported: the registry's one table
+from ..registry import OptimizerEntry, available_optimizers
 
 log = logging.getLogger("gradproj")
 
@@ -69,8 +70,9 @@ class OptimizerChoice:
         return self.lr if self.lr is not None else get_spec(self.name).lr
 
 
-def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed: int = 0,
-                    accumulation_steps: int = 1) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, choice: OptimizerChoice, hidden: int, seed: int = 0, accumulation_steps: int = 1
+) -> torch.optim.Optimizer:
     """Build the optimizer ``choice`` describes for ``model``; raises ValueError naming the bad option.
 
     ``accumulation_steps``: backward passes per optimizer step; with ``choice.layerwise`` the per-layer
@@ -78,6 +80,7 @@ def build_optimizer(model: nn.Module, choice: OptimizerChoice, hidden: int, seed
     """
     spec = get_spec(choice.name)
     cls = spec.resolve()
+    assert cls is not None  # get_spec refuses optimizers that cannot be imported
     kwargs: dict[str, Any] = {
         **spec.kwargs,
         "lr": choice.learning_rate(),
@@ -128,7 +131,7 @@ def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
 
     if choice.sampler not in ("uniform", "owl"):
         raise ValueError(f"sampler = {choice.sampler!r}; use 'uniform' (LISA) or 'owl' (OwLore)")
-    blocks = model.model.layers
+    blocks: Any = model.model.layers  # type: ignore[union-attr]  # a LLaMA's decoder layers (nn.Module.__getattr__)
     try:
         return sampler_cls(blocks, choice.active_layers, choice.sample_interval, probs=choice.sampler, seed=seed)
     except ValueError as err:

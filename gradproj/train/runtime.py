@@ -83,8 +83,9 @@ class Runtime:
     def checkpoint_name(self, step: int) -> str:
         return f"step_{step:07d}.pt"
 
-    def save_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        extra: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+    ) -> None:
         """Write model, optimizer and ``extra`` (tensors and plain values) to ``path``."""
         self.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **extra}, str(path))
 
@@ -173,15 +174,19 @@ class DistributedRuntime(Runtime):
 
     def accumulate(self, model: nn.Module, sync: bool):
         if self.strategy == "ddp":
-            return contextlib.nullcontext() if sync else model.no_sync()
-        model.set_requires_gradient_sync(sync)  # FSDP2: reduce-scatter only on the last micro-batch
+            # DDP's no_sync() and FSDP2's set_requires_gradient_sync(): methods of the wrapped model, which
+            # nn.Module's annotations do not know
+            return contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
+        # FSDP2: reduce-scatter only on the last micro-batch
+        model.set_requires_gradient_sync(sync)  # type: ignore[operator]
         return contextlib.nullcontext()
 
     def checkpoint_name(self, step: int) -> str:
         return f"step_{step:07d}" if self.strategy == "fsdp" else super().checkpoint_name(step)
 
-    def save_checkpoint(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        extra: dict[str, Any]) -> None:
+    def save_checkpoint(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
+    ) -> None:
         if self.strategy != "fsdp":
             return super().save_checkpoint(path, model, optimizer, extra)
         from ..distributed import save_checkpoint
