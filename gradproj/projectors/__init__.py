@@ -20,6 +20,7 @@ from .eigh import EighProjector, gram_bases
 from .golore import GoLoreProjector
 from .random_basis import RandomProjector
 from .randomized_svd import RandomizedSVDProjector, randomized_svd
+from .sampled import SampledProjector
 from .svd import SVDProjector
 
 PROJECTORS: dict[str, type[Projector]] = {}
@@ -44,6 +45,7 @@ register_projector(SVDProjector)
 register_projector(IdentityProjector)
 for _cls in (RandomizedSVDProjector, EighProjector, DCTProjector, RandomProjector, GoLoreProjector):
     register_projector(_cls)
+register_projector(SampledProjector)
 
 __all__ = [
     "PROJECTORS",
@@ -60,6 +62,7 @@ __all__ = [
     "RandomProjector",
     "RandomizedSVDProjector",
     "SVDProjector",
+    "SampledProjector",
     "choose_side",
     "dct_fft",
     "dct_matrix",

@@ -12,18 +12,24 @@ from .base import Projector
 log = logging.getLogger("gradproj")
 
 
-def top_singular_vectors(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U, Vh`` of the thin SVD of ``G`` in float32, retried in float64 if LAPACK/cuSOLVER fails to converge.
+def singular_triplets(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``U, S, Vh`` of the thin SVD of ``G`` in float32 (S descending), retried in float64 if LAPACK/cuSOLVER
+    fails to converge.
 
     Raises ``torch.linalg.LinAlgError`` only if both attempts fail.
     """
     try:
-        U, _, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-        return U, Vh
+        return torch.linalg.svd(G.float(), full_matrices=False)
     except torch.linalg.LinAlgError:
         log.warning("gradproj: float32 SVD of a %dx%d gradient did not converge; retrying in float64", *G.shape)
-        U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
-        return U.float(), Vh.float()
+        U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        return U.float(), S.float(), Vh.float()
+
+
+def top_singular_vectors(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U, Vh`` of :func:`singular_triplets` (the singular values dropped)."""
+    U, _, Vh = singular_triplets(G)
+    return U, Vh
 
 
 class SVDProjector(Projector):
