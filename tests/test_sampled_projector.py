@@ -291,3 +291,15 @@ def test_registered_and_estimated_like_randomized_svd():
     est = estimate_memory(shape, "galore_adamw", rank=4, projector="sampled", dtype="float32")
     ref = estimate_memory(shape, "galore_adamw", rank=4, projector="randomized_svd", dtype="float32")
     assert est.optimizer_states_detail == ref.optimizer_states_detail and est.optimizer_states_detail["basis"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampled_on_cuda():
+    """The draw runs on the gradient's device from a CUDA generator: a subset of the pool, repeatable."""
+    G, _, V = known_svd(64, 32, [1.0 / (i + 1) for i in range(32)])
+    G = G.cuda()
+    _, a = refresh(G, 4, 3, sample_pool=8)
+    _, b = refresh(G, 4, 3, sample_pool=8)
+    assert torch.equal(a["proj"], b["proj"])
+    idx = chosen_indices(a["proj"].T.cpu(), V)
+    assert len(set(idx)) == 4 and max(idx) < 8
