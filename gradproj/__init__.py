@@ -4,12 +4,14 @@ import logging
 
 from .memory import optimizer_state_bytes
 from .optimizers import (
+    ApolloAdamW,
     FiraAdamW,
     FrugalAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
     ProjectedOptimizer,
+    apollo_mini,
     param_groups,
 )
 from .projectors import BasisDecompositionError, BasisRefreshWarning, NonFiniteGradientError, register_projector
@@ -21,6 +23,7 @@ logging.getLogger("gradproj").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApolloAdamW",
     "BasisDecompositionError",
     "BasisRefreshWarning",
     "FiraAdamW",
@@ -32,6 +35,7 @@ __all__ = [
     "NonFiniteGradientError",
     "ProjectedOptimizer",
     "__version__",
+    "apollo_mini",
     "optimizer_state_bytes",
     "outlier_ratios",
     "owlore",

@@ -2,14 +2,16 @@
 
 from .base import ProjectedOptimizer
 from .groups import param_groups
-from .presets import FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .presets import ApolloAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, apollo_mini
 
 __all__ = [
+    "ApolloAdamW",
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "ProjectedOptimizer",
+    "apollo_mini",
     "param_groups",
 ]
