@@ -5,13 +5,13 @@ import logging
 from .memory import optimizer_state_bytes
 from .optimizers import (
     ApolloAdamW,
+    ApolloMini,
     FiraAdamW,
     FrugalAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
     ProjectedOptimizer,
-    apollo_mini,
     param_groups,
 )
 from .projectors import BasisDecompositionError, BasisRefreshWarning, NonFiniteGradientError, register_projector
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApolloAdamW",
+    "ApolloMini",
     "BasisDecompositionError",
     "BasisRefreshWarning",
     "FiraAdamW",
@@ -35,7 +36,6 @@ __all__ = [
     "NonFiniteGradientError",
     "ProjectedOptimizer",
     "__version__",
-    "apollo_mini",
     "optimizer_state_bytes",
     "outlier_ratios",
     "owlore",

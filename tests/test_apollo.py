@@ -22,6 +22,9 @@ import torch
 from torch import nn
 
 import gradproj
+from gradproj import registry
+from gradproj.memory_estimate import estimate_memory
+from gradproj.models import get_shape
 from gradproj.projectors import random_basis as rb
 from gradproj.projectors import seeding
 from problems import TinyNet, tiny_batch, tiny_loss
@@ -185,11 +188,11 @@ def test_random_basis_statistics_match_the_reference_rule():
 
 
 # ------------------------------------------------------------------------------------------- the optimizer
-def make_tiny(cls=gradproj.ApolloAdamW, mini=False, **kw):
+def make_tiny(mini=False, **kw):
     model = TinyNet()
-    groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=1.0)
-    opt = gradproj.apollo_mini(groups, **kw) if mini else cls(groups, lr=1e-2, **kw)
-    return model, opt
+    if mini:
+        return model, gradproj.ApolloMini(gradproj.param_groups(model, rank=1, update_proj_gap=3, scale=128), **kw)
+    return model, gradproj.ApolloAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=1.0), lr=1e-2, **kw)
 
 
 def train(model, opt, steps, first=0):
@@ -223,14 +226,16 @@ def test_trains_and_resumes_bit_exactly_from_a_weights_only_checkpoint(mini):
 def test_mini_is_the_documented_configuration():
     _, opt = make_tiny(mini=True)
     g = opt.param_groups[-1]
-    assert (g["rank"], g["scale_type"], g["scale"], g["scale_front"], g["projector"], g["residual"]) == (
-        1,
+    assert (g["scale_type"], g["scale_front"], g["projector"], g["residual"], g["lr"]) == (
         "tensor",
-        128.0,
         True,
         "random",
         "apollo",
+        1e-2,
     )
+    entry = registry.get_optimizer("apollo_mini")
+    assert (entry.rank, entry.scale, entry.lr, entry.resolve()) == (1, 128.0, 1e-2, gradproj.ApolloMini)
+    assert registry.get_optimizer("apollo_adamw").resolve() is gradproj.ApolloAdamW
 
 
 def test_layerwise_matches_the_regular_step():
@@ -253,7 +258,7 @@ def test_layerwise_matches_the_regular_step():
     "bad, match",
     [
         ({"scale_type": "row"}, "scale_type"),
-        ({"proj": "dct"}, "random or SVD"),
+        ({"proj": "nope"}, "unknown projector"),
         ({"proj_type": "full"}, "one-sided"),
         ({"disable_nl": 1}, "disable_nl"),
         ({"proj": "svd", "projector": "random"}, "same key"),
@@ -282,6 +287,7 @@ def test_bad_options_raise_before_anything_changes(bad, match):
 
 
 def test_mini_state_is_a_seed_and_the_limiter_scalar():
+    """Per projected matrix: Adam's moments of the rank-1 R, one fp32 norm, two ints; no basis."""
     model, opt = make_tiny(mini=True)
     train(model, opt, 2)
     sizes = gradproj.optimizer_state_bytes(opt)
@@ -290,3 +296,31 @@ def test_mini_state_is_a_seed_and_the_limiter_scalar():
     assert set(st) == {"step", "proj_seed", "proj_draw", "exp_avg", "exp_avg_sq", "residual_norm"}
     assert st["exp_avg"].shape == (40, 1) and st["residual_norm"].dim() == 0
     assert sizes["basis"] == 0  # a seed and a step, no float basis
+
+
+def test_memory_of_mini_on_llama_7b():
+    """The paper (Table 1 / Fig. 1) counts APOLLO-Mini's optimizer state as SGD-like: essentially nothing for
+    the projected matrices. The estimator agrees: what is left is AdamW's state of the embedding and the
+    output head (unprojected, as in the paper), plus 2 x (m or n) moments and one norm per projected matrix."""
+    mini = estimate_memory("llama_7b", "apollo_mini")
+    shape = get_shape("llama_7b")
+    embed_and_head = 2 * shape.vocab * shape.hidden  # 2 x 131M parameters
+    unprojected_norms = (2 * shape.layers + 1) * shape.hidden  # RMSNorm weights
+    adamw_unprojected = 2 * 2 * (embed_and_head + unprojected_norms)  # m and v in bf16
+    projected = mini.optimizer_states - adamw_unprojected
+    assert mini.optimizer_states_detail["basis"] == 0
+    assert 0 < projected < 8e6  # < 8 MB for 224 matrices; the moments of R plus one fp32 norm each
+    assert mini.optimizer_states_detail["other"] == 4 * 7 * shape.layers  # the limiter's norm
+    full = estimate_memory("llama_7b", "adamw")
+    assert full.optimizer_states > 25 * mini.optimizer_states
+
+
+@pytest.mark.parametrize("name", ["apollo_adamw", "apollo_mini"])
+def test_the_command_knows_apollo(tmp_path, capsys, name):
+    from gradproj.train.cli import main
+
+    assert main(["list"]) == 0
+    assert name in capsys.readouterr().out
+    assert main(["memory", "--model", "llama_60m", "--optimizer", name]) == 0
+    out = capsys.readouterr().out
+    assert f"{name}, rank {1 if name == 'apollo_mini' else 128}" in out

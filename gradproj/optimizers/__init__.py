@@ -2,16 +2,16 @@
 
 from .base import ProjectedOptimizer
 from .groups import param_groups
-from .presets import ApolloAdamW, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, apollo_mini
+from .presets import ApolloAdamW, ApolloMini, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 __all__ = [
     "ApolloAdamW",
+    "ApolloMini",
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
     "ProjectedOptimizer",
-    "apollo_mini",
     "param_groups",
 ]

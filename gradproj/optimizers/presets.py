@@ -184,7 +184,7 @@ class ApolloAdamW(GaLoreAdamW):
     ``scale_type`` (``"channel"`` or ``"tensor"``) and ``proj`` (gradproj's ``projector``); as are its
     constructor options ``scale_front``, ``disable_nl`` and ``correct_bias``, which become defaults of
     every group. Note that ``scale`` enters as √scale, as in the released code. APOLLO-Mini is
-    :meth:`ApolloAdamW.mini` (rank 1, per-tensor scaling, scale 128, ``scale_front=True``).
+    :class:`ApolloMini` (rank 1, per-tensor scaling, scale 128, ``scale_front=True``).
     """
 
     default_residual = "apollo"
@@ -219,34 +219,30 @@ class ApolloAdamW(GaLoreAdamW):
         """Add a group; apollo-torch's ``proj`` key is read as gradproj's ``projector``."""
         super().add_param_group(_apollo_group(param_group, f"param group {len(self.param_groups)}"))
 
-    @classmethod
-    def mini(cls, params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-2, **options: Any) -> ApolloAdamW:
-        """APOLLO-Mini: rank 1, one scaling factor per tensor, ``scale=128`` applied before the limiter.
 
-        ``params`` are parameters or groups as for :class:`ApolloAdamW`; in projected groups (those with
-        ``rank``, e.g. from :func:`gradproj.param_groups`) Mini's ``rank=1``, ``scale_type="tensor"`` and
-        ``scale=128`` replace the group's; ``options`` are :class:`ApolloAdamW`'s.
-        """
-        return cls(apollo_mini_groups(params), lr=lr, **{"scale_front": True, **options})
+class ApolloMini(ApolloAdamW):
+    r"""APOLLO-Mini (arXiv 2412.05270): APOLLO with rank 1 and one scaling factor per tensor, SGD-like memory.
 
+    :class:`ApolloAdamW` with the paper's configuration as defaults: ``scale_type="tensor"``,
+    ``scale_front=True`` (√scale before the limiter) and lr 1e-2; the projected groups carry ``rank=1`` and
+    ``scale=128``::
 
-#: APOLLO-Mini's projected-group keys (the paper's configuration)
-APOLLO_MINI_GROUP: dict[str, Any] = {"rank": 1, "scale_type": "tensor", "scale": 128.0}
+        groups = gradproj.param_groups(model, rank=1, update_proj_gap=200, scale=128)
+        opt = gradproj.ApolloMini(groups)
 
+    Per projected matrix the state is Adam's moments of a rank-1 R (m or n numbers each), the limiter's
+    norm and two integers that regenerate the random basis.
+    """
 
-def apollo_mini_groups(params: Iterable[torch.Tensor] | Iterable[dict]) -> list:
-    """``params`` with APOLLO-Mini's keys (:data:`APOLLO_MINI_GROUP`) in every projected group."""
-    out: list = []
-    for item in params:
-        if isinstance(item, dict) and "rank" in item:
-            item = {**{k: v for k, v in item.items() if k != "alpha"}, **APOLLO_MINI_GROUP}
-        out.append(item)
-    return out
-
-
-def apollo_mini(params: Iterable[torch.Tensor] | Iterable[dict], lr: float = 1e-2, **options: Any) -> ApolloAdamW:
-    """APOLLO-Mini (:meth:`ApolloAdamW.mini`)."""
-    return ApolloAdamW.mini(params, lr=lr, **options)
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-2,
+        scale_type: str = "tensor",
+        scale_front: bool = True,
+        **options: Any,
+    ):
+        super().__init__(params, lr=lr, scale_type=scale_type, scale_front=scale_front, **options)
 
 
 def _apollo_group(group: dict, where: str) -> dict:

@@ -11,8 +11,10 @@ per column for a left one) or for the whole tensor (``"tensor"``, APOLLO-Mini)::
 The low-rank direction itself is dropped (U = 0), so S is a :class:`ScaledResidual`: one factor per row or
 column of G, never materialised. κ makes the subspace norm that of the reference's projection: the released
 code draws a random matrix with entries of variance 1/r (‖R‖ ≈ ‖G‖), gradproj's ``random`` basis has entries
-of variance 1/d (columns of unit norm), so ‖R‖ is √(r/d) times smaller and κ = √(d/r); for an SVD basis
-κ = 1. docs/algorithms.md (APOLLO) says where this departs from the reference.
+of variance 1/d (columns of unit norm), so ‖R‖ is √(r/d) times smaller and κ = √(d/r) (for every basis
+drawn at random: ``random``, and ``golore`` after its switch); for an SVD basis, and any other basis that
+keeps the top of the spectrum (``randomized_svd``, ``eigh``, ``dct``, ``identity``), κ = 1.
+docs/algorithms.md (APOLLO) says where this departs from the reference.
 """
 
 from __future__ import annotations
@@ -23,19 +25,21 @@ import torch
 
 from ..kernels.reference import ScaledResidual
 from ..options import Option, boolean, choice
+from ..projectors.random_basis import DRAW_KEY
 from ..state_layout import Spec
 from .base import Residual
 from .fira import LIMITER_NORM
 
 #: the norm-growth limit of the released code (fixed there; ``disable_nl`` turns it off)
 APOLLO_GAMMA = 1.01
-#: the bases APOLLO is defined with (the reference's ``proj="random"`` and ``proj="svd"``)
-APOLLO_PROJECTORS = ("random", "svd")
 
 
-def subspace_norm_factor(projector) -> float:
-    """κ: the factor that makes ‖R‖ of ``projector`` that of the reference's projection (see the module)."""
-    if projector.name != "random":
+def subspace_norm_factor(projector, state: dict) -> float:
+    """κ: the factor that makes ‖R‖ of ``projector`` that of the reference's projection (see the module).
+
+    A basis regenerated from a random draw (its state holds ``proj_draw``) has columns of unit norm; any
+    other basis is used as it is."""
+    if DRAW_KEY not in state:
         return 1.0
     d = projector.m if projector.side == "left" else projector.n
     return math.sqrt(d / projector.rank)
@@ -58,11 +62,6 @@ class ApolloResidual(Residual):
     )
 
     def validate_group(self, group, where):
-        if group.get("projector") not in APOLLO_PROJECTORS:
-            raise ValueError(
-                f"{where}: residual='apollo' estimates its scaling factors in a random or SVD subspace; "
-                f"projector = {group.get('projector')!r}: use one of {', '.join(map(repr, APOLLO_PROJECTORS))}"
-            )
         if group.get("proj_type") == "full":
             raise ValueError(
                 f"{where}: residual='apollo' needs a one-sided projection (its scaling factors are per row or per "
@@ -75,7 +74,7 @@ class ApolloResidual(Residual):
         return {LIMITER_NORM: Spec(())}
 
     def compute(self, G, R, U, projector, state, group, ctx):
-        ops, kappa = ctx.ops, subspace_norm_factor(projector)
+        ops, kappa = ctx.ops, subspace_norm_factor(projector, state)
         acc = torch.float32 if G.dtype in (torch.bfloat16, torch.float16) else G.dtype
         root = math.sqrt(float(group["scale"] if "scale" in group else group["alpha"]))
         if group["scale_type"] == "channel":
