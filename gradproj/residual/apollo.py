@@ -95,7 +95,7 @@ class ApolloResidual(Residual):
         if not group["scale_front"]:
             phi = phi * root
         rows = G.shape[S_axis]
-        phi = phi.reshape(-1) if phi.numel() > 1 else phi.reshape(1).expand(rows)
+        phi = phi.reshape(-1) if phi.numel() > 1 else phi.reshape(1).expand(rows).contiguous()  # kernels index it
         return torch.zeros_like(U), ScaledResidual(G, phi, axis=S_axis)
 
     def step_size(self, group, inner_step_size):
