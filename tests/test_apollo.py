@@ -324,3 +324,53 @@ def test_the_command_knows_apollo(tmp_path, capsys, name):
     assert main(["memory", "--model", "llama_60m", "--optimizer", name]) == 0
     out = capsys.readouterr().out
     assert f"{name}, rank {1 if name == 'apollo_mini' else 128}" in out
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2
+def _fsdp_body(rank, world):
+    from test_fsdp import assert_float64_close, fsdp_model
+    from test_fsdp import train as train_sharded
+
+    for group in (
+        {"proj": "svd", "sharded_refresh": "gather"},
+        {"proj": "svd", "sharded_refresh": "gather", "scale_type": "tensor", "disable_nl": True},
+        # a sharded left projection needs a dense basis (svd-family); random bases are sharded on the right
+        {"proj": "random", "proj_type": "right"},
+        {"proj": "random", "proj_type": "right", "scale_type": "tensor"},
+    ):
+        model, ref = fsdp_model(torch.float64), TinyNet().double()
+        opt, ref_opt = (
+            gradproj.ApolloAdamW(gradproj.param_groups(m, rank=4, update_proj_gap=3, scale=2.0, **group), lr=1e-2)
+            for m in (model, ref)
+        )
+        train_sharded(model, opt, 7, sharded=True)
+        train_sharded(ref, ref_opt, 7)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            assert_float64_close(p.full_tensor(), q, f"{group} {name}")
+        for p, q in zip(model.parameters(), ref.parameters()):
+            if "residual_norm" in ref_opt.state[q]:
+                assert_float64_close(opt.state[p]["residual_norm"].full_tensor(), ref_opt.state[q]["residual_norm"],
+                                     f"{group} limiter")
+
+
+def test_fsdp_matches_one_process():
+    """Sharded over 2 ranks (fc1: right projection, per-row factors; fc2 with the SVD basis: left projection,
+    per-column factors combined over the ranks' rows), in float64: weights and the limiter's norm equal one
+    process's to 1e-10 of each tensor's largest entry (test_fsdp.EXACT)."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from distributed_utils import run_distributed
+
+    run_distributed(_fsdp_body)
+
+
+def test_compiled_step_matches_the_eager_rule():
+    """compile=True runs the same rule (Adam, the apollo residual, the update) as one graph: float32, to rounding."""
+    model, opt = make_tiny(compile=True)
+    model2, opt2 = make_tiny()
+    for s in range(6):
+        for m, o in ((model, opt), (model2, opt2)):
+            o.zero_grad()
+            tiny_loss(m, tiny_batch(s)).backward()
+            o.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

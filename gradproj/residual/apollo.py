@@ -78,18 +78,19 @@ class ApolloResidual(Residual):
         acc = torch.float32 if G.dtype in (torch.bfloat16, torch.float16) else G.dtype
         root = math.sqrt(float(group["scale"] if "scale" in group else group["alpha"]))
         if group["scale_type"] == "channel":
+            # Fira's factors with α = 0: φ = ‖ψ‖ / (‖κR‖ + 1e-8) over the rank axis, laid out along G, and
+            # ‖φ ⊙ G‖ from the row (column) norms of G; the kernel operation also runs sharded (FSDP2)
             axis = projector.rank_axis()  # 1: R is m x r, one factor per row of G; 0: r x n, per column
-            phi = ops.axis_norms(U, axis).to(acc) / (ops.axis_norms(R, axis).to(acc) * kappa + 1e-8)
-            g_norm = ops.axis_norms(G, axis).to(acc)
+            phi, norm = ops.fira_residual_factors(G, R if kappa == 1.0 else R * kappa, U, 0.0, axis)
             S_axis = 0 if axis == 1 else 1
         else:
             phi = ops.low_rank_norm(U).to(acc) / (ops.low_rank_norm(R).to(acc) * kappa + 1e-8)
-            g_norm = ops.safe_norm(G).to(acc)
+            norm = ops.safe_norm(G).to(acc) * phi  # ‖φ·G‖
             S_axis = 0
         if group["scale_front"]:
-            phi = phi * root
+            phi, norm = phi * root, norm * root
         if not group["disable_nl"]:
-            k = ops.norm_growth_divisor(ops.safe_norm(g_norm * phi), state, LIMITER_NORM, APOLLO_GAMMA)
+            k = ops.norm_growth_divisor(norm, state, LIMITER_NORM, APOLLO_GAMMA)
             if k is not None:
                 phi = phi / k
         if not group["scale_front"]:
