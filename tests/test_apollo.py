@@ -374,3 +374,20 @@ def test_compiled_step_matches_the_eager_rule():
             o.step()
     for a, b in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compare_runs_apollo_next_to_galore(tmp_path, capsys):
+    import csv
+
+    from gradproj.train.cli import main
+    from test_cli import TINY
+
+    out = tmp_path / "cmp"
+    specs = ["galore_adamw", "apollo_adamw", "apollo_mini", "apollo_adamw:projector=svd"]
+    args = [a for i, a in enumerate(TINY) if "--rank" not in TINY[max(i - 1, 0) : i + 1]]  # the recipes' ranks
+    assert main(["compare", "--optimizers", *specs, *args, "--steps", "3", "--out", str(out)]) == 0
+    with open(out / "results.csv") as fh:
+        state = {r["optimizer"]: int(r["optimizer_state_bytes"]) for r in csv.DictReader(fh)}
+    # APOLLO: GaLore's moments and no float basis, plus one fp32 norm per matrix; Mini: rank-1 moments
+    assert state["apollo_adamw"] < state["galore_adamw"]
+    assert state["apollo_mini"] < state["apollo_adamw"] < state["apollo_adamw:projector=svd"]
