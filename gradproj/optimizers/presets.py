@@ -162,7 +162,7 @@ class GaLoreAdafactor(ProjectedOptimizer):
         )
 
 
-#: apollo-torch's param-group key for the basis, and its values, as gradproj's ``projector``
+#: apollo-torch's param-group key for the basis (``"random"`` or ``"svd"``): gradproj's ``projector``
 APOLLO_PROJ_KEY = "proj"
 
 
@@ -174,7 +174,7 @@ class ApolloAdamW(GaLoreAdamW):
 
         R = project(G)  (a seeded random basis, redrawn every update_proj_gap steps; or SVD)
         ψ = m / (√v + eps)                         (Adam on R, as in GaLore; U itself is not applied)
-        φ = ‖ψ‖ / (‖R‖ + 1e-8)                     per channel (row / column of G), or per tensor
+        φ = ‖ψ‖ / (κ·‖R‖ + 1e-8)                   per channel (row / column of G), or per tensor
         S = √scale · φ ⊙ G;  S ← S / (max(‖S‖ / N_prev, 1.01) / 1.01)     (not with disable_nl)
         W -= lr · √(1-β2^t)/(1-β1^t) · S;  W -= lr · wd · W
 
@@ -183,7 +183,9 @@ class ApolloAdamW(GaLoreAdamW):
     param-group keys of apollo-torch are accepted: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``,
     ``scale_type`` (``"channel"`` or ``"tensor"``) and ``proj`` (gradproj's ``projector``); as are its
     constructor options ``scale_front``, ``disable_nl`` and ``correct_bias``, which become defaults of
-    every group. Note that ``scale`` enters as √scale, as in the released code. APOLLO-Mini is
+    every group (``correct_bias=False`` drops the bias correction of the APOLLO-updated matrices only). κ
+    rescales a random basis's ‖R‖ to the reference's normalisation (√(d/r); 1 for SVD). Note that ``scale``
+    enters as √scale, as in the released code. APOLLO-Mini is
     :class:`ApolloMini` (rank 1, per-tensor scaling, scale 128, ``scale_front=True``).
     """
 
