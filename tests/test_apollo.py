@@ -254,6 +254,25 @@ def test_layerwise_matches_the_regular_step():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_layerwise_accumulation_matches_accumulated_gradients():
+    """accumulation_steps=2: APOLLO needs the full gradient, so the window sums it in p.grad; bit for bit."""
+    model, opt = make_tiny()
+    model2 = TinyNet()
+    opt2 = gradproj.ApolloAdamW(
+        gradproj.param_groups(model2, rank=4, update_proj_gap=3, scale=1.0), lr=1e-2, layerwise=True,
+        accumulation_steps=2,
+    )
+    for s in range(4):
+        opt.zero_grad()
+        for k in range(2):
+            (tiny_loss(model, tiny_batch(2 * s + k)) / 2).backward()
+            (tiny_loss(model2, tiny_batch(2 * s + k)) / 2).backward()
+        opt.step()
+        opt2.step()
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
