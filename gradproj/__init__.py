@@ -4,6 +4,8 @@ import logging
 
 from .memory import optimizer_state_bytes
 from .optimizers import (
+    ApolloAdamW,
+    ApolloMini,
     FiraAdamW,
     FrugalAdamW,
     GaLoreAdafactor,
@@ -21,6 +23,8 @@ logging.getLogger("gradproj").addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMini",
     "BasisDecompositionError",
     "BasisRefreshWarning",
     "FiraAdamW",

@@ -308,7 +308,7 @@ def estimate_memory(
     batch_size: int = 0,
     seq_len: int = 0,
     proj_type: str = "std",
-    projector: str = "svd",
+    projector: str | None = None,
     attention: str = "sdpa",
     vocab_size: int | None = None,
     active_layers: int | None = None,
@@ -320,11 +320,12 @@ def estimate_memory(
     Args:
         model: a name of :data:`gradproj.models.LLAMA_CONFIGS` or a :class:`LlamaShape`.
         optimizer: a name (or alias) of :data:`gradproj.registry.OPTIMIZERS`, installed or not.
-        rank: subspace rank of projected optimizers (default hidden // 4).
+        rank: subspace rank of projected optimizers (default: the optimizer's recipe, else hidden // 4).
         layerwise: per-layer updates (only the largest gradient is alive at a time).
         dtype: model (and gradient) dtype. ``state_dtype``: Adam state dtype (default: ``dtype``).
         batch_size, seq_len: activations are counted when both are > 0.
-        proj_type, projector: the projection side rule and basis kind (a registered projector).
+        proj_type, projector: the projection side rule and basis kind (a registered projector; default: the
+            optimizer's recipe, else ``"svd"``).
         attention: ``"sdpa"`` (no seq² buffers) or ``"eager"``.
         vocab_size: overrides the configuration's vocabulary.
         active_layers: with a layer sampler (LISA / OwLore), how many decoder blocks train at a time;
@@ -338,6 +339,8 @@ def estimate_memory(
     if vocab_size is not None:
         shape = shape.with_vocab(vocab_size)
     entry = get_optimizer(optimizer)
+    if projector is None:
+        projector = entry.group.get("projector", "svd")
     for arg, value, allowed in (
         ("dtype", dtype, DTYPE_BYTES),
         ("projector", projector, sorted(PROJECTORS)),
@@ -357,7 +360,7 @@ def estimate_memory(
         raise ValueError("shards must be >= 1, batch_size and seq_len >= 0")
 
     b = DTYPE_BYTES[dtype]
-    r = rank if rank is not None else max(1, shape.hidden // 4)
+    r = rank if rank is not None else entry.rank or max(1, shape.hidden // 4)
     if entry.projected:  # a combination the optimizer would refuse (Fira with proj_type="full") is refused here
         group = estimate_group(entry, r, proj_type, projector, state_dtype, options)
         get_projector(projector).validate_group(group, "the estimated group")

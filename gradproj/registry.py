@@ -57,6 +57,8 @@ class OptimizerEntry:
     group: dict[str, Any] = field(default_factory=dict)
     #: default scale (alpha) of the projected matrices
     scale: float = 0.25
+    #: default rank of the projected matrices (None: hidden // 4, GaLore's ratio; APOLLO-Mini: 1)
+    rank: int | None = None
     #: state the optimizer keeps per tensor besides its inner rule's (torch.optim's ``step`` tensor,
     #: bitsandbytes' code maps), in :mod:`gradproj.state_layout` terms; used by the memory estimators
     extra_state: dict[str, Spec] = field(default_factory=dict)
@@ -243,6 +245,30 @@ register_optimizer(
         inner="adafactor",
         kwargs=_ADAFACTOR_FIXED_LR,
         help="GaLore with Adafactor's factored second moment",
+    ),
+)
+
+register_optimizer(
+    "apollo_adamw",
+    OptimizerEntry(
+        "gradproj:ApolloAdamW",
+        1e-2,
+        residual="apollo",
+        scale=1.0,
+        group={"projector": "random"},
+        help="APOLLO: the raw gradient scaled per channel by Adam in a random subspace",
+    ),
+)
+register_optimizer(
+    "apollo_mini",
+    OptimizerEntry(
+        "gradproj:ApolloMini",
+        1e-2,
+        residual="apollo",
+        scale=128.0,
+        rank=1,
+        group={"projector": "random"},
+        help="APOLLO-Mini: rank 1, one scaling factor per tensor (SGD-like memory)",
     ),
 )
 

@@ -94,7 +94,7 @@ def per_gpu_memory(
     grad_bytes: int = 2,
     state_bytes: int = 2,
     proj_type: str = "std",
-    projector: str = "svd",
+    projector: str | None = None,
 ) -> dict[str, int]:
     """Bytes of ``weights``, ``gradients``, ``optimizer_states`` and their ``total`` on GPU ``gpu``.
 
@@ -109,6 +109,8 @@ def per_gpu_memory(
         entry = get_optimizer(optimizer)
     except ValueError:
         raise ValueError(f"optimizer={optimizer!r}; use one of {', '.join(optimizer_names(aliases=True))}") from None
+    if projector is None:  # the optimizer's basis (APOLLO's is random), else GaLore's
+        projector = entry.group.get("projector", "svd")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}")
     weight_dtype, state_dtype = _dtype(weight_bytes, "weight_bytes"), _dtype(state_bytes, "state_bytes")

@@ -2,9 +2,11 @@
 
 from .base import ProjectedOptimizer
 from .groups import param_groups
-from .presets import FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .presets import ApolloAdamW, ApolloMini, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMini",
     "FiraAdamW",
     "FrugalAdamW",
     "GaLoreAdafactor",

@@ -160,3 +160,100 @@ class GaLoreAdafactor(ProjectedOptimizer):
             warmup_init=warmup_init,
             **options,
         )
+
+
+#: apollo-torch's param-group key for the basis (``"random"`` or ``"svd"``): gradproj's ``projector``
+APOLLO_PROJ_KEY = "proj"
+
+
+class ApolloAdamW(GaLoreAdamW):
+    r"""APOLLO (arXiv 2412.05270): SGD-like memory, AdamW-like updates: Adam in a random subspace only
+    estimates how much to scale the raw gradient.
+
+    ::
+
+        R = project(G)  (a seeded random basis, redrawn every update_proj_gap steps; or SVD)
+        ψ = m / (√v + eps)                         (Adam on R, as in GaLore; U itself is not applied)
+        φ = ‖ψ‖ / (κ·‖R‖ + 1e-8)                   per channel (row / column of G), or per tensor
+        S = √scale · φ ⊙ G;  S ← S / (max(‖S‖ / N_prev, 1.01) / 1.01)     (not with disable_nl)
+        W -= lr · √(1-β2^t)/(1-β1^t) · S;  W -= lr · wd · W
+
+    The composition of the ``random`` projector (``proj="random"``, the default; ``proj="svd"`` for the
+    SVD basis), the Adam inner rule and the ``apollo`` residual rule (docs/algorithms.md, APOLLO). The
+    param-group keys of apollo-torch are accepted: ``rank``, ``update_proj_gap``, ``scale``, ``proj_type``,
+    ``scale_type`` (``"channel"`` or ``"tensor"``) and ``proj`` (gradproj's ``projector``); as are its
+    constructor options ``scale_front``, ``disable_nl`` and ``correct_bias``, which become defaults of
+    every group (``correct_bias=False`` drops the bias correction of the APOLLO-updated matrices only). κ
+    rescales a random basis's ‖R‖ to the reference's normalisation (√(d/r); 1 for SVD). Note that ``scale``
+    enters as √scale, as in the released code. APOLLO-Mini is
+    :class:`ApolloMini` (rank 1, per-tensor scaling, scale 128, ``scale_front=True``).
+    """
+
+    default_residual = "apollo"
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        scale_front: bool = False,
+        disable_nl: bool = False,
+        **options: Any,
+    ):
+        options = _apollo_group(options, "ApolloAdamW")
+        options.setdefault("projector", "random")
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            scale_front=scale_front,
+            disable_nl=disable_nl,
+            **options,
+        )
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group; apollo-torch's ``proj`` key is read as gradproj's ``projector``."""
+        super().add_param_group(_apollo_group(param_group, f"param group {len(self.param_groups)}"))
+
+
+class ApolloMini(ApolloAdamW):
+    r"""APOLLO-Mini (arXiv 2412.05270): APOLLO with rank 1 and one scaling factor per tensor, SGD-like memory.
+
+    :class:`ApolloAdamW` with the paper's configuration as defaults: ``scale_type="tensor"``,
+    ``scale_front=True`` (√scale before the limiter) and lr 1e-2; the projected groups carry ``rank=1`` and
+    ``scale=128``::
+
+        groups = gradproj.param_groups(model, rank=1, update_proj_gap=200, scale=128)
+        opt = gradproj.ApolloMini(groups)
+
+    Per projected matrix the state is Adam's moments of a rank-1 R (m or n numbers each), the limiter's
+    norm and two integers that regenerate the random basis.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-2,
+        scale_type: str = "tensor",
+        scale_front: bool = True,
+        **options: Any,
+    ):
+        super().__init__(params, lr=lr, scale_type=scale_type, scale_front=scale_front, **options)
+
+
+def _apollo_group(group: dict, where: str) -> dict:
+    """``group`` with apollo-torch's ``proj`` key renamed to ``projector`` (a conflict raises)."""
+    if APOLLO_PROJ_KEY not in group:
+        return group
+    group = dict(group)
+    proj = group.pop(APOLLO_PROJ_KEY)
+    if "projector" in group and group["projector"] != proj:
+        raise ValueError(f"{where} sets proj={proj!r} and projector={group['projector']!r}: they are the same key")
+    group["projector"] = proj
+    return group

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .apollo import ApolloResidual
 from .base import NoResidual, Residual, ResidualTerm
 from .fira import LIMITER_NORM, FiraResidual
 from .frugal import FrugalResidual
@@ -25,12 +26,14 @@ def get_residual(name: str) -> type[Residual]:
 register_residual(NoResidual)
 register_residual(FiraResidual)
 register_residual(FrugalResidual)
+register_residual(ApolloResidual)
 
 __all__ = [
     "LIMITER_NORM",
     "NORM_GROWTH_KEY",
     "RESIDUALS",
     "UPDATE_NORM",
+    "ApolloResidual",
     "FiraResidual",
     "FrugalResidual",
     "NoResidual",

@@ -117,7 +117,14 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     _add(
         o, "--weight-decay", section="opt", field="weight_decay", type=float, help="decoupled weight decay (default 0)"
     )
-    _add(o, "--rank", section="opt", field="rank", type=_positive_int, help="subspace rank (default hidden // 4)")
+    _add(
+        o,
+        "--rank",
+        section="opt",
+        field="rank",
+        type=_positive_int,
+        help="subspace rank (default: the optimizer's, else hidden // 4)",
+    )
     _add(
         o,
         "--scale",
@@ -562,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"any registered optimizer, installed or not: {', '.join(registry.optimizer_names())} (default adamw)",
     )
-    p.add_argument("--rank", type=_positive_int, help="subspace rank (default hidden // 4)")
+    p.add_argument("--rank", type=_positive_int, help="subspace rank (default: the optimizer's, else hidden // 4)")
     p.add_argument("--layerwise", action="store_true", help="per-layer updates: one gradient alive at a time")
     p.add_argument(
         "--batch-size", "--batch", type=int, default=0, help="sequences per step (with --seq: count activations)"
@@ -578,10 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proj-type", default="std", choices=["std", "reverse_std", "left", "right", "full"])
     p.add_argument(
         "--projector",
-        default="svd",
         choices=registry.projector_names(),
         metavar="NAME",
-        help=f"basis kind: {', '.join(registry.projector_names())} (default svd)",
+        help=f"basis kind: {', '.join(registry.projector_names())} (default: the optimizer's, else svd)",
     )
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--vocab-size", type=_positive_int, help="override the vocabulary (default 32000)")

@@ -53,7 +53,7 @@ class OptimizerChoice:
     name: str = "galore_adamw"
     lr: float | None = None  # None: the spec's default
     weight_decay: float = 0.0
-    rank: int | None = None  # None: hidden // 4, GaLore's ratio at 60M, 350M, 1B and 7B
+    rank: int | None = None  # None: the spec's, else hidden // 4, GaLore's ratio at 60M, 350M, 1B and 7B
     update_proj_gap: int = 200
     scale: float | None = None  # None: the spec's default (0.25; FRUGAL 1.0, with AdamW's lr)
     proj_type: str = "std"
@@ -106,7 +106,7 @@ def build_optimizer(
         params: Any = gradproj.param_groups(
             model,
             target_modules=choice.target_modules,
-            rank=choice.rank if choice.rank is not None else max(1, hidden // 4),
+            rank=choice.rank if choice.rank is not None else spec.rank or max(1, hidden // 4),
             update_proj_gap=choice.update_proj_gap,
             scale=choice.scale if choice.scale is not None else spec.scale,
             proj_type=choice.proj_type,
