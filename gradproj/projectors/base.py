@@ -100,6 +100,8 @@ class Projector(Configurable):
     param_index: int = 0
     #: the basis state before the last refresh; kept only when ``moments_on_refresh="project"``
     previous: dict | None = None
+    #: ``refresh="lazy"`` (set from the group; False for projectors built without :meth:`__init__`)
+    lazy: bool = False
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
@@ -113,8 +115,7 @@ class Projector(Configurable):
         self.update_proj_gap = int(group.get("update_proj_gap", 1) or 1)
         # the optimizer writes every option's default into its groups; a group built by hand gets them here
         self.group = group if all(k in group for k in self.defaults) else {**self.defaults, **group}
-        #: ``refresh="lazy"``: each matrix keeps its own gap (:mod:`gradproj.projectors.lazy`)
-        self.lazy = lazy.enabled(self.group)
+        self.lazy = lazy.enabled(self.group)  # each matrix keeps its own gap (gradproj.projectors.lazy)
 
     # ----------------------------------------------------------------------------------------- shapes
     def low_rank_shape(self) -> tuple[int, int]:
