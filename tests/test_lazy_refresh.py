@@ -313,3 +313,24 @@ def test_svd_projector_declares_the_lazy_state():
     layout = SVDProjector((8, 4), 2, "std", {**SVDProjector.defaults, **group}).state_layout()
     assert layout[QUEUE_KEY].shape == (3,) and {COUNT_KEY, GAP_KEY} <= layout.keys()
     assert QUEUE_KEY not in SVDProjector((8, 4), 2, "std", dict(SVDProjector.defaults)).state_layout()
+
+
+def _fsdp_refusal_body(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    model = TinyNet()
+    fully_shard(model)
+    before = model.fc2.weight.full_tensor()
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=2, scale=0.25), refresh="lazy")
+    tiny_loss(model, tiny_batch(0)).backward()
+    with pytest.raises(ValueError, match="refresh='lazy' is not available for sharded"):
+        opt.step()
+    assert torch.equal(model.fc2.weight.full_tensor(), before)  # nothing was updated
+
+
+def test_fsdp_parameters_refuse_lazy_refresh():
+    """Each rank would judge only its rows of a left basis, and ranks' gaps would drift apart: refused."""
+    pytest.importorskip("torch.distributed.fsdp")
+    from distributed_utils import run_distributed
+
+    run_distributed(_fsdp_refusal_body)
