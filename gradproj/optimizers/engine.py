@@ -280,6 +280,11 @@ class Engine:
         projector_cls, residual_cls = get_projector(group["projector"]), get_residual(group["residual"])
         projector_cls.apply_options(group, where)
         projector_cls.validate_group(group, where)
+        if group.get("refresh", "fixed") != "fixed" and "refresh" not in projector_cls.defaults:
+            raise ValueError(
+                f"{where}: refresh={group['refresh']!r} applies to the SVD-family bases (svd, eigh, randomized_svd, "
+                f"golore); projector={group['projector']!r} refreshes every update_proj_gap steps: drop refresh"
+            )
         residual_cls.apply_options(group, where)
         residual_cls().validate_group(group, where)
 

@@ -53,6 +53,7 @@ from .. import kernels
 from ..inner.adam import bias_corrected_lr
 from ..projectors import get_projector
 from ..projectors.base import choose_side, dense_down
+from ..projectors.lazy import GAP_KEY as LAZY_GAP
 from ..residual import get_residual
 from .sharding import is_dtensor
 
@@ -138,6 +139,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
         if not _group_eligible(opt, group):
             continue
         rank, gap, auto = group["rank"], int(group["update_proj_gap"]), group["foreach"] is None
+        lazy = group.get("refresh") == "lazy"  # each matrix's own gap (gradproj.projectors.lazy)
         ops_cache: dict[tuple, KernelOps | None] = {}
         for p in group["params"]:
             g = p.grad
@@ -146,7 +148,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
                 continue
             step = state.get("step", 0)
             ea, eas, proj = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("proj")
-            if step % gap == 0 or ea is None or eas is None or proj is None:
+            if step % (state.get(LAZY_GAP, gap) if lazy else gap) == 0 or ea is None or eas is None or proj is None:
                 continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
             if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
                 continue

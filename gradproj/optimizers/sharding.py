@@ -592,6 +592,11 @@ def shard_plan(plan: Any, p: DTensor, group: dict, inner: Any, where: str) -> An
             f"= {shardable}); use DDP for this optimizer, or proj_type='left' / 'full' for this group"
         )
     projector = plan.projector
+    if projected and getattr(projector, "lazy", False):
+        raise ValueError(
+            f"{where}: refresh='lazy' is not available for sharded (FSDP2) parameters, whose ranks would each "
+            "judge their own rows of the basis; use refresh='fixed' for this group, or DDP"
+        )
     if projected:
         method = group.get("sharded_refresh", "gram")
         if method not in SHARDED_REFRESH:

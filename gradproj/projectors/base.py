@@ -23,6 +23,7 @@ import torch
 
 from ..options import Configurable
 from ..state_layout import Spec
+from . import lazy
 from .change import BasisChange, snapshot_basis
 
 log = logging.getLogger("gradproj")
@@ -99,6 +100,8 @@ class Projector(Configurable):
     param_index: int = 0
     #: the basis state before the last refresh; kept only when ``moments_on_refresh="project"``
     previous: dict | None = None
+    #: ``refresh="lazy"`` (set from the group; False for projectors built without :meth:`__init__`)
+    lazy: bool = False
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
@@ -112,6 +115,7 @@ class Projector(Configurable):
         self.update_proj_gap = int(group.get("update_proj_gap", 1) or 1)
         # the optimizer writes every option's default into its groups; a group built by hand gets them here
         self.group = group if all(k in group for k in self.defaults) else {**self.defaults, **group}
+        self.lazy = lazy.enabled(self.group)  # each matrix keeps its own gap (gradproj.projectors.lazy)
 
     # ----------------------------------------------------------------------------------------- shapes
     def low_rank_shape(self) -> tuple[int, int]:
@@ -135,16 +139,26 @@ class Projector(Configurable):
             return {
                 "proj_left": Spec((m, r), requires=("proj_right",)),
                 "proj_right": Spec((r, n), requires=("proj_left",)),
+                **lazy.layout(self.group),
             }
-        return {"proj": Spec((r, n) if self.side == "right" else (m, r))}
+        return {"proj": Spec((r, n) if self.side == "right" else (m, r)), **lazy.layout(self.group)}
 
     # ---------------------------------------------------------------------------------------- refresh
     def has_basis(self, state: dict) -> bool:
         return ("proj" if self.side != "full" else "proj_left") in state
 
     def needs_refresh(self, state: dict, step: int) -> bool:
-        """True at t % T == 0 (t counted before the increment, so also at the first step) or with no basis."""
-        return not self.has_basis(state) or step % self.update_proj_gap == 0
+        """True at t % T == 0 (t counted before the increment, so also at the first step) or with no basis.
+
+        T is ``update_proj_gap``, or with ``refresh="lazy"`` the matrix's own gap (``lazy_gap`` in its state).
+        """
+        gap = state.get(lazy.GAP_KEY, self.update_proj_gap) if self.lazy else self.update_proj_gap
+        return not self.has_basis(state) or step % gap == 0
+
+    def lazy_vectors(self, state: dict) -> list[torch.Tensor]:
+        """The first vector of each side of the current basis (cloned), which ``refresh="lazy"`` compares
+        across refreshes; an empty list where the lazy rule does not apply (no basis)."""
+        return lazy.first_vectors(self.basis_matrices(state)) if self.has_basis(state) else []
 
     def refresh(self, G: torch.Tensor, state: dict, step: int) -> bool:
         """Recompute the basis from gradient matrix ``G``; return True when the basis changed.
@@ -169,6 +183,7 @@ class Projector(Configurable):
             )
         if self.group.get("moments_on_refresh") == "project" and self.has_basis(state):
             self.previous = snapshot_basis(state, self.basis_keys)
+        before = self.lazy_vectors(state) if self.lazy else None
         bases = self.compute_basis(G, state, step)
         if bases is None:  # the projector chose to keep the previous basis
             return False
@@ -178,6 +193,13 @@ class Projector(Configurable):
                 old.copy_(value)
             else:
                 state[key] = value
+        if before is not None:
+            after = self.lazy_vectors(state)
+            if after:
+                lazy.record(state, self.group, self.update_proj_gap, before, after)
+            else:  # a basis the lazy rule does not apply to (GoLore's random phase): the fixed gap again
+                for key in lazy.KEYS:
+                    state.pop(key, None)
         return True
 
     def compute_basis(self, G: torch.Tensor, state: dict, step: int) -> dict[str, torch.Tensor] | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import lazy
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled
 
@@ -39,10 +40,11 @@ def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[tor
 
 class EighProjector(Projector):
     """The exact top-``rank`` singular subspace via ``torch.linalg.eigh`` of the Gram matrix; same sides and
-    state keys as ``svd``. No options."""
+    state keys as ``svd``. Options: the refresh schedule only (``refresh``, :mod:`gradproj.projectors.lazy`)."""
 
     name = "eigh"
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
+    options = lazy.OPTIONS
 
     def compute_basis(self, G, state, step):
         try:

@@ -8,7 +8,7 @@ switches from SVD to random after 80 % of training.
 from __future__ import annotations
 
 from ..options import Option, choice, number
-from . import seeding
+from . import lazy, seeding
 from .base import Projector
 from .eigh import EighProjector
 from .random_basis import DRAW_KEY, RandomProjector
@@ -59,6 +59,7 @@ class GoLoreProjector(Projector):
         ),
         Option("golore_before", "svd", "the basis before the switch", choice(*_BEFORE)),
         *RandomProjector.options,
+        *lazy.OPTIONS,  # the first phase's refresh schedule; the random phase refreshes every update_proj_gap
     )
     basis_keys = Projector.basis_keys + RandomProjector.basis_keys
     dense_basis = False  # a random basis after the switch
@@ -88,6 +89,9 @@ class GoLoreProjector(Projector):
 
     def state_layout(self):
         return {**self.before.state_layout(), **self.after.state_layout()}
+
+    def lazy_vectors(self, state):
+        return [] if DRAW_KEY in state else super().lazy_vectors(state)
 
     def needs_refresh(self, state, step):
         switching = step >= self.switch and DRAW_KEY not in state

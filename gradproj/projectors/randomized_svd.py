@@ -11,7 +11,7 @@ import torch
 
 from ..options import Option, boolean, number
 from ..state_layout import scalar_int
-from . import seeding
+from . import lazy, seeding
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled
 
@@ -93,6 +93,7 @@ class RandomizedSVDProjector(Projector):
         Option("rsvd_power_iters", 1, "power iterations (1 is usually enough)", number(integer=True, minimum=0)),
         Option("rsvd_warm_start", True, "start each refresh from the previous basis", boolean),
         seeding.SEED_OPTION,
+        *lazy.OPTIONS,
     )
 
     def state_layout(self):

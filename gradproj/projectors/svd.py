@@ -7,6 +7,7 @@ import logging
 import torch
 
 from ..options import Option, choice
+from . import lazy
 from .base import Projector
 
 log = logging.getLogger("gradproj")
@@ -46,6 +47,7 @@ class SVDProjector(Projector):
             "(`'gram'`) or the gathered gradient (`'gather'`)",
             choice("gram", "gather"),
         ),
+        *lazy.OPTIONS,
     )
 
     def compute_basis(self, G, state, step):
