@@ -30,7 +30,7 @@ for stage in "$@"; do
         --json "$OUT/bases_cuda.json" 2>&1 | tee "$OUT/bases_cuda.log" | tail -30
       ;;
     kernels)
-      python3 benchmarks/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -60
+      python3 benchmarks/kernel_bench.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" | tail -60
       ;;
     svd)
       python3 benchmarks/svd_drivers.py 2>&1 | tee "$OUT/svd_drivers.log" | tail -20

@@ -11,10 +11,6 @@ SVD is one call of the projector's ``compute_basis`` for one matrix.
 Besides the fixed gap T and the lazy rule started from T, fixed gaps given by ``--control-gaps`` (default 20,
 about as many SVDs as the lazy rule takes here) separate the effect of fewer refreshes from that of choosing
 per matrix which ones to skip.
-
-benchmarks/kernels.py would shadow the ``kernels`` package that transformers imports when this directory is
-first on ``sys.path`` (as it is for ``python benchmarks/...``), so this script moves its directory to the end
-of ``sys.path`` before anything imports transformers.
 """
 
 from __future__ import annotations
@@ -22,8 +18,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(_HERE)] + [_HERE]
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)

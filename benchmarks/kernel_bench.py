@@ -16,8 +16,8 @@ One script, four parts, run in this order (it stops with exit status 1 if a corr
    shape's refresh time / T (the refresh — an SVD — is timed once per distinct shape, not by running whole
    refresh steps).
 
-    python benchmarks/kernels.py --out kernels.json          # a GPU (H100 / H200): about 6 minutes
-    python benchmarks/kernels.py --smoke --out smoke.json    # CPU, tiny sizes, Triton interpreter
+    python benchmarks/kernel_bench.py --out kernels.json          # a GPU (H100 / H200): about 6 minutes
+    python benchmarks/kernel_bench.py --smoke --out smoke.json    # CPU, tiny sizes, Triton interpreter
 
 A compact markdown table is printed at the end; ``--out`` receives every number as JSON. Weights are
 random at an LLM's init scale, gradients random, bases random orthonormal (timing only needs the shapes).
