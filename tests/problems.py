@@ -34,17 +34,6 @@ def clone_params(params):
     return [nn.Parameter(p.detach().clone()) for p in params]
 
 
-def run(opt, params, loss_fn, steps):
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(params)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 class TinyNet(nn.Module):
     """Embedding, two Linears with bias, a norm and an output head: every kind of tensor a LM has."""
 
