@@ -23,6 +23,7 @@ import gradproj
 from gradproj import kernels, registry
 from gradproj.inner import INNER_RULES, InnerRule
 from gradproj.optimizers import compiled
+from gradproj.optimizers.engine import OPTIMIZER_OPTIONS
 from gradproj.projectors import get_projector
 from gradproj.residual import get_residual
 
@@ -40,23 +41,23 @@ class Mode:
     #: documented bit-identical to the per_param mode on the CPU (docs/memory_modes.md, docs/kernels.md);
     #: False: the same arithmetic rounded differently (compared to a tolerance in tests/test_modes.py)
     exact: bool
-    #: the option keys that are group keys (so a loaded checkpoint's groups carry them)
-    group_keys: tuple[str, ...] = ()
     doc: str = ""
 
     def group_options(self) -> dict[str, Any]:
-        return {k: self.kwargs[k] for k in self.group_keys}
+        """The options that are param-group keys (a loaded checkpoint's groups carry their own values of them)."""
+        keys = {o.name for o in OPTIMIZER_OPTIONS}
+        return {k: v for k, v in self.kwargs.items() if k in keys}
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("per_param", {"foreach": False}, True, ("foreach",), "the reference: one parameter at a time"),
-    Mode("foreach", {"foreach": True}, True, ("foreach",),
+    Mode("per_param", {"foreach": False}, True, "the reference: one parameter at a time"),
+    Mode("foreach", {"foreach": True}, True,
          "regular GaLore steps batched with torch._foreach_* (on the CPU one GEMM per matrix: the same ops)"),
-    Mode("compile", {"foreach": False, "compile": AOT_EAGER}, False, ("foreach", "compile"),
+    Mode("compile", {"foreach": False, "compile": AOT_EAGER}, False,
          "the tail of the step as one torch.compile graph (aot_eager)"),
-    Mode("layerwise", {"foreach": False, "layerwise": True}, True, ("foreach",),
+    Mode("layerwise", {"foreach": False, "layerwise": True}, True,
          "each parameter stepped in its post-accumulate-grad hook (accumulation_steps=1)"),
-    Mode("triton", {"foreach": False, "impl": "triton"}, False, ("foreach", "impl"),
+    Mode("triton", {"foreach": False, "impl": "triton"}, False,
          "the fused Triton kernels (on the CPU under TRITON_INTERPRET=1)"),
 )}
 
