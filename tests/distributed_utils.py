@@ -71,3 +71,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rank_share(loss):
+    """``loss(model, batch)`` on this rank's contiguous share of ``tiny_batch(i)`` (problems.tiny_batch): a
+    loss for problems.train whose ranks together see the batch one process would."""
+    from problems import tiny_batch
+
+    def on_this_rank(model, i):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        return loss(model, tuple(t.chunk(world)[rank] for t in tiny_batch(i)))
+
+    return on_this_rank

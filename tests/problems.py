@@ -24,7 +24,7 @@ def matrix_problem(shapes, seed=0, dtype=torch.float32, batch=None):
         params.append(nn.Parameter(W))
         data.append((X, Y))
 
-    def loss_fn(ps):
+    def loss_fn(ps, index=None):  # fixed data: train()'s micro-batch index is not used
         return sum(((torch.tanh(X @ W.T) - Y) ** 2).mean() for W, (X, Y) in zip(ps, data))
 
     return params, loss_fn
@@ -32,17 +32,6 @@ def matrix_problem(shapes, seed=0, dtype=torch.float32, batch=None):
 
 def clone_params(params):
     return [nn.Parameter(p.detach().clone()) for p in params]
-
-
-def run(opt, params, loss_fn, steps):
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = loss_fn(params)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 class TinyNet(nn.Module):
@@ -76,6 +65,37 @@ def tiny_loss(model, batch):
     x, y = batch
     logits = model(x)  # half precision is upcast to float32; float32 and float64 stay as they are
     return torch.nn.functional.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+
+
+def batch_loss(model, batch):
+    """TinyNet's loss on micro-batch number ``batch`` (:func:`tiny_batch`): train()'s default loss."""
+    return tiny_loss(model, tiny_batch(batch))
+
+
+def train(target, opt, steps, loss_fn=batch_loss, *, micro=1, scheduler=None, seed=0):
+    """Run ``steps`` optimizer steps; return each step's loss (the mean over its micro-batches).
+
+    One step: ``opt.zero_grad()``; for each of ``micro`` micro-batches ``loss_fn(target, i).backward()``,
+    with ``i = seed + step * micro + j`` for the j-th micro-batch (so a run cut in two and resumed with
+    ``seed`` = the micro-batches taken so far sees the same data); ``opt.step()``; ``scheduler.step()`` if
+    given. ``target`` is what ``loss_fn`` takes: a model (the default loss is TinyNet's on :func:`tiny_batch`)
+    or a list of parameters (the loss functions of fixed data, such as :func:`matrix_problem`'s, ignore
+    ``i``). Gradients are left as the last step leaves them (consumed in per-layer mode, else the last
+    backward's).
+    """
+    losses = []
+    for s in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for i in range(micro):
+            loss = loss_fn(target, seed + s * micro + i)
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(total / micro)
+    return losses
 
 
 def direct_svd_projector() -> str:

@@ -55,6 +55,11 @@ class ReferenceGaLore:
             return P @ X
         return P[0] @ X @ P[1]
 
+    def zero_grad(self):
+        """As torch.optim's (set_to_none): so the tests' shared training loop drives it like an optimizer."""
+        for p in self.params:
+            p.grad = None
+
     @torch.no_grad()
     def step(self):
         for W, st in zip(self.params, self.state):
@@ -98,6 +103,11 @@ class ReferenceAdamW:
         self.params = list(params)
         self.lr, self.b1, self.b2, self.eps, self.wd = lr, betas[0], betas[1], eps, wd
         self.state = [dict(t=0, m=torch.zeros_like(p), v=torch.zeros_like(p)) for p in self.params]
+
+    def zero_grad(self):
+        """As torch.optim's (set_to_none): so the tests' shared training loop drives it like an optimizer."""
+        for p in self.params:
+            p.grad = None
 
     @torch.no_grad()
     def step(self):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet, clone_params, matrix_problem, tiny_batch, tiny_loss
+from problems import TinyNet, clone_params, matrix_problem, train
 
 CONFIGS = {
     "defaults": dict(),  # relative_step, scale_parameter, lr=None
@@ -23,7 +23,7 @@ def problem(seed, dtype=torch.float64):
     params = [nn.Parameter(torch.randn(s, generator=g, dtype=dtype) * 0.3) for s in [(12, 9), (3, 5, 7), (11,)]]
     X = torch.randn(16, 9, generator=g, dtype=dtype)
 
-    def loss_fn(ps):
+    def loss_fn(ps, index=None):
         W, T, b = ps
         h = torch.tanh(X @ W.T + b.sum())
         return (h**2).mean() + (T.sin() ** 2).mean() + ((b - 1.0) ** 2).mean()
@@ -34,9 +34,7 @@ def problem(seed, dtype=torch.float64):
 def step_both(opts, param_sets, loss_fn, steps):
     for _ in range(steps):
         for opt, ps in zip(opts, param_sets):
-            opt.zero_grad()
-            loss_fn(ps).backward()
-            opt.step()
+            train(ps, opt, 1, loss_fn)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
@@ -96,8 +94,7 @@ def test_matches_original_galore_adafactor(proj_type):
 def test_state_bytes_by_part():
     model = TinyNet()
     opt = gradproj.GaLoreAdafactor(gradproj.param_groups(model, rank=4), lr=1e-2, relative_step=False, beta1=0.9)
-    tiny_loss(model, tiny_batch(0)).backward()
-    opt.step()
+    train(model, opt, 1)
     got = gradproj.optimizer_state_bytes(opt)
     # projected fc1 (40x16: R 40x4) and fc2 (16x40: R 4x40): row + col + m; bases 4x16 and 16x4
     projected = (40 + 4 + 40 * 4) + (4 + 40 + 4 * 40)

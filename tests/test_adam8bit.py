@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet, clone_params, matrix_problem, tiny_batch, tiny_loss
+from problems import TinyNet, clone_params, matrix_problem, tiny_batch, tiny_loss, train
 from reference_algorithms import ReferenceGaLore
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -20,10 +20,7 @@ bnb = pytest.importorskip("bitsandbytes")
 def step_all(pairs, loss_fn, steps):
     for _ in range(steps):
         for opt, ps in pairs:
-            for p in ps:
-                p.grad = None
-            loss_fn(ps).backward()
-            opt.step()
+            train(ps, opt, 1, loss_fn)
 
 
 def test_unprojected_group_is_bitsandbytes_adam8bit():
@@ -50,6 +47,9 @@ class GaLoreOverBitsandbytes:
     def __init__(self, params, lr, rank, gap, scale, min_8bit_size):
         self.params, self.scale, self.lr, self.min_8bit_size = list(params), scale, lr, min_8bit_size
         self.galore = ReferenceGaLore(self.params, lr=lr, rank=rank, gap=gap, alpha=scale)  # basis and projections
+
+    def zero_grad(self):
+        self.galore.zero_grad()
 
     @torch.no_grad()
     def step(self):
@@ -143,14 +143,7 @@ def test_trajectory_stays_close_to_galore_adamw():
         opt = cls(gradproj.param_groups(model, rank=8, update_proj_gap=10, scale=0.5), lr=1e-2, min_8bit_size=256) \
             if cls is gradproj.GaLoreAdamW8bit else cls(gradproj.param_groups(model, rank=8, update_proj_gap=10,
                                                                              scale=0.5), lr=1e-2)
-        out = []
-        for s in range(40):
-            opt.zero_grad()
-            loss = tiny_loss(model, tiny_batch(s))
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        losses[cls] = out
+        losses[cls] = train(model, opt, 40)
         if cls is gradproj.GaLoreAdamW8bit:
             assert opt.state[model.fc1.weight]["exp_avg"].dtype == torch.uint8
     ref, q = losses[gradproj.GaLoreAdamW], losses[gradproj.GaLoreAdamW8bit]
@@ -162,10 +155,7 @@ def test_bf16_weights_and_reset_on_refresh():
     model = TinyNet().to(torch.bfloat16)
     opt = gradproj.GaLoreAdamW8bit(gradproj.param_groups(model, rank=4, update_proj_gap=2, scale=0.5), lr=1e-2,
                                    min_8bit_size=100, moments_on_refresh="reset")
-    for s in range(3):
-        opt.zero_grad()
-        tiny_loss(model, tiny_batch(s)).backward()
-        opt.step()
+    train(model, opt, 3)
     st = opt.state[model.fc1.weight]  # R 40 x 4 = 160 elements: 8-bit
     assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
     assert st["inner_start"] == 2  # reset at the refresh of t = 2; the quantized state restarted with it
@@ -210,14 +200,7 @@ def test_cuda_trajectory_stays_close_to_galore_adamw():
         model = TinyNet(dim=32, hidden=128).cuda()
         kwargs = {"min_8bit_size": 256} if cls is gradproj.GaLoreAdamW8bit else {}
         opt = cls(gradproj.param_groups(model, rank=8, update_proj_gap=10, scale=0.5), lr=1e-2, **kwargs)
-        out = []
-        for s in range(40):
-            opt.zero_grad()
-            loss = tiny_loss(model, tuple(t.cuda() for t in tiny_batch(s)))
-            loss.backward()
-            opt.step()
-            out.append(loss.item())
-        losses[cls] = out
+        losses[cls] = train(model, opt, 40, lambda m, i: tiny_loss(m, tuple(t.cuda() for t in tiny_batch(i))))
         if cls is gradproj.GaLoreAdamW8bit:
             assert opt.state[model.fc1.weight]["exp_avg"].dtype == torch.uint8
             assert opt.state[model.fc1.weight]["exp_avg"].is_cuda
@@ -237,10 +220,7 @@ def test_distributed_checkpoint_state_dict_api_round_trips_the_8bit_state():
 
     models = [TinyNet().to(torch.bfloat16), TinyNet().to(torch.bfloat16)]
     opt = make(models[0])
-    for s in range(4):
-        tiny_loss(models[0], tiny_batch(s)).backward()
-        opt.step()
-        opt.zero_grad()
+    train(models[0], opt, 4)
     sd = get_optimizer_state_dict(models[0], opt)
     assert sd["state"]["fc1.weight"]["exp_avg"].dtype == torch.uint8
     models[1].load_state_dict(models[0].state_dict())
@@ -250,7 +230,5 @@ def test_distributed_checkpoint_state_dict_api_round_trips_the_8bit_state():
     assert st["exp_avg"].dtype == torch.uint8 and st["exp_avg_absmax"].dtype == torch.float32
     for s in range(3):
         for model, o in zip(models, (opt, opt2)):
-            tiny_loss(model, tiny_batch(10 + s)).backward()
-            o.step()
-            o.zero_grad()
+            train(model, o, 1, seed=10 + s)
     assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))

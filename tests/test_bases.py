@@ -28,7 +28,7 @@ from gradproj.projectors import (
     randomized_svd,
 )
 from gradproj.projectors import dct as dct_module
-from problems import matrix_problem, run
+from problems import matrix_problem, train
 
 BASES = ["svd", "randomized_svd", "eigh", "dct", "random", "golore"]
 
@@ -72,14 +72,14 @@ def test_every_basis_trains_a_least_squares_problem_down(name, proj_type):
     inputs = [torch.randn(s[1], 96, generator=g) * torch.logspace(0, -1.5, s[1])[:, None] for s in shapes]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
 
-    def loss_fn(ps):
+    def loss_fn(ps, index=None):
         return sum(((W - T) @ X).square().mean() for W, T, X in zip(ps, targets, inputs))
 
     group = {"params": params, "rank": 6, "update_proj_gap": 10, "scale": 1.0, "projector": name, "proj_type": proj_type}
     if name == "golore":
         group["golore_switch_step"] = 40
     opt = gradproj.GaLoreAdamW([group], lr=0.1)
-    losses = run(opt, params, loss_fn, 80)
+    losses = train(params, opt, 80, loss_fn)
     # a two-sided projection trains r² = 36 of the 1152 coordinates per interval: for the bases that are not
     # fitted to the gradient (DCT, random) that is slow on this unstructured target
     assert losses[-1] < (0.4 if proj_type == "std" else 0.8) * losses[0], (losses[0], losses[-1])
@@ -235,7 +235,7 @@ def test_dct_matrix_is_shared_not_per_layer():
     params, loss_fn = matrix_problem([(20, 12), (30, 12), (12, 20)], seed=0)  # right, right (n=12), left (m=12)
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 2, "scale": 1.0,
                                  "projector": "dct", "dct_impl": "matmul"}], lr=1e-2)
-    run(opt, params, loss_fn, 3)
+    train(params, opt, 3, loss_fn)
     assert list(dct_module._CACHE) == [(12, torch.device("cpu"), torch.float32)]
     assert dct_matrix(12) is dct_module._CACHE[(12, torch.device("cpu"), torch.float32)]
 
@@ -246,7 +246,7 @@ def test_dct_fft_and_matmul_paths_agree():
         params, loss_fn = matrix_problem([(40, 24), (24, 40)], seed=0)
         opt = gradproj.GaLoreAdamW([{"params": params, "rank": 5, "update_proj_gap": 3, "scale": 1.0,
                                      "projector": "dct", "dct_impl": impl}], lr=1e-2)
-        run(opt, params, loss_fn, 7)
+        train(params, opt, 7, loss_fn)
         results[impl] = (params, [opt.state[p]["proj_idx"] for p in params])
     for a, b in zip(results["fft"][1], results["matmul"][1]):
         assert torch.equal(a, b)
@@ -311,19 +311,19 @@ def test_state_bytes_dct_holds_indices_only_and_random_nothing():
                                         ("random", {"random_kind": "orthonormal"}),
                                         ("golore", {"golore_switch_step": 4})])
 def test_seeded_bases_are_deterministic_and_leave_the_global_rng_alone(name, group):
-    def train(seed):
+    def trained(seed):
         params, loss_fn = matrix_problem([(30, 18), (30, 18)], seed=0)
         opt = gradproj.GaLoreAdamW([{"params": params, "rank": 4, "update_proj_gap": 3, "scale": 1.0,
                                      "projector": name, "proj_seed": seed, **group}], lr=1e-2)
         torch.manual_seed(123)
         rng = torch.get_rng_state()
-        run(opt, params, loss_fn, 8)
+        train(params, opt, 8, loss_fn)
         assert torch.equal(torch.get_rng_state(), rng)  # no draw from the global generator
         return params, opt
 
-    a, opt_a = train(0)
-    b, _ = train(0)
-    c, _ = train(1)
+    a, opt_a = trained(0)
+    b, _ = trained(0)
+    c, _ = trained(1)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     # two same-shaped parameters get different seeds (and so different random bases)
@@ -337,7 +337,7 @@ def test_random_basis_is_redrawn_at_every_refresh_and_kept_between():
                                  "projector": "random"}], lr=1e-2)
     draws = []
     for _ in range(7):
-        run(opt, params, loss_fn, 1)
+        train(params, opt, 1, loss_fn)
         draws.append(opt.state[params[0]]["proj_draw"])
     assert draws == [0, 0, 0, 3, 3, 3, 6]
 
@@ -350,7 +350,7 @@ def test_golore_switches_from_svd_to_random_at_the_switch_step():
     st = opt.state[params[0]]
     kinds = []
     for _ in range(10):
-        run(opt, params, loss_fn, 1)
+        train(params, opt, 1, loss_fn)
         kinds.append("random" if "proj_draw" in st else "svd")
         assert ("proj" in st) == (kinds[-1] == "svd")
     assert kinds == ["svd"] * 8 + ["random"] * 2  # steps 0..7 with SVD bases, the update at step 8 onward random
@@ -361,7 +361,7 @@ def test_golore_switch_step_not_on_the_refresh_grid():
     params, loss_fn = matrix_problem([(30, 18)], seed=0)
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 4, "update_proj_gap": 4, "scale": 1.0,
                                  "projector": "golore", "golore_switch_step": 6}], lr=1e-2)
-    run(opt, params, loss_fn, 9)
+    train(params, opt, 9, loss_fn)
     assert opt.state[params[0]]["proj_draw"] == 8  # switched at 6, redrawn at the regular refresh 8
 
 

@@ -17,7 +17,7 @@ from gradproj.inner import StepContext
 from gradproj.optimizers import compiled
 from gradproj.optimizers.compiled import CompileFallbackWarning
 from distributed_utils import run_distributed
-from problems import TinyNet, matrix_problem
+from problems import TinyNet, matrix_problem, train
 
 AOT = {"backend": "aot_eager"}
 # float32: the compiled tail scales the low-rank ψ before the back-projection GEMM where the eager step passes
@@ -38,12 +38,7 @@ def problem(compile_, cls, moments="keep"):
 
 
 def run(params, loss_fn, opt, sched, steps):
-    for _ in range(steps):
-        for p in params:
-            p.grad = None
-        loss_fn(params).backward()
-        opt.step()
-        sched.step()
+    train(params, opt, steps, loss_fn, scheduler=sched)
 
 
 @pytest.mark.parametrize("cls,moments", [(gradproj.GaLoreAdamW, "reset"), (gradproj.FiraAdamW, "keep")],
@@ -107,7 +102,7 @@ def test_compiled_step_with_inductor(device):
     W0 = (torch.randn(24, 10, generator=g) / 10**0.5).to(device)
     params, ref_params = [torch.nn.Parameter(W0.clone())], [torch.nn.Parameter(W0.clone())]
 
-    def loss_fn(ps):
+    def loss_fn(ps, index=None):
         return ((torch.tanh(X @ ps[0].T) - Y) ** 2).mean()
 
     group = {"rank": 3, "update_proj_gap": 4, "scale": 0.5}
@@ -164,17 +159,14 @@ def _fsdp_body(rank, world):
         opts.append(gradproj.FiraAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3), lr=1e-2,
                                        compile=compile_))  # Fira: the limiter's all-reduce is in the graph
 
-    def train(i, steps):
-        for _ in range(steps):
-            opts[i].zero_grad()
-            ((models[i](x) - y) ** 2).mean().backward()
-            opts[i].step()
+    def loss(model, _):
+        return ((model(x) - y) ** 2).mean()
 
-    train(0, 2)
+    train(models[0], opts[0], 2, loss)
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
-        train(0, 5)
-    train(1, 7)
+        train(models[0], opts[0], 5, loss)
+    train(models[1], opts[1], 7, loss)
     assert graphs == 2 and counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p.full_tensor(), q.full_tensor(), **TOL)
@@ -191,22 +183,15 @@ WIDTHS = [8 + 2 * i for i in range(11)]  # 10 Linear layers, every one of a diff
 
 
 def mlp(compile_, cls=gradproj.GaLoreAdamW, widths=WIDTHS, seed=0):
-    """Linear layers of the given widths (rank 4, refresh every 2 steps), weights and biases in two groups."""
+    """Linear layers of the given widths (rank 4, refresh every 2 steps), weights and biases in two groups, and
+    the squared error on a fixed batch (a loss for problems.train)."""
     torch.manual_seed(seed)
     layers = [m for a, b in zip(widths, widths[1:]) for m in (torch.nn.Linear(a, b), torch.nn.Tanh())]
     model = torch.nn.Sequential(*layers[:-1])
     opt = cls(gradproj.param_groups(model, rank=4, update_proj_gap=2), lr=1e-2, weight_decay=0.1, compile=compile_)
     g = torch.Generator().manual_seed(seed + 100)
     x, y = torch.randn(16, widths[0], generator=g), torch.randn(16, widths[-1], generator=g)
-    return model, opt, (x, y)
-
-
-def train(model, opt, batch, steps):
-    x, y = batch
-    for _ in range(steps):
-        opt.zero_grad()
-        ((model(x) - y) ** 2).mean().backward()
-        opt.step()
+    return model, opt, lambda m, _: ((m(x) - y) ** 2).mean()
 
 
 def assert_matches_eager(ours, eager, steps):
@@ -238,17 +223,17 @@ def test_distinct_width_mlp_compiles_without_fallback(compile_):
     torch._dynamo.reset()
     counters.clear()
     steps = 3
-    model, opt, batch = mlp(compile_)
+    model, opt, loss = mlp(compile_)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileFallbackWarning)  # a fallback fails the test
-        train(model, opt, batch, 2)  # state created eagerly; every graph compiled
+        train(model, opt, 2, loss)  # state created eagerly; every graph compiled
         graphs = counters["stats"]["unique_graphs"]
         assert graphs == (2 if isinstance(compile_, dict) and compile_.get("dynamic") else 4), graphs
         with torch._dynamo.config.patch(error_on_recompile=True):
-            train(model, opt, batch, steps - 2)  # a refresh (t = 2), then the compiled step: no recompile
+            train(model, opt, steps - 2, loss)  # a refresh (t = 2), then the compiled step: no recompile
     assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
-    ref_model, ref_opt, ref_batch = mlp(False)
-    train(ref_model, ref_opt, ref_batch, steps)
+    ref_model, ref_opt, ref_loss = mlp(False)
+    train(ref_model, ref_opt, steps, ref_loss)
     assert_matches_eager((model, opt), (ref_model, ref_opt), steps)
 
 
@@ -262,10 +247,10 @@ def test_two_compiled_optimizers_in_one_process():
     with torch._dynamo.config.patch(recompile_limit=2), warnings.catch_warnings():
         warnings.simplefilter("error", CompileFallbackWarning)
         for _ in range(3):
-            for model, opt, batch in runs:
-                train(model, opt, batch, 1)
-    for (model, opt, _), (ref_model, ref_opt, batch) in zip(runs, refs):
-        train(ref_model, ref_opt, batch, 3)
+            for model, opt, loss in runs:
+                train(model, opt, 1, loss)
+    for (model, opt, _), (ref_model, ref_opt, ref_loss) in zip(runs, refs):
+        train(ref_model, ref_opt, 3, ref_loss)
         assert_matches_eager((model, opt), (ref_model, ref_opt), 3)
     # at most 2 per layout and model; fewer when the second optimizer starts from the sizes dynamo learnt were
     # dynamic (automatic dynamic shapes remember them per function, across optimizers)
@@ -279,13 +264,6 @@ def independent_problem(compile_, params=None, **group):
     params = fresh if params is None else params
     groups = [{"params": params[:3], "rank": 3, "update_proj_gap": 3, "scale": 0.5, **group}, {"params": params[3:]}]
     return params, loss_fn, gradproj.FiraAdamW(groups, lr=1e-2, weight_decay=0.1, compile=compile_)
-
-
-def step(params, loss_fn, opt):
-    for p in params:
-        p.grad = None
-    loss_fn(params).backward()
-    opt.step()
 
 
 def assert_bitwise_equal(params, opt, ref_params, ref_opt):
@@ -308,11 +286,9 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     params, loss_fn, opt = independent_problem(AOT)
     ref_params, ref_loss_fn, ref = independent_problem(False)
     with pytest.warns(CompileFallbackWarning, match="falls back to eager.*InternalTorchDynamoError: forced") as rec:
-        for _ in range(5):  # crosses the refresh at t = 3
-            step(params, loss_fn, opt)
+        train(params, opt, 5, loss_fn)  # crosses the refresh at t = 3
     assert len([w for w in rec if w.category is CompileFallbackWarning]) == 1  # one cause, one warning
-    for _ in range(5):
-        step(ref_params, ref_loss_fn, ref)
+    train(ref_params, ref, 5, ref_loss_fn)
     assert_bitwise_equal(params, opt, ref_params, ref)
 
 
@@ -320,10 +296,8 @@ def test_unknown_backend_falls_back_to_eager():
     params, loss_fn, opt = independent_problem({"backend": "no-such-backend"})
     ref_params, ref_loss_fn, ref = independent_problem(False)
     with pytest.warns(CompileFallbackWarning, match="InvalidBackend"):
-        for _ in range(2):
-            step(params, loss_fn, opt)
-    for _ in range(2):
-        step(ref_params, ref_loss_fn, ref)
+        train(params, opt, 2, loss_fn)
+    train(ref_params, ref, 2, ref_loss_fn)
     assert_bitwise_equal(params, opt, ref_params, ref)
 
 
@@ -340,10 +314,8 @@ def test_failure_at_a_graphs_first_run_leaves_nothing_half_applied():
     params, loss_fn, opt = independent_problem({"backend": fails_after_writing})
     ref_params, ref_loss_fn, ref = independent_problem(False)
     with pytest.warns(CompileFallbackWarning, match="kernel failed at its first launch"):
-        for _ in range(3):
-            step(params, loss_fn, opt)
-    for _ in range(3):
-        step(ref_params, ref_loss_fn, ref)
+        train(params, opt, 3, loss_fn)
+    train(ref_params, ref, 3, ref_loss_fn)
     assert_bitwise_equal(params, opt, ref_params, ref)
 
 
@@ -393,11 +365,9 @@ def test_recompile_limit_falls_back_for_that_shape_only():
     ref_params, ref_loss_fn, ref = independent_problem(False, projector="svd")
     with torch._dynamo.config.patch(recompile_limit=1), \
             pytest.warns(CompileFallbackWarning, match=r"recompile limit.*compile=\{'dynamic': True\}") as rec:
-        for _ in range(4):
-            step(params, loss_fn, opt)
+        train(params, opt, 4, loss_fn)
     assert len([w for w in rec if w.category is CompileFallbackWarning]) == 1
-    for _ in range(4):
-        step(ref_params, ref_loss_fn, ref)
+    train(ref_params, ref, 4, ref_loss_fn)
     # (24, 10) and (20, 12) share a layout (right projections): the second falls back; the left-projected
     # (10, 24) and the unprojected (12, 7) are alone in theirs and compile
     assert_bitwise_equal(params[1:2], opt, ref_params[1:2], ref)
@@ -411,8 +381,7 @@ def test_failure_of_a_graph_that_ran_before():
     untouched."""
     torch._dynamo.reset()
     params, loss_fn, opt = independent_problem({**AOT, "dynamic": False})
-    for _ in range(2):
-        step(params, loss_fn, opt)  # the second step compiles and runs every graph
+    train(params, opt, 2, loss_fn)  # the second step compiles and runs every graph
     snapshot = ([p.detach().clone() for p in params], {p: {k: v.clone() if torch.is_tensor(v) else v
                                                          for k, v in opt.state[p].items()} for p in params})
     ref_params = [torch.nn.Parameter(w) for w in snapshot[0]]
@@ -424,10 +393,10 @@ def test_failure_of_a_graph_that_ran_before():
             group["eps"] = 1e-7
     with torch._dynamo.config.patch(recompile_limit=1), \
             pytest.warns(CompileFallbackWarning, match="recompile limit"):
-        step(params, loss_fn, opt)
+        train(params, opt, 1, loss_fn)
     regions = compiled._BOOKS[opt.engine].regions.values()
     assert all(region.eager and region.eager <= region.ran for region in regions)  # failed where they had run
-    step(ref_params, loss_fn, ref)
+    train(ref_params, ref, 1, loss_fn)
     assert_bitwise_equal(params, opt, ref_params, ref)
 
 
@@ -436,8 +405,7 @@ def test_errors_after_a_graph_started_writing_are_raised():
     compiler error after the graph wrote (impossible for dynamo, forced here) is raised too, not papered over."""
     params, loss_fn = matrix_problem([(12, 7)], seed=0)
     opt = gradproj.GaLoreAdamW(params, lr=1e-2, compile=AOT)
-    for _ in range(2):
-        step(params, loss_fn, opt)
+    train(params, opt, 2, loss_fn)
     (region,) = compiled._BOOKS[opt.engine].regions.values()
 
     def out_of_memory(*args):
@@ -445,7 +413,7 @@ def test_errors_after_a_graph_started_writing_are_raised():
 
     region.fn = out_of_memory
     with pytest.raises(torch.OutOfMemoryError):
-        step(params, loss_fn, opt)
+        train(params, opt, 1, loss_fn)
 
     def writes_then_fails(W, G, R, state, *rest):
         state["exp_avg"].mul_(0.5)
@@ -453,4 +421,4 @@ def test_errors_after_a_graph_started_writing_are_raised():
 
     region.fn = writes_then_fails
     with pytest.raises(RuntimeError, match="cannot fall back to eager"):
-        step(params, loss_fn, opt)
+        train(params, opt, 1, loss_fn)

@@ -6,22 +6,12 @@ import torch
 import torch.distributed as dist
 
 import gradproj
-from distributed_utils import run_distributed
+from distributed_utils import rank_share, run_distributed
 from optim_table import OPTIMIZERS
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_loss, train
 
 STEPS = 7  # the table's update_proj_gap is 3: refreshes at t = 0, 3, 6
 TOL = dict(rtol=1e-4, atol=2e-5)  # float32; two half-batch means averaged vs one whole-batch mean
-
-
-def train(model, opt, steps, sharded):
-    for s in range(steps):
-        x, y = tiny_batch(s)
-        if sharded:
-            x, y = x.chunk(dist.get_world_size())[dist.get_rank()], y.chunk(dist.get_world_size())[dist.get_rank()]
-        opt.zero_grad()
-        tiny_loss(model, (x, y)).backward()
-        opt.step()
 
 
 def ddp(model):
@@ -40,10 +30,10 @@ def _body(rank, world):
         model = TinyNet()
         wrapped = ddp(model)
         opt = spec.make(model)
-        train(wrapped, opt, STEPS, sharded=True)
+        train(wrapped, opt, STEPS, rank_share(tiny_loss))
         ref = TinyNet()
         ref_opt = spec.make(ref)
-        train(ref, ref_opt, STEPS, sharded=False)
+        train(ref, ref_opt, STEPS)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, **TOL, msg=lambda m: f"{spec.id} {name}: {m}")
         assert gradproj.distributed.replicated_state_mismatches(opt) == [], spec.id

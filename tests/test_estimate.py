@@ -7,7 +7,7 @@ import torch
 import gradproj
 from gradproj.distributed.estimate import llama_tensors, per_gpu_memory, sharded_communication
 from gradproj.memory_estimate import estimate_memory
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, train
 
 
 def tiny_tensors(model, groups):
@@ -21,8 +21,7 @@ def test_one_gpu_estimate_equals_measured_state(cls, name):
     model = TinyNet()
     groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5)
     opt = cls(groups if name != "adamw" else model.parameters(), lr=1e-2)
-    tiny_loss(model, tiny_batch(0)).backward()
-    opt.step()
+    train(model, opt, 1)
     est = per_gpu_memory(tiny_tensors(model, groups), name, rank=4, weight_bytes=4, grad_bytes=4, state_bytes=4)
     measured = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
     assert est["optimizer_states"] == measured == gradproj.optimizer_state_bytes(opt)["total"]

@@ -20,7 +20,7 @@ from gradproj.optimizers.engine import Engine
 from gradproj import kernels
 from gradproj.optimizers import base as base_mod
 from gradproj.optimizers import multi_tensor
-from problems import clone_params, matrix_problem
+from problems import clone_params, matrix_problem, train
 from reference_algorithms import ReferenceGaLore
 
 # 2 x tall (right projection), 2 x wide (left), a square one alone in its bucket, a Fira matrix, a DCT one
@@ -32,7 +32,7 @@ TOL = {torch.float32: dict(rtol=1e-6, atol=1e-7), torch.bfloat16: dict(rtol=2**-
 def problem(dtype, seed=0):
     params, loss_fn = matrix_problem(SHAPES, seed=seed, dtype=dtype)
     bias = torch.nn.Parameter(torch.linspace(-1, 1, 24).to(dtype))
-    return params + [bias], lambda ps: loss_fn(ps[:-1]) + ((ps[-1] - 0.3) ** 2).sum()
+    return params + [bias], lambda ps, index=None: loss_fn(ps[:-1]) + ((ps[-1] - 0.3) ** 2).sum()
 
 
 def make(params, foreach, impl="torch", **kw):
@@ -45,13 +45,6 @@ def make(params, foreach, impl="torch", **kw):
         {"params": [params[-1]]},
     ]
     return gradproj.GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, foreach=foreach, impl=impl, **kw)
-
-
-def steps(opt, params, loss_fn, n):
-    for _ in range(n):
-        opt.zero_grad()
-        loss_fn(params).backward()
-        opt.step()
 
 
 def assert_same_state(a, b, exact):
@@ -84,8 +77,8 @@ def test_trajectory_matches_per_parameter_path(dtype, state_dtype, gemm_form):
     params, loss_fn = problem(dtype)
     p_ref = clone_params(params)
     ours, ref = make(params, True, state_dtype=state_dtype), make(p_ref, False, state_dtype=state_dtype)
-    steps(ours, params, loss_fn, STEPS)
-    steps(ref, p_ref, loss_fn, STEPS)
+    train(params, ours, STEPS, loss_fn)
+    train(p_ref, ref, STEPS, loss_fn)
     for a, b, w0 in zip(params, p_ref, problem(dtype)[0]):
         assert not torch.equal(a, w0)
         if gemm_form == "per_matrix":
@@ -104,11 +97,8 @@ def test_matches_independent_reference(proj_type):
                                   "proj_type": proj_type}], lr=1e-2, weight_decay=0.1, foreach=True)
     ref = ReferenceGaLore(p_ref, lr=1e-2, rank=6, gap=GAP, alpha=0.5, proj_type=proj_type, wd=0.1)
     for _ in range(STEPS):
-        for ps, opt in ((params, ours), (p_ref, ref)):
-            for p in ps:
-                p.grad = None
-            loss_fn(ps).backward()
-            opt.step()
+        train(params, ours, 1, loss_fn)
+        train(p_ref, ref, 1, loss_fn)
     for a, b in zip(params, p_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=3e-5)  # tests/test_parity.py's float32 tolerance
 
@@ -124,8 +114,8 @@ def test_triton_impl_folds_the_decay_like_its_kernel(dtype):
     params, loss_fn = problem(dtype)
     p_ref = clone_params(params)
     ours, ref = make(params, True, impl="triton"), make(p_ref, False, impl="triton")
-    steps(ours, params, loss_fn, 4)
-    steps(ref, p_ref, loss_fn, 4)
+    train(params, ours, 4, loss_fn)
+    train(p_ref, ref, 4, loss_fn)
     # bf16: the moments round per op here and once in the kernel; after 4 steps that moves a few weights by
     # up to 2^-9 (a quarter of a bf16 ulp at 1.0); a wrong decay or eps would move every weight by far more
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-8, atol=2**-8)
@@ -152,11 +142,11 @@ def test_batched_path_is_taken_for_eligible_parameters_only(monkeypatch):
     params, loss_fn = problem(torch.float32)
     opt = make(params, True)
     eligible, others = {id(p) for p in params[:5]}, {id(p) for p in params[5:]}
-    steps(opt, params, loss_fn, 1)  # t = 0: every basis is computed by the per-parameter path
+    train(params, opt, 1, loss_fn)  # t = 0: every basis is computed by the per-parameter path
     assert sorted(calls) == sorted(id(p) for p in params)
     for t in (1, 2, 3):
         calls.clear()
-        steps(opt, params, loss_fn, 1)
+        train(params, opt, 1, loss_fn)
         if t % GAP == 0:  # a refresh step: all of them through _update, then they rejoin
             assert sorted(calls) == sorted(id(p) for p in params)
         else:
@@ -170,12 +160,12 @@ def test_auto_means_cuda_only_and_false_means_never(monkeypatch):
         params, loss_fn = problem(torch.float32)
         opt = make(params, foreach)
         calls.clear()
-        steps(opt, params, loss_fn, 2)  # step 1 is a regular step, yet every parameter runs _update
+        train(params, opt, 2, loss_fn)  # step 1 is a regular step, yet every parameter runs _update
         assert len(calls) == 2 * len(params)
     ran = []
     monkeypatch.setattr(multi_tensor, "_step_chunk", lambda *a: ran.append(a))
     params, loss_fn = problem(torch.float32)
-    steps(make(params, None), params, loss_fn, 2)
+    train(params, make(params, None), 2, loss_fn)
     assert not ran
 
 
@@ -184,14 +174,14 @@ def test_chunks_split_and_give_the_same_result(monkeypatch):
     params, loss_fn = problem(torch.float32)
     p_ref = clone_params(params)
     ref = make(p_ref, True)
-    steps(ref, p_ref, loss_fn, STEPS)
+    train(p_ref, ref, STEPS, loss_fn)
     sizes = []
     chunk = multi_tensor._step_chunk
     monkeypatch.setattr(multi_tensor, "_step_chunk",
                         lambda opt, b, items: (sizes.append(len(items)), chunk(opt, b, items)))
     monkeypatch.setattr(multi_tensor, "CHUNK_BYTES", 1)  # one matrix per chunk
     opt = make(params, True)
-    steps(opt, params, loss_fn, STEPS)
+    train(params, opt, STEPS, loss_fn)
     assert sizes and set(sizes) == {1}
     for a, b in zip(params, p_ref):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
@@ -204,12 +194,12 @@ def test_checkpoint_resumes_on_the_other_path(first):
     params, loss_fn = problem(torch.float32)
     p_ref = clone_params(params)
     ref = make(p_ref, False)
-    steps(ref, p_ref, loss_fn, 8)
+    train(p_ref, ref, 8, loss_fn)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(multi_tensor, "BATCHED_GEMM_MAX_NUMEL", 0)
         opt = make(params, first)
-        steps(opt, params, loss_fn, 4)  # t = 4 next: a regular step on both sides of the switch
+        train(params, opt, 4, loss_fn)  # t = 4 next: a regular step on both sides of the switch
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
         buf.seek(0)
@@ -220,7 +210,7 @@ def test_checkpoint_resumes_on_the_other_path(first):
         resumed = make(params, not first)
         resumed.load_state_dict(sd)
         assert all(g["foreach"] is (not first) for g in resumed.param_groups)
-        steps(resumed, params, loss_fn, 4)
+        train(params, resumed, 4, loss_fn)
     for a, b in zip(params, p_ref):
         assert torch.equal(a, b)
     assert_same_state(resumed, ref, exact=True)
@@ -229,7 +219,7 @@ def test_checkpoint_resumes_on_the_other_path(first):
 def test_bad_input_elsewhere_raises_before_the_batched_step_changes_anything():
     params, loss_fn = problem(torch.float32)
     opt = make(params, True)
-    steps(opt, params, loss_fn, 1)
+    train(params, opt, 1, loss_fn)
     opt.zero_grad()
     loss_fn(params).backward()  # t = 1: the first five matrices are batched this step
     params[-1].grad = params[-1].grad.to_sparse()
@@ -269,11 +259,11 @@ def test_gpu_trajectory_matches_per_parameter_path(impl):
     p_ref = clone_params(params)
     ours = make(params, None, impl=impl, state_dtype=torch.float32)
     ref = make(p_ref, False, impl=impl, state_dtype=torch.float32)
-    steps(ours, params, loss_fn_cuda(loss_fn), STEPS)
-    steps(ref, p_ref, loss_fn_cuda(loss_fn), STEPS)
+    train(params, ours, STEPS, loss_fn_cuda(loss_fn))
+    train(p_ref, ref, STEPS, loss_fn_cuda(loss_fn))
     for a, b in zip(params, p_ref):
         torch.testing.assert_close(a, b, rtol=2**-7, atol=1e-5)  # GEMM blocking and one bf16 rounding apart
 
 
 def loss_fn_cuda(loss_fn):
-    return lambda ps: loss_fn([p.cpu() for p in ps])
+    return lambda ps, index=None: loss_fn([p.cpu() for p in ps])

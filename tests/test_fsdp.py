@@ -8,13 +8,12 @@ Each rank trains on its half of every batch; the single-process reference on the
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import gradproj
 from gradproj.distributed import estimate
-from distributed_utils import run_distributed
+from distributed_utils import rank_share, run_distributed
 from optim_table import OPTIMIZERS
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss, train
 
 pytest.importorskip("torch.distributed.fsdp")
 
@@ -82,16 +81,6 @@ def fsdp_model(dtype=torch.float32):
     return model
 
 
-def train(model, opt, steps, first=0, sharded=False):
-    for s in range(first, first + steps):
-        x, y = tiny_batch(s)
-        if sharded:
-            x, y = x.chunk(dist.get_world_size())[dist.get_rank()], y.chunk(dist.get_world_size())[dist.get_rank()]
-        opt.zero_grad()
-        tiny_loss(model, (x, y)).backward()
-        opt.step()
-
-
 def make_opt(cls, model, group=None, **kwargs):
     groups = gradproj.param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5, **(group or {}))
     return cls(groups, lr=1e-2, **kwargs)
@@ -142,7 +131,7 @@ def _parity_body(rank, world):
     for name, cls, group, kwargs, ref_projector in CASES:
         model = fsdp_model(torch.float64)
         opt = make_opt(cls, model, group, **kwargs)
-        train(model, opt, STEPS, sharded=True)
+        train(model, opt, STEPS, rank_share(tiny_loss))
         ref = TinyNet().double()
         ref_group = {k: v for k, v in group.items() if k != "sharded_refresh"}
         ref_opt = make_opt(cls, ref, {**ref_group, "projector": ref_projector}, **kwargs)
@@ -170,7 +159,7 @@ def _parity_body(rank, world):
         model, ref = fsdp_model(torch.float64), TinyNet().double()
         opt, ref_opt = (spec.cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **g),
                                  lr=1e-2, **spec.kwargs) for m, g in ((model, group), (ref, ref_group)))
-        train(model, opt, STEPS, sharded=True)
+        train(model, opt, STEPS, rank_share(tiny_loss))
         train(ref, ref_opt, STEPS)
         for (pname, p), q in zip(model.named_parameters(), ref.parameters()):
             assert_float64_close(p.full_tensor(), q, f"{spec.id} {pname}")
@@ -232,14 +221,8 @@ def loss64(model, batch):
     return torch.nn.functional.cross_entropy(model(x), y)  # no cast to float32 (tiny_loss casts)
 
 
-def train64(model, opt, steps, sharded=False):
-    for s in range(steps):
-        x, y = tiny_batch(s)
-        if sharded:
-            x, y = x.chunk(dist.get_world_size())[dist.get_rank()], y.chunk(dist.get_world_size())[dist.get_rank()]
-        opt.zero_grad()
-        loss64(model, (x, y)).backward()
-        opt.step()
+def batch_loss64(model, i):
+    return loss64(model, tiny_batch(i))
 
 
 def _reductions_body(rank, world):
@@ -279,8 +262,8 @@ def _reductions_body(rank, world):
         opt, ref_opt = (cls(gradproj.param_groups(m, rank=RANK, update_proj_gap=GAP, scale=0.5, **group, **extra),
                             lr=1e-2, **kwargs)
                         for m, extra in ((model, {"sharded_refresh": "gather"}), (ref, {})))
-        train64(model, opt, STEPS, sharded=True)
-        train64(ref, ref_opt, STEPS)
+        train(model, opt, STEPS, rank_share(loss64))
+        train(ref, ref_opt, STEPS, batch_loss64)
         ran = {op for op, n in calls.items() if n}
         assert expected_calls <= ran, (name, calls)
         if "fira_residual_factors" in expected_calls:
@@ -319,7 +302,7 @@ def _state_body(rank, world, ckpt_dir):
 
     model = fsdp_model()
     opt = make_opt(gradproj.FiraAdamW, model)
-    train(model, opt, 4, sharded=True)
+    train(model, opt, 4, rank_share(tiny_loss))
 
     # --- layout of the state: DTensors placed as documented, with the expected local shapes
     st = {name: opt.state[p] for name, p in model.named_parameters()}
@@ -356,11 +339,11 @@ def _state_body(rank, world, ckpt_dir):
     # --- distributed checkpoint round trip: resume == uninterrupted, bit for bit
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
              checkpoint_id=ckpt_dir)
-    train(model, opt, 2, first=4, sharded=True)
+    train(model, opt, 2, rank_share(tiny_loss), seed=4)
     two_steps = {n: p.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(two_steps, f"{ckpt_dir}.after2.pt")
-    train(model, opt, 2, first=6, sharded=True)  # the refresh at t = 6
+    train(model, opt, 2, rank_share(tiny_loss), seed=6)  # the refresh at t = 6
     expected_weights = {n: p.full_tensor() for n, p in model.named_parameters()}
 
     model2 = fsdp_model()
@@ -370,7 +353,7 @@ def _state_body(rank, world, ckpt_dir):
     set_model_state_dict(model2, state["model"])
     set_optimizer_state_dict(model2, opt2, state["optim"])
     assert opt2.state[dict(model2.named_parameters())["fc1.weight"]]["step"] == 4
-    train(model2, opt2, 4, first=4, sharded=True)
+    train(model2, opt2, 4, rank_share(tiny_loss), seed=4)
     for n, p in model2.named_parameters():
         assert torch.equal(p.full_tensor(), expected_weights[n]), n
 
@@ -400,7 +383,7 @@ def test_fsdp_state_is_sharded_and_round_trips_through_dcp(tmp_path):
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, opt, state["optim"])
     assert opt.state[model.fc2.weight]["exp_avg"].shape == (RANK, 40)  # the two column blocks, joined
-    train(model, opt, 2, first=4)  # before the next refresh: the Gram path's basis is still the loaded one
+    train(model, opt, 2, seed=4)  # before the next refresh: the Gram path's basis is still the loaded one
     expected = torch.load(f"{ckpt}.after2.pt", weights_only=True)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p, expected[n], **TOL, msg=lambda m: f"{n}: {m}")

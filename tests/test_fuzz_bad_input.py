@@ -21,7 +21,7 @@ import torch
 
 import gradproj
 from gradproj.projectors import PROJECTORS
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss, train
 from test_reliability import assert_unchanged, frozen
 
 OPTIMIZERS = {
@@ -51,12 +51,6 @@ def _build(opt_name, projector, mode):
     return model, cls(groups, **kwargs)
 
 
-def _step(model, opt, seed):
-    opt.zero_grad()
-    tiny_loss(model, tiny_batch(seed)).backward()
-    opt.step()
-
-
 def _cases():
     for opt_name in OPTIMIZERS:
         for projector in sorted(PROJECTORS):
@@ -74,8 +68,7 @@ def _ok_error(err: BaseException, key: str | None) -> bool:
 @pytest.mark.parametrize("opt_name,projector,mode", list(_cases()))
 def test_every_option_with_junk_raises_before_any_change_or_trains_finite(opt_name, projector, mode):
     model, opt = _build(opt_name, projector, mode)
-    _step(model, opt, 0)
-    _step(model, opt, 1)
+    train(model, opt, 2)
     group = opt.param_groups[-1]
     keys = sorted(k for k in opt.engine.group_keys() if k in group and k != "params")
     assert {"rank", "scale", "lr", "weight_decay", "projector"} <= set(keys)
@@ -101,7 +94,7 @@ def test_every_option_with_junk_raises_before_any_change_or_trains_finite(opt_na
             group[key] = original
             assert all(torch.isfinite(p).all() for p in model.parameters()), (key, junk)
             # an accepted value leaves the optimizer usable
-            _step(model, opt, 3)
+            train(model, opt, 1, seed=3)
     assert tried > 0 and accepted < tried
 
 
@@ -123,7 +116,7 @@ def _fault_cases():
 def test_gradient_faults_raise_before_any_change(opt_name, projector, mode, fault):
     model, opt = _build(opt_name, projector, mode)
     if fault != "nan_first_refresh":
-        _step(model, opt, 0)
+        train(model, opt, 1, seed=0)
     opt.zero_grad()
     tiny_loss(model, tiny_batch(1)).backward()
     last = model.fc2.weight  # projected, and stepped after fc1 and the unprojected tensors of group 0

@@ -8,20 +8,7 @@ import torch
 
 import gradproj
 from optim_table import OPTIMIZERS, ids
-from problems import TinyNet, tiny_batch, tiny_loss
-
-
-def train(model, opt, steps, seed=0, scheduler=None):
-    losses = []
-    for s in range(steps):
-        opt.zero_grad()
-        loss = tiny_loss(model, tiny_batch(seed + s))
-        loss.backward()
-        opt.step()
-        if scheduler is not None:
-            scheduler.step()
-        losses.append(loss.item())
-    return losses
+from problems import TinyNet, tiny_batch, tiny_loss, train
 
 
 def snapshot(model):

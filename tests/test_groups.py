@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet
+from problems import TinyNet, train
 
 
 def names_of(model, params):
@@ -57,9 +57,6 @@ def test_llama_all_linear_and_attention_only():
     assert len(projected["params"]) == 2 * 4
     opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=8, update_proj_gap=2), lr=1e-3)
     ids = torch.randint(0, 64, (2, 16))
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    train(model, opt, 3, lambda m, _: m(input_ids=ids, labels=ids).loss)
     q = model.model.layers[0].self_attn.q_proj.weight
     assert opt.state[q]["proj"].shape == (8, 32)

@@ -23,7 +23,7 @@ import gradproj
 from gradproj import kernels
 from gradproj.kernels import reference as ref
 from gradproj.projectors import IdentityProjector, get_projector
-from problems import clone_params, matrix_problem
+from problems import clone_params, matrix_problem, train
 
 U_ROUND = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -354,23 +354,20 @@ def test_stochastic_rounding_resumes_bit_for_bit():
         return gradproj.GaLoreAdamW([{"params": ps, "rank": 4, "update_proj_gap": 3, "scale": 0.5}],
                                     lr=1e-3, stochastic_rounding=True)
 
-    def run(opt, ps, steps):
-        for _ in range(steps):
-            opt.zero_grad()
-            loss_fn(ps).float().backward()
-            opt.step()
+    def float_loss(ps, _):
+        return loss_fn(ps).float()
 
     opt = make(params)
-    run(opt, params, 4)
+    train(params, opt, 4, float_loss)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     resumed_params = clone_params(params)
     torch.manual_seed(123)  # the global RNG differs after the "restart": the seed lives in the state
-    run(opt, params, 4)
+    train(params, opt, 4, float_loss)
     buf.seek(0)
     opt2 = make(resumed_params)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
-    run(opt2, resumed_params, 4)
+    train(resumed_params, opt2, 4, float_loss)
     assert torch.equal(params[0], resumed_params[0])
 
 

@@ -25,7 +25,7 @@ from gradproj.distributed import (
     unwrap_model,
     wrap_model,
 )
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss, train
 
 
 def make_opt(model):
@@ -33,11 +33,9 @@ def make_opt(model):
                               lr=1e-2)
 
 
-def train(model, opt, env, first, steps):
-    for s in range(first, first + steps):
-        opt.zero_grad()
-        tiny_loss(model, split_batch(tiny_batch(s), env)).backward()
-        opt.step()
+def env_loss(env):
+    """TinyNet's loss on this rank's share of micro-batch i (a loss for problems.train)."""
+    return lambda model, i: tiny_loss(model, split_batch(tiny_batch(i), env))
 
 
 def weights(model):
@@ -80,15 +78,15 @@ def _torchrun_body(rank, world, ckpt_dir):
         for strategy in ("ddp", "fsdp"):
             model = wrap_model(TinyNet(), env, strategy)
             opt = make_opt(model)
-            train(model, opt, env, 0, 4)
+            train(model, opt, 4, env_loss(env))
             save_checkpoint(f"{ckpt_dir}/{strategy}", model, opt, env, extra={"step": 4, "note": strategy})
-            train(model, opt, env, 4, 3)
+            train(model, opt, 3, env_loss(env), seed=4)
             expected = weights(model)
 
             model2 = wrap_model(TinyNet(seed=1), env, strategy)  # other weights: all of them must be loaded
             opt2 = make_opt(model2)
             assert load_checkpoint(f"{ckpt_dir}/{strategy}", model2, opt2, env) == {"step": 4, "note": strategy}
-            train(model2, opt2, env, 4, 3)
+            train(model2, opt2, 3, env_loss(env), seed=4)
             got = weights(model2)
             assert all(torch.equal(got[n], expected[n]) for n in expected), strategy
     finally:
@@ -117,13 +115,13 @@ def test_one_process_needs_no_process_group(tmp_path, monkeypatch):
         wrap_model(model, env, "zero")
 
     opt = make_opt(model)
-    train(model, opt, env, 0, 4)
+    train(model, opt, 4, env_loss(env))
     save_checkpoint(tmp_path / "ckpt", model, opt, env, extra={"step": 4})
-    train(model, opt, env, 4, 3)
+    train(model, opt, 3, env_loss(env), seed=4)
     model2 = TinyNet(seed=1)
     opt2 = make_opt(model2)
     assert load_checkpoint(tmp_path / "ckpt", model2, opt2, env) == {"step": 4}
-    train(model2, opt2, env, 4, 3)
+    train(model2, opt2, 3, env_loss(env), seed=4)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     extra = torch.load(tmp_path / "ckpt" / "extra.pt", weights_only=True)
     assert extra["extra"] == {"step": 4}

@@ -10,7 +10,7 @@ import torch
 
 import gradproj
 from optim_table import OPTIMIZERS, ids
-from problems import TinyNet, clone_params, matrix_problem, tiny_batch, tiny_loss
+from problems import TinyNet, clone_params, matrix_problem, tiny_batch, tiny_loss, train
 from reference_algorithms import ReferenceGaLore
 
 
@@ -21,16 +21,6 @@ def snapshot(model):
 def assert_same_weights(a, b):
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
-
-
-def train(model, opt, steps, seed=0, micro=1, scheduler=None):
-    for s in range(steps):
-        for i in range(micro):
-            tiny_loss(model, tiny_batch(seed + s * micro + i)).backward()
-        opt.step()
-        opt.zero_grad()
-        if scheduler is not None:
-            scheduler.step()
 
 
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=ids())
@@ -141,11 +131,7 @@ def test_accumulation_matches_the_projected_sum_reference(clip):
     ref_params = clone_params(params)
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 3, "scale": 0.5}], lr=2e-2,
                                layerwise=True, accumulation_steps=3, max_grad_norm=clip)
-    for w in range(7):  # refreshes at windows 0, 3, 6
-        for i in range(3):
-            loss_fns[(w * 3 + i) % 3](params).backward()
-        opt.step()
-        opt.zero_grad()
+    train(params, opt, 7, lambda ps, i: loss_fns[i % 3](ps), micro=3)  # refreshes at windows 0, 3, 6
     galore_accumulation_reference(ref_params, loss_fns, 7, 3, lr=2e-2, rank=3, gap=3, scale=0.5, clip=clip)
     for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
@@ -377,10 +363,7 @@ def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 5, "scale": 0.5}], lr=2e-2,
                                layerwise=True, accumulation_steps=3)
     with caplog.at_level(logging.WARNING, logger="gradproj"):
-        for w in range(3):
-            for i in range(2):
-                loss_fns[i](params).backward()
-            opt.step()
+        train(params, opt, 3, lambda ps, i: loss_fns[i % 2](ps), micro=2)
     assert "closed an accumulation window after 2 of accumulation_steps=3" in caplog.text
     galore_accumulation_reference(ref_params, loss_fns, 3, 2, lr=2e-2, rank=3, gap=5, scale=0.5)
     for a, b in zip(params, ref_params):
@@ -439,8 +422,7 @@ def test_bad_group_in_layerwise_mode_raises_at_step_and_changes_nothing():
     assert all(torch.equal(v, before[k]) for k, v in models[1].state_dict().items())
     opts[1].param_groups[-1]["rank"] = 4
     opts[1].step()  # fixed: the kept gradients are stepped as normal mode steps them
-    tiny_loss(models[0], tiny_batch(7)).backward()
-    opts[0].step()
+    train(models[0], opts[0], 1, seed=7)
     assert_same_weights(*models)
 
 
@@ -487,10 +469,6 @@ def test_cuda_layerwise_matches_normal_mode():
     for model, layerwise in zip(models, (False, True)):
         opt = gradproj.GaLoreAdamW8bit(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.5), lr=1e-2,
                                        min_8bit_size=100, layerwise=layerwise)
-        for s in range(5):
-            x, y = tiny_batch(s)
-            torch.nn.functional.cross_entropy(model(x.cuda()).float(), y.cuda()).backward()
-            opt.step()
-            opt.zero_grad()
+        train(model, opt, 5, lambda m, i: tiny_loss(m, tuple(t.cuda() for t in tiny_batch(i))))
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -10,6 +10,7 @@ from gradproj import registry
 from gradproj.memory_estimate import estimate_memory, llama_parameters
 from gradproj.train.models import LlamaShape, build_model
 from gradproj.train.optimizers import OPTIMIZERS, OptimizerChoice, build_optimizer
+from problems import train
 
 SMALL = LlamaShape(hidden=16, intermediate=40, heads=2, layers=2, vocab=50)
 
@@ -208,8 +209,7 @@ def _measure(name, dtype, projector=None, proj_type="std", options=None, group=N
                              group_options=dict(group or {}), optimizer_options=dict(options or {}))
     opt = build_optimizer(model, choice, TINY_LLAMA.hidden)
     x = torch.randint(0, TINY_LLAMA.vocab, (2, 16))
-    model(input_ids=x, labels=x).loss.backward()
-    opt.step()
+    train(model, opt, 1, lambda m, _: m(input_ids=x, labels=x).loss)
     return gradproj.optimizer_state_bytes(opt)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradproj
-from problems import clone_params, direct_svd_projector, matrix_problem, run
+from problems import clone_params, direct_svd_projector, matrix_problem, train
 from reference_algorithms import ReferenceAdamW, ReferenceGaLore
 
 SHAPES = [(48, 20), (20, 48), (33, 33)]  # right, left and square (right under "std")
@@ -16,11 +16,8 @@ SHAPES = [(48, 20), (20, 48), (33, 33)]  # right, left and square (right under "
 
 def step_both(ours, ref, p_ours, p_ref, loss_fn, steps):
     for _ in range(steps):
-        for ps, opt in ((p_ours, ours), (p_ref, ref)):
-            for p in ps:
-                p.grad = None
-            loss_fn(ps).backward()
-            opt.step()
+        train(p_ours, ours, 1, loss_fn)
+        train(p_ref, ref, 1, loss_fn)
 
 
 # float64 runs agree to rounding; in float32, Adam's normalisation of near-zero coordinates (m / sqrt(v))

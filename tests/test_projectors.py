@@ -5,7 +5,7 @@ import torch
 
 import gradproj
 from gradproj.projectors import SVDProjector, choose_side
-from problems import matrix_problem, run
+from problems import matrix_problem, train
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_refresh_exactly_every_T_steps(monkeypatch):
     monkeypatch.setattr(SVDProjector, "compute_basis", counting)
     params, loss_fn = matrix_problem([(20, 12)], seed=0)
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 4, "scale": 1.0}], lr=1e-2)
-    run(opt, params, loss_fn, steps=13)
+    train(params, opt, 13, loss_fn)
     assert calls == [0, 4, 8, 12]
 
 
@@ -72,7 +72,7 @@ def test_basis_changes_only_at_refresh():
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 5, "scale": 1.0}], lr=1e-2)
     bases = []
     for _ in range(11):
-        run(opt, params, loss_fn, steps=1)
+        train(params, opt, 1, loss_fn)
         bases.append(opt.state[params[0]]["proj"].clone())
     for t in range(1, 11):
         same = torch.equal(bases[t], bases[t - 1])

@@ -11,13 +11,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet, tiny_batch, tiny_loss
-
-
-def step(model, opt, seed=0):
-    opt.zero_grad()
-    tiny_loss(model, tiny_batch(seed)).backward()
-    opt.step()
+from problems import TinyNet, tiny_batch, tiny_loss, train
 
 
 def frozen(model, opt):
@@ -61,7 +55,7 @@ def test_scale_must_be_a_finite_positive_number(key, value):
 def test_scale_set_between_steps_raises_before_any_change(value):
     model = TinyNet()
     opt = galore(model)
-    step(model, opt)
+    train(model, opt, 1)
     opt.param_groups[-1]["scale"] = value
     opt.zero_grad()
     tiny_loss(model, tiny_batch(1)).backward()
@@ -97,9 +91,7 @@ def test_keys_the_torch_stack_writes_are_accepted():
     model = TinyNet()
     opt = galore(model)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)  # initial_lr, max_lr, ...
-    for s in range(3):
-        step(model, opt, s)
-        sched.step()
+    train(model, opt, 3, scheduler=sched)
     custom = gradproj.GaLoreAdamW([{"params": [nn.Parameter(torch.randn(4, 4))], "tag": "mine"}],
                                   extra_group_keys=["tag"])
     assert custom.param_groups[0]["tag"] == "mine"
@@ -109,8 +101,7 @@ def test_keys_the_torch_stack_writes_are_accepted():
 def trained(cls=gradproj.GaLoreAdamW, steps=3, model=None, **group):
     model = model or TinyNet()
     opt = cls(gradproj.param_groups(model, rank=4, update_proj_gap=2, scale=0.5, **group), lr=1e-2)
-    for s in range(steps):
-        step(model, opt, s)
+    train(model, opt, steps)
     return model, opt
 
 
@@ -169,7 +160,7 @@ def test_a_torch_adamw_state_dict_is_refused_unless_asked_for():
     model = TinyNet()
     groups = gradproj.param_groups(model, rank=4, update_proj_gap=2, scale=0.5)
     adamw = torch.optim.AdamW([{"params": g["params"]} for g in groups], lr=1e-2)
-    step(model, adamw)
+    train(model, adamw, 1)
     opt = galore(model)
     with pytest.raises(ValueError, match="torch.optim optimizer .*strict=False"):
         opt.load_state_dict(adamw.state_dict())
@@ -177,7 +168,7 @@ def test_a_torch_adamw_state_dict_is_refused_unless_asked_for():
     with pytest.warns(UserWarning, match="train unprojected"):
         opt.load_state_dict(adamw.state_dict(), strict=False)
     assert all(g.get("rank") is None for g in opt.param_groups)
-    step(model, opt, 1)  # AdamW's moments continue as the unprojected Adam state
+    train(model, opt, 1, seed=1)  # AdamW's moments continue as the unprojected Adam state
     assert all(isinstance(s["step"], int) and s["step"] == 2 for s in opt.state.values())
 
 
@@ -186,14 +177,14 @@ def test_a_good_checkpoint_still_resumes_bit_exactly():
     sd = opt.state_dict()
     buf = io.BytesIO()
     torch.save({"m": model.state_dict(), "o": sd}, buf)
-    step(model, opt, 3)
+    train(model, opt, 1, seed=3)
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     model2 = TinyNet()
     model2.load_state_dict(ck["m"])
     opt2 = galore(model2)
     opt2.load_state_dict(ck["o"])
-    step(model2, opt2, 3)
+    train(model2, opt2, 1, seed=3)
     for k, v in model2.state_dict().items():
         assert torch.equal(v, ref[k]), k
 
@@ -211,9 +202,8 @@ def test_changing_rank_or_projector_between_steps_restarts_that_state(change):
         else:
             group[k] = v
     with pytest.warns(UserWarning, match="basis and moments restart"):
-        step(model, opt, 3)
-    for s in range(4, 7):
-        step(model, opt, s)
+        train(model, opt, 1, seed=3)
+    train(model, opt, 3, seed=4)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for p in group["params"]:
         state = opt.state[p]
@@ -236,8 +226,7 @@ def test_changing_rank_or_projector_between_steps_restarts_that_state(change):
         ref.state[p].update(step=kept, inner_start=kept)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for s in range(3, 7):
-            step(ref_model, ref, s)
+        train(ref_model, ref, 4, seed=3)
     for a, b in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(a, b)
 
@@ -247,17 +236,14 @@ def test_zero_size_parameters_in_a_rank_group_are_stepped_as_nothing():
     empty = nn.Parameter(torch.zeros(0, 8))
     W = nn.Parameter(torch.randn(8, 8))
     opt = gradproj.GaLoreAdamW([{"params": [empty, W], "rank": 2, "update_proj_gap": 2, "scale": 1.0}])
-    for _ in range(3):
-        opt.zero_grad()
-        (W.square().sum() + empty.sum()).backward()
-        opt.step()
+    train([empty, W], opt, 3, lambda ps, _: ps[1].square().sum() + ps[0].sum())
     assert empty.shape == (0, 8) and opt.state[W]["step"] == 3
 
 
 def test_a_gradient_of_the_wrong_shape_raises_before_any_change():
     model = TinyNet()
     opt = galore(model)
-    step(model, opt)
+    train(model, opt, 1)
     opt.zero_grad()
     tiny_loss(model, tiny_batch(1)).backward()
     bad = model.head.weight.grad

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet, clone_params, direct_svd_projector, matrix_problem, tiny_batch, tiny_loss
+from problems import TinyNet, clone_params, direct_svd_projector, matrix_problem, tiny_batch, tiny_loss, train
 from reference_algorithms import ReferenceGaLore
 
 SHAPES = [(48, 20), (20, 48), (33, 33)]
@@ -88,10 +88,7 @@ def test_frugal_residual_option_on_galore_equals_preset():
     assert a.param_groups[0]["moments_on_refresh"] == "reset"
     for _ in range(10):
         for ps, opt in ((params, a), (other, b)):
-            for p in ps:
-                p.grad = None
-            loss_fn(ps).backward()
-            opt.step()
+            train(ps, opt, 1, loss_fn)
     assert torch.equal(params[0], other[0])
 
 
@@ -102,8 +99,7 @@ def test_frugal_state_is_galores_and_every_update_is_full_rank():
     frugal = gradproj.FrugalAdamW(gradproj.param_groups(model_f, rank=4, scale=1.0), lr=1e-3)
     before = model_f.fc1.weight.detach().clone()
     for model, opt in ((model_g, galore), (model_f, frugal)):
-        tiny_loss(model, tiny_batch(0)).backward()
-        opt.step()
+        train(model, opt, 1)
     assert gradproj.optimizer_state_bytes(frugal) == gradproj.optimizer_state_bytes(galore)
     delta = (model_f.fc1.weight - before).double()
     assert torch.linalg.matrix_rank(delta) == min(delta.shape)  # rank 4 subspace + sign of the rest
@@ -201,9 +197,7 @@ def test_huge_limit_never_acts_and_is_bit_identical():
     b = gradproj.FiraAdamW(gradproj.param_groups(model_b, rank=4, update_proj_gap=3), lr=1e-2, norm_growth_limit=1e30)
     for s in range(8):
         for model, opt in ((model_a, a), (model_b, b)):
-            opt.zero_grad()
-            tiny_loss(model, tiny_batch(s)).backward()
-            opt.step()
+            train(model, opt, 1, seed=s)
     for (name, x), y in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(x, y), name
     assert all("update_norm" in b.state[p] for p in model_b.parameters())
@@ -221,10 +215,7 @@ def test_factored_path_equals_direct_path(cls, limit, dtype):
     direct = cls([{"params": other, **group, "projector": direct_svd_projector()}], lr=1e-2, norm_growth_limit=limit)
     for _ in range(15):
         for ps, opt in ((params, fast), (other, direct)):
-            for p in ps:
-                p.grad = None
-            loss_fn(ps).backward()
-            opt.step()
+            train(ps, opt, 1, loss_fn)
     tol = dict(rtol=1e-4, atol=3e-5)  # the factored norms are exact to the float32 basis' orthonormality
     for a, b in zip(params, other):
         torch.testing.assert_close(a, b, **tol)
@@ -239,10 +230,7 @@ def test_half_precision_fira_takes_the_direct_path():
     direct = gradproj.FiraAdamW([{"params": other, **group, "projector": direct_svd_projector()}], lr=1e-2)
     for _ in range(6):
         for ps, opt in ((params, fast), (other, direct)):
-            for p in ps:
-                p.grad = None
-            loss_fn(ps).backward()
-            opt.step()
+            train(ps, opt, 1, loss_fn)
     assert torch.equal(params[0], other[0])
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss, train
 from reference_algorithms import ReferenceGaLore
 
 transformers = pytest.importorskip("transformers")
@@ -29,14 +29,17 @@ def token_batch(seed, batch=2, seq=12):
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def llama_train(model, opt, steps, seed=0, record=None):
+def llama_loss(model, batch):
+    """The causal-LM loss on ``token_batch(batch)``, on the model's device (a loss for problems.train)."""
+    ids = token_batch(batch).to(model.device)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def llama_train(model, opt, steps, seed, record):
+    """problems.train on token batches, appending the sampler's active blocks to ``record`` after each step."""
     for s in range(steps):
-        ids = token_batch(seed + s)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if record is not None:
-            record.append(opt.sampler.active)
+        train(model, opt, 1, llama_loss, seed=seed + s)
+        record.append(opt.sampler.active)
 
 
 def snapshot(model):
@@ -269,10 +272,7 @@ def test_every_block_active_is_exactly_no_sampler():
     sampled = gradproj.GaLoreAdamW(galore_groups(sampled_model), lr=1e-2, sampler=sampler)
     for s in range(7):
         for model, opt in ((plain_model, plain), (sampled_model, sampled)):
-            ids = token_batch(s)
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad()
+            train(model, opt, 1, llama_loss, seed=s)
     assert sampler.steps == 7
     expected = snapshot(plain_model)
     assert all(torch.equal(v, expected[k]) for k, v in sampled_model.state_dict().items())
@@ -399,7 +399,7 @@ def test_resume_with_a_fresh_sampler_of_another_seed_is_bit_identical():
     calib = [{"input_ids": token_batch(50)}]
     model = tiny_llama()
     opt = gradproj.owlore(model, n_active=2, interval=3, rank=4, update_proj_gap=2, batches=calib, M=3, lr=1e-2)
-    llama_train(model, opt, 7)
+    train(model, opt, 7, llama_loss)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     expected_active = []
@@ -426,7 +426,7 @@ def test_resume_with_a_fresh_sampler_of_another_seed_is_bit_identical():
 def test_bad_sampler_checkpoint_raises_before_anything_loads():
     model = tiny_llama()
     opt = gradproj.owlore(model, n_active=2, interval=3, rank=4, probs="uniform", lr=1e-2)
-    llama_train(model, opt, 4)
+    train(model, opt, 4, llama_loss)
     sd = opt.state_dict()
     model2 = tiny_llama()
     opt2 = gradproj.owlore(model2, n_active=1, interval=3, rank=4, probs="uniform", lr=1e-2)
@@ -499,17 +499,10 @@ def test_owlore_on_cuda_matches_cpu_ratios_and_resumes():
     torch.testing.assert_close(gradproj.outlier_ratios(model, batches=calib, M=3), cpu_ratios, rtol=0, atol=2e-3)
     opt = gradproj.owlore(model, n_active=2, interval=2, rank=4, update_proj_gap=2, batches=calib, M=3, lr=1e-2)
 
-    def train(m, o, steps, seed):
-        for s in range(steps):
-            ids = token_batch(seed + s).cuda()
-            m(input_ids=ids, labels=ids).loss.backward()
-            o.step()
-            o.zero_grad()
-
-    train(model, opt, 5, 0)
+    train(model, opt, 5, llama_loss)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 4, 100)
+    train(model, opt, 4, llama_loss, seed=100)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
     model2 = tiny_llama(seed=3).cuda()
@@ -517,7 +510,7 @@ def test_owlore_on_cuda_matches_cpu_ratios_and_resumes():
     opt2 = gradproj.owlore(model2, n_active=2, interval=2, rank=4, update_proj_gap=2, probs="uniform", seed=9,
                            lr=1e-2)
     opt2.load_state_dict(ckpt["opt"])
-    train(model2, opt2, 4, 100)
+    train(model2, opt2, 4, llama_loss, seed=100)
     assert opt2.sampler.active == opt.sampler.active
     for (k, v), w in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(v, w), k

@@ -5,13 +5,7 @@ import torch
 from torch import nn
 
 import gradproj
-from problems import TinyNet, tiny_batch, tiny_loss
-
-
-def step_once(model, opt):
-    opt.zero_grad()
-    tiny_loss(model, tiny_batch(0)).backward()
-    opt.step()
+from problems import TinyNet, train
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -20,7 +14,7 @@ def test_state_bytes_equal_the_analytic_count(dtype, proj_type):
     model = TinyNet(vocab=23, dim=16, hidden=40).to(dtype)
     r = 4
     opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=r, proj_type=proj_type), lr=1e-3)
-    step_once(model, opt)
+    train(model, opt, 1)
     e = torch.finfo(dtype).bits // 8
     # projected: fc1.weight 40x16 (m >= n: right; basis r x 16, moments 40 x r), fc2.weight 16x40 (left; basis
     # 16 x r, moments r x 40). Full: both bases (m x r + r x n) and r x r moments.
@@ -43,10 +37,10 @@ def test_state_bytes_equal_the_analytic_count(dtype, proj_type):
 def test_fira_adds_one_scalar_per_matrix():
     model = TinyNet()
     galore = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4), lr=1e-3)
-    step_once(model, galore)
+    train(model, galore, 1)
     model2 = TinyNet()
     fira = gradproj.FiraAdamW(gradproj.param_groups(model2, rank=4), lr=1e-3)
-    step_once(model2, fira)
+    train(model2, fira, 1)
     a, b = gradproj.optimizer_state_bytes(galore), gradproj.optimizer_state_bytes(fira)
     assert b["total"] - a["total"] == 2 * 4  # two projected matrices, one fp32 norm each
 
@@ -107,7 +101,7 @@ def test_fira_accepts_alpha_spelling():
 def test_rank_as_constructor_default_projects_matrices_only():
     model = TinyNet()
     opt = gradproj.GaLoreAdamW(model.parameters(), lr=1e-2, rank=4, update_proj_gap=5, scale=0.5)
-    step_once(model, opt)
+    train(model, opt, 1)
     assert "proj" in opt.state[model.fc1.weight]
     assert "proj" not in opt.state[model.fc1.bias]
 
