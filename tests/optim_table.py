@@ -157,6 +157,9 @@ OPTIMIZERS = [
     OptSpec("fira_dct_project", "fira_adamw", group={"projector": "dct", "moments_on_refresh": "project"}),
     OptSpec("galore_adamw8bit", "galore_adamw8bit", kwargs={"min_8bit_size": 200}),  # emb/head 8-bit, fc fp32
     OptSpec("galore_adafactor", "galore_adafactor", kwargs={"relative_step": False}),
+    OptSpec("apollo_adamw", "apollo_adamw"),
+    OptSpec("apollo_adamw_svd", "apollo_adamw", group={"proj": "svd"}),
+    OptSpec("apollo_mini", "apollo_mini", group={"scale_type": "tensor"}),
 ]
 
 

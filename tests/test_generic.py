@@ -57,7 +57,7 @@ def test_add_param_group_trains_new_params(spec):
     model = TinyNet()
     opt = spec.make(model)
     extra = torch.nn.Linear(16, 16)
-    opt.add_param_group({"params": [extra.weight], "rank": 2, "update_proj_gap": 2, "scale": 1.0})
+    opt.add_param_group({"params": [extra.weight], "rank": 2, "update_proj_gap": 2, "scale": 1.0, "projector": "svd"})
     before = extra.weight.detach().clone()
     extra.weight.grad = torch.randn(16, 16)
     opt.step()
