@@ -16,6 +16,7 @@ import torch
 
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled
+from .quantized import BASIS_BITS_OPTION
 
 
 def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -39,9 +40,10 @@ def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[tor
 
 class EighProjector(Projector):
     """The exact top-``rank`` singular subspace via ``torch.linalg.eigh`` of the Gram matrix; same sides and
-    state keys as ``svd``. No options."""
+    state keys as ``svd``. Option: ``basis_bits`` (quantized storage, :mod:`gradproj.projectors.quantized`)."""
 
     name = "eigh"
+    options = (BASIS_BITS_OPTION,)
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
 
     def compute_basis(self, G, state, step):

@@ -8,6 +8,7 @@ import torch
 
 from ..options import Option, choice
 from .base import Projector
+from .quantized import BASIS_BITS_OPTION
 
 log = logging.getLogger("gradproj")
 
@@ -40,6 +41,7 @@ class SVDProjector(Projector):
             "(`'gram'`) or the gathered gradient (`'gather'`)",
             choice("gram", "gather"),
         ),
+        BASIS_BITS_OPTION,
     )
 
     def compute_basis(self, G, state, step):
