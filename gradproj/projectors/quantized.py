@@ -75,8 +75,12 @@ def n_codes(numel: int, bits: int) -> int:
     return numel if bits == 8 else math.ceil(numel / 2)
 
 
+#: the dtype of the codes tensor, by width
+CODES_DTYPE = {8: "int8", 4: "uint8"}
+
+
 def codes_dtype(bits: int) -> torch.dtype:
-    return torch.int8 if bits == 8 else torch.uint8
+    return getattr(torch, CODES_DTYPE[bits])
 
 
 def bits_of(codes: torch.Tensor) -> int:
@@ -90,7 +94,7 @@ def layout(key: str, shape: tuple[int, int], bits: int, requires: tuple[str, ...
     numel = math.prod(shape)
     codes, scales = key + CODES, key + SCALES
     return {
-        codes: Spec((n_codes(numel, bits),), "codes", requires=(scales, *requires), dtype=str(codes_dtype(bits))[6:]),
+        codes: Spec((n_codes(numel, bits),), "codes", requires=(scales, *requires), dtype=CODES_DTYPE[bits]),
         scales: Spec((n_groups(numel),), requires=(codes,), dtype="float32"),
     }
 
