@@ -171,7 +171,8 @@ def training_part(args):
     out = []
     for seed in args.seeds:
         qargs = types.SimpleNamespace(
-            steps=args.steps, batch=8, seq=128, hidden=128, intermediate=352, layers=4, heads=4, rank=32, gap=args.gap,
+            steps=args.steps, batch=8, seq=args.train_seq, hidden=128, intermediate=352, layers=args.train_layers, heads=4,
+            rank=32, gap=args.gap,
             scale=0.25, optimizers=["GaLoreAdamW", "GaLoreAdamW-int8", "GaLoreAdamW-int4"], lr_adamw=3e-3,
             lr_galore=1e-2, lr_frugal=3e-3, warmup=0.1, min_lr=0.1, eval_every=args.steps, eval_batches=8,
             data_bytes=4_000_000, seed=seed,
@@ -195,6 +196,8 @@ def main():
     ap.add_argument("--rec-layers", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--train-layers", type=int, default=4, help="decoder layers of quality.py's LLaMA (its default 4)")
+    ap.add_argument("--train-seq", type=int, default=128, help="sequence length (quality.py's default 128)")
     ap.add_argument("--gap", type=int, default=50)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--json")
@@ -220,7 +223,8 @@ def main():
     if "training" in args.parts:
         t = result["training"] = training_part(args)
         names = ["GaLoreAdamW", "GaLoreAdamW-int8", "GaLoreAdamW-int4"]
-        print(f"\n### Training: quality.py's LLaMA, {args.steps} steps, gap {args.gap}, seeds {args.seeds}\n")
+        print(f"\n### Training: quality.py's LLaMA (hidden 128, {args.train_layers} layers, rank 32), {args.steps} steps "
+              f"x 8 x {args.train_seq} tokens, gap {args.gap}, seeds {args.seeds}\n")
         print("| basis | " + " | ".join(f"val loss seed {r['seed']}" for r in t) + " | mean | mean − fp32's | state |")
         print("|---|" + "---|" * (len(t) + 3))
         base = statistics.fmean(r["GaLoreAdamW"]["val_loss"] for r in t)
