@@ -383,3 +383,16 @@ def test_triton_paths_read_the_dequantized_basis(cls):
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_spec_dtype_pins_the_dtype_and_the_bytes():
+    from gradproj.state_layout import Spec, value_problem
+
+    codes, scales = Spec((10,), "codes", requires=("s",), dtype="uint8"), Spec((2,), requires=("c",), dtype="float32")
+    layout = {"c": codes, "s": scales}
+    # counted at their own dtype whatever the float dtype and the 8-bit-moments flag say
+    for float_dtype, quantized in (("bfloat16", False), ("float32", True)):
+        assert layout_bytes(layout, float_dtype, quantized=quantized) == 10 + 2 * 4
+    assert value_problem("c", torch.zeros(10, dtype=torch.uint8), codes, deep=True) is None
+    assert "expected uint8" in value_problem("c", torch.zeros(10, dtype=torch.int8), codes, deep=True)
+    assert "expected float32" in value_problem("s", torch.zeros(2, dtype=torch.bfloat16), scales, deep=True)
