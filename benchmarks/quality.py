@@ -32,7 +32,7 @@ def make_model(args):
     return byte_llama(args.hidden, args.intermediate, args.layers, args.heads, args.seed, max_positions=args.seq)
 
 
-OPTIMIZERS = ("AdamW", "GaLoreAdamW", "FiraAdamW", "FrugalAdamW", "AdamW-lr-split")
+OPTIMIZERS = ("AdamW", "GaLoreAdamW", "FiraAdamW", "FrugalAdamW", "AdamW-lr-split", "GaLoreAdamW-int8", "GaLoreAdamW-int4")
 DEFAULT_OPTIMIZERS = OPTIMIZERS[:4]
 
 
@@ -49,6 +49,9 @@ def make_optimizer(name: str, model, args):
         return gradproj.GaLoreAdamW(groups, lr=args.lr_galore), args.lr_galore
     if name == "AdamW":
         return torch.optim.AdamW(model.parameters(), lr=args.lr_adamw, weight_decay=0.0), args.lr_adamw
+    if name in ("GaLoreAdamW-int8", "GaLoreAdamW-int4"):  # GaLore with its basis stored as INT8 / INT4 codes
+        groups = gradproj.param_groups(model, scale=args.scale, basis_bits=int(name[-1]), **proj)
+        return gradproj.GaLoreAdamW(groups, lr=args.lr_galore), args.lr_galore
     if name == "GaLoreAdamW":
         return gradproj.GaLoreAdamW(gradproj.param_groups(model, scale=args.scale, **proj), lr=args.lr_galore), args.lr_galore
     if name == "FiraAdamW":
@@ -152,7 +155,8 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     scales = {"AdamW": "", "GaLoreAdamW": f" ({a['scale']})", "FiraAdamW": f" ({a['scale']})", "FrugalAdamW": " (1.0)",
-              "AdamW-lr-split": f" ({a['scale']} on matrices)"}
+              "AdamW-lr-split": f" ({a['scale']} on matrices)", "GaLoreAdamW-int8": f" ({a['scale']})",
+              "GaLoreAdamW-int4": f" ({a['scale']})"}
     for r in rows:
         lines.append(
             f"| {r['optimizer']} | {r['lr']:g}{scales[r['optimizer']]} | {r['train_loss']:.4f} | {r['val_loss']:.4f} "

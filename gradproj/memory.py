@@ -14,6 +14,8 @@ PARTS = {
     "proj": "basis",
     "proj_left": "basis",
     "proj_right": "basis",
+    # a quantized basis (basis_bits): its codes and per-group scales are the basis
+    **{k + suffix: "basis" for k in ("proj", "proj_left", "proj_right") for suffix in ("_codes", "_scales")},
     "proj_idx": "basis",
     "proj_idx_left": "basis",
     "proj_idx_right": "basis",

@@ -39,7 +39,8 @@ the layouts amount to:
 | Adafactor (transformers; fp32) | 2-D+: 4·(rows + cols) + 4; 1-D: 4·|X| + 4 (no first moment: beta1=None by default) |
 
 plus, for a projected matrix, the basis: b·(r·n) or b·(m·r) for the dense bases (``svd``, ``eigh``,
-``randomized_svd``; both for ``full``; ``golore`` in its first, dense phase), 4·r for ``dct`` (int32
+``randomized_svd``; both for ``full``; ``golore`` in its first, dense phase; with ``basis_bits`` the codes,
+N or ⌈N/2⌉ bytes for N entries, plus 4·⌈N/256⌉ of fp32 scales), 4·r for ``dct`` (int32
 indices; the d x d DCT matrices they select from, one per distinct size and outside the optimizer state,
 are counted once under ``shared``), nothing for ``random`` (regenerated from a seed) or ``identity``;
 Fira adds one fp32 scalar per projected matrix (the limiter's previous norm). FRUGAL holds Adam state

@@ -30,12 +30,15 @@ class Spec:
 
     ``kind``: ``"float"`` (floating point), ``"index"`` (integer tensor with values in ``[0, bound)``),
     ``"codes"`` (uint8 codes or floating values). ``requires``: keys that must be present with this one.
+    ``dtype``: when set (a torch dtype's name), the tensor must have exactly that dtype (the kind is then not
+    checked) and counts that dtype's bytes per element (the codes and scales of a quantized basis).
     """
 
     shape: tuple[int, ...] | None
     kind: str = "float"
     bound: int | None = None
     requires: tuple[str, ...] = ()
+    dtype: str | None = None
 
 
 def scalar_int() -> Spec:
@@ -74,6 +77,8 @@ def value_problem(key: str, value: Any, spec: Spec, deep: bool) -> str | None:
     if _shape(value) != spec.shape:
         return f"{key!r} has shape {_shape(value)}, expected {spec.shape}"
     dtype = value.dtype
+    if spec.dtype is not None:
+        return None if dtype == getattr(torch, spec.dtype) else f"{key!r} has dtype {dtype}, expected {spec.dtype}"
     if spec.kind == "float" and not dtype.is_floating_point:
         return f"{key!r} has dtype {dtype}, expected a floating-point tensor"
     if spec.kind == "codes" and not (dtype == torch.uint8 or dtype.is_floating_point):
@@ -111,6 +116,8 @@ def spec_bytes(spec: Spec, float_dtype: torch.dtype | str, *, quantized: bool = 
     if spec.shape is INT:
         return 0
     numel = math.prod(spec.shape)
+    if spec.dtype is not None:
+        return numel * _itemsize(spec.dtype)
     if spec.kind == "index":
         return INDEX_BYTES * numel
     if spec.kind == "codes":
@@ -136,6 +143,7 @@ def layout_bytes(
     residual's (its entries are 0-dim). The rules:
 
     * ``shape=None`` (a Python int: step counts, seeds): 0 bytes;
+    * an entry with a ``dtype``: that dtype's size per element;
     * ``kind="index"``: int32, 4 bytes per element;
     * ``kind="codes"``: 1 byte per element when ``quantized`` (8-bit codes), else float32 (a tensor below
       the 8-bit threshold keeps float32 values);

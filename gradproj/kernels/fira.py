@@ -198,7 +198,7 @@ def fira_residual_factors(G, R, psi, alpha, rank_axis):
 def residual_base(G: torch.Tensor, R: torch.Tensor, projector: Projector, state: dict, alpha: float) -> torch.Tensor:
     """``G − α·B(R)``: one ``addmm`` for the dense one-sided bases of :class:`Projector`, else via ``up``."""
     if type(projector).up is Projector.up and projector.side in ("left", "right"):
-        P = state["proj"]
+        P = projector.basis_tensor(state, "proj", G.dtype)  # dequantized if stored quantized (basis_bits)
         A, B = (R, P) if projector.side == "right" else (P, R)
         return torch.addmm(G, A.to(G.dtype), B.to(G.dtype), alpha=-alpha)
     return torch.add(G, projector.up(R, state).to(G.dtype), alpha=-alpha)

@@ -91,12 +91,13 @@ def _add_up_scaled_(
 ) -> None:
     """``W ← beta·W + alpha·B(U)`` in one GEMM, for projectors using :meth:`Projector.add_up_`'s dense bases."""
     X = U.to(W.dtype)
+    basis = lambda key: projector.basis_tensor(state, key, W.dtype).to(W.dtype)  # noqa: E731  # dequantized if need be
     if projector.side == "right":
-        W.addmm_(X, state["proj"].to(W.dtype), beta=beta, alpha=alpha)
+        W.addmm_(X, basis("proj"), beta=beta, alpha=alpha)
     elif projector.side == "left":
-        W.addmm_(state["proj"].to(W.dtype), X, beta=beta, alpha=alpha)
+        W.addmm_(basis("proj"), X, beta=beta, alpha=alpha)
     else:
-        W.addmm_(state["proj_left"].to(W.dtype), X @ state["proj_right"].to(W.dtype), beta=beta, alpha=alpha)
+        W.addmm_(basis("proj_left"), X @ basis("proj_right"), beta=beta, alpha=alpha)
 
 
 def apply_update(

@@ -278,6 +278,12 @@ class Engine:
                 "(it does not say how its state changes basis); use 'keep' or 'reset'"
             )
         projector_cls, residual_cls = get_projector(group["projector"]), get_residual(group["residual"])
+        if group.get("basis_bits") is not None and "basis_bits" not in projector_cls.defaults:
+            quantizable = sorted(name for name, cls in PROJECTORS.items() if "basis_bits" in cls.defaults)
+            raise ValueError(
+                f"{where}: basis_bits = {group['basis_bits']!r} quantizes a dense basis, which projector="
+                f"{group['projector']!r} does not store; use one of {', '.join(quantizable)}, or basis_bits=None"
+            )
         projector_cls.apply_options(group, where)
         projector_cls.validate_group(group, where)
         if group.get("refresh", "fixed") != "fixed" and "refresh" not in projector_cls.defaults:

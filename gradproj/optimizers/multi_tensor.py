@@ -85,9 +85,9 @@ def check_option(value: object, where: str) -> None:
         )
 
 
-def _projector_is_dense(name: str) -> bool:
-    cls = get_projector(name)
-    return cls.refreshes and cls.dense_basis
+def _projector_is_dense(group: dict) -> bool:
+    cls = get_projector(group["projector"])
+    return cls.refreshes and cls.stores_dense(group)  # a quantized basis (basis_bits) is not dense
 
 
 def _group_eligible(opt: ProjectedOptimizer, group: dict) -> bool:
@@ -103,7 +103,7 @@ def _group_eligible(opt: ProjectedOptimizer, group: dict) -> bool:
         and not group["stochastic_rounding"]
         and isinstance(group["lr"], (int, float))
         and group["proj_type"] != "full"
-        and _projector_is_dense(group["projector"])
+        and _projector_is_dense(group)
     )
 
 

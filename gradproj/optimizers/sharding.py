@@ -597,6 +597,11 @@ def shard_plan(plan: Any, p: DTensor, group: dict, inner: Any, where: str) -> An
             f"{where}: refresh='lazy' is not available for sharded (FSDP2) parameters, whose ranks would each "
             "judge their own rows of the basis; use refresh='fixed' for this group, or DDP"
         )
+    if projected and group.get("basis_bits") is not None:
+        raise ValueError(
+            f"{where} (shape {tuple(p.shape)}) is a DTensor (FSDP2) parameter, whose basis gradproj splits by rows; "
+            "a quantized basis (basis_bits) cannot be split that way: use basis_bits=None for this group, or DDP"
+        )
     if projected:
         method = group.get("sharded_refresh", "gram")
         if method not in SHARDED_REFRESH:

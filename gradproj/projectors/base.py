@@ -23,7 +23,7 @@ import torch
 
 from ..options import Configurable
 from ..state_layout import Spec
-from . import lazy
+from . import lazy, quantized
 from .change import BasisChange, snapshot_basis
 
 log = logging.getLogger("gradproj")
@@ -93,15 +93,22 @@ class Projector(Configurable):
     #: True when the basis is stored dense under ``proj`` (one side) and :meth:`down` / :meth:`up` /
     #: :meth:`add_up_` / :meth:`needs_refresh` are this class's: the batched ``foreach`` step then runs it with
     #: :func:`dense_down` and one GEMM per update. A subclass that stores or applies its basis otherwise sets False.
+    #: A group with ``basis_bits`` stores it quantized instead (:meth:`stores_dense`).
     dense_basis: ClassVar[bool] = True
     #: the state keys that hold the basis (snapshotted before a refresh for ``moments_on_refresh="project"``)
-    basis_keys: ClassVar[tuple[str, ...]] = ("proj", "proj_left", "proj_right")
+    basis_keys: ClassVar[tuple[str, ...]] = ("proj", "proj_left", "proj_right", *quantized.QUANTIZED_KEYS)
     #: the parameter's position among the optimizer's parameters (set by the optimizer; seeds random bases)
     param_index: int = 0
     #: the basis state before the last refresh; kept only when ``moments_on_refresh="project"``
     previous: dict | None = None
     #: ``refresh="lazy"`` (set from the group; False for projectors built without :meth:`__init__`)
     lazy: bool = False
+
+    @classmethod
+    def stores_dense(cls, group: dict) -> bool:
+        """Whether this projector keeps ``group``'s basis as a dense matrix under ``proj`` (:attr:`dense_basis`,
+        and no ``basis_bits``): what the batched ``foreach`` step needs."""
+        return cls.dense_basis and group.get("basis_bits") is None
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
@@ -135,6 +142,16 @@ class Projector(Configurable):
     def state_layout(self) -> dict[str, Spec]:
         """The state keys this projector owns and what they must look like (:mod:`gradproj.state_layout`)."""
         m, n, r = self.m, self.n, self.rank
+        bits = self.group.get("basis_bits")
+        if bits is not None:  # codes and scales (gradproj.projectors.quantized)
+            if self.side != "full":
+                return {**quantized.layout("proj", self.dense_shape("proj"), bits), **lazy.layout(self.group)}
+            left, right = "proj_left" + quantized.CODES, "proj_right" + quantized.CODES
+            return {
+                **quantized.layout("proj_left", (m, r), bits, requires=(right,)),
+                **quantized.layout("proj_right", (r, n), bits, requires=(left,)),
+                **lazy.layout(self.group),
+            }
         if self.side == "full":
             return {
                 "proj_left": Spec((m, r), requires=("proj_right",)),
@@ -143,9 +160,25 @@ class Projector(Configurable):
             }
         return {"proj": Spec((r, n) if self.side == "right" else (m, r)), **lazy.layout(self.group)}
 
+    def dense_shape(self, key: str) -> tuple[int, int]:
+        """The shape of the dense basis ``key`` (``proj``, ``proj_left``, ``proj_right``)."""
+        if key == "proj_left" or (key == "proj" and self.side == "left"):
+            return (self.m, self.rank)
+        return (self.rank, self.n)
+
+    def basis_tensor(self, state: dict, key: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense basis ``key`` of ``state``: the stored matrix itself, or, for a quantized basis
+        (``basis_bits``), a new matrix of ``dtype`` dequantized from its codes and scales."""
+        dense = state.get(key)
+        if dense is not None:
+            return dense
+        codes, scales = state[key + quantized.CODES], state[key + quantized.SCALES]
+        return quantized.dequantize(codes, scales, self.dense_shape(key), dtype)
+
     # ---------------------------------------------------------------------------------------- refresh
     def has_basis(self, state: dict) -> bool:
-        return ("proj" if self.side != "full" else "proj_left") in state
+        key = "proj" if self.side != "full" else "proj_left"
+        return key in state or key + quantized.CODES in state
 
     def needs_refresh(self, state: dict, step: int) -> bool:
         """True at t % T == 0 (t counted before the increment, so also at the first step) or with no basis.
@@ -187,6 +220,8 @@ class Projector(Configurable):
         bases = self.compute_basis(G, state, step)
         if bases is None:  # the projector chose to keep the previous basis
             return False
+        if self.group.get("basis_bits") is not None:
+            bases = quantized.quantize_bases(bases, self.group["basis_bits"])
         for key, value in bases.items():
             old = state.get(key)
             if old is not None and old.shape == value.shape and old.dtype == value.dtype:
@@ -252,8 +287,8 @@ class Projector(Configurable):
         seed) override this to rebuild it.
         """
         if self.side == "full":
-            return {"left": state["proj_left"], "right": state["proj_right"]}
-        return {self.side: state["proj"]}
+            return {"left": self.basis_tensor(state, "proj_left"), "right": self.basis_tensor(state, "proj_right")}
+        return {self.side: self.basis_tensor(state, "proj")}
 
     def basis_change(self, state: dict) -> BasisChange:
         """The change of coordinates from the basis before the last refresh (``self.previous``) to the current
@@ -265,27 +300,30 @@ class Projector(Configurable):
         return BasisChange.between(self.basis_matrices(self.previous), self.basis_matrices(state))
 
     # ------------------------------------------------------------------------------------ projections
+    # a quantized basis (``basis_bits``) is dequantized into the dtype of the other operand of each GEMM
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
         if self.side == "full":
-            return state["proj_left"].t() @ G @ state["proj_right"].t()
-        return dense_down(G, state["proj"], self.side)
+            P_left, P_right = (self.basis_tensor(state, k, G.dtype) for k in ("proj_left", "proj_right"))
+            return P_left.t() @ G @ P_right.t()
+        return dense_down(G, self.basis_tensor(state, "proj", G.dtype), self.side)
 
     def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
         if self.side == "right":
-            return X @ state["proj"]
+            return X @ self.basis_tensor(state, "proj", X.dtype)
         if self.side == "left":
-            return state["proj"] @ X
-        return state["proj_left"] @ X @ state["proj_right"]
+            return self.basis_tensor(state, "proj", X.dtype) @ X
+        return self.basis_tensor(state, "proj_left", X.dtype) @ X @ self.basis_tensor(state, "proj_right", X.dtype)
 
     def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
         """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it."""
         X = X.to(W.dtype)
+        basis = lambda key: self.basis_tensor(state, key, W.dtype).to(W.dtype)  # noqa: E731  # a one-line local helper
         if self.side == "right":
-            W.addmm_(X, state["proj"].to(W.dtype), alpha=alpha)
+            W.addmm_(X, basis("proj"), alpha=alpha)
         elif self.side == "left":
-            W.addmm_(state["proj"].to(W.dtype), X, alpha=alpha)
+            W.addmm_(basis("proj"), X, alpha=alpha)
         else:
-            W.addmm_(state["proj_left"].to(W.dtype), X @ state["proj_right"].to(W.dtype), alpha=alpha)
+            W.addmm_(basis("proj_left"), X @ basis("proj_right"), alpha=alpha)
 
 
 class IdentityProjector(Projector):

@@ -17,6 +17,7 @@ import torch
 from . import lazy
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled
+from .quantized import BASIS_BITS_OPTION
 
 
 def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -40,11 +41,12 @@ def gram_bases(G: torch.Tensor, rank: int, left: bool, right: bool) -> tuple[tor
 
 class EighProjector(Projector):
     """The exact top-``rank`` singular subspace via ``torch.linalg.eigh`` of the Gram matrix; same sides and
-    state keys as ``svd``. Options: the refresh schedule only (``refresh``, :mod:`gradproj.projectors.lazy`)."""
+    state keys as ``svd``. Options: the refresh schedule (``refresh``, :mod:`gradproj.projectors.lazy`) and
+    ``basis_bits`` (quantized storage, :mod:`gradproj.projectors.quantized`)."""
 
     name = "eigh"
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
-    options = lazy.OPTIONS
+    options = (*lazy.OPTIONS, BASIS_BITS_OPTION)
 
     def compute_basis(self, G, state, step):
         try:

@@ -11,6 +11,7 @@ from ..options import Option, choice, number
 from . import lazy, seeding
 from .base import Projector
 from .eigh import EighProjector
+from .quantized import BASIS_BITS_OPTION
 from .random_basis import DRAW_KEY, RandomProjector
 from .randomized_svd import RandomizedSVDProjector
 from .svd import SVDProjector
@@ -58,6 +59,7 @@ class GoLoreProjector(Projector):
             number(integer=True, minimum=0, allow_none=True),
         ),
         Option("golore_before", "svd", "the basis before the switch", choice(*_BEFORE)),
+        BASIS_BITS_OPTION,  # the dense basis before the switch
         *RandomProjector.options,
         *lazy.OPTIONS,  # the first phase's refresh schedule; the random phase refreshes every update_proj_gap
     )

@@ -14,6 +14,7 @@ from ..state_layout import scalar_int
 from . import lazy, seeding
 from .base import Projector
 from .linalg import orthonormalize, top_eigenvectors, unit_scaled
+from .quantized import BASIS_BITS_OPTION
 
 
 def randomized_svd(
@@ -94,6 +95,7 @@ class RandomizedSVDProjector(Projector):
         Option("rsvd_warm_start", True, "start each refresh from the previous basis", boolean),
         seeding.SEED_OPTION,
         *lazy.OPTIONS,
+        BASIS_BITS_OPTION,
     )
 
     def state_layout(self):
@@ -108,9 +110,9 @@ class RandomizedSVDProjector(Projector):
         A = G.t() if self.side == "left" else G
         start = None
         if warm and self.side == "left":
-            start = state["proj"]  # m x r
+            start = self.basis_tensor(state, "proj")  # m x r (dequantized if stored quantized)
         elif warm:
-            start = (state["proj"] if self.side == "right" else state["proj_right"]).t()  # n x r
+            start = self.basis_tensor(state, "proj" if self.side == "right" else "proj_right").t()  # n x r
         try:
             U, Vh = randomized_svd(
                 A,

@@ -9,6 +9,7 @@ import torch
 from ..options import Option, choice
 from . import lazy
 from .base import Projector
+from .quantized import BASIS_BITS_OPTION
 
 log = logging.getLogger("gradproj")
 
@@ -48,6 +49,7 @@ class SVDProjector(Projector):
             choice("gram", "gather"),
         ),
         *lazy.OPTIONS,
+        BASIS_BITS_OPTION,
     )
 
     def compute_basis(self, G, state, step):
