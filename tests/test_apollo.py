@@ -350,7 +350,8 @@ def test_the_command_knows_apollo(tmp_path, capsys, name):
 # ------------------------------------------------------------------------------------------------ FSDP2
 def _fsdp_body(rank, world):
     from test_fsdp import assert_float64_close, fsdp_model
-    from test_fsdp import train as train_sharded
+    from distributed_utils import rank_share
+    from problems import tiny_loss, train
 
     for group in (
         {"proj": "svd", "sharded_refresh": "gather"},
@@ -364,8 +365,8 @@ def _fsdp_body(rank, world):
             gradproj.ApolloAdamW(gradproj.param_groups(m, rank=4, update_proj_gap=3, scale=2.0, **group), lr=1e-2)
             for m in (model, ref)
         )
-        train_sharded(model, opt, 7, sharded=True)
-        train_sharded(ref, ref_opt, 7)
+        train(model, opt, 7, rank_share(tiny_loss))
+        train(ref, ref_opt, 7)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
             assert_float64_close(p.full_tensor(), q, f"{group} {name}")
         for p, q in zip(model.parameters(), ref.parameters()):
