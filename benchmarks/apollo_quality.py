@@ -47,7 +47,7 @@ def run(args, seed: int) -> list[dict]:
     runs = []
     for method in args.methods:
         grid, build = METHODS[method]
-        for lr in grid:
+        for lr in args.lrs or grid:
             model = make_model(args)
             opt = build(model, lr, args)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, args.warmup, args.min_lr))
@@ -74,6 +74,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--lrs", type=float, nargs="+", help="replace every method's lr grid by these lrs")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)

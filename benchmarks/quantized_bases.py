@@ -29,22 +29,10 @@ from pathlib import Path
 import torch
 
 import quality
-from common import LLAMA, byte_llama, stdlib_bytes
+from common import LLAMA, byte_llama, cpu_name, stdlib_bytes
 from gradproj.projectors import quantized as Q
 
 RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512, "llama_7b": 1024}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 # ------------------------------------------------------------------------------------------ energy

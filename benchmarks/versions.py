@@ -29,16 +29,6 @@ from common import LLAMA, block_matrix_shapes, machine
 VOCAB = 32000
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
 def load_baseline(src: str):
     root = Path(src) / "gradproj"
     spec = importlib.util.spec_from_file_location("gradproj_baseline", root / "__init__.py",
@@ -121,7 +111,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline)
     rows = [compare(name, baseline, args.gap, args.repeats) for name in args.models]
-    print(f"# {cpu_model()}, {machine()}; GaLoreAdamW on a whole LLaMA parameter set, rank hidden/4, T {args.gap}")
+    print(f"# {machine()}; GaLoreAdamW on a whole LLaMA parameter set, rank hidden/4, T {args.gap}")
     print("| model | regular (this / baseline, ms) | refresh (ms) | amortized (ms) | ratio regular | ratio amortized |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -17,7 +17,7 @@ from gradproj.inner import INNER_RULES, InnerRule, register_inner_rule
 from gradproj.options import Option, number
 from gradproj.projectors import PROJECTORS, Projector, register_projector
 from gradproj.state_layout import Spec
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, train
 
 
 # ---------------------------------------------------------------- the example projector (14 lines + 1)
@@ -72,17 +72,6 @@ def make(model, **group):
     return gradproj.GaLoreAdamW(groups, lr=1e-2)
 
 
-def train(model, opt, steps, first=0):
-    losses = []
-    for s in range(first, first + steps):
-        opt.zero_grad()
-        loss = tiny_loss(model, tiny_batch(s))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_the_new_axes_train_and_take_their_options_from_the_schema():
     model = TinyNet()
     opt = make(model, inner="momentum_example")
@@ -105,13 +94,13 @@ def test_the_new_axes_checkpoint_resume_and_are_checked_on_load():
     train(model, opt, 4)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 3, first=4)
+    train(model, opt, 3, seed=4)
     ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     model2 = TinyNet()
     model2.load_state_dict(ck["model"])
     opt2 = make(model2, inner="momentum_example")
     opt2.load_state_dict(ck["opt"])
-    train(model2, opt2, 3, first=4)
+    train(model2, opt2, 3, seed=4)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     bad = ck["opt"]
