@@ -229,6 +229,7 @@ class ProjectedOptimizer(Optimizer):
             gi, pi, p = params[key]
             self.state[p] = {k: _to_device(v, p) for k, v in saved.items()}
         self.load_extra_state(state_dict.get("gradproj", {}))
+        self.engine.forget_checks()
         if self._layerwise is not None:  # a window open before the load belongs to the old state
             self._layerwise._new_window()
 

@@ -184,6 +184,11 @@ class Engine:
         self._inners: dict[str, InnerRule] = {}
         self._warned: set = set()
         self._keys: tuple[tuple, frozenset[str]] | None = None
+        #: id(group) -> (the group's options when last validated, a version number that changes with them)
+        self._validated: dict[int, tuple[tuple, int]] = {}
+        self._versions = 0
+        #: id(p) -> (group version, shape) under which p's state was last found to fit its layout
+        self._fits: dict[int, tuple[int, tuple[int, ...]]] = {}
         #: id(p) -> the parameter's position among all parameters (seeds random bases)
         self.param_index: dict[int, int] = {}
         #: per-layer stepping (gradproj.optimizers.layerwise.LayerwiseStepper), or None
@@ -227,6 +232,25 @@ class Engine:
         for an unknown key) naming the group and the option.
         """
         where = f"param group {index}"
+        seen = self._validated.get(id(group))
+        if seen is not None and seen[0] == _fingerprint(group):  # nothing but lr changed since the last check
+            self.inner(group).validate_lr(group, where)
+            return
+        self._check_group(group, where)
+        self._versions += 1
+        self._validated[id(group)] = (_fingerprint(group), self._versions)
+
+    def group_version(self, group: dict) -> int:
+        """A number that changes whenever a validated group's options (other than ``lr``) change."""
+        seen = self._validated.get(id(group))
+        return -1 if seen is None else seen[1]
+
+    def forget_checks(self) -> None:
+        """Check every group and every parameter's state in full at the next step (after a load)."""
+        self._validated.clear()
+        self._fits.clear()
+
+    def _check_group(self, group: dict, where: str) -> None:
         refuse_unknown(group, self.group_keys(), where, "param-group key")
         for option in OPTIMIZER_OPTIONS:
             if option.name not in group:
@@ -362,7 +386,12 @@ class Engine:
             raise ValueError(f"{where}: {err}") from None
         state = self.optimizer.state.get(p, {})
         if state and not is_dtensor(p):
-            plan.restart = state_problem(state, self.state_layout(p, group, plan))
+            # the state's layout follows from the group's options and the shape: checked again when they change
+            fits = (self.group_version(group), tuple(p.shape))
+            if self._fits.get(id(p)) != fits:
+                plan.restart = state_problem(state, self.state_layout(p, group, plan))
+                if plan.restart is None and fits[0] >= 0:
+                    self._fits[id(p)] = fits
         if is_dtensor(p):
             plan = shard_plan(plan, p, group, plan.inner, f"param group {gi}, parameter {pi}")
         if group["compile"]:  # torch.compile fuses the tail itself: it runs the torch ops
@@ -474,6 +503,27 @@ class Engine:
             inner.reset_state(state, step)
         elif group["moments_on_refresh"] == "project":
             inner.project_state(state, proj.basis_change(state))
+
+
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+
+
+def _frozen(value: Any) -> Any:
+    """``value`` as a comparable snapshot (containers copied, tensors by identity and version)."""
+    if type(value) in _SCALARS:
+        return value
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_frozen(v) for v in value))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value), value._version)
+    return value
+
+
+def _fingerprint(group: dict) -> tuple:
+    """A group's options except ``params`` and ``lr`` (which schedulers change every step)."""
+    return tuple((k, _frozen(v)) for k, v in group.items() if k not in ("params", "lr"))
 
 
 class matrix_view:
