@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import gradproj
-from quality import evaluate, make_model, state_bytes, warmup_cosine, windows
+from quality import add_model_arguments, evaluate, make_model, state_bytes, warmup_cosine, windows
 from common import machine, stdlib_bytes
 
 #: method -> (lr grid, builder(model, lr, args))
@@ -75,13 +75,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--lrs", type=float, nargs="+", help="replace every method's lr grid by these lrs")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--intermediate", type=int, default=352)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
+    add_model_arguments(ap)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--gap", type=int, default=100)
     ap.add_argument("--warmup", type=float, default=0.1)

@@ -30,9 +30,9 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 import gradproj  # noqa: E402
-from common import machine, stdlib_bytes  # noqa: E402
+from common import cpu_name, machine, stdlib_bytes  # noqa: E402
 from gradproj.projectors import SVDProjector  # noqa: E402
-from quality import evaluate, make_model, warmup_cosine, windows  # noqa: E402
+from quality import add_model_arguments, evaluate, make_model, warmup_cosine, windows  # noqa: E402
 
 SVDS: dict[int, int] = {}
 
@@ -121,22 +121,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--intermediate", type=int, default=352)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
+    add_model_arguments(ap)
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--gap", type=int, default=10, help="update_proj_gap T (the lazy rule's starting gap)")
     ap.add_argument("--control-gaps", type=int, nargs="*", default=[20], help="fixed gaps run as controls")

@@ -198,8 +198,8 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The run and model options shared by the benchmarks that train this LLaMA."""
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
@@ -207,6 +207,11 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=352)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(ap)
     ap.add_argument("--rank", type=int, default=32, help="same rank for GaLore, Fira, FRUGAL (hidden/4: FRUGAL's ρ = 0.25)")
     ap.add_argument("--gap", type=int, default=100, help="update_proj_gap T")
     ap.add_argument("--scale", type=float, default=0.25, help="GaLore / Fira α")
