@@ -27,7 +27,7 @@ from gradproj.memory_estimate import estimate_memory
 from gradproj.models import get_shape
 from gradproj.projectors import random_basis as rb
 from gradproj.projectors import seeding
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss, train
 
 apollo_torch = pytest.importorskip("apollo_torch")
 from apollo_torch import random_projector as ref_random  # noqa: E402
@@ -195,16 +195,6 @@ def make_tiny(mini=False, **kw):
     return model, gradproj.ApolloAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=1.0), lr=1e-2, **kw)
 
 
-def train(model, opt, steps, first=0):
-    losses = []
-    for s in range(first, first + steps):
-        opt.zero_grad()
-        loss = tiny_loss(model, tiny_batch(s))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
 
 @pytest.mark.parametrize("mini", [False, True])
 def test_trains_and_resumes_bit_exactly_from_a_weights_only_checkpoint(mini):
@@ -213,12 +203,12 @@ def test_trains_and_resumes_bit_exactly_from_a_weights_only_checkpoint(mini):
     assert losses[-1] < 0.8 * losses[0]
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 5, first=20)
+    train(model, opt, 5, seed=20)
     ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     model2, opt2 = make_tiny(mini=mini)
     model2.load_state_dict(ck["model"])
     opt2.load_state_dict(ck["opt"])
-    train(model2, opt2, 5, first=20)
+    train(model2, opt2, 5, seed=20)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
 

@@ -18,7 +18,7 @@ from torch import nn
 import gradproj
 from gradproj.projectors import SVDProjector
 from gradproj.projectors.lazy import COUNT_KEY, GAP_KEY, QUEUE_KEY
-from problems import TinyNet, matrix_problem, tiny_batch, tiny_loss
+from problems import TinyNet, matrix_problem, tiny_batch, tiny_loss, train
 
 
 def reference_projector_class():
@@ -173,12 +173,6 @@ def lazy_model_opt(**options):
     return model, opt
 
 
-def train(model, opt, steps, start=0):
-    for s in range(start, start + steps):
-        tiny_loss(model, tiny_batch(s)).backward()
-        opt.step()
-        opt.zero_grad()
-
 
 def gaps(opt):
     return [opt.state[p].get(GAP_KEY) for g in opt.param_groups for p in g["params"] if GAP_KEY in opt.state[p]]
@@ -190,7 +184,7 @@ def test_resume_is_bit_exact_across_a_gap_doubling():
     at_save = gaps(opt)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 30, start=9)
+    train(model, opt, 30, seed=9)
     assert gaps(opt) != at_save and max(gaps(opt)) > max(at_save), "no gap grew after the checkpoint"
 
     buf.seek(0)
@@ -198,7 +192,7 @@ def test_resume_is_bit_exact_across_a_gap_doubling():
     model2, opt2 = lazy_model_opt()
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
-    train(model2, opt2, 30, start=9)
+    train(model2, opt2, 30, seed=9)
     for (k, v), w in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(v, w), k
     for p, q in zip(model.parameters(), model2.parameters()):

@@ -25,7 +25,7 @@ from gradproj.memory_estimate import estimate_memory
 from gradproj.projectors import SampledProjector, get_projector
 from gradproj.projectors.sampled import sample_without_replacement, selection_weights
 from gradproj.train.models import LlamaShape
-from problems import TinyNet, tiny_batch, tiny_loss
+from problems import TinyNet, tiny_batch, tiny_loss, train
 
 
 def known_svd(m, n, sigma, seed=0):
@@ -174,16 +174,6 @@ def make(model, **group):
     return gradproj.GaLoreAdamW(groups, lr=1e-2)
 
 
-def train(model, opt, steps, first=0):
-    losses = []
-    for s in range(first, first + steps):
-        opt.zero_grad()
-        loss = tiny_loss(model, tiny_batch(s))
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
 
 def bases(opt):
     return [state["proj"].clone() for state in opt.state.values() if "proj" in state]
@@ -218,13 +208,13 @@ def test_checkpoint_resume_is_bit_exact():
     train(model, opt, 4)
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    train(model, opt, 6, first=4)  # refreshes at steps 6 and 9 after the checkpoint
+    train(model, opt, 6, seed=4)  # refreshes at steps 6 and 9 after the checkpoint
     ck = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     model2 = TinyNet(seed=5)
     model2.load_state_dict(ck["model"])
     opt2 = make(model2)
     opt2.load_state_dict(ck["opt"])
-    train(model2, opt2, 6, first=4)
+    train(model2, opt2, 6, seed=4)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
     assert all(torch.equal(x, y) for x, y in zip(bases(opt), bases(opt2)))

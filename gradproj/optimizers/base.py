@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..inner import Adam, InnerRule
+from ..inner import INNER_RULES, Adam, InnerRule
 from ..sampling.sampler import restore_sampler
 from ..state_layout import state_problem
 from ..validation import refuse_unknown
@@ -118,19 +118,16 @@ class ProjectedOptimizer(Optimizer):
         (:meth:`Engine.validate_group`). A group may choose another inner rule than the preset's
         (``"inner": "adafactor"``): it then takes that rule's defaults, not the preset's."""
         inner = param_group.get("inner", self.engine.default_inner)
-        own = set(param_group)
+        preset_only: set[str] = set()  # the preset's rule's defaults, which do not belong in this group
         if inner != self.engine.default_inner and isinstance(inner, str):
-            from ..inner import INNER_RULES
-
             rule = INNER_RULES.get(inner)
-            if rule is not None:  # the preset's rule's defaults do not belong in this group
+            if rule is not None:
                 param_group = {**rule.defaults, **param_group}
-                own |= set(rule.defaults)
+            preset_only = set(self.inner_rule.defaults) - set(param_group)
         super().add_param_group(param_group)
         group, index = self.param_groups[-1], len(self.param_groups) - 1
-        for key in set(self.inner_rule.defaults) - own:
-            if inner != self.engine.default_inner:
-                group.pop(key, None)
+        for key in preset_only:
+            group.pop(key, None)
         try:
             for p in group["params"]:
                 if not p.is_floating_point():

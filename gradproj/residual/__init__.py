@@ -6,7 +6,7 @@ from .apollo import ApolloResidual
 from .base import NoResidual, Residual, ResidualTerm
 from .fira import LIMITER_NORM, FiraResidual
 from .frugal import FrugalResidual
-from .limiter import NORM_GROWTH_KEY, UPDATE_NORM, limit_update_growth, validate_norm_growth_limit
+from .limiter import NORM_GROWTH_KEY, UPDATE_NORM, limit_update_growth
 
 RESIDUALS: dict[str, type[Residual]] = {}
 
@@ -42,5 +42,4 @@ __all__ = [
     "get_residual",
     "limit_update_growth",
     "register_residual",
-    "validate_norm_growth_limit",
 ]

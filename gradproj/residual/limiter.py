@@ -43,10 +43,6 @@ def check_growth_limit(gamma: object, key: str, where: str) -> None:
         )
 
 
-def validate_norm_growth_limit(group: dict, where: str) -> None:
-    check_growth_limit(group.get(NORM_GROWTH_KEY), NORM_GROWTH_KEY, where)
-
-
 def update_norm(
     U: torch.Tensor, S: ResidualTerm | None, projector: Projector, state: dict, ctx: StepContext
 ) -> torch.Tensor:
