@@ -235,9 +235,11 @@ def plot(rows, path: str, title: str) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    for k, method in enumerate(methods):
+    bases = list(dict.fromkeys(m.removesuffix("_keep") for m in methods))  # a method and its _keep: one colour
+    for method in methods:
         mine = [r for r in rows if r["method"] == method]
-        color, style = f"C{k // 2 if len(methods) > 2 else k}", "--" if method.endswith("_keep") else "-"
+        color = f"C{bases.index(method.removesuffix('_keep'))}"
+        style = "--" if method.endswith("_keep") else "-"
         steps = [s for s, _ in mine[0]["held_out"]]
         mean = [sum(r["held_out"][j][1] for r in mine) / len(mine) for j in range(len(steps))]
         ax1.plot(steps, mean, style, marker="o", ms=3, color=color, label=method)
@@ -314,11 +316,21 @@ def main() -> None:
     ap.add_argument("--plot", help="write the PNG here (e.g. docs/finetune.png)")
     ap.add_argument("--json", help="write all measurements here")
     ap.add_argument("--analytic-only", action="store_true")
+    ap.add_argument("--from-json", help="print the table (and --plot) of an earlier run's --json, training nothing")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     if args.analytic_only:
         print_analytic()
+        return
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        a = saved["args"]
+        print("\n".join(summary_table(saved["rows"], a["seeds"])))
+        if args.plot:
+            plot(saved["rows"], args.plot, f"byte-level LLaMA ({a['layers']} layers, hidden {a['hidden']}): stdlib "
+                                           f"source -> pydoc topics, {a['steps']} steps, seeds {a['seeds']}")
         return
 
     model_args = (args.hidden, args.intermediate, args.layers, args.heads)
