@@ -18,8 +18,8 @@ log = logging.getLogger("gradproj")
 
 
 def smooth(values: Sequence[float], span: float = 0.04) -> list[float]:
-    """Exponential moving average over about ``span`` of the run, bias-corrected at the start."""
-    beta = 1.0 - 1.0 / max(1.0, span * len(values))
+    """Exponential moving average over about ``span`` of the run (at least 5 steps), bias-corrected at the start."""
+    beta = 1.0 - 1.0 / max(5.0, span * len(values))
     out, avg, weight = [], 0.0, 0.0
     for v in values:
         avg = beta * avg + (1 - beta) * v
