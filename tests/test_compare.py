@@ -227,3 +227,23 @@ def test_plot_puts_the_legend_outside_and_focuses_on_the_end_of_training():
     assert hi < 2.5  # ...and not the early losses (5.5 at the start), which would squash the end gaps
     left, right = bars.get_xlim()
     assert 1.9 < left < min(ends.values()) + 0.05 and right > max(ends.values()) + 0.06  # bars start near the best
+
+
+def test_compare_defaults_keep_a_quick_look_quick(monkeypatch):
+    """Without flags: 100 steps per run (each optimizer trains lrs x seeds times), 3 lrs, seeds 0 and 1,
+    embeddings/head at 1e-2, a new subspace every 25 steps."""
+    from gradproj.train import cli
+
+    seen = {}
+
+    def fake_compare(config, specs, out, **kwargs):
+        seen.update(kwargs, steps=config.steps)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(compare_mod, "compare", fake_compare)
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--optimizers", "adamw", "--quiet"])
+    assert seen["steps"] == 100 and seen["seeds"] == [0, 1] and seen["lr_grid"] == 3 and seen["embed_lr"] == 1e-2
+    assert seen["update_proj_gap"] is None  # not given: validate_specs takes a quarter of the steps
+    methods, protocol = validate_specs(TrainConfig(steps=seen["steps"]), ["galore_adamw"])
+    assert protocol.update_proj_gap == 25 and methods[0].lrs == [3e-3, 1e-2, 3e-2]

@@ -223,7 +223,14 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     )
 
     t = p.add_argument_group("training")
-    _add(t, "--steps", section="cfg", field="steps", type=_positive_int, help="optimizer steps (default 200)")
+    _add(
+        t,
+        "--steps",
+        section="cfg",
+        field="steps",
+        type=_positive_int,
+        help="optimizer steps (default " + ("100 per run" if compare else "200") + ")",
+    )
     _add(
         t,
         "--batch-size",
@@ -591,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         "each optimizer's own lr)",
     )
     _add_train_options(p, compare=True)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, steps=100)  # each optimizer trains lrs x seeds times: shorter runs by default
 
     p = sub.add_parser(
         "memory",
