@@ -41,7 +41,8 @@ class ProjectedOptimizer(Optimizer):
     * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
       to keep optimizer state in fp32 for bf16/fp16 parameters.
     * ``sampler``: a :class:`gradproj.LayerSampler` (LISA / OwLore) stepped at the end of every step; it
-      frees the state of blocks it deactivates, and its state travels in ``state_dict()``.
+      frees the state of blocks it deactivates (unless built with ``keep_inactive_state=True``), and its
+      state travels in ``state_dict()``.
     * ``stochastic_rounding``: ``False`` (default) or ``True`` to round bf16 weights stochastically after
       each update (unbiased, so updates below half a bf16 ulp are not lost); seeded from torch's RNG at
       the first step and kept in the state (see :func:`gradproj.kernels.rounding_seed`).
@@ -169,7 +170,7 @@ class ProjectedOptimizer(Optimizer):
             for p, grad, group, plan in work:
                 engine.step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
         if self.sampler is not None:
-            self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
+            self.sampler.step(self)  # may switch blocks (and free the state of those it deactivates)
         return loss
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -140,7 +140,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         section="opt",
         field="update_proj_gap",
         type=_positive_int,
-        help="T: refresh the subspace every T steps (default 200)",
+        help="T: refresh the subspace every T steps (default " + ("a quarter of --steps)" if compare else "200)"),
     )
     _add(
         o,
@@ -223,7 +223,14 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     )
 
     t = p.add_argument_group("training")
-    _add(t, "--steps", section="cfg", field="steps", type=_positive_int, help="optimizer steps (default 200)")
+    _add(
+        t,
+        "--steps",
+        section="cfg",
+        field="steps",
+        type=_positive_int,
+        help="optimizer steps (default " + ("100 per run" if compare else "200") + ")",
+    )
     _add(
         t,
         "--batch-size",
@@ -442,17 +449,38 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from .compare import compare, to_markdown
+    from .compare import compare
 
     config = _config(ns)
-    rows, results = compare(config, ns.optimizers, ns.out, progress=not ns.quiet, report=_report)
+    result = compare(
+        config,
+        ns.optimizers,
+        ns.out,
+        seeds=ns.seeds,
+        lr_grid=ns.lr_grid,
+        embed_lr=ns.embed_lr,
+        update_proj_gap=getattr(ns, "opt_update_proj_gap", None),  # not given: a quarter of the steps
+        progress=not ns.quiet,
+        report=_report,
+    )
     if not _is_main():
         return 0
-    kind = next(iter(results.values())).peak_memory_kind
-    print(to_markdown(rows, config, kind), end="")
+    print(result.markdown, end="")
     if ns.out:
-        print(f"wrote {ns.out}/: results.md, results.csv, loss_curves.png, one directory per optimizer")
+        print(f"wrote {ns.out}/: results.md, results.csv, runs.csv, comparison.png, one directory per run")
     return 0
+
+
+def _embed_lr(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a learning rate, or 'off'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive learning rate, or 'off'")
+    return value
 
 
 def _parse_size(text: str) -> float:
@@ -538,18 +566,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare",
-        help="several optimizers on the same model, data and seed",
-        description="Train the same model, data and seed with several optimizers; write a table and one plot.",
+        help="several optimizers on the same model and data, each at its best lr, over several seeds",
+        description="Train the same model and data with several optimizers, each at the best of a small lr grid, "
+        "over several seeds; write a table stating the protocol and one plot (docs/cli.md).",
     )
     p.add_argument(
         "--optimizers",
         nargs="+",
         required=True,
         metavar="SPEC",
-        help="NAME or NAME:key=value,... (e.g. adamw:lr=3e-3 galore_adamw:rank=64 galore_adamw:projector=dct)",
+        help="NAME or NAME:key=value,... (e.g. adamw galore_adamw:rank=64 'fira_adamw:lr=[3e-3,1e-2]')",
+    )
+    c = p.add_argument_group("protocol")
+    c.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], metavar="SEED", help="seeds of every run (default 0 1)"
+    )
+    c.add_argument(
+        "--lr-grid",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="lrs tried per optimizer without a given lr: N values on the 1-3-10 ladder around its default "
+        "(default 3; 1: the default only)",
+    )
+    c.add_argument(
+        "--embed-lr",
+        type=_embed_lr,
+        default=1e-2,
+        metavar="LR",
+        help="lr of embeddings, norms and head for every optimizer, full-rank ones too (default 1e-2; 'off': "
+        "each optimizer's own lr)",
     )
     _add_train_options(p, compare=True)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, steps=100)  # each optimizer trains lrs x seeds times: shorter runs by default
 
     p = sub.add_parser(
         "memory",

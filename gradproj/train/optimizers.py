@@ -65,6 +65,8 @@ class OptimizerChoice:
     sampler: str | None = None  # "uniform" (LISA) or "owl" (OwLore)
     active_layers: int = 2
     sample_interval: int = 50
+    #: lr of every parameter outside the target matrices (embeddings, norms, head); None: ``lr`` for all of them
+    embed_lr: float | None = None
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else get_spec(self.name).lr
@@ -113,17 +115,38 @@ def build_optimizer(
             trainable_only=trainable_only,
             **extra,
         )
+        if choice.embed_lr is not None:
+            for group in params:
+                if "rank" not in group:
+                    group["lr"] = choice.embed_lr
+    elif choice.embed_lr is not None:  # the same split as the projected methods': target matrices / the rest
+        params = _split_groups(model, choice, trainable_only)
     else:
+        params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    if not spec.projected:
         ignored = [k for k, v in (("--projector", choice.projector), ("--rank", choice.rank)) if v is not None]
         if choice.group_options:
             ignored.append("--group-option")
         if ignored:
             log.warning("gradproj: %s does not project gradients; ignoring %s", choice.name, ", ".join(ignored))
-        params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
     try:
         return cls(params, **kwargs)
     except TypeError as err:
         raise ValueError(f"optimizer {choice.name!r} rejected its options {sorted(kwargs)}: {err}") from None
+
+
+def _split_groups(model: nn.Module, choice: OptimizerChoice, trainable_only: bool) -> list[dict[str, Any]]:
+    """Plain groups for an optimizer that projects nothing: the target matrices at its lr, the rest at
+    ``choice.embed_lr`` (the split gradproj.param_groups makes, without its log line about projecting)."""
+    import gradproj
+
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        groups = gradproj.param_groups(model, target_modules=choice.target_modules, trainable_only=trainable_only)
+    finally:
+        log.setLevel(level)
+    return [{"params": g["params"], **({} if "rank" in g else {"lr": choice.embed_lr})} for g in groups]
 
 
 def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
