@@ -215,3 +215,42 @@ def test_create_optimizer_emits_no_warning_for_a_plain_llama(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_optimizer(tiny_llama(), training_args(tmp_path))
+
+
+def test_adafactor_schedule_recipe_matches_transformers_adafactor():
+    """transformers' recipe Adafactor(lr=None, relative_step=True) + AdafactorSchedule: the schedule sets lr 0.0,
+    then writes back the step size read through _get_lr. Unprojected, GaLoreAdafactor is transformers' Adafactor
+    (weight decay 0), so the weights agree bit for bit and the reported lr to float32 rounding."""
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(12, 20)), nn.Parameter(torch.randn(20))]
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    ours, ref = gradproj.GaLoreAdafactor(params, lr=0.0), Adafactor(ref_params, lr=None, relative_step=True)
+    s_ours, s_ref = AdafactorSchedule(ours), AdafactorSchedule(ref)
+    x = torch.randn(5, 12)
+    for _ in range(4):
+        for (w, b), opt, sched in ((params, ours, s_ours), (ref_params, ref, s_ref)):
+            opt.zero_grad()
+            (x @ w + b).tanh().sum().backward()
+            opt.step()
+            sched.step()
+        # transformers multiplies in float32 tensors, gradproj in Python floats: one float32 rounding apart
+        assert s_ours.get_last_lr()[0] == pytest.approx(float(s_ref.get_last_lr()[0]), rel=2**-23)
+        assert s_ours.get_last_lr()[0] > 0
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+
+
+def test_adafactor_schedule_with_projection_in_a_trainer(tmp_path):
+    model = tiny_llama()
+    opt = gradproj.GaLoreAdafactor(gradproj.param_groups(model, rank=4, update_proj_gap=2), lr=0)
+    from transformers.optimization import AdafactorSchedule
+
+    args = training_args(tmp_path, optim="adamw_torch", optim_target_modules=None, optim_args=None,
+                         save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=Counting(), optimizers=(opt, AdafactorSchedule(opt)))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < logs[0]["loss"] and all(h["learning_rate"] > 0 for h in logs[1:])
+    with pytest.raises(ValueError, match="cannot be combined with relative_step=True"):
+        gradproj.GaLoreAdafactor(gradproj.param_groups(model, rank=4), lr=1e-3)  # a manual lr is still refused
