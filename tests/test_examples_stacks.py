@@ -59,3 +59,20 @@ def test_lightning_example(tmp_path, mode):
     resumed = example.main(["--out", str(resume_from(tmp_path, first[0])), *args, "--resume"])
     assert len(resumed["losses"]) == 3 * micro  # only the second epoch ran
     assert_same_weights(straight["model"], resumed["model"])
+
+
+def test_peft_example(tmp_path):
+    pytest.importorskip("peft")
+    example = load_example("finetune_peft")
+    args = [*TINY, "--steps", "6", "--save-every", "3", "--lr", "3e-3", "--lora-rank", "4"]
+    straight = example.main(["--out", str(tmp_path / "straight"), *args])
+    assert sum(straight["losses"][-2:]) < sum(straight["losses"][:2])
+    model = straight["model"]
+    named = {id(p): n for n, p in model.named_parameters()}
+    regular, projected = straight["groups"]
+    # GaLore on the 4 x 3 MLP weights (gate, up, down per block), Adam on LoRA's A and B of q and v, nothing frozen
+    assert len(projected["params"]) == 4 * 3 and all(".mlp." in named[id(p)] for p in projected["params"])
+    assert len(regular["params"]) == 4 * 2 * 2 and all("lora_" in named[id(p)] for p in regular["params"])
+    resumed = example.main(["--out", str(resume_from(tmp_path, "step-3.pt")), *args, "--resume"])
+    assert len(resumed["losses"]) == 3
+    assert_same_weights(straight["model"], resumed["model"])
