@@ -163,7 +163,8 @@ def _decay_names(model: nn.Module) -> set[str]:
 
 def _split_decay(groups: list[dict], model: nn.Module, weight_decay: float) -> list[dict]:
     """Each group split into its decayed and its not-decayed parameters (Trainer's rule), empty parts dropped."""
-    decay = {id(p) for n, p in model.named_parameters() if n in _decay_names(model)}
+    names = _decay_names(model)
+    decay = {id(p) for n, p in model.named_parameters() if n in names}
     out = []
     for group in groups:
         for wd, keep in ((weight_decay, True), (0.0, False)):
