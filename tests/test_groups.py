@@ -130,7 +130,8 @@ def test_matrices_the_rank_covers_give_one_warning_and_train_full_rank():
 
 def test_small_matrices_keep_the_group_options():
     model = TinyNet()
-    groups = gradproj.param_groups(model, rank=16, lr=5e-3)  # fc1, fc2: 40 x 16 -> min 16 <= 16
+    with pytest.warns(UserWarning, match="2 selected weight matrices have min"):
+        groups = gradproj.param_groups(model, rank=16, lr=5e-3)  # fc1, fc2: 40 x 16 -> min 16 <= 16
     assert [sorted(k for k in g if k != "params") for g in groups] == [[], ["lr"]]
     assert names_of(model, groups[1]["params"]) == ["fc1.weight", "fc2.weight"] and groups[1]["lr"] == 5e-3
 
