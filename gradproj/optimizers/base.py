@@ -20,6 +20,7 @@ from ..state_layout import state_problem
 from ..validation import refuse_unknown
 from . import multi_tensor
 from .engine import OPTIMIZER_OPTIONS, STATE_DTYPES, Engine
+from .groups import refuse_constructor_rank
 from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:
@@ -80,6 +81,8 @@ class ProjectedOptimizer(Optimizer):
         **options: Any,
     ):
         check_layerwise_options(layerwise, accumulation_steps)
+        params = list(params)  # type: ignore[assignment]  # torch.optim takes a list too
+        refuse_constructor_rank(list(params), options, type(self).__name__)
         if isinstance(extra_group_keys, str) or not all(isinstance(k, str) for k in extra_group_keys):
             raise TypeError(f"extra_group_keys = {extra_group_keys!r} must be a list of key names")
         #: the step of one parameter, the schema and the checks (gradproj.optimizers.engine)

@@ -7,6 +7,7 @@ recipe imports them when it is called, never when the module is imported.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,11 @@ def owlore(
                 "is 5), calibration batches, or probs='uniform' (LISA)"
             )
     elif batches is not None:
-        log.warning("gradproj: owlore(batches=...) is only used with probs='owl'; ignoring the batches")
+        warnings.warn(
+            "gradproj: owlore(batches=...) is only used with probs='owl'; the batches are ignored (drop them, or "
+            "pass probs='owl')",
+            stacklevel=2,
+        )
     groups = param_groups(model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, trainable_only=False)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:

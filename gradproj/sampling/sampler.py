@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -306,15 +307,17 @@ def restore_sampler(optimizer: torch.optim.Optimizer, state: dict[str, Any] | No
     sampler = getattr(optimizer, "sampler", None)
     if state is None:
         if sampler is not None:
-            log.warning(
+            warnings.warn(
                 "gradproj: the checkpoint holds no sampler state; the sampler keeps its own draws, so "
-                "sampling will not continue the saved run's"
+                "sampling will not continue the saved run's",
+                stacklevel=3,
             )
         return
     if sampler is None:
-        log.warning(
+        warnings.warn(
             "gradproj: the checkpoint holds a layer sampler's state but this optimizer has none; it is "
-            "ignored and the blocks keep their current requires_grad flags"
+            "ignored and the blocks keep their current requires_grad flags",
+            stacklevel=3,
         )
         return
     sampler.load_state_dict(state, optimizer)
