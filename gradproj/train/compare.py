@@ -12,8 +12,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
-from .loop import RunResult, TrainConfig, train
-from .optimizers import OptimizerChoice
+from .loop import RunResult, TrainConfig, preflight, train
+from .optimizers import OptimizerChoice, get_spec
 from .runtime import make_runtime
 
 COLUMNS = [
@@ -147,6 +147,16 @@ def compare(
     labels = list(dict.fromkeys(specs))
     if len(labels) != len(specs):
         raise ValueError(f"optimizer specs repeat: {specs}")
+    # every spec is checked before the first run starts: names and packages of all (instant), then each
+    # optimizer built on a meta-device stand-in of the model; errors name the spec
+    for label, choice in zip(labels, choices):
+        try:
+            get_spec(choice.name, choice.group_options.get("inner"))
+            replace(config, optimizer=choice).validate()
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"--optimizers {label!r}: {err}") from None
+    for label, choice in zip(labels, choices):
+        preflight(replace(config, optimizer=choice), where=f"--optimizers {label!r}")
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, RunResult] = {}
     rows = []
@@ -154,7 +164,6 @@ def compare(
     try:
         for label, choice in zip(labels, choices):
             run_config = replace(config, optimizer=choice)
-            run_config.validate()
             results[label] = train(
                 run_config,
                 out_dir=out / _slug(label) if out is not None else None,
