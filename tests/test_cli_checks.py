@@ -144,9 +144,11 @@ def test_compare_names_the_spec_whose_option_is_bad(tmp_path, no_work, capsys):
         (["--sampler", "owl"], "--sampler owl"),
         (["--rank", "129"], "rank = 129 exceeds min(m, n) = 128"),
         (["--tokenizer", "byte", "--vocab-size", "300"], "the byte tokenizer's vocabulary is 256"),
+        (["--device", "cpu", "--optimizer-option", "impl=triton"], "impl='triton' cannot run here"),
     ],
 )
-def test_train_checks_everything_before_reading_data(argv, message, tmp_path, no_work, capsys):
+def test_train_checks_everything_before_reading_data(argv, message, tmp_path, no_work, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' Triton interpreter would run on CPU
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         main(["train", *TINY, "--steps", "2", *argv, "--out", str(out)])
@@ -213,6 +215,10 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path):
 
 def test_sigterm_asks_for_a_stop_and_a_second_signal_stops_at_once():
     with loop._StopOnSignal(True) as stop:
+        with pytest.raises(KeyboardInterrupt):  # before the first step (reading data): at once
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert not stop.requested
+        stop.armed = True
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested
         with pytest.raises(KeyboardInterrupt):

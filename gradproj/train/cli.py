@@ -434,7 +434,7 @@ def _flag(dest: str) -> str:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .loop import RESUMABLE, TrainingInterrupted, train
+    from .loop import RESUMABLE, TrainingInterrupted, preflight, train
 
     progress = not ns.quiet
     try:
@@ -459,6 +459,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 return 0
         else:
             config = _config(ns)
+            where = f"--optimizer {config.optimizer.name}"
+            config = preflight(config, where)  # every check before the first line says what will run
             if _is_main():
                 print(
                     f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
@@ -470,7 +472,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
                 progress=progress,
                 report=_report,
                 stop_on_signal=True,
-                where=f"--optimizer {config.optimizer.name}",
+                where=where,
             )
             out = ns.out
     except TrainingInterrupted as stop:

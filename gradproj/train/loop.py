@@ -27,7 +27,7 @@ from ..memory import optimizer_state_bytes
 from .data import BatchStream, ByteTokenizer, eval_windows, load_data
 from .models import build_model, get_shape
 from .optimizers import OptimizerChoice, build_optimizer, check_optimizer, installed
-from .runtime import PARALLEL, DistributedRuntime, Runtime, make_runtime
+from .runtime import PARALLEL, DistributedRuntime, Runtime, make_runtime, resolve_device
 
 log = logging.getLogger("gradproj")
 
@@ -199,16 +199,18 @@ class TrainingInterrupted(Exception):
 
 
 class _StopOnSignal:
-    """While active, SIGINT and SIGTERM ask the loop to stop at the next step boundary (a second one stops at
-    once with KeyboardInterrupt). Does nothing outside the main thread, where handlers cannot be set."""
+    """While active and ``armed`` (during the training steps), SIGINT and SIGTERM ask the loop to stop at the
+    next step boundary; a second one, or one before the first step (reading data), stops at once with
+    KeyboardInterrupt. Does nothing outside the main thread, where handlers cannot be set."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested = False
+        self.armed = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
+        if self.requested or not self.armed:
             raise KeyboardInterrupt
         self.requested = True
         log.warning("gradproj: %s: stopping after the current step", signal.Signals(signum).name)
@@ -327,6 +329,7 @@ def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
             f"gradproj train needs {', '.join(missing)}, not installed here: pip install "
             + " ".join(m.split()[0] for m in missing)
         )
+    device = resolve_device(config.device)
     prefix = f"{where}: " if where else ""
     try:
         config = config.resolved()
@@ -336,6 +339,8 @@ def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
             config.vocabulary(),
             seed=config.seed,
             accumulation_steps=config.grad_accum,
+            dtype=DTYPES[config.dtype],
+            device=device,
         )
     except (ValueError, TypeError) as err:
         raise type(err)(f"{prefix}{err}") from None
@@ -350,7 +355,9 @@ def checkpoint_step(path: Path) -> int:
 def _finished(resume: Path, ckpt_path: Path, config: TrainConfig, say) -> RunResult:
     """The result of a run that is already at its last step: its saved summary, nothing rewritten."""
     step = checkpoint_step(ckpt_path)
-    say(f"{resume} is at step {step} of {config.steps}: nothing to train; its files are left as they are")
+    log.info(
+        "gradproj: %s is at step %d of %d: nothing to train; its files are left as they are", resume, step, config.steps
+    )
     summary_path = resume / "summary.json"
     if not summary_path.exists():
         raise ValueError(
@@ -475,6 +482,7 @@ def _train(
         )
 
     t_run = time.perf_counter()
+    stop.armed = True
     try:
         for step in range(start + 1, end + 1):
             t0 = time.perf_counter()
@@ -539,6 +547,7 @@ def _train(
                     saved_at = save(step)
                 raise TrainingInterrupted(step, saved_at, out)
     finally:
+        stop.armed = False
         bar.close()
     elapsed = time.perf_counter() - t_run
 

@@ -129,17 +129,19 @@ class OptimizerChoice:
 class _Block(nn.Module):
     """A LLaMA decoder block's parameters under transformers' names (no forward), on the meta device."""
 
-    def __init__(self, shape: LlamaShape):
+    def __init__(self, shape: LlamaShape, dtype: torch.dtype):
         super().__init__()
         h, i = shape.hidden, shape.intermediate
-        self.self_attn = nn.ModuleDict({k: _linear(h, h) for k in ("q_proj", "k_proj", "v_proj", "o_proj")})
-        self.mlp = nn.ModuleDict({"gate_proj": _linear(h, i), "up_proj": _linear(h, i), "down_proj": _linear(i, h)})
-        self.input_layernorm = nn.RMSNorm(h, device="meta")
-        self.post_attention_layernorm = nn.RMSNorm(h, device="meta")
+        self.self_attn = nn.ModuleDict({k: _linear(h, h, dtype) for k in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.mlp = nn.ModuleDict(
+            {"gate_proj": _linear(h, i, dtype), "up_proj": _linear(h, i, dtype), "down_proj": _linear(i, h, dtype)}
+        )
+        self.input_layernorm = nn.RMSNorm(h, device="meta", dtype=dtype)
+        self.post_attention_layernorm = nn.RMSNorm(h, device="meta", dtype=dtype)
 
 
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    return nn.Linear(n_in, n_out, bias=False, device="meta")
+def _linear(n_in: int, n_out: int, dtype: torch.dtype) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False, device="meta", dtype=dtype)
 
 
 class StandInModel(nn.Module):
@@ -147,28 +149,44 @@ class StandInModel(nn.Module):
     entries, on the meta device: for checking an optimizer's options without transformers, allocating
     nothing."""
 
-    def __init__(self, shape: LlamaShape, vocab_size: int):
+    def __init__(self, shape: LlamaShape, vocab_size: int, dtype: torch.dtype = torch.float32):
         super().__init__()
         h = shape.hidden
         self.model = nn.Module()
         # an explicit weight: nn.Embedding's own initialisation would import torch._dynamo (a second) for nothing
-        self.model.embed_tokens = nn.Embedding(vocab_size, h, _weight=torch.empty(vocab_size, h, device="meta"))
-        self.model.layers = nn.ModuleList(_Block(shape) for _ in range(shape.layers))
-        self.model.norm = nn.RMSNorm(h, device="meta")
-        self.lm_head = _linear(h, vocab_size)
+        embedding = torch.empty(vocab_size, h, device="meta", dtype=dtype)
+        self.model.embed_tokens = nn.Embedding(vocab_size, h, _weight=embedding)
+        self.model.layers = nn.ModuleList(_Block(shape, dtype) for _ in range(shape.layers))
+        self.model.norm = nn.RMSNorm(h, device="meta", dtype=dtype)
+        self.lm_head = _linear(h, vocab_size, dtype)
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
 
 def check_optimizer(
-    choice: OptimizerChoice, shape: LlamaShape, vocab_size: int, *, seed: int = 0, accumulation_steps: int = 1
+    choice: OptimizerChoice,
+    shape: LlamaShape,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    accumulation_steps: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> None:
     """Every check of :func:`build_optimizer` without a model: the optimizer is built on a
     :class:`StandInModel` on the meta device (no memory, no data, well under a second); raises what building
-    it for the real model would (ValueError naming the option), and refuses a rank above every projected
-    matrix's min(m, n) (nothing would be projected)."""
-    model = StandInModel(shape, vocab_size)
+    it for the real model would (ValueError naming the option), refuses a rank above every projected
+    matrix's min(m, n) (nothing would be projected), and ``impl="triton"`` where the kernels cannot run on
+    ``device`` (which the first step would find)."""
+    impl = choice.group_options.get("impl", choice.optimizer_options.get("impl"))
+    if impl == "triton" and device is not None:
+        from ..kernels import why_not_triton
+
+        reason = why_not_triton(torch.empty(0, dtype=dtype, device=device))
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run here: {reason}. Use impl='auto' or impl='torch'")
+    model = StandInModel(shape, vocab_size, dtype)
     optimizer = build_optimizer(model, choice, shape.hidden, seed=seed, accumulation_steps=accumulation_steps)
     full = [min(p.shape[0], p[0].numel()) for g in optimizer.param_groups if "rank" in g for p in g["params"]]
     if full and choice.rank is not None and choice.rank > max(full):
