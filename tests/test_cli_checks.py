@@ -227,15 +227,18 @@ def test_sigterm_asks_for_a_stop_and_a_second_signal_stops_at_once():
 
 
 # ------------------------------------------------------------------------------- 4. what the files say
-def test_config_json_holds_the_resolved_values(tmp_path):
+def test_config_json_holds_the_resolved_values(tmp_path, caplog):
     galore, adamw = tmp_path / "galore", tmp_path / "adamw"
     assert main(["train", *TINY[:-5], "--quiet", "--steps", "1", "--out", str(galore)]) == 0  # no --rank
     saved = json.loads((galore / "config.json").read_text())
     assert saved["vocab_size"] == 256  # the byte tokenizer's
     assert (saved["optimizer"]["lr"], saved["optimizer"]["rank"], saved["optimizer"]["scale"]) == (1e-2, 128 // 4, 0.25)
-    assert main(["train", *TINY[:-5], "--quiet", "--steps", "1", "--optimizer", "adamw", "--out", str(adamw)]) == 0
+    caplog.clear()
+    assert main(["train", *TINY, "--steps", "1", "--optimizer", "adamw", "--out", str(adamw)]) == 0
     opt = json.loads((adamw / "config.json").read_text())["optimizer"]
-    assert (opt["lr"], opt["rank"], opt["scale"]) == (1e-3, None, None)  # it does not project
+    assert (opt["lr"], opt["rank"], opt["scale"]) == (1e-3, None, None)  # it does not project: --rank 8 unused
+    said = [r.getMessage() for r in caplog.records if "does not project" in r.getMessage()]
+    assert said == ["gradproj: adamw does not project gradients; ignoring --rank"]  # once, before the run
 
 
 def test_config_json_holds_the_bpe_vocabulary_trained(tmp_path):

@@ -71,8 +71,9 @@ def quiet_bnb_import():
 
 def bnb_functional():
     """``bitsandbytes.functional`` (imported on first use, quietly), or an ImportError that says how to install it."""
-    if "bitsandbytes.functional" in sys.modules:
-        return sys.modules["bitsandbytes.functional"]
+    loaded = sys.modules.get("bitsandbytes.functional")
+    if loaded is not None:
+        return loaded
     try:
         with quiet_bnb_import():
             import bitsandbytes.functional as F

@@ -501,7 +501,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     kind = next(iter(results.values())).peak_memory_kind
     print(to_markdown(rows, config, kind), end="")
     if ns.out:
-        _print_written(ns.out, ["results.md", "results.csv", "loss_curves.png"])
+        from .compare import _slug
+
+        _print_written(ns.out, ["results.md", "results.csv", "loss_curves.png", *(f"{_slug(k)}/" for k in results)])
     return 0
 
 
@@ -539,6 +541,11 @@ def parse_size(text: str) -> int:
     return round(float(number) * SIZE_UNITS[unit.lower()])
 
 
+def _size_text(text: str) -> str:
+    parse_size(text)  # refuse a size without a unit while the arguments are parsed
+    return text
+
+
 def cmd_memory(ns: argparse.Namespace) -> int:
     from ..memory_estimate import estimate_memory
     from ..models import get_shape
@@ -567,7 +574,7 @@ def cmd_memory(ns: argparse.Namespace) -> int:
         active_layers=ns.active_layers,
         shards=ns.shards,
     )
-    budget = ns.budget
+    budget = parse_size(ns.budget) if ns.budget is not None else None
     per_device = ns.shards > 1
     if ns.json:
         d = est.as_dict()
@@ -587,7 +594,7 @@ def cmd_memory(ns: argparse.Namespace) -> int:
             verdict = "fits" if est.fits(budget) else "does NOT fit"
             each = " per device" if per_device else ""
             print(
-                f"{verdict} in {budget / 1e9:.2f} GB{each} ({budget / 2**30:.2f} GiB): "
+                f"{verdict} in {ns.budget.strip()}{each} ({budget / 1e9:.2f} GB, {budget / 2**30:.2f} GiB): "
                 f"total {est.total / 1e9:.2f} GB{each}"
             )
     return 0
@@ -711,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--budget",
-        type=parse_size,
+        type=_size_text,
         metavar="SIZE",
         help="device memory to check against, with a unit: 24GB (10^9 bytes), 80GiB (2^30 bytes), 512MiB, ...",
     )

@@ -155,15 +155,15 @@ def compare(
             replace(config, optimizer=choice).validate()
         except (ValueError, TypeError) as err:
             raise type(err)(f"--optimizers {label!r}: {err}") from None
-    for label, choice in zip(labels, choices):
-        preflight(replace(config, optimizer=choice), where=f"--optimizers {label!r}")
+    run_configs = [
+        preflight(replace(config, optimizer=c), where=f"--optimizers {label!r}") for label, c in zip(labels, choices)
+    ]
     out = Path(out_dir) if out_dir is not None else None
     results: dict[str, RunResult] = {}
     rows = []
     runtime = make_runtime(config.device, config.parallel)  # one process group for all the runs
     try:
-        for label, choice in zip(labels, choices):
-            run_config = replace(config, optimizer=choice)
+        for label, run_config in zip(labels, run_configs):
             results[label] = train(
                 run_config,
                 out_dir=out / _slug(label) if out is not None else None,

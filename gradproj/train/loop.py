@@ -332,8 +332,7 @@ def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
     device = resolve_device(config.device)
     prefix = f"{where}: " if where else ""
     try:
-        config = config.resolved()
-        check_optimizer(
+        check_optimizer(  # as given, so that a setting the optimizer ignores is reported (once: here)
             config.optimizer,
             get_shape(config.model),
             config.vocabulary(),
@@ -342,9 +341,9 @@ def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
             dtype=DTYPES[config.dtype],
             device=device,
         )
+        return config.resolved()
     except (ValueError, TypeError) as err:
         raise type(err)(f"{prefix}{err}") from None
-    return config
 
 
 def checkpoint_step(path: Path) -> int:

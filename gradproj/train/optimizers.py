@@ -117,12 +117,16 @@ class OptimizerChoice:
 
     def resolved(self, hidden: int) -> OptimizerChoice:
         """A copy with the recipe's defaults written out: ``lr``, and for an optimizer that projects, ``rank``
-        and ``scale`` (what ``config.json`` stores; building from either gives the same optimizer)."""
+        and ``scale``; for one that does not, the projection settings it ignores are dropped (``None``). What
+        ``config.json`` stores; building from either gives the same optimizer."""
         spec = get_spec(self.name, self.group_options.get("inner"))
         out = replace(self, lr=self.learning_rate())
         if spec.projected:
             out.rank = self.rank if self.rank is not None else spec.rank or max(1, hidden // 4)
             out.scale = self.scale if self.scale is not None else spec.scale
+        else:
+            out.rank = out.scale = out.projector = None
+            out.group_options = {}
         return out
 
 
@@ -241,7 +245,8 @@ def build_optimizer(
             **extra,
         )
     else:
-        ignored = [k for k, v in (("--projector", choice.projector), ("--rank", choice.rank)) if v is not None]
+        flags = (("--projector", choice.projector), ("--rank", choice.rank), ("--scale", choice.scale))
+        ignored = [k for k, v in flags if v is not None]
         if choice.group_options:
             ignored.append("--group-option")
         if ignored:
