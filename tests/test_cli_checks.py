@@ -293,8 +293,10 @@ def test_list_does_not_import_bitsandbytes():
     assert proc.stderr == ""
 
 
-def test_an_8bit_run_is_quiet(tmp_path):
-    proc = cli(["train", *TINY, "--steps", "1", "--optimizer", "galore_adamw8bit", "--out", str(tmp_path / "r")])
+# bitsandbytes logs its warnings only on CPUs with AVX512-BF16 (it then tries to fetch an optional kernel)
+@pytest.mark.parametrize("name", ["galore_adamw8bit", "adamw8bit"])  # imported by the inner rule / the registry
+def test_an_8bit_run_is_quiet(tmp_path, name):
+    proc = cli(["train", *TINY, "--steps", "1", "--optimizer", name, "--out", str(tmp_path / "r")])
     assert proc.returncode == 0, proc.stderr
     assert "Failed to load" not in proc.stderr and "kernels-community" not in proc.stderr
 
