@@ -27,7 +27,7 @@ from ..memory import optimizer_state_bytes
 from .data import BatchStream, ByteTokenizer, eval_windows, load_data
 from .models import build_model, get_shape
 from .optimizers import OptimizerChoice, build_optimizer, check_optimizer, installed
-from .runtime import PARALLEL, DistributedRuntime, Runtime, make_runtime, resolve_device
+from .runtime import PARALLEL, DistributedRuntime, Runtime, launched_by_torchrun, make_runtime, resolve_device
 
 log = logging.getLogger("gradproj")
 
@@ -323,10 +323,12 @@ def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
     built on a meta-device stand-in of the model. Returns the configuration with its defaults resolved;
     errors of the optimizer are prefixed with ``where`` (the flag or the spec of a ``compare`` run)."""
     config.validate()
+    if launched_by_torchrun() and config.parallel != "none":  # refused before the process group starts
+        _refuse_distributed(config)
     missing = missing_packages(config)
     if missing:
         raise ImportError(
-            f"gradproj train needs {', '.join(missing)}, not installed here: pip install "
+            f"the run needs {', '.join(missing)}, not installed here: pip install "
             + " ".join(m.split()[0] for m in missing)
         )
     device = resolve_device(config.device)
@@ -344,6 +346,20 @@ def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
         return config.resolved()
     except (ValueError, TypeError) as err:
         raise type(err)(f"{prefix}{err}") from None
+
+
+def _refuse_distributed(config: TrainConfig) -> None:
+    """What a run over several processes (DDP / FSDP2) cannot do."""
+    if config.optimizer.layerwise:
+        raise ValueError(
+            "--layerwise steps each weight inside backward, before DDP / FSDP2 have reduced its gradient "
+            "across processes; train without --layerwise under torchrun"
+        )
+    if config.optimizer.sampler is not None:
+        raise ValueError(
+            f"--sampler {config.optimizer.sampler} switches which blocks train while the model is wrapped for "
+            "DDP / FSDP2, which fixes the trained parameters when it wraps; use --sampler in one process"
+        )
 
 
 def checkpoint_step(path: Path) -> int:
@@ -383,16 +399,7 @@ def _train(
     stop: _StopOnSignal,
 ) -> RunResult:
     if isinstance(runtime, DistributedRuntime):
-        if config.optimizer.layerwise:
-            raise ValueError(
-                "--layerwise steps each weight inside backward, before DDP / FSDP2 have reduced its gradient "
-                "across processes; train without --layerwise under torchrun"
-            )
-        if config.optimizer.sampler is not None:
-            raise ValueError(
-                f"--sampler {config.optimizer.sampler} switches which blocks train while the model is wrapped for "
-                "DDP / FSDP2, which fixes the trained parameters when it wraps; use --sampler in one process"
-            )
+        _refuse_distributed(config)
     if not runtime.is_main:  # one process reports for all
 
         def say(_line: str) -> None:
