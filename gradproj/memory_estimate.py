@@ -280,6 +280,7 @@ class MemoryEstimate:
             f"{self.optimizer}"
             + (f", rank {s['rank']}" if s.get("rank") is not None else "")
             + (", per-layer updates" if s.get("layerwise") else "")
+            + (f", per device of {s['shards']} (FSDP)" if s.get("shards", 1) > 1 else "")
             + f", {s['dtype']}"
             + (f", batch {s['batch_size']} x seq {s['seq_len']}" if self.activations else ", no activations")
         )

@@ -84,9 +84,10 @@ def test_resume_refuses_to_change_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--resume", str(out), "--lr", "0.1"])
+        main(["train", "--resume", str(out), "--lr", "0.1", "--optimizer", "adamw", "--vocab-size", "300"])
     assert exc.value.code == 2
-    assert "cannot change lr" in capsys.readouterr().err
+    # the flags as the user typed them, in one message
+    assert "--vocab-size, --lr, --optimizer cannot change" in capsys.readouterr().err
     # a new run into the directory of an earlier one would mix two runs' checkpoints
     with pytest.raises(SystemExit) as exc:
         main(["train", *TINY, "--steps", "2", "--out", str(out)])

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .loop import RunResult, TrainConfig, train
+from .loop import RunResult, TrainConfig, preflight, train
 from .optimizers import OptimizerChoice, available_projectors, get_spec
 from .runtime import make_runtime
 
@@ -114,7 +114,7 @@ def parse_spec(spec: str, base: OptimizerChoice) -> OptimizerChoice:
             key, eq, value = item.partition("=")
             key = key.strip()
             if not eq or not key:
-                raise ValueError(f"optimizer spec {spec!r}: expected NAME:key=value,key=value")
+                raise ValueError(f"--optimizers {spec!r}: expected NAME:key=value,key=value")
             parsed = parse_value(value)
             if key.startswith("group."):
                 choice.group_options[key[6:]] = parsed
@@ -124,7 +124,7 @@ def parse_spec(spec: str, base: OptimizerChoice) -> OptimizerChoice:
                 setattr(choice, key, parsed)
             else:
                 raise ValueError(
-                    f"optimizer spec {spec!r}: unknown key {key!r}; use one of {sorted(_CHOICE_FIELDS)}, "
+                    f"--optimizers {spec!r}: unknown key {key!r}; use one of {sorted(_CHOICE_FIELDS)}, "
                     "group.KEY (param-group key) or opt.KEY (constructor argument)"
                 )
     return choice
@@ -206,17 +206,20 @@ def validate_specs(
     base = replace(copy.deepcopy(config.optimizer), update_proj_gap=update_proj_gap)
     methods = []
     for spec in specs:
-        choice = parse_spec(spec, base)
-        entry = get_spec(choice.name)
+        try:
+            choice = parse_spec(spec, base)
+            entry = get_spec(choice.name)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"--optimizers {spec!r}: {err}") from None
         if choice.projector is not None and choice.projector not in available_projectors():
             raise ValueError(
-                f"optimizer spec {spec!r}: unknown projector {choice.projector!r}; "
+                f"--optimizers {spec!r}: unknown projector {choice.projector!r}; "
                 f"available: {', '.join(available_projectors())}"
             )
         if choice.embed_lr is None:
             choice.embed_lr = embed_lr
         elif not _positive_number(choice.embed_lr):
-            raise ValueError(f"optimizer spec {spec!r}: embed_lr = {choice.embed_lr!r} must be a positive number")
+            raise ValueError(f"--optimizers {spec!r}: embed_lr = {choice.embed_lr!r} must be a positive number")
         given = choice.lr
         if isinstance(given, (list, tuple)):
             lrs, source = list(given), "spec"
@@ -225,12 +228,13 @@ def validate_specs(
         else:
             lrs, source = lr_grid_values(entry.lr, lr_grid), "grid"
         if not lrs or not all(_positive_number(lr) for lr in lrs) or len(set(lrs)) != len(lrs):
-            raise ValueError(f"optimizer spec {spec!r}: lr = {given!r}; give positive numbers, each once")
+            raise ValueError(f"--optimizers {spec!r}: lr = {given!r}; give positive numbers, each once")
         for name in ("update_proj_gap", "rank", "active_layers", "sample_interval"):
             value = getattr(choice, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"optimizer spec {spec!r}: {name} = {value!r} must be a positive integer")
-        replace(config, optimizer=replace(choice, lr=float(lrs[0]))).validate()
+                raise ValueError(f"--optimizers {spec!r}: {name} = {value!r} must be a positive integer")
+        # the optimizer built on a meta-device stand-in of the model: its errors name the spec
+        preflight(replace(config, optimizer=replace(choice, lr=float(lrs[0]))), where=f"--optimizers {spec!r}")
         methods.append(Method(spec, replace(choice, lr=None), [float(x) for x in lrs], source, entry.projected))
     return methods, Protocol(seeds, lr_grid, embed_lr, update_proj_gap)
 
