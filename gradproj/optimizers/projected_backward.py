@@ -223,6 +223,8 @@ class ProjectedBackward:
             self._hooks.append(module.register_load_state_dict_post_hook(_proxy_not_missing))
         self._ignored: list[str] = []
         self.distributed = distributed
+        #: bytes of full gradients this handle has all-reduced (refresh steps under DDP)
+        self.full_reduced_bytes = 0
         if distributed:
             self._ignored = [f"{name}.weight" for name, _ in modules]
             before = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
@@ -325,6 +327,7 @@ class ProjectedBackward:
             if grad is not None:
                 dist.all_reduce(grad)
                 grad.div_(world)
+                self.full_reduced_bytes += grad.numel() * grad.element_size()
 
     def _zero_grads(self, set_to_none: bool = True) -> None:
         self._zero_grad(set_to_none)
