@@ -380,3 +380,25 @@ def _fsdp_body(rank, world):
     with pytest.raises(ValueError, match="FSDP2"):
         gradproj.project_backward(model, opt)
 
+
+
+def test_memory_estimate_counts_R_as_the_gradient():
+    """estimate_memory(project_backward=True) counts, after a backward without a refresh, the bytes of the
+    gradients that exist: R for each projected matrix (its proxy's .grad), G for everything else."""
+    from gradproj.memory_estimate import estimate_memory
+    from gradproj.models import LlamaShape
+    from gradproj.train.models import build_model
+
+    shape = LlamaShape(hidden=32, intermediate=48, heads=4, layers=2, vocab=VOCAB)
+    model = build_model(shape, VOCAB, SEQ, dtype=torch.float32)
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3), lr=1e-2)
+    gradproj.project_backward(model, opt)
+    train(model, opt, 1, lm_loss)  # the refresh step
+    opt.zero_grad()
+    lm_loss(model, 1).backward()
+    alive = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    est = estimate_memory(shape, "galore_adamw", rank=4, project_backward=True, dtype="float32")
+    assert est.gradients == alive
+    assert estimate_memory(shape, "galore_adamw", rank=4, dtype="float32").gradients > alive
+    with pytest.raises(ValueError, match="project_backward"):
+        estimate_memory(shape, "fira_adamw", rank=4, project_backward=True)
