@@ -110,7 +110,7 @@ def test_full_gradient_only_at_refresh_steps():
             if refresh:
                 G, G_ref = module.weight.grad, twin.weight.grad  # the weights differ by rounding after step 1
                 assert G is not None and ((G - G_ref).norm() / G_ref.norm()).item() <= F64
-                assert not proxy.grad.any()  # a zero gradient, so DDP sees one every step
+                assert proxy.grad is None  # (under DDP a zero gradient: test_project_backward_ddp.py)
             else:
                 assert module.weight.grad is None
                 state = opt.state[module.weight]

@@ -8,8 +8,9 @@ layer's input X (b x n) and output gradient dY (b x m), instead of G = dYᵀ X (
     left  (R = Pᵀ G, P m x r):   R = (dY P)ᵀ X         r x n
     full:                        R = (dY Pₗ)ᵀ (X Pᵣᵀ)  r x r
 
-R is delivered as the ``.grad`` of a small proxy parameter registered on the module
-(``weight_projected_grad``, shaped like R, never read by the forward pass): autograd sums it over
+R is delivered as the ``.grad`` of a proxy parameter registered on the module
+(``weight_projected_grad``, shaped like R, never read by the forward pass: one element broadcast to R's shape,
+except under DDP, which needs parameters it can broadcast into, where it holds R's size): autograd sums it over
 micro-batches like any gradient, ``model.zero_grad()`` clears it, and DDP all-reduces it like any other
 parameter, with no hook. ``optimizer.step()`` then steps the weight from R (``Plan.low_rank_grad``: the
 engine skips the projection GEMM and keeps the projector's back-projection and the inner rule).
@@ -17,8 +18,8 @@ engine skips the projection GEMM and keeps the projector's back-projection and t
 At a step where a matrix's basis is refreshed (``t % update_proj_gap == 0``, the matrix's own gap with
 ``refresh="lazy"``, no basis yet, or state that no longer fits its group), the projector needs G: the
 forward pass decides from the optimizer state — which does not change until ``step()`` — and that layer then
-runs the ordinary ``F.linear``, so autograd computes exactly the gradient normal mode sees. Its proxy gets a
-zero gradient then, so that DDP sees every parameter it reduces receive a gradient each step.
+runs the ordinary ``F.linear``, so autograd computes exactly the gradient normal mode sees. Under DDP its proxy
+gets a zero gradient then, so that DDP sees every parameter it reduces receive a gradient each step.
 
 **What it refuses at switch-on** (``ValueError``/``TypeError``, before anything changes): an optimizer with
 ``layerwise=True`` (it steps from full gradients inside backward), a group whose residual needs the full
@@ -92,7 +93,8 @@ class _ProjectedLinear(torch.autograd.Function):
 
 
 class _ZeroGradTo(torch.autograd.Function):
-    """The identity on ``y`` that gives ``proxy`` a zero gradient (a refresh step: DDP expects one)."""
+    """The identity on ``y`` that gives ``proxy`` a zero gradient (a refresh step under DDP, which expects one
+    for every parameter it reduces)."""
 
     @staticmethod
     def forward(ctx: Any, y, proxy):
@@ -101,7 +103,7 @@ class _ZeroGradTo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy):
-        return dy, dy.new_zeros(ctx.shape, dtype=ctx.dtype)
+        return dy, dy.new_zeros((), dtype=ctx.dtype).expand(ctx.shape)
 
 
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,8 @@ def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, module.bias)
     bases = handle.bases(weight)
     if bases is None:  # the step needs the full gradient: ordinary autograd
-        return _ZeroGradTo.apply(F.linear(x, weight, module.bias), proxy)
+        y = F.linear(x, weight, module.bias)
+        return _ZeroGradTo.apply(y, proxy) if handle.distributed else y
     handle.projected.add(id(weight))
     return _ProjectedLinear.apply(x, weight.detach(), module.bias, proxy, bases.get("left"), bases.get("right"))
 
@@ -214,7 +217,10 @@ class ProjectedBackward:
             w = module.weight
             gi, pi, group = where[id(w)]
             shape = engine.plan(w, group).projector.low_rank_shape()
-            proxy = nn.Parameter(torch.zeros(shape, dtype=w.dtype, device=w.device))
+            # its value is never read: one element broadcast to R's shape costs no memory; DDP broadcasts every
+            # parameter into place when it wraps the model, which a broadcast tensor cannot take
+            value = torch.zeros(1 if not distributed else shape, dtype=w.dtype, device=w.device)
+            proxy = nn.Parameter(value.expand(shape))
             module.register_parameter(PROXY, proxy)
             self._proxies[id(w)] = proxy
             module._projected_backward = self  # type: ignore[assignment]
