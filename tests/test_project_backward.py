@@ -79,11 +79,13 @@ def galore(model, **group):
 F64 = 1e-10
 
 
-@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "full"])
-def test_llama_float64_matches_normal_mode_over_refreshes(proj_type):
+@pytest.mark.parametrize(
+    "group", [{"proj_type": "std"}, {"proj_type": "reverse_std"}, {"proj_type": "full"}, {"foreach": True}]
+)
+def test_llama_float64_matches_normal_mode_over_refreshes(group):
     steps = 9  # refreshes at t = 0, 3, 6; two micro-batches per step (accumulation sums R)
-    ref_losses, ref, _, _, _ = run(galore, steps, projected=False, proj_type=proj_type)
-    losses, got, model, opt, handle = run(galore, steps, projected=True, proj_type=proj_type)
+    ref_losses, ref, _, _, _ = run(galore, steps, projected=False, **group)
+    losses, got, model, opt, handle = run(galore, steps, projected=True, **group)
     assert len(handle.proxies) == 14  # 7 matrices in each of 2 blocks; lm_head is not projected
     assert_last_step_projected(model, handle)
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)) <= F64
