@@ -171,7 +171,9 @@ class ProjectedOptimizer(Optimizer):
             work = engine.gather(skip=batch.ids)
             multi_tensor.run(self, batch)
             for p, grad, group, plan in work:
-                engine.step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+                if plan.low_rank_grad is None:  # a projected-backward R was clipped when it was gathered
+                    grad = kernels.reference.clip_by_norm(grad, group["max_grad_norm"])
+                engine.step_param(p, grad, group, plan)
         if self.sampler is not None:
             self.sampler.step(self)  # may switch blocks (and free the state of those it deactivates)
         return loss
