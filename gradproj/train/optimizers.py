@@ -185,8 +185,9 @@ def check_optimizer(
     """Every check of :func:`build_optimizer` without a model: the optimizer is built on a
     :class:`StandInModel` on the meta device (no memory, no data, well under a second); raises what building
     it for the real model would (ValueError naming the option), refuses a rank above every projected
-    matrix's min(m, n) (nothing would be projected), and ``impl="triton"`` where the kernels cannot run on
-    ``device`` (which the first step would find)."""
+    matrix's min(m, n) (nothing would be projected), ``impl="triton"`` where the kernels cannot run on
+    ``device`` (which the first step would find), and with ``project_backward`` every refusal of
+    :func:`gradproj.project_backward`, switched on for the stand-in."""
     impl = choice.group_options.get("impl", choice.optimizer_options.get("impl"))
     if impl == "triton" and device is not None:
         from ..kernels import why_not_triton
@@ -196,8 +197,6 @@ def check_optimizer(
             raise ValueError(f"impl='triton' cannot run here: {reason}. Use impl='auto' or impl='torch'")
     model = StandInModel(shape, vocab_size, dtype)
     optimizer = build_optimizer(model, choice, shape.hidden, seed=seed, accumulation_steps=accumulation_steps)
-    if choice.project_backward:
-        switch_on_project_backward(model, optimizer, choice, distributed=False)  # its own checks, on the stand-in
     # every >= 2-D weight of the model, not only those left in a projected group: param_groups moves the
     # matrices a rank covers into a group without projection (with a warning)
     full = [min(p.shape[0], p[0].numel()) for g in optimizer.param_groups for p in g["params"] if p.dim() >= 2]
@@ -206,6 +205,8 @@ def check_optimizer(
             f"rank = {choice.rank} exceeds min(m, n) = {max(full)} of the largest projected matrix of this model, "
             f"so nothing would be projected; use a rank below {max(full)} (or an optimizer that does not project)"
         )
+    if choice.project_backward:
+        switch_on_project_backward(model, optimizer, choice, distributed=False)  # its own checks, on the stand-in
 
 
 def switch_on_project_backward(
