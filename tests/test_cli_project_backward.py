@@ -142,15 +142,24 @@ def test_resume_keeps_the_flag_and_continues_exactly(single, seen, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_processes_match_one(single, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])
+def test_two_processes_match_one(single, tmp_path, accum):
+    """DDP reduces the proxies (R) and, at refresh steps, the handle averages the full gradients; with
+    --grad-accum 2 the micro-batches before the last are not reduced (no_sync) and R accumulates locally."""
+    if accum == 1:
+        ref_out = single[0]
+    else:
+        ref_out = str(tmp_path / "one")
+        assert main(["train", *PB, "--batch", "4", "--grad-accum", "2", "--out", ref_out]) == 0
     out = str(tmp_path / "ddp")
-    run_distributed(_body, [["train", *PB, "--batch", "2", "--out", out]], torchrun_env=True)
-    ref = _metrics(single[0])
+    run_distributed(_body, [["train", *PB, "--batch", "2", "--grad-accum", str(accum), "--out", out]],
+                    torchrun_env=True)
+    ref = _metrics(ref_out)
     got = _metrics(out)
     assert len(got) == 5
     torch.testing.assert_close(torch.tensor([r["loss"] for r in got]), torch.tensor([r["loss"] for r in ref]),
                                **LOSS_TOL)
-    _assert_weights_close(_final_weights(out), _final_weights(single[0]))
+    _assert_weights_close(_final_weights(out), _final_weights(ref_out))
     assert json.loads(open(os.path.join(out, "config.json")).read())["optimizer"]["project_backward"] is True
 
 
