@@ -249,7 +249,7 @@ class ProjectedBackward:
         (a refresh is due, no basis yet, the state no longer fits the group, the group is no longer projected
         with residual 'none')."""
         opt = self._optimizer
-        group = self._where[id(weight)][2]
+        group = self._locate(id(weight))[2]
         state = opt.state.get(weight)
         if not state:
             return None
@@ -292,7 +292,7 @@ class ProjectedBackward:
         opt = self._optimizer
         for wid, proxy in self._proxies.items():
             R = proxy.grad
-            gi, pi, group = self._where[wid]
+            gi, pi, group = self._locate(wid)
             w = group["params"][pi]
             if w.grad is not None and wid in self.projected:
                 raise RuntimeError(
@@ -352,7 +352,13 @@ class ProjectedBackward:
         return [w for w in self._weights() if self.bases(w) is None]
 
     def _weights(self) -> list[torch.Tensor]:
-        return [self._where[wid][2]["params"][self._where[wid][1]] for wid in self._proxies]
+        return [self._locate(wid)[2]["params"][self._where[wid][1]] for wid in self._proxies]
+
+    def _locate(self, wid: int) -> tuple[int, int, dict]:
+        """(group index, index in the group, the group) of a handled weight, the group read from the optimizer
+        now: ``optimizer.load_state_dict`` replaces the group dicts (a resumed run's lr lives in the new ones)."""
+        gi, pi, _ = self._where[wid]
+        return gi, pi, self._optimizer.param_groups[gi]
 
     @property
     def proxies(self) -> list[nn.Parameter]:

@@ -182,6 +182,16 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         help="per-layer updates during backward (every gradproj optimizer; with --grad-accum K, K backward passes "
         "per update)",
     )
+    if not compare:  # compare: the spec option NAME:project_backward=True (not every method can take it)
+        _add(
+            o,
+            "--project-backward",
+            section="opt",
+            field="project_backward",
+            action="store_true",
+            help="projected Linear weights receive R = P^T G from the backward pass instead of G (galore-style "
+            "optimizers without a residual; not with --layerwise or --fsdp)",
+        )
     _add(
         o,
         "--group-option",
@@ -573,6 +583,7 @@ def _size_text(text: str) -> str:
 
 
 def cmd_memory(ns: argparse.Namespace) -> int:
+    from .. import registry
     from ..memory_estimate import estimate_memory
     from ..models import get_shape
 
@@ -584,11 +595,23 @@ def cmd_memory(ns: argparse.Namespace) -> int:
             f"--rank {ns.rank} exceeds {largest}, min(m, n) of the largest projected matrix of {ns.model} "
             f"(hidden size {largest}); at rank {largest} nothing is projected already. Use --rank {largest} or less"
         )
+    entry = registry.get_optimizer(ns.optimizer)
+    if ns.project_backward and not entry.projected:
+        raise ValueError(
+            f"--project-backward: {ns.optimizer} projects nothing, so no gradient would shrink; use it with a "
+            "projecting optimizer such as galore_adamw, or drop it"
+        )
+    if ns.project_backward and (ns.layerwise or entry.residual != "none"):
+        why = "--layerwise" if ns.layerwise else f"{ns.optimizer}'s residual rule ({entry.residual!r})"
+        raise ValueError(
+            f"--project-backward cannot be combined with {why}, which steps from full gradients; drop one of them"
+        )
     est = estimate_memory(
         ns.model,
         ns.optimizer,
         ns.rank,
         layerwise=ns.layerwise,
+        project_backward=ns.project_backward,
         dtype=ns.dtype,
         state_dtype=ns.state_dtype,
         batch_size=ns.batch_size,
@@ -734,6 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rank", type=_positive_int, help="subspace rank (default: the optimizer's, else hidden // 4)")
     p.add_argument("--layerwise", action="store_true", help="per-layer updates: one gradient alive at a time")
+    p.add_argument(
+        "--project-backward",
+        action="store_true",
+        help="projected matrices receive R = P^T G from the backward pass (train --project-backward): their "
+        "gradients are counted at R's size; not with --layerwise or a residual optimizer",
+    )
     p.add_argument(
         "--batch-size", "--batch", type=int, default=0, help="sequences per step (with --seq: count activations)"
     )

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..memory import optimizer_state_bytes
 from .data import BatchStream, ByteTokenizer, eval_windows, load_data
 from .models import build_model, get_shape
-from .optimizers import OptimizerChoice, build_optimizer, check_optimizer, installed
+from .optimizers import OptimizerChoice, build_optimizer, check_optimizer, installed, switch_on_project_backward
 from .runtime import PARALLEL, DistributedRuntime, Runtime, launched_by_torchrun, make_runtime, resolve_device
 
 log = logging.getLogger("gradproj")
@@ -111,6 +111,11 @@ class TrainConfig:
             raise ValueError(f"clip = {self.clip} must be >= 0 (0 disables clipping)")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise ValueError(f"stop_at = {self.stop_at} must be in [1, steps = {self.steps}]")
+        if self.optimizer.project_backward and self.parallel == "fsdp":
+            raise ValueError(
+                "--project-backward cannot run under --fsdp (FSDP2's sharded step reduces each weight's full "
+                "gradient across ranks); use DDP (torchrun without --fsdp) or one process"
+            )
         if self.optimizer.layerwise and self.clip > 0:
             raise ValueError(
                 "--layerwise steps each weight during backward, before the global gradient norm --clip needs "
@@ -434,14 +439,24 @@ def _train(
     shape = get_shape(config.model)
     model = build_model(config.model, data.vocab_size, config.seq_len, seed=config.seed, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = runtime.wrap_model(model)
-    optimizer = build_optimizer(
-        runtime.unwrap_model(model),
-        config.optimizer,
-        shape.hidden,
-        seed=config.seed,
-        accumulation_steps=config.grad_accum,
-    )
+    if config.optimizer.project_backward:
+        # switched on for the plain model, before DDP wraps it: DDP then reduces the proxies' R, not the weights
+        optimizer = build_optimizer(
+            model, config.optimizer, shape.hidden, seed=config.seed, accumulation_steps=config.grad_accum
+        )
+        switch_on_project_backward(
+            model, optimizer, config.optimizer, distributed=isinstance(runtime, DistributedRuntime)
+        )
+        model = runtime.wrap_model(model)
+    else:
+        model = runtime.wrap_model(model)
+        optimizer = build_optimizer(
+            runtime.unwrap_model(model),
+            config.optimizer,
+            shape.hidden,
+            seed=config.seed,
+            accumulation_steps=config.grad_accum,
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s))
 
     start = 0

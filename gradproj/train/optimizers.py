@@ -106,6 +106,8 @@ class OptimizerChoice:
     projector: str | None = None  # None: the optimizer's default (svd)
     target_modules: list[str] | None = None  # None: every Linear of the decoder blocks
     layerwise: bool = False
+    #: projected nn.Linear weights receive R = PᵀG from the backward pass (gradproj.project_backward)
+    project_backward: bool = False
     group_options: dict[str, Any] = field(default_factory=dict)
     optimizer_options: dict[str, Any] = field(default_factory=dict)
     sampler: str | None = None  # "uniform" (LISA) or "owl" (OwLore)
@@ -183,8 +185,9 @@ def check_optimizer(
     """Every check of :func:`build_optimizer` without a model: the optimizer is built on a
     :class:`StandInModel` on the meta device (no memory, no data, well under a second); raises what building
     it for the real model would (ValueError naming the option), refuses a rank above every projected
-    matrix's min(m, n) (nothing would be projected), and ``impl="triton"`` where the kernels cannot run on
-    ``device`` (which the first step would find)."""
+    matrix's min(m, n) (nothing would be projected), ``impl="triton"`` where the kernels cannot run on
+    ``device`` (which the first step would find), and with ``project_backward`` every refusal of
+    :func:`gradproj.project_backward`, switched on for the stand-in."""
     impl = choice.group_options.get("impl", choice.optimizer_options.get("impl"))
     if impl == "triton" and device is not None:
         from ..kernels import why_not_triton
@@ -202,6 +205,33 @@ def check_optimizer(
             f"rank = {choice.rank} exceeds min(m, n) = {max(full)} of the largest projected matrix of this model, "
             f"so nothing would be projected; use a rank below {max(full)} (or an optimizer that does not project)"
         )
+    if choice.project_backward:
+        switch_on_project_backward(model, optimizer, choice, distributed=False)  # its own checks, on the stand-in
+
+
+def switch_on_project_backward(
+    model: nn.Module, optimizer: torch.optim.Optimizer, choice: OptimizerChoice, *, distributed: bool | None = None
+) -> Any:
+    """:func:`gradproj.project_backward` for ``--project-backward``: its refusals (a residual rule, compile, no
+    projected ``nn.Linear``), and an optimizer that projects nothing or ``--layerwise``, as a ValueError naming
+    the flag; returns the handle."""
+    if not get_spec(choice.name).projected:
+        raise ValueError(
+            f"--project-backward delivers the projected gradient R of the weights an optimizer projects, and "
+            f"{choice.name} projects nothing; use it with a projecting optimizer such as galore_adamw, or drop it"
+        )
+    if choice.layerwise:
+        raise ValueError(
+            "--project-backward cannot be combined with --layerwise, which steps each weight from its full "
+            "gradient inside backward; drop one of them"
+        )
+    import gradproj
+
+    try:
+        return gradproj.project_backward(model, optimizer, distributed=distributed)  # type: ignore[arg-type]
+    except (ValueError, TypeError) as err:
+        text = str(err).removeprefix("project_backward: ")
+        raise ValueError(f"--project-backward cannot be used with {choice.name} here: {text}") from None
 
 
 def build_optimizer(
