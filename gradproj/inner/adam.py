@@ -7,7 +7,8 @@ from typing import ClassVar
 
 import torch
 
-from ..options import Option, number, pair, unit_interval
+from ..kernels import reference
+from ..options import Option, choice, number, pair, unit_interval
 from ..state_layout import Spec
 from .base import InnerRule, StepContext
 
@@ -16,6 +17,21 @@ BETAS = Option(
     "betas", (0.9, 0.999), "decay of the first and second moments", pair(unit_interval, unit_interval, "beta1, beta2")
 )
 EPS = Option("eps", 1e-6, "added to √v (GaLore's default; AdamW's is 1e-8)", number(minimum=0.0))
+#: which arithmetic runs Adam on the CPU and with impl='torch' (docs/kernels.md)
+ADAM_KERNELS = ("fused", "reference")
+ADAM_KERNEL = Option(
+    "adam_kernel",
+    "fused",
+    "`fused`: torch's fused Adam kernels, one pass (ψ within 1 ulp of the reference's; unprojected tensors "
+    "step as torch's fused AdamW); `reference`: galore-torch's ops, bit for bit",
+    choice(*ADAM_KERNELS),
+)
+
+
+def fused(group: dict, ops) -> bool:
+    """Whether the Adam of ``group`` runs torch's fused kernel: ``adam_kernel="fused"`` and the operations are
+    the torch reference's (the Triton kernels are fused already; a sharded step wraps its own)."""
+    return group.get("adam_kernel", "fused") == "fused" and ops.adam_update is reference.adam_update
 
 
 def bias_corrected_lr(group: dict, t: int) -> float:
@@ -29,7 +45,7 @@ class Adam(InnerRule):
     step size lr·√(1−β2^t)/(1−β1^t). State: ``exp_avg``, ``exp_avg_sq``, shaped like R."""
 
     name = "adam"
-    options: ClassVar[tuple[Option, ...]] = (BETAS, EPS)
+    options: ClassVar[tuple[Option, ...]] = (BETAS, EPS, ADAM_KERNEL)
     batched = True
     state_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq")
     shardable: ClassVar[tuple[str, ...]] = ("rows", "cols")  # elementwise
@@ -43,7 +59,12 @@ class Adam(InnerRule):
             state["exp_avg"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
             state["exp_avg_sq"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
         beta1, beta2 = group["betas"]
-        U = ctx.ops.adam_update(R, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, group["eps"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        Rs = R.to(m.dtype)  # what adam_update does first
+        if fused(group, ctx.ops) and reference.fused_adam_applies(Rs, m, v):
+            (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"])
+        else:
+            U = ctx.ops.adam_update(R, m, v, beta1, beta2, group["eps"])
         return U, self.step_size(group, state, ctx)
 
     def step_size(self, group: dict, state: dict, ctx: StepContext) -> float:

@@ -164,6 +164,11 @@ class Plan:
     #: installs it instead of refreshing
     first_basis: dict | None = None
 
+    @property
+    def dense(self) -> bool:
+        """An unprojected parameter stepped on its own tensor (not sharded)."""
+        return self.shape2d is None and self.shard is None
+
 
 _UNPROJECTED_RESIDUAL = NoResidual()
 
@@ -447,6 +452,8 @@ class Engine:
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
             return  # compile=True: the lines below ran as one compiled graph
+        if plan.dense and multi_tensor.dense_step_applies(self.optimizer, p, grad, group, state):
+            return multi_tensor.step_dense(self.optimizer, p, grad, group, state)  # torch's fused AdamW kernel
         U, step_size = inner.update(R, state, group, ctx)
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
