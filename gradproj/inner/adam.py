@@ -62,10 +62,21 @@ class Adam(InnerRule):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         Rs = R.to(m.dtype)  # what adam_update does first
         if fused(group, ctx.ops) and reference.fused_adam_applies(Rs, m, v):
-            (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"])
+            (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"], out=[self._scratch(m)])
         else:
             U = ctx.ops.adam_update(R, m, v, beta1, beta2, group["eps"])
         return U, self.step_size(group, state, ctx)
+
+    def _scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer for the fused kernel's ψ, one per shape, dtype and device, reused by every parameter: the
+        step consumes ψ (back-projection, weight update) before the rule's next update, and a warm buffer
+        spares the page faults of a fresh allocation each time."""
+        scratch = self.__dict__.setdefault("_buffers", {})
+        key = (like.shape, like.dtype, like.device)
+        buf = scratch.get(key)
+        if buf is None:
+            buf = scratch[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buf
 
     def step_size(self, group: dict, state: dict, ctx: StepContext) -> float:
         """lr·√(1−β2^t)/(1−β1^t), with t the steps since the moments were (re)started."""

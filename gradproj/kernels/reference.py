@@ -109,6 +109,7 @@ def adam_update_fused(
     beta1: float,
     beta2: float,
     eps: float,
+    out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
     """:func:`adam_update` of each tensor in one pass over its memory: torch's fused Adam kernel
     (``torch._fused_adam_``) run on a zeroed buffer as its "parameter", with ``lr = -1`` and a step count
@@ -116,7 +117,8 @@ def adam_update_fused(
 
     The moments get the same arithmetic as :func:`adam_update` (lerp, then ``β2·v + (1−β2)·R·R``); ψ may
     differ from :func:`adam_update`'s in the last bit (the kernel's own division and vector width), which is
-    why ``adam_kernel="reference"`` exists. Every tensor must pass :func:`fused_adam_applies`.
+    why ``adam_kernel="reference"`` exists. Every tensor must pass :func:`fused_adam_applies`. ``out``: buffers
+    shaped like the moments to write ψ into (overwritten; new ones when None).
     """
     if not Rs:
         return []
@@ -124,7 +126,10 @@ def adam_update_fused(
     step = _NO_BIAS_STEPS.get(device)
     if step is None:
         step = _NO_BIAS_STEPS[device] = torch.tensor(_NO_BIAS_CORRECTION, dtype=torch.float32, device=device)
-    out = [torch.zeros_like(m) for m in exp_avgs]
+    if out is None:
+        out = [torch.zeros_like(m) for m in exp_avgs]
+    else:
+        torch._foreach_zero_(out)
     torch._fused_adam_(
         out,
         list(Rs),

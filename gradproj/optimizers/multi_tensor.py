@@ -382,12 +382,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     if batched:
         assert P is not None
         G = torch.stack(Gs)
-        if side == "right":
-            R = torch.bmm(G, P.transpose(1, 2))
-        elif G.device.type == "cpu":  # the layout Projector.down uses on the CPU
-            R = torch.bmm(G.transpose(1, 2), P).transpose(1, 2)
-        else:
-            R = torch.bmm(P.transpose(1, 2), G)
+        R = torch.bmm(G, P.transpose(1, 2)) if side == "right" else torch.bmm(P.transpose(1, 2), G)
         del G
         Rs = list(R.to(ms[0].dtype).unbind(0))
     else:
