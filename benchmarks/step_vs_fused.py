@@ -46,12 +46,13 @@ def make_params(shapes, seed):
     return params
 
 
+#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults)
 VARIANTS = {
     "default": {},
-    "svd": {"projector": "svd"},
     "reference": {"adam_kernel": "reference"},
-    "svd+reference": {"projector": "svd", "adam_kernel": "reference"},
-    "bf16 GEMMs": {"proj_dtype": "bfloat16"},
+    "randomized_svd": {"projector": "randomized_svd"},
+    "eigh": {"projector": "eigh"},
+    "8bit": {},
 }
 
 
@@ -66,7 +67,8 @@ def run(name: str, gap: int, repeats: int, variants: list[str]) -> dict:
     for v in variants:
         group = {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, **VARIANTS[v]}
         extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
-        opts[f"gradproj {v}"] = gradproj.GaLoreAdamW([group, {"params": rest, **extra}], lr=1e-3)
+        cls = gradproj.GaLoreAdamW8bit if v == "8bit" else gradproj.GaLoreAdamW
+        opts[f"gradproj {v}"] = cls([group, {"params": rest, **extra}], lr=1e-3)
     for opt in opts.values():
         opt.step()  # allocates state, first basis
     first = opts[f"gradproj {variants[0]}"]

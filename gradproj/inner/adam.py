@@ -22,8 +22,8 @@ ADAM_KERNELS = ("fused", "reference")
 ADAM_KERNEL = Option(
     "adam_kernel",
     "fused",
-    "`fused`: torch's fused Adam kernels, one pass (ψ within 1 ulp of the reference's; unprojected tensors "
-    "step as torch's fused AdamW); `reference`: galore-torch's ops, bit for bit",
+    "`fused`: torch's fused Adam kernels, one pass (ψ within a few roundings of the reference's; unprojected "
+    "tensors step as torch's fused AdamW); `reference`: galore-torch's ops, bit for bit",
     choice(*ADAM_KERNELS),
 )
 

@@ -115,10 +115,11 @@ def adam_update_fused(
     (``torch._fused_adam_``) run on a zeroed buffer as its "parameter", with ``lr = -1`` and a step count
     at which both bias corrections are exactly 1, so the buffer receives ψ = m / (√v + eps) itself.
 
-    The moments get the same arithmetic as :func:`adam_update` (lerp, then ``β2·v + (1−β2)·R·R``); ψ may
-    differ from :func:`adam_update`'s in the last bit (the kernel's own division and vector width), which is
-    why ``adam_kernel="reference"`` exists. Every tensor must pass :func:`fused_adam_applies`. ``out``: buffers
-    shaped like the moments to write ψ into (overwritten; new ones when None).
+    The moments get :func:`adam_update`'s formulas (lerp, then ``β2·v + (1−β2)·R·R``, which the kernel may
+    round once where the reference rounds twice); ψ is the reference's to within a few float roundings
+    (< 4·eps·|ψ|, tests/test_fused_adam.py). ``adam_kernel="reference"`` keeps the reference's ops.
+    Every tensor must pass :func:`fused_adam_applies`. ``out``: buffers shaped like the moments to write ψ
+    into (overwritten; new ones when None).
     """
     if not Rs:
         return []
