@@ -8,7 +8,8 @@ a fixed random gradient. Side by side, one step each per round with the first on
   everything else unprojected); a refresh step and a regular step are timed separately and the amortized
   step is (refresh + (T - 1) · regular) / T;
 * ``GEMMs``: the two projection GEMMs of every block matrix alone (R = down(G), W += B(R)) with the basis
-  gradproj keeps, in the layout gradproj chooses — the floor of any GaLore step.
+  gradproj keeps, in the layout gradproj chooses — the floor of any GaLore step — against a regular step of
+  ``GaLoreAdamW`` over the block matrices alone (first table).
 
 Extra columns compare other gradproj configurations (``--variants``).
 
@@ -56,7 +57,7 @@ VARIANTS = {
 }
 
 
-def run(name: str, gap: int, repeats: int, variants: list[str]) -> dict:
+def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: bool) -> dict:
     h = LLAMA[name][0]
     rank = h // 4
     blocks, other = model_shapes(name)
@@ -69,6 +70,13 @@ def run(name: str, gap: int, repeats: int, variants: list[str]) -> dict:
         extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
         cls = gradproj.GaLoreAdamW8bit if v == "8bit" else gradproj.GaLoreAdamW
         opts[f"gradproj {v}"] = cls([group, {"params": rest, **extra}], lr=1e-3)
+    # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
+    def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
+        return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25}
+
+    opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3)
+    if blocks_8bit:
+        opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3)
     for opt in opts.values():
         opt.step()  # allocates state, first basis
     first = opts[f"gradproj {variants[0]}"]
@@ -115,15 +123,26 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--blocks-8bit", action="store_true", help="also GaLoreAdamW8bit on the block matrices")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name in args.models:
-            rows.append(run(name, args.gap, args.repeats, args.variants))
+            rows.append(run(name, args.gap, args.repeats, args.variants, args.blocks_8bit))
     print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
           f"{args.repeats} regular rounds, medians\n")
+    print("| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
+          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["times"]
+        g, b = t["GEMMs"]["regular"], t["gradproj blocks"]["regular"]
+        q = t.get("gradproj 8bit blocks", {}).get("regular")
+        eight = f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -"
+        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | {eight} |")
+    print()
     print("| model | threads | fused AdamW ms | GEMMs ms | " + " | ".join(
         f"{v}: amortized (regular / refresh) ms | {v} / fused | {v} regular / GEMMs | {v} refresh share"
         for v in args.variants) + " |")
