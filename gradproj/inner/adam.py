@@ -28,6 +28,11 @@ ADAM_KERNEL = Option(
 )
 
 
+#: ψ buffers are kept for reuse up to this many elements (a low-rank R); a larger tensor (an unprojected
+#: embedding outside the fused AdamW path) gets a new one each step rather than a persistent copy of its size
+SCRATCH_MAX_NUMEL = 1 << 22
+
+
 def fused(group: dict, ops) -> bool:
     """Whether the Adam of ``group`` runs torch's fused kernel: ``adam_kernel="fused"`` and the operations are
     the torch reference's (the Triton kernels are fused already; a sharded step wraps its own)."""
@@ -62,7 +67,8 @@ class Adam(InnerRule):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         Rs = R.to(m.dtype)  # what adam_update does first
         if fused(group, ctx.ops) and reference.fused_adam_applies(Rs, m, v):
-            (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"], out=[self._scratch(m)])
+            out = [self._scratch(m)] if m.numel() <= SCRATCH_MAX_NUMEL else None
+            (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"], out=out)
         else:
             U = ctx.ops.adam_update(R, m, v, beta1, beta2, group["eps"])
         return U, self.step_size(group, state, ctx)
