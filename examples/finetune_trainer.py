@@ -1,14 +1,23 @@
 """Fine-tune a causal language model with the transformers ``Trainer`` and a gradproj optimizer.
 
-The recipe is three lines around an ordinary Trainer setup:
+Configure GaLore / APOLLO with transformers' own arguments and swap one line — the optimizer Trainer gets:
 
-    groups = gradproj.param_groups(model, target_modules=["q_proj", "v_proj", ...], rank=..., scale=...)
-    optimizer = gradproj.GaLoreAdamW(groups, lr=...)
-    trainer = Trainer(model=model, args=args, train_dataset=..., optimizers=(optimizer, None))
+    args = TrainingArguments(..., optim="galore_adamw", optim_target_modules=["q_proj", "v_proj", ...],
+                             optim_args="rank=128, update_proj_gap=200, scale=0.25")
+    trainer = Trainer(model=model, args=args, train_dataset=...,
+                      optimizers=create_optimizer(model, args))   # gradproj.integrations.transformers
 
-Trainer wraps the optimizer in its own learning-rate scheduler (``lr_scheduler_type``, warm-up) and saves
-it in every checkpoint. gradproj's optimizer state is tensors and numbers only, so ``--resume`` (Trainer's
-``resume_from_checkpoint``) restores it with ``torch.load(weights_only=True)`` and continues exactly.
+``optim`` is any of transformers' GaLore / APOLLO names (``galore_adamw``, ``galore_adamw_8bit``,
+``galore_adafactor``, ``apollo_adamw``, each also ``..._layerwise``); gradproj runs them, with no
+galore-torch or apollo-torch installed. ``create_optimizer`` also builds the learning-rate scheduler from
+``lr_scheduler_type`` and the warm-up. Trainer saves the optimizer in every checkpoint; gradproj's state is
+tensors and numbers only, so ``--resume`` (``resume_from_checkpoint``) loads it with
+``torch.load(weights_only=True)`` and continues bit-exactly.
+
+Layerwise names update each weight during backward, so Trainer's own gradient clipping sees no gradients:
+``create_optimizer`` hands ``max_grad_norm`` to the optimizer (clipping each weight's gradient) and
+``gradient_accumulation_steps`` to its accumulation; Trainer's logged ``grad_norm`` is then 0.0. Use
+``bf16=True``, not ``fp16=True`` (a GradScaler cannot unscale gradients that are already consumed).
 
 Runs offline: without ``--model`` a small LLaMA is built from a config and trained on bytes of local text
 (default: the Python standard library's sources); ``--model DIR`` fine-tunes a model saved with
@@ -28,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 import gradproj
+from gradproj.integrations.transformers import create_optimizer
 from gradproj.train.data import ByteTokenizer, iter_documents, split_stream
 from gradproj.train.models import build_model
 
@@ -64,25 +74,13 @@ def load_model_and_tokens(args):
     return model, tokens
 
 
-def make_optimizer(model, args) -> torch.optim.Optimizer:
-    groups = gradproj.param_groups(
-        model,
-        target_modules=args.target_modules,
-        rank=args.rank,
-        update_proj_gap=args.update_proj_gap,
-        scale=args.scale,
-    )
-    optimizer_cls = getattr(gradproj, args.optimizer)  # GaLoreAdamW, FiraAdamW, ...
-    return optimizer_cls(groups, lr=args.lr, weight_decay=args.weight_decay)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="Trainer output_dir (checkpoints go to OUT/checkpoint-N)")
     p.add_argument("--model", help="a directory saved with save_pretrained (default: a tiny LLaMA built here)")
     p.add_argument("--data", nargs="+", help="local text / .jsonl files or directories (default: the standard library)")
     p.add_argument("--max-bytes", type=int, default=400_000)
-    p.add_argument("--optimizer", default="GaLoreAdamW", help="a gradproj optimizer class (default GaLoreAdamW)")
+    p.add_argument("--optim", default="galore_adamw", help="a transformers GaLore/APOLLO name (default galore_adamw)")
     p.add_argument("--target-modules", nargs="+", default=DEFAULT_TARGETS)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--update-proj-gap", type=int, default=50)
@@ -93,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--save-steps", type=int, default=30)
+    p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--quiet", action="store_true")
@@ -102,13 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokens = load_model_and_tokens(args)
     train_tokens, val_tokens = split_stream(tokens, 0.05, args.seq_len)
-    optimizer = make_optimizer(model, args)
     training_args = TrainingArguments(
         output_dir=args.out,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
-        learning_rate=args.lr,  # Trainer's scheduler scales the optimizer's own lr; kept equal for clarity
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        gradient_accumulation_steps=args.grad_accum,
+        optim=args.optim,  # transformers' names; gradproj runs them (create_optimizer below)
+        optim_target_modules=args.target_modules,
+        optim_args=f"rank={args.rank}, update_proj_gap={args.update_proj_gap}, scale={args.scale}",
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 10),
         save_strategy="steps",
@@ -125,12 +128,12 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=Windows(train_tokens, args.seq_len),
         eval_dataset=Windows(val_tokens, args.seq_len),
-        optimizers=(optimizer, None),  # Trainer creates the scheduler for this optimizer
+        optimizers=create_optimizer(model, training_args),  # the one line: gradproj's optimizer and scheduler
     )
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     metrics = {"train_loss": result.training_loss, **trainer.evaluate()}
     metrics["eval_ppl"] = math.exp(metrics["eval_loss"])
-    state = gradproj.optimizer_state_bytes(optimizer)
+    state = gradproj.optimizer_state_bytes(trainer.optimizer)
     if not args.quiet:
         print(f"train loss {metrics['train_loss']:.4f}, eval loss {metrics['eval_loss']:.4f}, "
               f"eval ppl {metrics['eval_ppl']:.2f}, optimizer state {state['total'] / 2**20:.2f} MiB")

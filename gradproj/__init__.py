@@ -13,6 +13,7 @@ from .optimizers import (
     GaLoreAdamW8bit,
     ProjectedOptimizer,
     param_groups,
+    project_backward,
 )
 from .projectors import BasisDecompositionError, BasisRefreshWarning, NonFiniteGradientError, register_projector
 from .sampling import LayerSampler, outlier_ratios
@@ -40,5 +41,6 @@ __all__ = [
     "outlier_ratios",
     "owlore",
     "param_groups",
+    "project_backward",
     "register_projector",
 ]

@@ -16,7 +16,9 @@ model dtype, s bytes per element of optimizer state (``state_dtype``, default th
 norm h, output head V·h (untied). Weights = b · #params.
 
 **Gradients.** b · #trainable params. Per-layer updates (``layerwise``): each gradient is consumed and
-freed during backward, so only the largest single gradient is counted.
+freed during backward, so only the largest single gradient is counted. Projected backward
+(``project_backward``, :func:`gradproj.project_backward`): a projected matrix's gradient is R, of its
+low-rank shape (a step without a basis refresh; a refresh step holds the full gradients, as normal mode).
 
 **Which weights are projected.** Every Linear of the decoder blocks (as ``gradproj.param_groups``), unless
 r >= min(m, n) (then gradproj trains it unprojected). Embeddings, norms and the head are not. The side
@@ -280,6 +282,8 @@ class MemoryEstimate:
             f"{self.optimizer}"
             + (f", rank {s['rank']}" if s.get("rank") is not None else "")
             + (", per-layer updates" if s.get("layerwise") else "")
+            + (", projected backward" if s.get("project_backward") else "")
+            + (f", per device of {s['shards']} (FSDP)" if s.get("shards", 1) > 1 else "")
             + f", {s['dtype']}"
             + (f", batch {s['batch_size']} x seq {s['seq_len']}" if self.activations else ", no activations")
         )
@@ -304,6 +308,7 @@ def estimate_memory(
     rank: int | None = None,
     *,
     layerwise: bool = False,
+    project_backward: bool = False,
     dtype: str = "bfloat16",
     state_dtype: str | None = None,
     batch_size: int = 0,
@@ -323,6 +328,7 @@ def estimate_memory(
         optimizer: a name (or alias) of :data:`gradproj.registry.OPTIMIZERS`, installed or not.
         rank: subspace rank of projected optimizers (default: the optimizer's recipe, else hidden // 4).
         layerwise: per-layer updates (only the largest gradient is alive at a time).
+        project_backward: projected matrices receive R instead of their gradient (a step without a refresh).
         dtype: model (and gradient) dtype. ``state_dtype``: Adam state dtype (default: ``dtype``).
         batch_size, seq_len: activations are counted when both are > 0.
         proj_type, projector: the projection side rule and basis kind (a registered projector; default: the
@@ -357,6 +363,11 @@ def estimate_memory(
         raise ValueError(f"rank = {rank!r} must be a positive integer")
     if active_layers is not None and not 0 < active_layers <= shape.layers:
         raise ValueError(f"active_layers = {active_layers} must be in [1, {shape.layers}]")
+    if project_backward and (layerwise or entry.residual != "none"):
+        raise ValueError(
+            "project_backward cannot be combined with layerwise=True or with a residual rule (here "
+            f"{entry.residual!r}), which step from full gradients"
+        )
     if shards < 1 or batch_size < 0 or seq_len < 0:
         raise ValueError("shards must be >= 1, batch_size and seq_len >= 0")
 
@@ -371,6 +382,7 @@ def estimate_memory(
 
     detail = {"moments": 0, "basis": 0, "shared": 0, "other": 0}
     n_projected = 0
+    grad_elems = 0  # the gradients' elements alive after backward (R for projected matrices with project_backward)
     shared_dims: set[int] = set()
     for p in trainable:
         ps = parameter_state(
@@ -387,6 +399,7 @@ def estimate_memory(
         for part, nbytes in ps.state_bytes().items():
             detail[part] += nbytes
         n_projected += ps.projected
+        grad_elems += math.prod(ps.low_rank_shape) if project_backward and ps.projected else p.numel
         # a basis kept as indices selects rows of a d x d transform (the DCT) that is cached once per size
         shared_dims.update(spec.bound for spec in ps.basis.values() if spec.kind == "index" and spec.bound)
     detail["shared"] = sum(b * d * d for d in shared_dims)
@@ -394,7 +407,7 @@ def estimate_memory(
     n_params = sum(p.numel for p in params)
     n_trainable = sum(p.numel for p in trainable)
     weights = b * n_params
-    gradients = b * (max(p.numel for p in trainable) if layerwise else n_trainable)
+    gradients = b * (max(p.numel for p in trainable) if layerwise else grad_elems)
     states = sum(detail.values())
     if shards > 1:
         weights, gradients, states = (math.ceil(x / shards) for x in (weights, gradients, states))
@@ -421,6 +434,7 @@ def estimate_memory(
         settings={
             "rank": r if entry.projected else None,
             "layerwise": layerwise,
+            "project_backward": project_backward,
             "dtype": dtype,
             "state_dtype": state_dtype or dtype,
             "batch_size": batch_size,

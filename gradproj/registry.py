@@ -21,6 +21,7 @@ imported by :meth:`OptimizerEntry.resolve`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from typing import Any
 
 from .inner import INNER_RULES, InnerRule
 from .inner import register_inner_rule as register_inner
+from .inner.adam8bit import quiet_bnb_import
 from .projectors import PROJECTORS, Projector, get_projector, register_projector
 from .residual import RESIDUALS, Residual, get_residual, register_residual
 from .state_layout import Spec
@@ -74,8 +76,10 @@ class OptimizerEntry:
     def resolve(self) -> type | None:
         """The optimizer class, or None when it cannot be imported here."""
         module, _, name = self.target.partition(":")
+        quiet = quiet_bnb_import() if module.split(".")[0] == "bitsandbytes" else contextlib.nullcontext()
         try:
-            return getattr(importlib.import_module(module), name)
+            with quiet:
+                return getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             return None
         except Exception as err:  # an optional dependency failing at import (e.g. a broken CUDA setup)

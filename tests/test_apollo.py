@@ -397,7 +397,8 @@ def test_compare_runs_apollo_next_to_galore(tmp_path, capsys):
     out = tmp_path / "cmp"
     specs = ["galore_adamw", "apollo_adamw", "apollo_mini", "apollo_adamw:projector=svd"]
     args = [a for i, a in enumerate(TINY) if "--rank" not in TINY[max(i - 1, 0) : i + 1]]  # the recipes' ranks
-    assert main(["compare", "--optimizers", *specs, *args, "--steps", "3", "--out", str(out)]) == 0
+    assert main(["compare", "--optimizers", *specs, *args, "--lr-grid", "1", "--seeds", "0", "--steps", "3",
+                 "--out", str(out)]) == 0
     with open(out / "results.csv") as fh:
         state = {r["optimizer"]: int(r["optimizer_state_bytes"]) for r in csv.DictReader(fh)}
     # APOLLO: GaLore's moments and no float basis, plus one fp32 norm per matrix; Mini: rank-1 moments

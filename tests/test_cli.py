@@ -84,9 +84,10 @@ def test_resume_refuses_to_change_the_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
     with pytest.raises(SystemExit) as exc:
-        main(["train", "--resume", str(out), "--lr", "0.1"])
+        main(["train", "--resume", str(out), "--lr", "0.1", "--optimizer", "adamw", "--vocab-size", "300"])
     assert exc.value.code == 2
-    assert "cannot change lr" in capsys.readouterr().err
+    # the flags as the user typed them, in one message
+    assert "--vocab-size, --lr, --optimizer cannot change" in capsys.readouterr().err
     # a new run into the directory of an earlier one would mix two runs' checkpoints
     with pytest.raises(SystemExit) as exc:
         main(["train", *TINY, "--steps", "2", "--out", str(out)])
@@ -96,7 +97,8 @@ def test_resume_refuses_to_change_the_run(tmp_path, capsys):
 def test_compare_writes_table_csv_and_one_plot(tmp_path, capsys):
     out = tmp_path / "cmp"
     specs = ["adamw:lr=3e-3", "galore_adamw", "fira_adamw:scale=0.5"]
-    assert main(["compare", "--optimizers", *specs, *TINY, "--steps", "3", "--out", str(out)]) == 0
+    one_run = ["--lr-grid", "1", "--seeds", "0"]  # each optimizer's default lr, one seed (tests/test_compare.py: more)
+    assert main(["compare", "--optimizers", *specs, *TINY, *one_run, "--steps", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     with open(out / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -110,9 +112,10 @@ def test_compare_writes_table_csv_and_one_plot(tmp_path, capsys):
     assert state["fira_adamw:scale=0.5"] - state["galore_adamw"] == 4 * 7 * 4  # one fp32 norm per matrix
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 1 + len(specs) and "| galore_adamw |" in md and md in printed + md
-    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     # the same model init, data and batches: the first step's loss is identical across optimizers
-    firsts = {read_metrics(out / d)[0]["loss"] for d in ("adamw_lr=3e-3", "galore_adamw", "fira_adamw_scale=0.5")}
+    firsts = {read_metrics(out / d / f"lr_{lr}" / "seed_0")[0]["loss"]
+              for d, lr in (("adamw_lr=3e-3", "0.003"), ("galore_adamw", "0.01"), ("fira_adamw_scale=0.5", "0.01"))}
     assert len(firsts) == 1
 
 

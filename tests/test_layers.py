@@ -8,7 +8,7 @@ Layers, bottom to top; a module imports only from its own layer or below:
     1  projectors, inner, residual, kernels               the axes
     2  models, registry, memory, memory_estimate, sampling the core's services
     3  optimizers, gradproj (the package root)             the optimizers and the public API
-    4  distributed                                         torchrun, FSDP2, per-GPU estimate
+    4  distributed, integrations                           torchrun, FSDP2, per-GPU estimate; Trainer adapter
     5  train, __main__                                     the gradproj command
 
 and no two top-level units import each other, directly or through others.
@@ -28,7 +28,7 @@ LAYERS = {
     "projectors": 1, "inner": 1, "residual": 1, "kernels": 1,
     "models": 2, "registry": 2, "memory": 2, "memory_estimate": 2, "sampling": 2,
     "optimizers": 3, "": 3,
-    "distributed": 4,
+    "distributed": 4, "integrations": 4,
     "train": 5, "__main__": 5,
 }
 AXES = ("projectors", "inner", "residual", "kernels", "state_layout", "validation", "options")

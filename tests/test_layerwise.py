@@ -2,8 +2,8 @@
 
 import gc
 import io
-import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -354,7 +354,7 @@ def test_step_raising_after_the_hooks_stepped_ends_the_window():
     assert all(opt.state[p]["step"] == 7 for p in model.parameters())
 
 
-def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
+def test_step_closes_a_short_window_from_what_was_accumulated():
     """step() after fewer than k micro-batches applies the partial sum (the same as a window of that size)."""
     shapes = [(24, 10), (10, 24)]
     params, _ = matrix_problem(shapes, seed=1, dtype=torch.float64)
@@ -362,9 +362,11 @@ def test_step_closes_a_short_window_from_what_was_accumulated(caplog):
     ref_params = clone_params(params)
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 5, "scale": 0.5}], lr=2e-2,
                                layerwise=True, accumulation_steps=3)
-    with caplog.at_level(logging.WARNING, logger="gradproj"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         train(params, opt, 3, lambda ps, i: loss_fns[i % 2](ps), micro=2)
-    assert "closed an accumulation window after 2 of accumulation_steps=3" in caplog.text
+    text = [str(w.message) for w in caught]
+    assert sum("closed an accumulation window after 2 of accumulation_steps=3" in t for t in text) == 1  # once
     galore_accumulation_reference(ref_params, loss_fns, 3, 2, lr=2e-2, rank=3, gap=5, scale=0.5)
     for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
@@ -472,3 +474,43 @@ def test_cuda_layerwise_matches_normal_mode():
         train(model, opt, 5, lambda m, i: tiny_loss(m, tuple(t.cuda() for t in tiny_batch(i))))
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_grad_scaler_is_refused_with_the_fix(unscale_first):
+    """torch's GradScaler reaches step() (not its "No inf checks were recorded"), which names the fix; the scaler's
+    marks are removed, so the same optimizer steps normally without it."""
+    model = TinyNet()
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=2), lr=1e-3, layerwise=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.scale(tiny_loss(model, tiny_batch(0))).backward()
+    if unscale_first:  # the documented place to clip
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"GradScaler.*bf16=True.*layerwise=False"):
+        scaler.step(opt)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    opt.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 1)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_grad_scaler_still_unscales_in_normal_mode():
+    """Only layerwise optimizers take the scaler's step themselves: in normal mode it unscales as usual, so the
+    step equals the unscaled one (a power-of-two scale is exact in floating point)."""
+    model, ref = TinyNet(), TinyNet()
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=2), lr=1e-3)
+    ref_opt = gradproj.GaLoreAdamW(gradproj.param_groups(ref, rank=4, update_proj_gap=2), lr=1e-3)
+    assert not hasattr(opt, "_step_supports_amp_scaling")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for i in range(3):
+        opt.zero_grad()
+        scaler.scale(tiny_loss(model, tiny_batch(i))).backward()
+        scaler.step(opt)
+        scaler.update()
+        ref_opt.zero_grad()
+        tiny_loss(ref, tiny_batch(i)).backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)

@@ -82,12 +82,14 @@ class Adafactor(InnerRule):
     state_parts = {PARAM_RMS: "other"}
 
     def validate_lr(self, group, where):
+        """With ``relative_step=True`` the step size is the rule's own and ``lr`` is not read, as in transformers'
+        Adafactor: it may be None or any number >= 0, which is what ``transformers.optimization.AdafactorSchedule``
+        writes there (0.0 at first, then the step size it reads back through the optimizer's ``_get_lr``). A
+        *manual* lr together with ``relative_step=True`` is refused when the optimizer is built
+        (:func:`check_manual_lr`), as transformers' Adafactor refuses it."""
         if group["relative_step"]:
             if group["lr"] is not None:
-                raise ValueError(
-                    f"{where}: lr = {group['lr']!r} cannot be combined with relative_step=True (the step size is then "
-                    "min(1e-2, 1/sqrt(t))); pass lr=None, or relative_step=False to train with lr"
-                )
+                super().validate_lr(group, where)
         elif group["lr"] is None:
             raise ValueError(f"{where}: lr=None needs relative_step=True; pass a learning rate")
         else:
@@ -104,6 +106,27 @@ class Adafactor(InnerRule):
         else:
             layout["exp_avg_sq"] = Spec(tuple(shape))
         return layout
+
+    @staticmethod
+    def check_manual_lr(lr: Any, relative_step: Any, where: str) -> None:
+        """Refuse a learning rate given together with ``relative_step=True`` when an optimizer is built: it would
+        be ignored. ``lr=None`` and ``lr=0`` (the recipe of ``AdafactorSchedule``) are accepted."""
+        if relative_step is True and lr is not None and not (is_number(lr) and float(lr) == 0.0):
+            raise ValueError(
+                f"{where}: lr = {lr!r} cannot be combined with relative_step=True (the step size is then "
+                "min(1e-2, 1/sqrt(t))); pass lr=None (or 0), or relative_step=False to train with lr"
+            )
+
+    def step_size(self, group: dict, state: dict) -> float:
+        """The step size lr_t of ``state``'s last update (ρ·max(eps2, RMS(W)) with ``scale_parameter``): what
+        transformers' ``Adafactor._get_lr`` reports, e.g. to ``AdafactorSchedule``; ``group["lr"]`` (or 0.0)
+        before the first update."""
+        if "step" not in state or state["step"] < 1:
+            return 0.0 if group["lr"] is None else float(group["lr"])
+        lr_t = self.relative_step_size(group, state["step"])
+        if group["scale_parameter"] and PARAM_RMS in state:
+            lr_t *= max(group["eps"][1], float(state[PARAM_RMS]))
+        return float(lr_t)
 
     @staticmethod
     def relative_step_size(group: dict, step: int) -> float:

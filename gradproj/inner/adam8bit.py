@@ -20,7 +20,10 @@ device and cached here, never stored in the optimizer state.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import sys
 
 import torch
 
@@ -41,10 +44,40 @@ EXP_AVG_ABSMAX, EXP_AVG_SQ_ABSMAX = "exp_avg_absmax", "exp_avg_sq_absmax"
 _MAPS: dict[tuple[str, bool], torch.Tensor] = {}
 
 
-def bnb_functional():
-    """``bitsandbytes.functional``, or an ImportError that says how to install it."""
+class _ToDebug(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.ERROR:
+            logging.getLogger().handle(record)  # real errors reach the application's handlers as before
+        else:
+            logging.getLogger("gradproj").debug("%s: %s", record.name, record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_bnb_import():
+    """Import bitsandbytes inside this: the warnings it (and the ``kernels`` package it loads) logs at import
+    about optional CPU kernels it could not fetch go to gradproj's debug log; errors pass through."""
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    saved = [(lg, lg.propagate) for lg in loggers]
+    handler = _ToDebug()
+    for lg in loggers:
+        lg.propagate = False
+        lg.addHandler(handler)
     try:
-        import bitsandbytes.functional as F
+        yield
+    finally:
+        for lg, propagate in saved:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
+
+
+def bnb_functional():
+    """``bitsandbytes.functional`` (imported on first use, quietly), or an ImportError that says how to install it."""
+    loaded = sys.modules.get("bitsandbytes.functional")
+    if loaded is not None:
+        return loaded
+    try:
+        with quiet_bnb_import():
+            import bitsandbytes.functional as F
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "8-bit optimizer state needs bitsandbytes >= 0.45 (its blockwise quantization runs on CPU and CUDA): "

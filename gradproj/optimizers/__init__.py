@@ -3,6 +3,7 @@
 from .base import ProjectedOptimizer
 from .groups import param_groups
 from .presets import ApolloAdamW, ApolloMini, FiraAdamW, FrugalAdamW, GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from .projected_backward import ProjectedBackward, project_backward
 
 __all__ = [
     "ApolloAdamW",
@@ -12,6 +13,8 @@ __all__ = [
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "ProjectedBackward",
     "ProjectedOptimizer",
     "param_groups",
+    "project_backward",
 ]

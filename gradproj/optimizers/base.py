@@ -20,6 +20,7 @@ from ..state_layout import state_problem
 from ..validation import refuse_unknown
 from . import multi_tensor
 from .engine import OPTIMIZER_OPTIONS, STATE_DTYPES, Engine
+from .groups import refuse_constructor_rank
 from .layerwise import LayerwiseStepper, check_layerwise_options
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ class ProjectedOptimizer(Optimizer):
     * ``state_dtype``: ``None`` (default: the parameter's dtype, as torch.optim does) or ``torch.float32``
       to keep optimizer state in fp32 for bf16/fp16 parameters.
     * ``sampler``: a :class:`gradproj.LayerSampler` (LISA / OwLore) stepped at the end of every step; it
-      frees the state of blocks it deactivates, and its state travels in ``state_dict()``.
+      frees the state of blocks it deactivates (unless built with ``keep_inactive_state=True``), and its
+      state travels in ``state_dict()``.
     * ``stochastic_rounding``: ``False`` (default) or ``True`` to round bf16 weights stochastically after
       each update (unbiased, so updates below half a bf16 ulp are not lost); seeded from torch's RNG at
       the first step and kept in the state (see :func:`gradproj.kernels.rounding_seed`).
@@ -79,6 +81,8 @@ class ProjectedOptimizer(Optimizer):
         **options: Any,
     ):
         check_layerwise_options(layerwise, accumulation_steps)
+        params = list(params)  # type: ignore[assignment]  # torch.optim takes a list too
+        refuse_constructor_rank(list(params), options, type(self).__name__)
         if isinstance(extra_group_keys, str) or not all(isinstance(k, str) for k in extra_group_keys):
             raise TypeError(f"extra_group_keys = {extra_group_keys!r} must be a list of key names")
         #: the step of one parameter, the schema and the checks (gradproj.optimizers.engine)
@@ -174,9 +178,11 @@ class ProjectedOptimizer(Optimizer):
             multi_tensor.run_dense(self, dense)
             multi_tensor.run(self, batch)
             for p, grad, group, plan in work:
-                engine.step_param(p, kernels.reference.clip_by_norm(grad, group["max_grad_norm"]), group, plan)
+                if plan.low_rank_grad is None:  # a projected-backward R was clipped when it was gathered
+                    grad = kernels.reference.clip_by_norm(grad, group["max_grad_norm"])
+                engine.step_param(p, grad, group, plan)
         if self.sampler is not None:
-            self.sampler.step(self)  # may switch blocks: frees the state of those it deactivates
+            self.sampler.step(self)  # may switch blocks (and free the state of those it deactivates)
         return loss
 
     # ------------------------------------------------------------------------------------ checkpoints

@@ -163,6 +163,9 @@ class Plan:
     #: a first basis computed while the step's input was checked, before anything changed; the update
     #: installs it instead of refreshing
     first_basis: dict | None = None
+    #: R computed by the caller (gradproj.project_backward: the weight's gradient arrived projected, already
+    #: clipped); the update then neither refreshes nor projects, and reads no full gradient
+    low_rank_grad: torch.Tensor | None = None
 
     @property
     def dense(self) -> bool:
@@ -201,6 +204,9 @@ class Engine:
         self._plans: dict[int, tuple[tuple, Plan]] = {}
         #: per-layer stepping (gradproj.optimizers.layerwise.LayerwiseStepper), or None
         self.layerwise: Any = None
+        #: gradproj.project_backward's handle (gradproj.optimizers.projected_backward), or None: its ``gather``
+        #: adds the weights whose gradient arrived projected, with ``Plan.low_rank_grad`` set
+        self.projected_backward: Any = None
 
     @property
     def optimizer(self) -> ProjectedOptimizer:
@@ -382,6 +388,8 @@ class Engine:
             for pi, p in enumerate(group["params"]):
                 if p.grad is not None and id(p) not in skip:
                     work.append((p, p.grad, group, self.prepare(gi, pi, p, p.grad, group)))
+        if self.projected_backward is not None:
+            work += self.projected_backward.gather(self)
         return work
 
     def prepare(self, gi: int, pi: int, p: torch.Tensor, grad: torch.Tensor, group: dict) -> Plan:
@@ -463,8 +471,11 @@ class Engine:
         )
         proj = plan.projector
         G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
-        self.refresh(G, state, group, step, plan)
-        R = proj.down(G, state)
+        if plan.low_rank_grad is None:
+            self.refresh(G, state, group, step, plan)
+            R = proj.down(G, state)
+        else:  # projected backward: R came from the backward pass, no refresh due (G is a meta placeholder)
+            R = plan.low_rank_grad
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
             return  # compile=True: the lines below ran as one compiled graph

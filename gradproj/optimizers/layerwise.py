@@ -34,6 +34,19 @@ full gradient, or for low-rank accumulation the summed projection R (‖R‖ ≤
 harder than on G). ``max_grad_norm`` has the same per-parameter meaning in normal mode, so both modes
 follow the same trajectory.
 
+Stacks that clip with a global norm between backward and step (transformers' ``Trainer`` with its default
+``max_grad_norm=1.0``, accelerate's ``Accelerator.clip_grad_norm_``, Lightning's ``gradient_clip_val``) find
+no gradients, clip nothing and report a gradient norm of 0.0; the optimizer cannot see that call. Turn their
+clipping off and give the optimizer ``max_grad_norm`` (``gradproj.integrations.transformers.create_optimizer``
+does this for ``Trainer``).
+
+**No GradScaler.** torch's ``GradScaler`` (fp16 loss scaling) unscales and inf-checks gradients between
+backward and step, but here they are consumed during backward, still scaled. The optimizer therefore declares
+``_step_supports_amp_scaling``, so ``scaler.step(opt)`` reaches ``opt.step()`` (instead of torch's "No inf
+checks were recorded"), and ``step()`` raises ``RuntimeError`` with the fix: train in bf16 autocast or fp32
+without a scaler, or use ``layerwise=False``. The updates of the first window (done during its backward) have
+already seen the scaled gradients by then; nothing can detect the scaler earlier.
+
 **Errors.** Group options are validated at the first hook of a window; if they are bad, the hooks stand
 aside for the rest of the window (gradients stay in ``p.grad``) and ``opt.step()`` raises the error before
 anything changes. A parameter's own bad gradient (sparse, NaN at its first refresh) is left in ``p.grad``
@@ -51,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +158,9 @@ class LayerwiseStepper:
         self._suspended = False  # a group was invalid: hooks stand aside until step() succeeds
         self._window_max = 0  # most micro-batches any parameter saw in the current window
         self._warned_short = False
+        # torch's GradScaler then calls step() with `grad_scale` / `found_inf` set on the optimizer (instead of
+        # unscaling gradients that no longer exist), so end_window can refuse it with a clear message
+        setattr(optimizer, "_step_supports_amp_scaling", True)  # noqa: B010 - not an attribute of torch's Optimizer
 
     def register(self, group_index: int, group: dict) -> None:
         for i, p in enumerate(group["params"]):
@@ -254,6 +271,7 @@ class LayerwiseStepper:
     def end_window(self, opt: ProjectedOptimizer) -> None:
         """Step what the hooks left, then start a new window. Raises before changing anything on bad input
         (``ProjectedOptimizer.step`` then calls :meth:`abandon`)."""
+        refuse_grad_scaler(opt)
         work = opt.engine.gather()  # leftover gradients: checked first (sparse, NaN at a first refresh)
         pending = [
             (p, group, opt.engine.plan(p, group))
@@ -263,11 +281,11 @@ class LayerwiseStepper:
         ]
         if self.accumulation_steps > 1 and 0 < self._window_max < self.accumulation_steps and not self._warned_short:
             self._warned_short = True
-            log.warning(
-                "gradproj: optimizer.step() closed an accumulation window after %d of accumulation_steps=%d backward "
-                "passes (expected at the end of an epoch; otherwise call step() every accumulation_steps passes)",
-                self._window_max,
-                self.accumulation_steps,
+            warnings.warn(
+                f"gradproj: optimizer.step() closed an accumulation window after {self._window_max} of "
+                f"accumulation_steps={self.accumulation_steps} backward passes (expected at the end of an epoch; "
+                "otherwise call step() every accumulation_steps passes). Warned once per optimizer.",
+                stacklevel=4,
             )
         for p, _, group, plan in work:
             self._consume(opt, p, group, plan, last=True)
@@ -305,6 +323,24 @@ class LayerwiseStepper:
         self._saved.clear()
         self._checked = self._suspended = False
         self._window_max = 0
+
+
+#: attributes torch's GradScaler sets on an optimizer that declares ``_step_supports_amp_scaling``
+_SCALER_ATTRIBUTES = ("grad_scale", "found_inf")
+
+
+def refuse_grad_scaler(opt: Any) -> None:
+    """Raise if ``opt.step()`` is being called by torch's ``GradScaler.step`` (see the module docstring)."""
+    if not any(name in vars(opt) for name in _SCALER_ATTRIBUTES):
+        return
+    for name in _SCALER_ATTRIBUTES:  # the scaler deletes them only after a step that returns
+        vars(opt).pop(name, None)
+    raise RuntimeError(
+        "layerwise=True cannot be used with torch's GradScaler (fp16 loss scaling): each parameter is updated "
+        "during backward with its gradient still scaled, before the scaler can unscale it or check it for inf. "
+        "Train in bf16 autocast or fp32 without a GradScaler (Trainer: bf16=True instead of fp16=True; "
+        "accelerate: mixed_precision='bf16'; Lightning: precision='bf16-mixed'), or use layerwise=False"
+    )
 
 
 def _before_refresh(opt: ProjectedOptimizer, state: dict, group: dict) -> dict:

@@ -123,10 +123,11 @@ class GaLoreAdafactor(ProjectedOptimizer):
     r"""GaLore with Adafactor inside the subspace: a factored second moment of the projected gradient R.
 
     Arguments and their meaning are ``transformers.optimization.Adafactor``'s (``lr=None`` with
-    ``relative_step=True`` uses the step size min(1e-2, 1/√t); ``scale_parameter`` multiplies it by the
-    RMS of the full weight; ``beta1`` enables a first moment; ``eps = (eps1, eps2)``). For a projected
-    matrix the row/column statistics are those of R (m + r or r + n numbers); groups without ``rank`` get
-    full-rank Adafactor, exactly transformers' (weight decay aside: applied after the update, not before).
+    ``relative_step=True`` uses the step size min(1e-2, 1/√t) and ignores ``lr``, so ``lr=0`` with
+    ``transformers.optimization.AdafactorSchedule`` works as with transformers' Adafactor; ``scale_parameter``
+    multiplies it by the RMS of the full weight; ``beta1`` enables a first moment; ``eps = (eps1, eps2)``).
+    For a projected matrix the row/column statistics are those of R (m + r or r + n numbers); groups without
+    ``rank`` get full-rank Adafactor, exactly transformers' (weight decay aside: applied after the update, not before).
     To drive it with an external schedule use ``relative_step=False, scale_parameter=False, lr=...``.
     The update is ``W -= scale · B(u)`` with u Adafactor's lr-scaled, clipped update.
     """
@@ -147,6 +148,9 @@ class GaLoreAdafactor(ProjectedOptimizer):
         warmup_init: bool = False,
         **options: Any,
     ):
+        Adafactor.check_manual_lr(
+            lr, relative_step, f"{type(self).__name__}, the default of every param group (param group 0 too)"
+        )
         super().__init__(
             params,
             lr=lr,
@@ -160,6 +164,12 @@ class GaLoreAdafactor(ProjectedOptimizer):
             warmup_init=warmup_init,
             **options,
         )
+
+    def _get_lr(self, group: dict, state: dict) -> float:
+        """The step size of the last update of the parameter whose ``state`` this is (transformers' Adafactor's
+        method, which ``transformers.optimization.AdafactorSchedule`` reads to report the learning rate)."""
+        rule = self.engine.inner(group)
+        return rule.step_size(group, state) if isinstance(rule, Adafactor) else float(group["lr"])
 
 
 #: apollo-torch's param-group key for the basis (``"random"`` or ``"svd"``): gradproj's ``projector``

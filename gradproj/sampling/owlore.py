@@ -7,6 +7,7 @@ recipe imports them when it is called, never when the module is imported.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,7 @@ def owlore(
     probs: str | torch.Tensor = "owl",
     M: float = 13.0,
     seed: int = 0,
+    keep_inactive_state: bool = False,
     blocks: Sequence[nn.Module] | None = None,
     optimizer_cls: type[ProjectedOptimizer] | None = None,
     lr: float = 3e-4,
@@ -70,6 +72,8 @@ def owlore(
         probs: ``"owl"`` (outlier ratios, the default), ``"uniform"`` (LISA) or explicit weights per block.
         M: outlier threshold of the ratios (see :func:`gradproj.outlier_ratios`).
         seed: the sampler's seed.
+        keep_inactive_state: keep a deactivated block's optimizer state (moments, basis) for its return, as
+            the released code does, instead of freeing it (see :class:`~gradproj.LayerSampler`).
         blocks: the sampled modules (default ``model.model.layers``).
         optimizer_cls: any gradproj optimizer class (``GaLoreAdamW``, ``FiraAdamW``, ...); None:
             :class:`~gradproj.GaLoreAdamW`.
@@ -91,11 +95,17 @@ def owlore(
                 "is 5), calibration batches, or probs='uniform' (LISA)"
             )
     elif batches is not None:
-        log.warning("gradproj: owlore(batches=...) is only used with probs='owl'; ignoring the batches")
+        warnings.warn(
+            "gradproj: owlore(batches=...) is only used with probs='owl'; the batches are ignored (drop them, or "
+            "pass probs='owl')",
+            stacklevel=2,
+        )
     groups = param_groups(model, rank=rank, update_proj_gap=update_proj_gap, scale=scale, trainable_only=False)
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        sampler = LayerSampler(blocks, n_active, interval, probs=probs, seed=seed)
+        sampler = LayerSampler(
+            blocks, n_active, interval, probs=probs, seed=seed, keep_inactive_state=keep_inactive_state
+        )
         opt = optimizer_cls(groups, lr=lr, sampler=sampler, **optimizer_kwargs)
     except Exception:
         for p, flag in flags:  # a bad option leaves the model as it was

@@ -6,14 +6,17 @@ probabilities ``probs`` (uniform: LISA; outlier ratios: OwLore) and made trainab
 (embeddings, final norm, head) are never touched.
 
 Attached to an optimizer (``sampler=`` of any gradproj optimizer, or :meth:`LayerSampler.step` with the
-optimizer), the sampler also keeps optimizer memory bounded: at every switch the optimizer state of each
-block that is not kept active is dropped, so a block that comes back starts afresh (see :meth:`step`).
+optimizer), the sampler also decides what happens to the optimizer state of a block it deactivates
+(``keep_inactive_state``): dropped at the switch (the default), so optimizer memory stays at the active
+blocks' share and a block that comes back starts afresh; or kept, as the released LISA and OwLore code does,
+so a block that comes back resumes with its moments and projector (see :meth:`step`).
 """
 
 from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +28,7 @@ from .outliers import outlier_ratios
 
 log = logging.getLogger("gradproj")
 
-#: keys of :meth:`LayerSampler.state_dict`
+#: keys of :meth:`LayerSampler.state_dict` (``keep_inactive_state`` too since it exists; older checkpoints lack it)
 STATE_KEYS = ("generator", "active", "steps", "n_blocks", "n_active", "interval", "probs")
 
 
@@ -45,6 +48,12 @@ class LayerSampler:
             instead), or a tensor / sequence of one non-negative weight per block (normalised here).
             Blocks with weight 0 are never drawn.
         seed: seed of the sampler's own ``torch.Generator`` (the global RNG is never used).
+        keep_inactive_state: what happens to the optimizer state (moments, basis, step count) of a block
+            when it is deactivated. ``False`` (default): dropped, so optimizer memory stays at the active
+            blocks' share and a returning block starts afresh. ``True``: kept, as the released LISA and
+            OwLore code does; a returning block resumes with its old moments and basis (the basis refreshed
+            when its own step count next reaches a multiple of T), and optimizer memory grows to the state of
+            every block that has been active. docs/owlore.md gives the measured trade.
 
     The first draw happens here; a new one after every ``interval`` calls of :meth:`step` (one per
     optimizer step). ``sampler.active`` is the sorted list of active block indices.
@@ -57,6 +66,7 @@ class LayerSampler:
         interval: int,
         probs: str | torch.Tensor | Sequence[float] = "uniform",
         seed: int = 0,
+        keep_inactive_state: bool = False,
     ):
         blocks = list(blocks)
         if not blocks:
@@ -84,6 +94,11 @@ class LayerSampler:
             raise ValueError(f"interval = {interval!r} must be a positive integer (optimizer steps between draws)")
         if not _is_int(seed):
             raise TypeError(f"seed = {seed!r} must be an integer")
+        if not isinstance(keep_inactive_state, bool):
+            raise TypeError(
+                f"keep_inactive_state = {keep_inactive_state!r} must be True (keep a deactivated block's optimizer "
+                "state, as the released LISA / OwLore code does) or False (free it at the switch)"
+            )
         self.probs = self._resolve_probs(probs, blocks)
         positive = int((self.probs > 0).sum())
         if positive < n_active:
@@ -94,6 +109,7 @@ class LayerSampler:
         self.blocks = blocks
         self.n_active = int(n_active)
         self.interval = int(interval)
+        self.keep_inactive_state = keep_inactive_state
         self._params = params
         self._generator = torch.Generator().manual_seed(int(seed))
         self._steps = 0
@@ -160,10 +176,12 @@ class LayerSampler:
 
         Returns True when a draw happened. At a draw, blocks not drawn get ``requires_grad=False`` and
         ``grad=None``, drawn blocks ``requires_grad=True``. With ``optimizer`` (the gradproj optimizers pass
-        themselves), the optimizer state of every block that is not kept active is dropped: a deactivated
-        block holds no memory, and a block that comes back starts like a parameter seen for the first time
-        (fresh basis from its next gradient, zero moments, bias correction and refresh schedule counted
-        from its return). A block drawn again while active keeps its state.
+        themselves) and ``keep_inactive_state=False``, the optimizer state of every block that is not kept
+        active is dropped: a deactivated block holds no memory, and a block that comes back starts like a
+        parameter seen for the first time (fresh basis from its next gradient, zero moments, bias correction
+        and refresh schedule counted from its return). With ``keep_inactive_state=True`` the state is left
+        alone: a frozen block has no gradient, so the optimizer skips it, and it resumes where it stopped.
+        A block drawn again while active keeps its state either way.
         """
         self._steps += 1
         if self._steps % self.interval:
@@ -175,8 +193,11 @@ class LayerSampler:
         return True
 
     def _apply(self, previous: list[int] | None, optimizer: torch.optim.Optimizer | None) -> None:
-        """Set requires_grad by the active set; drop optimizer state of blocks not active both before and now."""
+        """Set requires_grad by the active set; drop optimizer state of blocks not active both before and now
+        (unless ``keep_inactive_state``)."""
         active, kept = set(self._active), set(self._active) & set(previous or ())
+        if self.keep_inactive_state:
+            optimizer = None
         for i, ps in enumerate(self._params):
             on = i in active
             for p in ps:
@@ -191,7 +212,8 @@ class LayerSampler:
         """Bind to the optimizer that steps this sampler; called by gradproj optimizers given ``sampler=``.
 
         Checks that every block parameter is in the optimizer's param groups (a frozen block must be there
-        so it can train when drawn) and drops any state the optimizer holds for inactive blocks.
+        so it can train when drawn) and, unless ``keep_inactive_state``, drops any state the optimizer holds
+        for inactive blocks.
         """
         current = self._optimizer() if self._optimizer is not None else None
         if current is not None and current is not optimizer:
@@ -221,6 +243,7 @@ class LayerSampler:
             "n_active": self.n_active,
             "interval": self.interval,
             "probs": self.probs.clone(),
+            "keep_inactive_state": self.keep_inactive_state,
         }
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
@@ -233,6 +256,13 @@ class LayerSampler:
                     f"the checkpoint's sampler has {key} = {state[key]}, this sampler {mine}; build the sampler "
                     "with the same blocks, n_active and interval as the run being resumed"
                 )
+        saved_keep = state.get("keep_inactive_state", False)  # checkpoints from before the option: freed
+        if saved_keep is not self.keep_inactive_state:
+            raise ValueError(
+                f"the checkpoint's sampler has keep_inactive_state = {saved_keep!r}, this sampler "
+                f"{self.keep_inactive_state}; build the sampler with the run's keep_inactive_state (the other "
+                "setting would continue a different run)"
+            )
         gen = state["generator"]
         if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8):
             raise ValueError("sampler state 'generator' must be a uint8 tensor (torch.Generator.get_state())")
@@ -252,8 +282,8 @@ class LayerSampler:
         """Restore generator, active set, step count and probabilities; re-apply the active set.
 
         The checkpoint's probabilities replace this sampler's (so a resumed run samples exactly as the
-        uninterrupted one, even if the outlier ratios were recomputed). With ``optimizer``, its state of
-        inactive blocks is dropped.
+        uninterrupted one, even if the outlier ratios were recomputed). With ``optimizer`` and
+        ``keep_inactive_state=False``, its state of inactive blocks is dropped.
         """
         self.check_state_dict(state)
         probs = state["probs"].to(device="cpu", dtype=torch.float64)
@@ -268,7 +298,7 @@ class LayerSampler:
     def __repr__(self) -> str:
         return (
             f"LayerSampler(blocks={self.n_blocks}, n_active={self.n_active}, interval={self.interval}, "
-            f"steps={self._steps}, active={self._active})"
+            f"steps={self._steps}, active={self._active}, keep_inactive_state={self.keep_inactive_state})"
         )
 
 
@@ -277,15 +307,17 @@ def restore_sampler(optimizer: torch.optim.Optimizer, state: dict[str, Any] | No
     sampler = getattr(optimizer, "sampler", None)
     if state is None:
         if sampler is not None:
-            log.warning(
+            warnings.warn(
                 "gradproj: the checkpoint holds no sampler state; the sampler keeps its own draws, so "
-                "sampling will not continue the saved run's"
+                "sampling will not continue the saved run's",
+                stacklevel=3,
             )
         return
     if sampler is None:
-        log.warning(
+        warnings.warn(
             "gradproj: the checkpoint holds a layer sampler's state but this optimizer has none; it is "
-            "ignored and the blocks keep their current requires_grad flags"
+            "ignored and the blocks keep their current requires_grad flags",
+            stacklevel=3,
         )
         return
     sampler.load_state_dict(state, optimizer)

@@ -17,11 +17,15 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
+from pathlib import Path
 from typing import Any
 
 #: train flags -> (section, field): "cfg" fields of TrainConfig, "opt" fields of OptimizerChoice
 _TRAIN_FIELDS: dict[str, tuple[str, str]] = {}
+#: train flags -> the flag as a user writes it (``opt_name`` -> ``--optimizer``)
+_FLAGS: dict[str, str] = {}
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -46,6 +50,7 @@ def _add(group, *flags, section: str, field: str, **kwargs):
         kwargs.setdefault("metavar", flags[0].lstrip("-").upper().replace("-", "_"))
     action = group.add_argument(*flags, dest=field if section == "cfg" else f"opt_{field}", **kwargs)
     _TRAIN_FIELDS[action.dest] = (section, field)
+    _FLAGS.setdefault(action.dest, flags[0])
     return action
 
 
@@ -84,7 +89,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         section="cfg",
         field="vocab_size",
         type=_positive_int,
-        help="BPE vocabulary size (default 4096)",
+        help="BPE vocabulary size (default 4096; the byte tokenizer's is 256)",
     )
     _add(
         m,
@@ -140,7 +145,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         section="opt",
         field="update_proj_gap",
         type=_positive_int,
-        help="T: refresh the subspace every T steps (default 200)",
+        help="T: refresh the subspace every T steps (default " + ("a quarter of --steps)" if compare else "200)"),
     )
     _add(
         o,
@@ -223,7 +228,14 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
     )
 
     t = p.add_argument_group("training")
-    _add(t, "--steps", section="cfg", field="steps", type=_positive_int, help="optimizer steps (default 200)")
+    _add(
+        t,
+        "--steps",
+        section="cfg",
+        field="steps",
+        type=_positive_int,
+        help="optimizer steps (default " + ("100 per run" if compare else "200") + ")",
+    )
     _add(
         t,
         "--batch-size",
@@ -412,63 +424,166 @@ def _print_result(result, out: str | None) -> None:
     print(f"optimizer state{where}: {_mib(result.optimizer_state_bytes)}" + (f" ({parts})" if parts else ""))
     print(f"peak memory: {_mib(result.peak_memory_bytes)} ({result.peak_memory_kind}); parameters {result.n_params:,}")
     if out:
-        print(f"wrote {out}/: metrics.jsonl, loss.png, config.json, summary.json, checkpoints/")
+        _print_written(
+            out, ["metrics.jsonl", "loss.png", "config.json", "summary.json", "tokenizer.json", "checkpoints/"]
+        )
+
+
+def _print_written(out: str, names: list[str]) -> None:
+    """``wrote DIR/: ...`` naming only the files that exist (a plot needs matplotlib, a checkpoint --out)."""
+    there = [n for n in names if (Path(out) / n.rstrip("/")).exists()]
+    if there:
+        print(f"wrote {out}/: {', '.join(there)}")
+
+
+def _flag(dest: str) -> str:
+    return _FLAGS.get(dest, "--" + dest.replace("_", "-"))
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from .loop import RESUMABLE, train
+    from .loop import RESUMABLE, TrainingInterrupted, preflight, train
 
     progress = not ns.quiet
-    if ns.resume:
-        cfg, opt = _split(ns)
-        bad = sorted(set(cfg) - set(RESUMABLE)) + sorted(opt)
-        if bad:
-            raise ValueError(
-                f"--resume uses the saved configuration; cannot change {', '.join(bad)} (only {', '.join(RESUMABLE)})"
+    try:
+        if ns.resume:
+            cfg, opt = _split(ns)
+            bad = sorted(k for k in cfg if k not in RESUMABLE) + [f"opt_{k}" for k in sorted(opt)]
+            if bad:
+                allowed = sorted({_flag(k) for k in RESUMABLE})
+                raise ValueError(
+                    f"--resume continues the run as {ns.resume}/config.json describes it; {', '.join(map(_flag, bad))} "
+                    f"cannot change (only {', '.join(allowed)} may be given with --resume); start a new run with "
+                    "another --out to change it"
+                )
+            result = train(
+                out_dir=ns.out, resume=ns.resume, overrides=cfg, progress=progress, report=_report, stop_on_signal=True
             )
-        result = train(out_dir=ns.out, resume=ns.resume, overrides=cfg, progress=progress, report=_report)
-        out = ns.out or ns.resume
-    else:
-        config = _config(ns)
+            out = ns.out or ns.resume
+            if result.steps_trained == 0:
+                if _is_main():
+                    print(f"nothing to train: {ns.resume} is at step {result.steps_done}; its files are unchanged")
+                    _print_result(result, None)
+                return 0
+        else:
+            config = _config(ns)
+            where = f"--optimizer {config.optimizer.name}"
+            config = preflight(config, where)  # every check before the first line says what will run
+            if _is_main():
+                print(
+                    f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
+                    f"{config.batch_size} x {config.seq_len} tokens" + (f" -> {ns.out}" if ns.out else "")
+                )
+            result = train(
+                config,
+                out_dir=ns.out,
+                progress=progress,
+                report=_report,
+                stop_on_signal=True,
+                where=where,
+            )
+            out = ns.out
+    except TrainingInterrupted as stop:
         if _is_main():
-            print(
-                f"gradproj train: {config.model} with {config.optimizer.name}, {config.steps} steps of "
-                f"{config.batch_size} x {config.seq_len} tokens" + (f" -> {ns.out}" if ns.out else "")
-            )
-        result = train(config, out_dir=ns.out, progress=progress, report=_report)
-        out = ns.out
+            if stop.checkpoint is not None and stop.out_dir is not None:
+                launcher = "torchrun [the same options] -m gradproj" if "WORLD_SIZE" in os.environ else "gradproj"
+                print(
+                    f"interrupted after step {stop.step}: saved {stop.checkpoint}\n"
+                    f"continue with: {launcher} train --resume {shlex.quote(str(stop.out_dir))}",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"interrupted after step {stop.step}; nothing saved (no --out)", file=sys.stderr)
+        return 130
     _print_result(result, out)
     return 0
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    from .compare import compare, to_markdown
+    from .compare import compare
 
     config = _config(ns)
-    rows, results = compare(config, ns.optimizers, ns.out, progress=not ns.quiet, report=_report)
+    result = compare(
+        config,
+        ns.optimizers,
+        ns.out,
+        seeds=ns.seeds,
+        lr_grid=ns.lr_grid,
+        embed_lr=ns.embed_lr,
+        update_proj_gap=getattr(ns, "opt_update_proj_gap", None),  # not given: a quarter of the steps
+        progress=not ns.quiet,
+        report=_report,
+    )
     if not _is_main():
         return 0
-    kind = next(iter(results.values())).peak_memory_kind
-    print(to_markdown(rows, config, kind), end="")
+    print(result.markdown, end="")
     if ns.out:
-        print(f"wrote {ns.out}/: results.md, results.csv, loss_curves.png, one directory per optimizer")
+        _print_written(ns.out, ["results.md", "results.csv", "runs.csv", "comparison.png"])
     return 0
 
 
-def _parse_size(text: str) -> float:
-    units = {"gib": 2**30, "gb": 1e9, "mib": 2**20, "mb": 1e6, "g": 1e9}
-    t = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            return float(t[: -len(unit)]) * units[unit]
-    return float(t) * 1e9
+def _embed_lr(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a learning rate, or 'off'") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive learning rate, or 'off'")
+    return value
+
+
+#: --budget units (case-insensitive): decimal (GB = 10^9 bytes) and binary (GiB = 2^30 bytes)
+SIZE_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """``"24GB"`` -> 24 * 10^9, ``"80 GiB"`` -> 80 * 2^30; a number without a unit is refused (GB or GiB?)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    forms = (
+        "a number with a unit: " + ", ".join(u.upper().replace("I", "i") for u in SIZE_UNITS) + " (e.g. 24GB, 80GiB)"
+    )
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give {forms}")
+    number, unit = match.groups()
+    if not unit:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no unit, and GB (10^9 bytes) and GiB (2^30 bytes) differ by 7%; give {forms}"
+        )
+    if unit.lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown unit {unit!r}; give {forms}")
+    return round(float(number) * SIZE_UNITS[unit.lower()])
+
+
+def _size_text(text: str) -> str:
+    parse_size(text)  # refuse a size without a unit while the arguments are parsed
+    return text
 
 
 def cmd_memory(ns: argparse.Namespace) -> int:
     from ..memory_estimate import estimate_memory
+    from ..models import get_shape
 
     if (ns.batch_size > 0) != (ns.seq_len > 0):
         raise ValueError("give both --batch and --seq to count activations (or neither)")
+    largest = get_shape(ns.model).hidden  # min(m, n) of every projected matrix of a LLaMA block is the hidden size
+    if ns.rank is not None and ns.rank > largest:
+        raise ValueError(
+            f"--rank {ns.rank} exceeds {largest}, min(m, n) of the largest projected matrix of {ns.model} "
+            f"(hidden size {largest}); at rank {largest} nothing is projected already. Use --rank {largest} or less"
+        )
     est = estimate_memory(
         ns.model,
         ns.optimizer,
@@ -485,18 +600,29 @@ def cmd_memory(ns: argparse.Namespace) -> int:
         active_layers=ns.active_layers,
         shards=ns.shards,
     )
-    budget = _parse_size(ns.budget) if ns.budget else None
+    budget = parse_size(ns.budget) if ns.budget is not None else None
+    per_device = ns.shards > 1
     if ns.json:
         d = est.as_dict()
+        d["per_device"] = per_device
         if budget is not None:
-            d["budget"] = int(budget)
+            d["budget"] = budget
             d["fits"] = est.fits(budget)
         print(json.dumps(d, indent=2))
     else:
         print(est.table())
+        if per_device:
+            print(
+                f"per device: each of the {ns.shards} devices holds 1/{ns.shards} of the weights, gradients and "
+                "optimizer states (FSDP) and the activations of its own --batch"
+            )
         if budget is not None:
             verdict = "fits" if est.fits(budget) else "does NOT fit"
-            print(f"{verdict} in {ns.budget} ({budget / 1e9:.2f} GB): total {est.total / 1e9:.2f} GB")
+            each = " per device" if per_device else ""
+            print(
+                f"{verdict} in {ns.budget.strip()}{each} ({budget / 1e9:.2f} GB, {budget / 2**30:.2f} GiB): "
+                f"total {est.total / 1e9:.2f} GB{each}"
+            )
     return 0
 
 
@@ -507,14 +633,30 @@ def cmd_list(ns: argparse.Namespace) -> int:
     print("models (hidden / intermediate / heads / layers; train uses the tokenizer's vocabulary):")
     for name, s in LLAMA_CONFIGS.items():
         print(f"  {name:<12} {s.hidden:>5} {s.intermediate:>6} {s.heads:>3} {s.layers:>3}")
+    from .optimizers import OPTIONAL_PACKAGES, installed, missing_packages
+
     print("optimizers (train / compare; memory knows all of them analytically):")
     for name, spec in registry.OPTIMIZERS.items():
-        status = "available" if spec.resolve() is not None else "not installed"
+        missing = missing_packages(spec)
+        status = f"needs {', '.join(missing)}" if missing else "available"
         aliases = f" (also: {', '.join(spec.aliases)})" if spec.aliases else ""
-        print(f"  {name:<18} {status:<14} lr {spec.lr:<7g} {spec.help}{aliases}")
+        print(f"  {name:<18} {status:<20} lr {spec.lr:<7g} {spec.help}{aliases}")
     print(f"projectors: {', '.join(registry.projector_names())}")
     print(f"inner rules: {', '.join(registry.inner_names())}")
     print(f"residual rules: {', '.join(registry.residual_names())}")
+    print("packages (looked up, not imported):")
+    for pkg, use in {
+        "transformers": "the LLaMA models of train / compare",
+        "matplotlib": "loss plots",
+        "tokenizers": "--tokenizer bpe",
+        **OPTIONAL_PACKAGES,
+    }.items():
+        print(f"  {pkg:<13} {'installed' if installed(pkg) else 'NOT installed':<14} {use}")
+    import torch
+
+    print(
+        f"  {'CUDA':<13} {'available' if torch.cuda.is_available() else 'not available':<14} GPU training, impl=triton"
+    )
     return 0
 
 
@@ -538,18 +680,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "compare",
-        help="several optimizers on the same model, data and seed",
-        description="Train the same model, data and seed with several optimizers; write a table and one plot.",
+        help="several optimizers on the same model and data, each at its best lr, over several seeds",
+        description="Train the same model and data with several optimizers, each at the best of a small lr grid, "
+        "over several seeds; write a table stating the protocol and one plot (docs/cli.md).",
     )
     p.add_argument(
         "--optimizers",
         nargs="+",
         required=True,
         metavar="SPEC",
-        help="NAME or NAME:key=value,... (e.g. adamw:lr=3e-3 galore_adamw:rank=64 galore_adamw:projector=dct)",
+        help="NAME or NAME:key=value,... (e.g. adamw galore_adamw:rank=64 'fira_adamw:lr=[3e-3,1e-2]')",
+    )
+    c = p.add_argument_group("protocol")
+    c.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1], metavar="SEED", help="seeds of every run (default 0 1)"
+    )
+    c.add_argument(
+        "--lr-grid",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="lrs tried per optimizer without a given lr: N values on the 1-3-10 ladder around its default "
+        "(default 3; 1: the default only)",
+    )
+    c.add_argument(
+        "--embed-lr",
+        type=_embed_lr,
+        default=1e-2,
+        metavar="LR",
+        help="lr of embeddings, norms and head for every optimizer, full-rank ones too (default 1e-2; 'off': "
+        "each optimizer's own lr)",
     )
     _add_train_options(p, compare=True)
-    p.set_defaults(func=cmd_compare)
+    p.set_defaults(func=cmd_compare, steps=100)  # each optimizer trains lrs x seeds times: shorter runs by default
 
     p = sub.add_parser(
         "memory",
@@ -595,9 +758,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--active-layers", type=_positive_int, help="blocks trained at a time under a layer sampler (LISA / OwLore)"
     )
     p.add_argument(
-        "--shards", type=_positive_int, default=1, help="FSDP: weights, gradients and states split over N devices"
+        "--shards",
+        type=_positive_int,
+        default=1,
+        help="FSDP: weights, gradients and states split over N devices (the numbers are then per device)",
     )
-    p.add_argument("--budget", help="device memory to check against, e.g. 24GB or 80GiB")
+    p.add_argument(
+        "--budget",
+        type=_size_text,
+        metavar="SIZE",
+        help="device memory to check against, with a unit: 24GB (10^9 bytes), 80GiB (2^30 bytes), 512MiB, ...",
+    )
     p.add_argument("--json", action="store_true", help="print JSON with byte counts")
     p.set_defaults(func=cmd_memory)
 

@@ -166,7 +166,7 @@ class BPETokenizer:
         try:
             from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
         except ImportError as err:  # pragma: no cover
-            raise ImportError("--tokenizer bpe needs the tokenizers package: pip install 'gradproj[hf]'") from err
+            raise ImportError("--tokenizer bpe needs the tokenizers package: pip install tokenizers") from err
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()

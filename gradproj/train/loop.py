@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +24,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..memory import optimizer_state_bytes
-from .data import BatchStream, eval_windows, load_data
+from .data import BatchStream, ByteTokenizer, eval_windows, load_data
 from .models import build_model, get_shape
-from .optimizers import OptimizerChoice, build_optimizer
-from .runtime import PARALLEL, DistributedRuntime, Runtime, make_runtime
+from .optimizers import OptimizerChoice, build_optimizer, check_optimizer, installed
+from .runtime import PARALLEL, DistributedRuntime, Runtime, launched_by_torchrun, make_runtime, resolve_device
 
 log = logging.getLogger("gradproj")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_BPE_VOCAB = 4096
 #: metrics that differ between otherwise identical runs (wall-clock), left out when runs are compared
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
 #: what may differ when a run is resumed (everything else must match the saved configuration)
@@ -58,7 +61,7 @@ class TrainConfig:
     data: list[str] | None = None
     text_key: str = "text"
     tokenizer: str = "byte"
-    vocab_size: int = 4096
+    vocab_size: int | None = None  # the tokenizer's: 256 for bytes; for BPE the size to train (None: 4096)
     val_fraction: float = 0.05
     max_bytes: int | None = None
     log_every: int = 1
@@ -89,6 +92,15 @@ class TrainConfig:
             raise ValueError(f"schedule = {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel = {self.parallel!r}; use one of {', '.join(PARALLEL)}")
+        if self.tokenizer not in ("byte", "bpe"):
+            raise ValueError(f"tokenizer = {self.tokenizer!r}; use 'byte' or 'bpe'")
+        if self.tokenizer == "byte" and self.vocab_size not in (None, ByteTokenizer.vocab_size):
+            raise ValueError(
+                f"vocab_size = {self.vocab_size}: the byte tokenizer's vocabulary is {ByteTokenizer.vocab_size}; "
+                "--vocab-size sets the size of a BPE vocabulary (--tokenizer bpe)"
+            )
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
+            raise ValueError(f"vocab_size = {self.vocab_size!r} must be a positive integer")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype = {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.warmup < 0:
@@ -104,6 +116,19 @@ class TrainConfig:
                 "--layerwise steps each weight during backward, before the global gradient norm --clip needs "
                 "exists; clip each weight's gradient instead with --optimizer-option max_grad_norm=VALUE"
             )
+
+    def vocabulary(self) -> int:
+        """The vocabulary the run's model has (for BPE: the size asked for; a small corpus may give fewer)."""
+        if self.tokenizer == "byte":
+            return ByteTokenizer.vocab_size
+        return self.vocab_size if self.vocab_size is not None else DEFAULT_BPE_VOCAB
+
+    def resolved(self) -> TrainConfig:
+        """A copy with every default that depends on other settings written out: the vocabulary, and the
+        optimizer's lr, rank and scale (what ``config.json`` stores)."""
+        return replace(
+            self, vocab_size=self.vocabulary(), optimizer=self.optimizer.resolved(get_shape(self.model).hidden)
+        )
 
     def warmup_steps(self) -> int:
         return round(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
@@ -133,6 +158,8 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown configuration keys {unknown}")
+        if d.get("tokenizer", "byte") == "byte":
+            d["vocab_size"] = ByteTokenizer.vocab_size  # earlier versions stored the unused BPE default here
         return cls(optimizer=opt, **d)
 
 
@@ -144,7 +171,7 @@ class RunResult:
     final_train_loss: float  # mean of the last min(10, steps) logged training losses
     final_val_loss: float | None
     final_val_ppl: float | None
-    mean_step_time_s: float  # over the steps of this invocation after the first (refreshes amortised)
+    mean_step_time_s: float  # over the steps after the first of each invocation, all invocations of the run
     tokens_per_s: float
     optimizer_state_bytes: int
     optimizer_state_parts: dict[str, int]
@@ -152,11 +179,51 @@ class RunResult:
     peak_memory_kind: str
     n_params: int
     history: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    #: optimizer steps this call trained (0: the run was already complete; its summary.json was left as it was)
+    steps_trained: int = field(default=0, repr=False)
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("history")
+        d.pop("steps_trained")
         return d
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM stopped a run at a step boundary; ``checkpoint`` holds that step (None: not saved)."""
+
+    def __init__(self, step: int, checkpoint: Path | None, out_dir: Path | None):
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else " (nothing saved: no output directory)"
+        super().__init__(f"interrupted after step {step}{where}")
+        self.step, self.checkpoint, self.out_dir = step, checkpoint, out_dir
+
+
+class _StopOnSignal:
+    """While active and ``armed`` (during the training steps), SIGINT and SIGTERM ask the loop to stop at the
+    next step boundary; a second one, or one before the first step (reading data), stops at once with
+    KeyboardInterrupt. Does nothing outside the main thread, where handlers cannot be set."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self.armed = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested or not self.armed:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("gradproj: %s: stopping after the current step", signal.Signals(signum).name)
+
+    def __enter__(self) -> _StopOnSignal:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 class MetricsLog:
@@ -191,6 +258,8 @@ def train(
     report: Callable[[str], None] | None = None,
     label: str | None = None,
     checkpoints: bool = True,
+    stop_on_signal: bool = False,
+    where: str = "",
 ) -> RunResult:
     """Train a LLaMA model as ``config`` describes and return the results.
 
@@ -203,6 +272,14 @@ def train(
             ``config.device`` / ``config.parallel``: DDP or FSDP2 under torchrun, else one process).
         progress: show a tqdm bar. ``report``: called with one line per evaluation (default: logging).
         label: the run's name on the progress bar and plot. ``checkpoints``: write checkpoints to ``out_dir``.
+        stop_on_signal: on SIGINT / SIGTERM, finish the current step, save a checkpoint of it (with
+            ``out_dir`` and ``checkpoints``) and raise :class:`TrainingInterrupted` (for the command; a
+            library caller keeps Python's default handling).
+        where: prefixed to the message of a configuration error (the command passes the flag or spec).
+
+    Every check (configuration, packages, the optimizer built on a stand-in of the model) runs before
+    anything is read or written. Resuming a run that already reached its last step trains nothing and
+    leaves its files as they were (the result then carries the saved summary, ``steps_trained == 0``).
     """
     say = report or log.info
     ckpt_path = None
@@ -218,31 +295,111 @@ def train(
         if ckpt_path is None:
             raise ValueError(f"--resume {resume}: no checkpoint in {resume / 'checkpoints'}")
         out_dir = out_dir if out_dir is not None else resume
-    config = config or TrainConfig()
-    config.validate()
+    config = preflight(config or TrainConfig(), where)
+    if resume is not None and ckpt_path is not None and checkpoint_step(ckpt_path) >= (config.stop_at or config.steps):
+        return _finished(resume, ckpt_path, config, say)
     own_runtime = runtime is None
     runtime = runtime or make_runtime(config.device, config.parallel)
     try:
-        return _train(config, out_dir, resume, ckpt_path, runtime, progress, say, label, checkpoints)
+        with _StopOnSignal(stop_on_signal) as stop:
+            return _train(config, out_dir, resume, ckpt_path, runtime, progress, say, label, checkpoints, stop)
     finally:
         if own_runtime:
             runtime.close()
 
 
+def missing_packages(config: TrainConfig) -> list[str]:
+    """What ``config`` needs that is not installed, as ``package (what for)``; nothing is imported."""
+    need = {"transformers": "the LLaMA model"}
+    if config.tokenizer == "bpe":
+        need["tokenizers"] = "--tokenizer bpe"
+    if any(str(d).startswith("hf:") for d in config.data or ()):
+        need["datasets"] = "--data hf:..."
+    return [f"{pkg} ({why})" for pkg, why in need.items() if not installed(pkg)]
+
+
+def preflight(config: TrainConfig, where: str = "") -> TrainConfig:
+    """Every check of a run before any work: the configuration, the packages it needs, and the optimizer
+    built on a meta-device stand-in of the model. Returns the configuration with its defaults resolved;
+    errors of the optimizer are prefixed with ``where`` (the flag or the spec of a ``compare`` run)."""
+    config.validate()
+    if launched_by_torchrun() and config.parallel != "none":  # refused before the process group starts
+        _refuse_distributed(config)
+    missing = missing_packages(config)
+    if missing:
+        raise ImportError(
+            f"the run needs {', '.join(missing)}, not installed here: pip install "
+            + " ".join(m.split()[0] for m in missing)
+        )
+    device = resolve_device(config.device)
+    prefix = f"{where}: " if where else ""
+    try:
+        check_optimizer(  # as given, so that a setting the optimizer ignores is reported (once: here)
+            config.optimizer,
+            get_shape(config.model),
+            config.vocabulary(),
+            seed=config.seed,
+            accumulation_steps=config.grad_accum,
+            dtype=DTYPES[config.dtype],
+            device=device,
+        )
+        return config.resolved()
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{prefix}{err}") from None
+
+
+def _refuse_distributed(config: TrainConfig) -> None:
+    """What a run over several processes (DDP / FSDP2) cannot do."""
+    if config.optimizer.layerwise:
+        raise ValueError(
+            "--layerwise steps each weight inside backward, before DDP / FSDP2 have reduced its gradient "
+            "across processes; train without --layerwise under torchrun"
+        )
+    if config.optimizer.sampler is not None:
+        raise ValueError(
+            f"--sampler {config.optimizer.sampler} switches which blocks train while the model is wrapped for "
+            "DDP / FSDP2, which fixes the trained parameters when it wraps; use --sampler in one process"
+        )
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint, from its name (``step_NNNNNNN.pt`` or ``step_NNNNNNN/``)."""
+    return int(Path(path).name[5:].split(".")[0])
+
+
+def _finished(resume: Path, ckpt_path: Path, config: TrainConfig, say) -> RunResult:
+    """The result of a run that is already at its last step: its saved summary, nothing rewritten."""
+    step = checkpoint_step(ckpt_path)
+    log.info(
+        "gradproj: %s is at step %d of %d: nothing to train; its files are left as they are", resume, step, config.steps
+    )
+    summary_path = resume / "summary.json"
+    if not summary_path.exists():
+        raise ValueError(
+            f"--resume {resume}: its newest checkpoint is of step {step}, the last one, but summary.json is "
+            "missing; nothing is left to train"
+        )
+    saved = json.loads(summary_path.read_text())
+    metrics = resume / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    known = {f.name for f in fields(RunResult)} - {"history", "steps_trained"}
+    return RunResult(**{k: v for k, v in saved.items() if k in known}, history=history, steps_trained=0)
+
+
 def _train(
-    config: TrainConfig, out_dir, resume, ckpt_path, runtime: Runtime, progress: bool, say, label, checkpoints
+    config: TrainConfig,
+    out_dir,
+    resume,
+    ckpt_path,
+    runtime: Runtime,
+    progress: bool,
+    say,
+    label,
+    checkpoints,
+    stop: _StopOnSignal,
 ) -> RunResult:
     if isinstance(runtime, DistributedRuntime):
-        if config.optimizer.layerwise:
-            raise ValueError(
-                "--layerwise steps each weight inside backward, before DDP / FSDP2 have reduced its gradient "
-                "across processes; train without --layerwise under torchrun"
-            )
-        if config.optimizer.sampler is not None:
-            raise ValueError(
-                f"--sampler {config.optimizer.sampler} switches which blocks train while the model is wrapped for "
-                "DDP / FSDP2, which fixes the trained parameters when it wraps; use --sampler in one process"
-            )
+        _refuse_distributed(config)
     if not runtime.is_main:  # one process reports for all
 
         def say(_line: str) -> None:
@@ -257,19 +414,23 @@ def _train(
         )
     if out is not None and runtime.is_main:
         (out / "checkpoints" if checkpoints else out).mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if not installed("matplotlib") and out is not None:
+        say("matplotlib is not installed: no loss plot will be written (pip install matplotlib)")
 
     data = load_data(
         config.data,
         seq_len=config.seq_len,
         tokenizer=config.tokenizer,
-        vocab_size=config.vocab_size,
+        vocab_size=config.vocabulary(),
         val_fraction=config.val_fraction,
         max_bytes=config.max_bytes,
         text_key=config.text_key,
         tokenizer_path=(out / "tokenizer.json") if out is not None and config.tokenizer == "bpe" else None,
     )
     say(f"data: {data.describe()}")
+    config.vocab_size = data.vocab_size  # a BPE trained on a small corpus may have fewer entries than asked
+    if out is not None and runtime.is_main:
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     shape = get_shape(config.model)
     model = build_model(config.model, data.vocab_size, config.seq_len, seed=config.seed, dtype=dtype, device=device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -284,8 +445,11 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: config.lr_factor(s))
 
     start = 0
+    # time and peak memory of the run so far (earlier invocations, from the checkpoint)
+    timing = {"timed_steps": 0, "timed_s": 0.0, "peak_memory_bytes": 0}
     if ckpt_path is not None:
-        start = _load_checkpoint(runtime, ckpt_path, runtime.unwrap_model(model), optimizer, scheduler)
+        start, saved_timing = _load_checkpoint(runtime, ckpt_path, runtime.unwrap_model(model), optimizer, scheduler)
+        timing.update(saved_timing)
         say(f"resumed from {ckpt_path} at step {start}")
     metrics = MetricsLog(out / "metrics.jsonl" if out is not None and runtime.is_main else None, keep_until=start)
     end = config.stop_at or config.steps
@@ -307,7 +471,24 @@ def _train(
     )
     step_times: list[float] = []
     last_val: dict[str, float] = {}
+    saved_at = None
+
+    def timing_now() -> dict[str, Any]:
+        peak = max(timing["peak_memory_bytes"], runtime.peak_memory()[0])
+        return {
+            "timed_steps": timing["timed_steps"] + len(step_times),
+            "timed_s": timing["timed_s"] + sum(step_times),
+            "peak_memory_bytes": peak,
+        }
+
+    def save(step: int) -> Path:
+        assert out is not None  # checkpoints are written only with an output directory
+        return save_checkpoint(
+            out, step, runtime.unwrap_model(model), optimizer, scheduler, config, runtime, timing=timing_now()
+        )
+
     t_run = time.perf_counter()
+    stop.armed = True
     try:
         for step in range(start + 1, end + 1):
             t0 = time.perf_counter()
@@ -362,19 +543,28 @@ def _train(
                 tok_s=f"{tokens_per_step / dt:,.0f}",
                 **({"val": f"{last_val['val_loss']:.3f}"} if last_val else {}),
             )
+            saved_at = None
             if checkpoints and out is not None and (step % config.save_every == 0 or step == end):
-                save_checkpoint(out, step, runtime.unwrap_model(model), optimizer, scheduler, config, runtime)
+                saved_at = save(step)
+            # every process stops at the same step (a signal may reach the ranks of a job at different steps)
+            requested = stop.requested if runtime.world_size == 1 else runtime.reduce_mean(float(stop.requested)) > 0
+            if requested and step < end:
+                if saved_at is None and checkpoints and out is not None:
+                    saved_at = save(step)
+                raise TrainingInterrupted(step, saved_at, out)
     finally:
+        stop.armed = False
         bar.close()
     elapsed = time.perf_counter() - t_run
 
-    peak, kind = runtime.peak_memory()
+    totals = timing_now()
+    peak, kind = totals["peak_memory_bytes"], runtime.peak_memory()[1]
     state = optimizer_state_bytes(optimizer)
     history = metrics.records
     val_records = [r for r in history if "val_loss" in r]
     last = [r["loss"] for r in history[-10:]]
-    n_timed = len(step_times)
-    mean_dt = sum(step_times) / n_timed if n_timed else elapsed
+    n_timed = totals["timed_steps"]
+    mean_dt = totals["timed_s"] / n_timed if n_timed else elapsed
     result = RunResult(
         config=config.to_dict(),
         steps_done=end,
@@ -389,6 +579,7 @@ def _train(
         peak_memory_kind=kind,
         n_params=n_params,
         history=history,
+        steps_trained=end - start,
     )
     if out is not None and runtime.is_main:
         (out / "summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n")
@@ -432,7 +623,7 @@ def list_checkpoints(out: str | Path) -> list[Path]:
         for p in checkpoint_dir(Path(out)).glob("step_*")
         if (p.is_file() and p.suffix == ".pt") or (p.is_dir() and (p / "extra.pt").is_file())
     ]
-    return sorted(found, key=lambda p: int(p.name[5:].split(".")[0]))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:
@@ -454,21 +645,34 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, config: TrainConfig, runtime: Runtime) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    config: TrainConfig,
+    runtime: Runtime,
+    timing: dict[str, Any] | None = None,
+) -> Path:
     """Write the checkpoint of ``step`` (layout: :mod:`gradproj.train.runtime`) and keep the newest
-    ``config.keep_checkpoints``."""
+    ``config.keep_checkpoints``. ``timing``: the run's timed steps, their seconds and its peak memory so far,
+    so a resumed run's summary covers every invocation."""
     path = checkpoint_dir(out) / runtime.checkpoint_name(step)
     extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "config": config.to_dict()}
+    if timing is not None:
+        extra["timing"] = timing
     runtime.save_checkpoint(path, model, optimizer, extra)
     for old in list_checkpoints(out)[: -config.keep_checkpoints]:
         runtime.remove_checkpoint(old)
     return path
 
 
-def _load_checkpoint(runtime: Runtime, path: Path, model, optimizer, scheduler) -> int:
+def _load_checkpoint(runtime: Runtime, path: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint; returns its step and the run's timing so far (empty for older checkpoints)."""
     ckpt = runtime.load_checkpoint(path, model, optimizer)
     scheduler.load_state_dict(ckpt["scheduler"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
     if "cuda" in ckpt["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in ckpt["rng"]["cuda"]])
-    return int(ckpt["step"])
+    return int(ckpt["step"]), dict(ckpt.get("timing") or {})

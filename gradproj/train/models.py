@@ -27,8 +27,8 @@ def build_model(
     """
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as err:  # pragma: no cover - transformers is part of the [hf] extra
-        raise ImportError("building LLaMA models needs transformers: pip install 'gradproj[hf]'") from err
+    except ImportError as err:  # pragma: no cover - transformers is a dependency of gradproj
+        raise ImportError("building LLaMA models needs transformers: pip install transformers") from err
 
     shape = get_shape(name) if isinstance(name, str) else name
     config = LlamaConfig(

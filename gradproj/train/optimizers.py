@@ -11,16 +11,19 @@ message, so the table can name optimizers before they exist. Aliases (old spelli
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import registry
+from ..models import LlamaShape
 from ..registry import OPTIMIZERS as OPTIMIZERS  # re-exported: the registry's one table
-from ..registry import OptimizerEntry, available_optimizers
+from ..registry import OptimizerEntry
 
 log = logging.getLogger("gradproj")
 
@@ -28,16 +31,59 @@ log = logging.getLogger("gradproj")
 OptimizerSpec = OptimizerEntry
 
 
-def get_spec(name: str) -> OptimizerEntry:
-    """The registered entry of ``name`` (or of an alias); ValueError when unknown or not importable here."""
+#: packages an inner rule needs beyond torch (the 8-bit rule quantizes with bitsandbytes' functional ops)
+INNER_RULE_PACKAGES: dict[str, tuple[str, ...]] = {"adam8bit": ("bitsandbytes",)}
+#: what each optional package is for, as ``gradproj list`` reports it
+OPTIONAL_PACKAGES: dict[str, str] = {
+    "bitsandbytes": "8-bit optimizer state (adamw8bit, galore_adamw8bit, inner=adam8bit)",
+    "triton": "fused CUDA kernels (impl=triton; impl=auto takes them on CUDA)",
+    "datasets": "--data hf:NAME",
+}
+
+
+def installed(package: str) -> bool:
+    """Whether ``package`` can be imported here, found without importing it (``importlib.util.find_spec``)."""
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def required_packages(spec: OptimizerEntry, inner: str | None = None) -> list[str]:
+    """The packages beyond gradproj and torch that optimizer ``spec`` needs (with inner rule ``inner``)."""
+    top = spec.target.partition(":")[0].split(".")[0]
+    needs = [] if top in ("gradproj", "torch") else [top]
+    for rule in (spec.inner, inner):
+        needs += [p for p in INNER_RULE_PACKAGES.get(rule or "", ()) if p not in needs]
+    return needs
+
+
+def missing_packages(spec: OptimizerEntry, inner: str | None = None) -> list[str]:
+    """The packages of :func:`required_packages` that are not installed (nothing is imported)."""
+    return [p for p in required_packages(spec, inner) if not installed(p)]
+
+
+def available_names() -> list[str]:
+    """The canonical optimizer names whose packages are installed (found without importing them)."""
+    return [name for name, spec in OPTIMIZERS.items() if not missing_packages(spec)]
+
+
+def get_spec(name: str, inner: str | None = None) -> OptimizerEntry:
+    """The registered entry of ``name`` (or of an alias); ValueError when unknown or its packages are missing.
+
+    Only the packages are looked for (nothing is imported), so naming an optimizer costs nothing.
+    """
     try:
         spec = registry.get_optimizer(name)
     except ValueError:
-        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available_optimizers())}") from None
-    if spec.resolve() is None:
+        raise ValueError(f"unknown optimizer {name!r}; available: {', '.join(available_names())}") from None
+    missing = missing_packages(spec, inner)
+    if missing:
         raise ValueError(
-            f"optimizer {name!r} ({spec.target.replace(':', '.')}) is not available in this installation; "
-            f"available: {', '.join(available_optimizers())}"
+            f"optimizer {name!r} needs {' and '.join(missing)}, which is not installed here: "
+            f"pip install {' '.join(missing)} (available now: {', '.join(available_names())})"
         )
     return spec
 
@@ -65,9 +111,97 @@ class OptimizerChoice:
     sampler: str | None = None  # "uniform" (LISA) or "owl" (OwLore)
     active_layers: int = 2
     sample_interval: int = 50
+    #: lr of every parameter outside the target matrices (embeddings, norms, head); None: ``lr`` for all of them
+    embed_lr: float | None = None
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else get_spec(self.name).lr
+
+    def resolved(self, hidden: int) -> OptimizerChoice:
+        """A copy with the recipe's defaults written out: ``lr``, and for an optimizer that projects, ``rank``
+        and ``scale``; for one that does not, the projection settings it ignores are dropped (``None``). What
+        ``config.json`` stores; building from either gives the same optimizer."""
+        spec = get_spec(self.name, self.group_options.get("inner"))
+        out = replace(self, lr=self.learning_rate())
+        if spec.projected:
+            out.rank = self.rank if self.rank is not None else spec.rank or max(1, hidden // 4)
+            out.scale = self.scale if self.scale is not None else spec.scale
+        else:
+            out.rank = out.scale = out.projector = None
+            out.group_options = {}
+        return out
+
+
+class _Block(nn.Module):
+    """A LLaMA decoder block's parameters under transformers' names (no forward), on the meta device."""
+
+    def __init__(self, shape: LlamaShape, dtype: torch.dtype):
+        super().__init__()
+        h, i = shape.hidden, shape.intermediate
+        self.self_attn = nn.ModuleDict({k: _linear(h, h, dtype) for k in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.mlp = nn.ModuleDict(
+            {"gate_proj": _linear(h, i, dtype), "up_proj": _linear(h, i, dtype), "down_proj": _linear(i, h, dtype)}
+        )
+        self.input_layernorm = nn.RMSNorm(h, device="meta", dtype=dtype)
+        self.post_attention_layernorm = nn.RMSNorm(h, device="meta", dtype=dtype)
+
+
+def _linear(n_in: int, n_out: int, dtype: torch.dtype) -> nn.Linear:
+    return nn.Linear(n_in, n_out, bias=False, device="meta", dtype=dtype)
+
+
+class StandInModel(nn.Module):
+    """The parameters of ``LlamaForCausalLM`` (names and shapes; no forward) of ``shape`` with ``vocab_size``
+    entries, on the meta device: for checking an optimizer's options without transformers, allocating
+    nothing."""
+
+    def __init__(self, shape: LlamaShape, vocab_size: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        h = shape.hidden
+        self.model = nn.Module()
+        # an explicit weight: nn.Embedding's own initialisation would import torch._dynamo (a second) for nothing
+        embedding = torch.empty(vocab_size, h, device="meta", dtype=dtype)
+        self.model.embed_tokens = nn.Embedding(vocab_size, h, _weight=embedding)
+        self.model.layers = nn.ModuleList(_Block(shape, dtype) for _ in range(shape.layers))
+        self.model.norm = nn.RMSNorm(h, device="meta", dtype=dtype)
+        self.lm_head = _linear(h, vocab_size, dtype)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+def check_optimizer(
+    choice: OptimizerChoice,
+    shape: LlamaShape,
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    accumulation_steps: int = 1,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> None:
+    """Every check of :func:`build_optimizer` without a model: the optimizer is built on a
+    :class:`StandInModel` on the meta device (no memory, no data, well under a second); raises what building
+    it for the real model would (ValueError naming the option), refuses a rank above every projected
+    matrix's min(m, n) (nothing would be projected), and ``impl="triton"`` where the kernels cannot run on
+    ``device`` (which the first step would find)."""
+    impl = choice.group_options.get("impl", choice.optimizer_options.get("impl"))
+    if impl == "triton" and device is not None:
+        from ..kernels import why_not_triton
+
+        reason = why_not_triton(torch.empty(0, dtype=dtype, device=device))
+        if reason is not None:
+            raise ValueError(f"impl='triton' cannot run here: {reason}. Use impl='auto' or impl='torch'")
+    model = StandInModel(shape, vocab_size, dtype)
+    optimizer = build_optimizer(model, choice, shape.hidden, seed=seed, accumulation_steps=accumulation_steps)
+    # every >= 2-D weight of the model, not only those left in a projected group: param_groups moves the
+    # matrices a rank covers into a group without projection (with a warning)
+    full = [min(p.shape[0], p[0].numel()) for g in optimizer.param_groups for p in g["params"] if p.dim() >= 2]
+    if full and get_spec(choice.name).projected and choice.rank is not None and choice.rank > max(full):
+        raise ValueError(
+            f"rank = {choice.rank} exceeds min(m, n) = {max(full)} of the largest projected matrix of this model, "
+            f"so nothing would be projected; use a rank below {max(full)} (or an optimizer that does not project)"
+        )
 
 
 def build_optimizer(
@@ -78,9 +212,10 @@ def build_optimizer(
     ``accumulation_steps``: backward passes per optimizer step; with ``choice.layerwise`` the per-layer
     hooks accumulate that many gradients before stepping each weight (``--grad-accum``).
     """
-    spec = get_spec(choice.name)
+    spec = get_spec(choice.name, choice.group_options.get("inner"))
     cls = spec.resolve()
-    assert cls is not None  # get_spec refuses optimizers that cannot be imported
+    if cls is None:
+        raise ValueError(f"optimizer {choice.name!r}: {spec.target.replace(':', '.')} cannot be imported here")
     kwargs: dict[str, Any] = {
         **spec.kwargs,
         "lr": choice.learning_rate(),
@@ -113,17 +248,41 @@ def build_optimizer(
             trainable_only=trainable_only,
             **extra,
         )
+        if choice.embed_lr is not None:
+            for group in params:
+                if "rank" not in group:
+                    group["lr"] = choice.embed_lr
+    elif choice.embed_lr is not None:  # the same split as the projected methods': target matrices / the rest
+        params = _split_groups(model, choice, trainable_only)
     else:
-        ignored = [k for k, v in (("--projector", choice.projector), ("--rank", choice.rank)) if v is not None]
+        params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
+    if not spec.projected:
+        flags = (("--projector", choice.projector), ("--rank", choice.rank), ("--scale", choice.scale))
+        ignored = [k for k, v in flags if v is not None]
         if choice.group_options:
             ignored.append("--group-option")
         if ignored:
             log.warning("gradproj: %s does not project gradients; ignoring %s", choice.name, ", ".join(ignored))
-        params = [p for p in model.parameters() if p.requires_grad or not trainable_only]
     try:
         return cls(params, **kwargs)
     except TypeError as err:
         raise ValueError(f"optimizer {choice.name!r} rejected its options {sorted(kwargs)}: {err}") from None
+
+
+def _split_groups(model: nn.Module, choice: OptimizerChoice, trainable_only: bool) -> list[dict[str, Any]]:
+    """Plain groups for an optimizer that projects nothing: the target matrices at its lr, the rest at
+    ``choice.embed_lr`` (the split gradproj.param_groups makes, without its log line about projecting)."""
+    import gradproj
+
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        groups = gradproj.param_groups(  # rank 1: the split only, so no matrix counts as covered by the rank
+            model, target_modules=choice.target_modules, rank=1, trainable_only=trainable_only
+        )
+    finally:
+        log.setLevel(level)
+    return [{"params": g["params"], **({} if "rank" in g else {"lr": choice.embed_lr})} for g in groups]
 
 
 def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
@@ -133,6 +292,8 @@ def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
         raise ValueError(f"sampler = {choice.sampler!r}; use 'uniform' (LISA) or 'owl' (OwLore)")
     blocks: Any = model.model.layers  # type: ignore[union-attr]  # a LLaMA's decoder layers (nn.Module.__getattr__)
     try:
+        if choice.sampler == "owl" and isinstance(model, StandInModel):  # no weights to measure outliers of
+            raise ValueError("a freshly initialised model has no outlier weights")
         return sampler_cls(blocks, choice.active_layers, choice.sample_interval, probs=choice.sampler, seed=seed)
     except ValueError as err:
         if choice.sampler != "owl":

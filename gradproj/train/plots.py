@@ -25,7 +25,7 @@ def plot_losses(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Pat
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as err:
-        raise ImportError("loss plots need matplotlib: pip install 'gradproj[plot]'") from err
+        raise ImportError("loss plots need matplotlib: pip install matplotlib") from err
 
     fig = Figure(figsize=(7, 4.2), dpi=120)
     FigureCanvasAgg(fig)  # render with Agg without touching pyplot's global backend
