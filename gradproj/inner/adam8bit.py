@@ -27,9 +27,10 @@ import sys
 
 import torch
 
+from ..kernels import reference
 from ..options import Option, number
 from ..state_layout import Spec
-from .adam import BETAS, EPS, Adam
+from .adam import ADAM_KERNEL, BETAS, EPS, Adam, fused
 from .base import StepContext
 
 #: values per quantization block (bitsandbytes' blockwise optimizers use 256)
@@ -121,6 +122,7 @@ class Adam8bit(Adam):
     options = (
         BETAS,
         EPS,
+        ADAM_KERNEL,
         Option(
             "min_8bit_size",
             4096,
@@ -151,9 +153,10 @@ class Adam8bit(Adam):
         (beta1, beta2), eps = group["betas"], group["eps"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if m.dtype != torch.uint8:  # a small tensor: fp32 moments
-            return ctx.ops.adam_update(R, m, v, beta1, beta2, eps), self.step_size(group, state, ctx)
+            return super().update(R, state, group, ctx)
         U = torch.empty(R.shape, dtype=R.dtype, device=R.device)
-        flat = (R.reshape(-1), U.view(-1), m.view(-1), v.view(-1))
+        flat = (R.reshape(-1), U.view(-1), m.view(-1), v.view(-1))  # R is contiguous (dense_down): views
+        one_pass = fused(group, ctx.ops)
         m_absmax, v_absmax = state[EXP_AVG_ABSMAX], state[EXP_AVG_SQ_ABSMAX]
         for start in range(0, R.numel(), CHUNK_SIZE):
             values = slice(start, start + CHUNK_SIZE)
@@ -161,7 +164,11 @@ class Adam8bit(Adam):
             r, u, m_codes, v_codes = (t[values] for t in flat)
             m32 = dequantize(m_codes, m_absmax[blocks], signed=True)
             v32 = dequantize(v_codes, v_absmax[blocks], signed=False)
-            u.copy_(ctx.ops.adam_update(r, m32, v32, beta1, beta2, eps))
+            r32 = r.to(torch.float32)
+            if one_pass and u.dtype == torch.float32 and reference.fused_adam_applies(r32, m32, v32):
+                reference.adam_update_fused([r32], [m32], [v32], beta1, beta2, eps, out=[u])  # ψ straight into U
+            else:
+                u.copy_(ctx.ops.adam_update(r, m32, v32, beta1, beta2, eps))
             quantize_(m32, m_codes, m_absmax[blocks], signed=True)
             quantize_(v32, v_codes, v_absmax[blocks], signed=False)
         return U, self.step_size(group, state, ctx)

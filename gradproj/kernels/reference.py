@@ -83,6 +83,72 @@ def adam_update_foreach(
     return torch._foreach_div(exp_avgs, denom)
 
 
+#: a step count at which torch's fused kernel's bias corrections are exactly 1 (β^t underflows to 0)
+_NO_BIAS_CORRECTION = 1e30
+_NO_BIAS_STEPS: dict[torch.device, torch.Tensor] = {}
+
+
+def fused_adam_applies(R: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> bool:
+    """Whether :func:`adam_update_fused` can run: torch's fused kernel reads its tensors as flat contiguous
+    buffers of one floating dtype (a strided R would be read in the wrong order)."""
+    return (
+        R.dtype == exp_avg.dtype == exp_avg_sq.dtype
+        and R.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        and R.device.type in ("cpu", "cuda")
+        and R.is_contiguous()
+        and exp_avg.is_contiguous()
+        and exp_avg_sq.is_contiguous()
+        and R.shape == exp_avg.shape
+    )
+
+
+def adam_update_fused(
+    Rs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+    out: list[torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """:func:`adam_update` of each tensor in one pass over its memory: torch's fused Adam kernel
+    (``torch._fused_adam_``) run on a zeroed buffer as its "parameter", with ``lr = -1`` and a step count
+    at which both bias corrections are exactly 1, so the buffer receives ψ = m / (√v + eps) itself.
+
+    The moments get :func:`adam_update`'s formulas (lerp, then ``β2·v + (1−β2)·R·R``, which the kernel may
+    round once where the reference rounds twice); ψ is the reference's to within a few float roundings
+    (< 4·eps·|ψ|, tests/test_fused_adam.py). ``adam_kernel="reference"`` keeps the reference's ops.
+    Every tensor must pass :func:`fused_adam_applies`. ``out``: buffers shaped like the moments to write ψ
+    into (overwritten; new ones when None).
+    """
+    if not Rs:
+        return []
+    device = Rs[0].device
+    step = _NO_BIAS_STEPS.get(device)
+    if step is None:
+        step = _NO_BIAS_STEPS[device] = torch.tensor(_NO_BIAS_CORRECTION, dtype=torch.float32, device=device)
+    if out is None:
+        out = [torch.zeros_like(m) for m in exp_avgs]
+    else:
+        torch._foreach_zero_(out)
+    torch._fused_adam_(
+        out,
+        list(Rs),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        [],
+        [step] * len(out),
+        lr=-1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=0.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    return out
+
+
 def adam_update(
     R: torch.Tensor,
     exp_avg: torch.Tensor,

@@ -168,7 +168,14 @@ class ProjectedOptimizer(Optimizer):
             self._layerwise.end_window(self)
         else:
             batch = multi_tensor.collect(self)  # foreach: regular GaLore steps, batched (multi_tensor.py)
-            work = engine.gather(skip=batch.ids)
+            dense = multi_tensor.collect_dense(self)  # unprojected Adam: torch's fused AdamW kernel
+            work = engine.gather(skip=batch.ids | dense.ids)
+            if dense.ids:  # new state in parameter order, whichever path creates it
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is not None and p not in self.state:
+                            self.state[p] = {}
+            multi_tensor.run_dense(self, dense)
             multi_tensor.run(self, batch)
             for p, grad, group, plan in work:
                 if plan.low_rank_grad is None:  # a projected-backward R was clipped when it was gathered

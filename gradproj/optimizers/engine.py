@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -167,6 +167,11 @@ class Plan:
     #: clipped); the update then neither refreshes nor projects, and reads no full gradient
     low_rank_grad: torch.Tensor | None = None
 
+    @property
+    def dense(self) -> bool:
+        """An unprojected parameter stepped on its own tensor (not sharded)."""
+        return self.shape2d is None and self.shard is None
+
 
 _UNPROJECTED_RESIDUAL = NoResidual()
 
@@ -194,6 +199,9 @@ class Engine:
         self._fits: dict[int, tuple[int, tuple[int, ...]]] = {}
         #: id(p) -> the parameter's position among all parameters (seeds random bases)
         self.param_index: dict[int, int] = {}
+        #: id(p) -> (what its plan was derived from, the plan): reused while the group's options, the
+        #: parameter's shape, dtype and device stay the same (copied per step: a step writes into its plan)
+        self._plans: dict[int, tuple[tuple, Plan]] = {}
         #: per-layer stepping (gradproj.optimizers.layerwise.LayerwiseStepper), or None
         self.layerwise: Any = None
         #: gradproj.project_backward's handle (gradproj.optimizers.projected_backward), or None: its ``gather``
@@ -255,6 +263,7 @@ class Engine:
         """Check every group and every parameter's state in full at the next step (after a load)."""
         self._validated.clear()
         self._fits.clear()
+        self._plans.clear()
 
     def _check_group(self, group: dict, where: str) -> None:
         refuse_unknown(group, self.group_keys(), where, "param-group key")
@@ -326,7 +335,19 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------ plan
     def plan(self, p: torch.Tensor, group: dict) -> Plan:
-        """How ``p`` is stepped under ``group``: its 2-D shape, projector, residual, scale and kernels."""
+        """How ``p`` is stepped under ``group``: its 2-D shape, projector, residual, scale and kernels.
+
+        Derived once per parameter and group version (:meth:`group_version`), then copied each step."""
+        key = (self.group_version(group), id(group), p.shape, p.dtype, p.device, self.param_index.get(id(p), 0))
+        cached = self._plans.get(id(p))
+        if cached is None or cached[0] != key or key[0] < 0:
+            plan = self._plan(p, group)
+            if not plan.projector.reusable:
+                return plan
+            cached = self._plans[id(p)] = (key, plan)
+        return replace(cached[1])
+
+    def _plan(self, p: torch.Tensor, group: dict) -> Plan:
         ops = kernels.resolve(group["impl"], p)
         inner = self.inner(group)
         rank = group.get("rank")
@@ -458,6 +479,8 @@ class Engine:
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
             return  # compile=True: the lines below ran as one compiled graph
+        if plan.dense and multi_tensor.dense_step_applies(self.optimizer, p, grad, group, state):
+            return multi_tensor.step_dense(self.optimizer, p, grad, group, state)  # torch's fused AdamW kernel
         U, step_size = inner.update(R, state, group, ctx)
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
@@ -484,6 +507,7 @@ class Engine:
             plan.first_basis = None
         elif proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
             self.on_basis_change(state, group, step, proj, plan.inner)
+        proj.previous = None  # the snapshot of the old basis served its refresh (the projector is reused)
 
     def restart(self, p: torch.Tensor, state: dict, step: int, why: str, inner: InnerRule) -> None:
         """Drop a parameter's state (basis, inner and residual state) that no longer fits its group, keeping its

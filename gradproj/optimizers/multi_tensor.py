@@ -44,13 +44,15 @@ matrix has its own GEMMs (:data:`BATCHED_GEMM_DEVICES`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import kernels
-from ..inner.adam import bias_corrected_lr
+from ..inner.adam import Adam, bias_corrected_lr
+from ..inner.adam import fused as fused_adam
 from ..projectors import get_projector
 from ..projectors.base import choose_side, dense_down
 from ..projectors.lazy import GAP_KEY as LAZY_GAP
@@ -125,10 +127,27 @@ class _Bucket:
 
 
 @dataclass
+class _DenseBucket:
+    """Unprojected parameters of one group, device and dtype whose Adam has taken the same number of steps."""
+
+    group: dict
+    t: int  # the Adam step count after this update (since the moments were started)
+    items: list[_Item] = field(default_factory=list)
+
+
+@dataclass
 class Batch:
     """The eligible parameters of one step, bucketed; nothing has been modified yet."""
 
     buckets: list[_Bucket] = field(default_factory=list)
+    ids: frozenset = frozenset()
+
+
+@dataclass
+class DenseBatch:
+    """The unprojected Adam parameters of one step that torch's fused AdamW kernel steps (:func:`collect_dense`)."""
+
+    buckets: list[_DenseBucket] = field(default_factory=list)
     ids: frozenset = frozenset()
 
 
@@ -187,6 +206,127 @@ def collect(opt: ProjectedOptimizer) -> Batch:
     return Batch(list(buckets.values()), frozenset(id(it.p) for b in buckets.values() for it in b.items))
 
 
+#: state keys an unprojected Adam parameter may hold (anything else: a layout the per-parameter path restarts)
+_DENSE_KEYS = frozenset({"step", "exp_avg", "exp_avg_sq", "inner_start", "sr_seed"})
+
+
+def _dense_group(opt: ProjectedOptimizer, group: dict) -> bool:
+    """Group-level conditions of the fused AdamW step of unprojected parameters."""
+    inner = opt.engine.inner(group)
+    return (
+        isinstance(inner, Adam)
+        and type(inner).update is Adam.update
+        and type(inner).step_size is Adam.step_size
+        and group.get("adam_kernel", "fused") == "fused"
+        and group["norm_growth_limit"] is None
+        and not group["stochastic_rounding"]
+        and isinstance(group["lr"], (int, float))
+        and group["state_dtype"] is None
+        and all(0.0 <= b < 1.0 for b in group["betas"])  # bias corrections that are not 0
+    )
+
+
+def _dense_param(p: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> bool:
+    """Parameter-level conditions of the fused AdamW step (the group's: :func:`_dense_group`)."""
+    if (group.get("rank") is not None and p.dim() >= 2) or p.numel() == 0:
+        return False
+    if g.is_sparse or g.dtype != p.dtype or g.shape != p.shape or not (p.is_contiguous() and g.is_contiguous()):
+        return False
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or is_dtensor(p) or not set(state) <= _DENSE_KEYS:
+        return False
+    ea, eas = state.get("exp_avg"), state.get("exp_avg_sq")
+    if ea is None or eas is None:
+        return ea is None and eas is None
+    if not all(t.shape == p.shape and t.dtype == p.dtype and t.device == p.device for t in (ea, eas)):
+        return False
+    if not (ea.is_contiguous() and eas.is_contiguous()):
+        return False
+    try:  # the Triton kernels (fused already) run through the per-parameter path
+        return kernels.resolve(group["impl"], p).adam_update is kernels.reference.adam_update
+    except ValueError:  # impl='triton' where it cannot run: the per-parameter path raises it
+        return False
+
+
+def dense_step_applies(opt: ProjectedOptimizer, p: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> bool:
+    """Whether an unprojected parameter's Adam step is :func:`step_dense`'s (torch's fused AdamW kernel)."""
+    return _dense_group(opt, group) and _dense_param(p, g, group, state)
+
+
+def collect_dense(opt: ProjectedOptimizer) -> DenseBatch:
+    """The unprojected parameters (groups without ``rank``, tensors of fewer than 2 dimensions) that torch's
+    fused AdamW kernel steps (``adam_kernel="fused"``, the default): contiguous plain tensors with the
+    reference kernels (the CPU, or ``impl="torch"``), a gradient of their dtype, and no state or Adam state of
+    their own shape and dtype. Everything else takes the per-parameter path."""
+    buckets: dict[tuple, _DenseBucket] = {}
+    for group in opt.param_groups:
+        if group["compile"] or not _dense_group(opt, group):
+            continue  # compile=True: the compiled tail steps it (its eager steps take step_dense)
+        for p in group["params"]:
+            g = p.grad
+            state = opt.state.get(p) or {}
+            if g is None or not _dense_param(p, g, group, state):
+                continue
+            g = kernels.reference.clip_by_norm(g, group["max_grad_norm"])  # as the per-parameter loop does
+            t = state.get("step", 0) + 1 - state.get("inner_start", 0)
+            key = (id(group), p.device, p.dtype, t)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _DenseBucket(group, t)
+            bucket.items.append(_Item(p, g, state))
+    return DenseBatch(list(buckets.values()), frozenset(id(it.p) for b in buckets.values() for it in b.items))
+
+
+def step_dense(opt: ProjectedOptimizer, p: torch.Tensor, g: torch.Tensor, group: dict, state: dict) -> None:
+    """One unprojected parameter's step by torch's fused AdamW kernel, from :meth:`Engine.update` (the
+    per-layer path, and compile=True's eager steps), which has counted the step in ``state`` already."""
+    _step_dense(opt, _DenseBucket(group, state["step"] - state.get("inner_start", 0), [_Item(p, g, state)]), False)
+
+
+def _step_dense(opt: ProjectedOptimizer, bucket: _DenseBucket, count: bool = True) -> None:
+    """Adam with GaLore's arithmetic (Adam.update, then decoupled decay after the update) by torch's fused
+    AdamW kernel. GaLore adds eps to √v and folds both bias corrections into the step size; torch adds eps to
+    √v / √(1−β2^t). The two are the same function when torch is given eps / √(1−β2^t): then torch's update
+    lr/(1−β1^t) · m / (√v/√(1−β2^t) + eps/√(1−β2^t)) = lr·√(1−β2^t)/(1−β1^t) · m / (√v + eps), rounded
+    differently (within a few ulps of the update). The decay runs after the update, as in the reference."""
+    group = bucket.group
+    for it in bucket.items:
+        if "exp_avg" not in it.state:
+            it.state = opt.state[it.p] if it.state is not opt.state.get(it.p) else it.state
+            it.state["exp_avg"] = torch.zeros_like(it.p, memory_format=torch.contiguous_format)
+            it.state["exp_avg_sq"] = torch.zeros_like(it.p, memory_format=torch.contiguous_format)
+    Ws = [it.p.detach() for it in bucket.items]
+    beta1, beta2 = group["betas"]
+    lr, t = float(group["lr"]), bucket.t
+    step = torch.tensor(float(t), dtype=torch.float32, device=Ws[0].device)
+    torch._fused_adamw_(
+        Ws,
+        [it.grad for it in bucket.items],
+        [it.state["exp_avg"] for it in bucket.items],
+        [it.state["exp_avg_sq"] for it in bucket.items],
+        [],
+        [step] * len(Ws),
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=0.0,
+        eps=group["eps"] / math.sqrt(1.0 - beta2**t),
+        amsgrad=False,
+        maximize=False,
+    )
+    decay = lr * group["weight_decay"]
+    if decay != 0.0:  # kernels.reference.apply_weight_decay_, after the update
+        torch._foreach_add_(Ws, Ws, alpha=-decay)
+    if count:
+        for it in bucket.items:
+            it.state["step"] = it.state.get("step", 0) + 1
+
+
+def run_dense(opt: ProjectedOptimizer, batch: DenseBatch) -> None:
+    """Step every parameter of ``batch`` with torch's fused AdamW kernel, one call per bucket."""
+    for bucket in batch.buckets:
+        _step_dense(opt, bucket)
+
+
 def run(opt: ProjectedOptimizer, batch: Batch) -> None:
     """Step every parameter of ``batch``: the per-parameter path's math, a chunk of matrices at a time."""
     for bucket in batch.buckets:
@@ -206,6 +346,25 @@ def _chunks(bucket: _Bucket) -> list[list[_Item]]:
     return [bucket.items[i : i + size] for i in range(0, len(bucket.items), size)]
 
 
+def _adam_directions(group: dict, ops: KernelOps, Rs: list, ms: list, vs: list) -> list[torch.Tensor]:
+    """Adam.update's directions over a chunk: torch's fused kernel for the matrices where the per-parameter
+    path runs it (``adam_kernel="fused"``, :func:`gradproj.inner.adam.fused`), the reference's ops for the
+    others, so that either path gives each matrix the same bits."""
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    use_fused = fused_adam(group, ops)
+    picks = [use_fused and kernels.reference.fused_adam_applies(R, m, v) for R, m, v in zip(Rs, ms, vs)]
+    out: list = [None] * len(Rs)
+    for flag in (True, False):
+        idx = [i for i, f in enumerate(picks) if f is flag]
+        if not idx:
+            continue
+        args = ([Rs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx], beta1, beta2, eps)
+        res = kernels.reference.adam_update_fused(*args) if flag else kernels.reference.adam_update_foreach(*args)
+        for i, U in zip(idx, res):
+            out[i] = U
+    return out
+
+
 def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) -> None:
     group, side = bucket.group, bucket.side
     m, n = bucket.shape2d
@@ -223,12 +382,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     if batched:
         assert P is not None
         G = torch.stack(Gs)
-        if side == "right":
-            R = torch.bmm(G, P.transpose(1, 2))
-        elif G.device.type == "cpu":  # the layout Projector.down uses on the CPU
-            R = torch.bmm(G.transpose(1, 2), P).transpose(1, 2)
-        else:
-            R = torch.bmm(P.transpose(1, 2), G)
+        R = torch.bmm(G, P.transpose(1, 2)) if side == "right" else torch.bmm(P.transpose(1, 2), G)
         del G
         Rs = list(R.to(ms[0].dtype).unbind(0))
     else:
@@ -241,8 +395,7 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     # kernel's arithmetic; for bf16 / fp16 state each op rounds to the state dtype (as impl="torch" does)
     # where the kernel rounds once. Reproducing the single rounding here took float32 copies of all the
     # moments, which measured slower on an H100 than the per-matrix kernels (docs/benchmarks.md).
-    beta1, beta2 = group["betas"]
-    Us = kernels.reference.adam_update_foreach(Rs, ms, vs, beta1, beta2, group["eps"])
+    Us = _adam_directions(group, bucket.ops, Rs, ms, vs)
     del Rs
 
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
@@ -266,4 +419,17 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         torch._foreach_add_(Ws, Ws, alpha=-decay)
 
 
-__all__ = ["BATCHED_GEMM_DEVICES", "BATCHED_GEMM_MAX_NUMEL", "CHUNK_BYTES", "Batch", "check_option", "collect", "run"]
+__all__ = [
+    "BATCHED_GEMM_DEVICES",
+    "BATCHED_GEMM_MAX_NUMEL",
+    "CHUNK_BYTES",
+    "Batch",
+    "DenseBatch",
+    "check_option",
+    "collect",
+    "collect_dense",
+    "dense_step_applies",
+    "run",
+    "run_dense",
+    "step_dense",
+]

@@ -16,6 +16,7 @@ Sides (W is m x n, torch layout ``[out, in]``)::
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from typing import ClassVar
 
@@ -64,14 +65,42 @@ def choose_side(m: int, n: int, proj_type: str) -> str:
     raise ValueError(f"unknown proj_type {proj_type!r}; use one of {', '.join(PROJ_TYPES)}")
 
 
+#: (m, n, r, dtype) -> whether ``Pᵀ G`` (True) or ``(Gᵀ P)ᵀ`` copied to a contiguous R (False) is the faster
+#: left projection on this CPU; measured once per process and shape (:func:`left_layout`)
+_LEFT_LAYOUT: dict[tuple, bool] = {}
+#: the transposed form must be this much faster to be chosen (timing noise must not flip the choice)
+LAYOUT_MARGIN = 0.9
+
+
+def left_layout(G: torch.Tensor, P: torch.Tensor) -> bool:
+    """Whether ``Pᵀ G`` is the faster form of a left projection of ``G`` (m x n) on ``P`` (m x r) on the CPU.
+
+    Both forms give a contiguous r x n R (the fused Adam kernel reads R as a flat buffer): ``Pᵀ G`` directly,
+    or ``Gᵀ P`` (n x r) transposed and copied. Which GEMM layout MKL runs faster depends on the CPU (the
+    transposed one was ~1.4x faster on an AMD EPYC, the plain one 1.2-1.3x faster on an Intel Xeon), so it is
+    timed on the first projection of each shape and dtype (three runs of each, best of each) and cached for
+    the process. The two forms round differently (a few ulps of R); one process always uses one of them.
+    """
+    key = (*G.shape, P.shape[1], G.dtype)
+    plain = _LEFT_LAYOUT.get(key)
+    if plain is None:
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(3):
+            for form in (True, False):
+                start = time.perf_counter()
+                _ = P.t() @ G if form else (G.t() @ P).t().contiguous()
+                best[form] = min(best[form], time.perf_counter() - start)
+        plain = _LEFT_LAYOUT[key] = not best[False] < LAYOUT_MARGIN * best[True]
+    return plain
+
+
 def dense_down(G: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
-    """R for a dense one-sided basis P: ``G Pᵀ`` (right, P r x n) or ``Pᵀ G`` (left, P m x r)."""
+    """R for a dense one-sided basis P: ``G Pᵀ`` (right, P r x n) or ``Pᵀ G`` (left, P m x r), contiguous."""
     if side == "right":
         return G @ P.t()
-    if G.device.type == "cpu":
-        # same product, but MKL runs G.T @ P (n x m times m x r) ~1.4x faster than P.T @ G here
-        return (G.t() @ P).t()
-    return P.t() @ G
+    if G.device.type != "cpu" or torch.compiler.is_compiling() or left_layout(G, P):
+        return P.t() @ G
+    return (G.t() @ P).t().contiguous()
 
 
 class Projector(Configurable):
@@ -103,6 +132,9 @@ class Projector(Configurable):
     previous: dict | None = None
     #: ``refresh="lazy"`` (set from the group; False for projectors built without :meth:`__init__`)
     lazy: bool = False
+    #: True when one instance may serve every step of a parameter (it keeps nothing between steps but
+    #: :attr:`previous`, which the engine clears): the engine then builds it once per group version
+    reusable: ClassVar[bool] = False
 
     @classmethod
     def stores_dense(cls, group: dict) -> bool:
@@ -333,6 +365,7 @@ class IdentityProjector(Projector):
     name = "identity"
     refreshes = False
     orthonormal = True
+    reusable = True
 
     def __init__(self, shape: tuple[int, int], rank: int, proj_type: str, group: dict):
         self.m, self.n = shape

@@ -45,6 +45,7 @@ class EighProjector(Projector):
     ``basis_bits`` (quantized storage, :mod:`gradproj.projectors.quantized`)."""
 
     name = "eigh"
+    reusable = True
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
     options = (*lazy.OPTIONS, BASIS_BITS_OPTION)
 

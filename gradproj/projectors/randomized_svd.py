@@ -83,6 +83,7 @@ class RandomizedSVDProjector(Projector):
     """
 
     name = "randomized_svd"
+    reusable = True
     orthonormal = True  # an isometry whose adjoint is down(): Fira's factored path applies
     options = (
         Option(

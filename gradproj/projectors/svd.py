@@ -40,6 +40,7 @@ class SVDProjector(Projector):
 
     name = "svd"
     orthonormal = True
+    reusable = True
     options = (
         Option(
             "sharded_refresh",

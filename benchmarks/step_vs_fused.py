@@ -1,0 +1,166 @@
+"""The whole optimizer step of a LLaMA model's parameters against torch's fused AdamW and the GEMM floor.
+
+Every parameter of the model (decoder blocks' Linear weights, RMSNorm weights, embedding, output head) gets
+a fixed random gradient. Side by side, one step each per round with the first one rotated every round:
+
+* ``fused AdamW``: ``torch.optim.AdamW(fused=True)`` over all parameters;
+* ``gradproj``: ``GaLoreAdamW`` with its defaults (block matrices projected at rank hidden/4, T = 200,
+  everything else unprojected); a refresh step and a regular step are timed separately and the amortized
+  step is (refresh + (T - 1) · regular) / T;
+* ``GEMMs``: the two projection GEMMs of every block matrix alone (R = down(G), W += B(R)) with the basis
+  gradproj keeps, in the layout gradproj chooses — the floor of any GaLore step — against a regular step of
+  ``GaLoreAdamW`` over the block matrices alone (first table).
+
+Extra columns compare other gradproj configurations (``--variants``).
+
+    PYTHONPATH=. python benchmarks/step_vs_fused.py --models llama_20m llama_60m --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import gradproj
+from common import LLAMA, block_matrix_shapes, cpu_name
+from gradproj.projectors.base import dense_down
+
+VOCAB = 32000
+
+
+def model_shapes(name: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    """(block matrices, other tensors) of a LLaMA configuration with an untied head."""
+    h, _, _, layers = LLAMA[name]
+    other = [(VOCAB, h), (VOCAB, h), (h,)] + [(h,)] * (2 * layers)
+    return block_matrix_shapes(name), other
+
+
+def make_params(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
+    return params
+
+
+#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults)
+VARIANTS = {
+    "default": {},
+    "reference": {"adam_kernel": "reference"},
+    "randomized_svd": {"projector": "randomized_svd"},
+    "eigh": {"projector": "eigh"},
+    "8bit": {},
+}
+
+
+def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: bool) -> dict:
+    h = LLAMA[name][0]
+    rank = h // 4
+    blocks, other = model_shapes(name)
+    nb = len(blocks)
+    params = make_params(blocks + other, seed=0)
+    mats, rest = params[:nb], params[nb:]
+    opts: dict = {"fused AdamW": torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)}
+    for v in variants:
+        group = {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, **VARIANTS[v]}
+        extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
+        cls = gradproj.GaLoreAdamW8bit if v == "8bit" else gradproj.GaLoreAdamW
+        opts[f"gradproj {v}"] = cls([group, {"params": rest, **extra}], lr=1e-3)
+    # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
+    def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
+        return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25}
+
+    opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3)
+    if blocks_8bit:
+        opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3)
+    for opt in opts.values():
+        opt.step()  # allocates state, first basis
+    first = opts[f"gradproj {variants[0]}"]
+    bases = [first.state[p]["proj"] for p in mats]
+    sides = ["right" if p.shape[0] >= p.shape[1] else "left" for p in mats]
+
+    class Gemms:
+        def step(self):
+            for p, P, side in zip(mats, bases, sides):
+                R = dense_down(p.grad, P, side)
+                if side == "right":
+                    p.data.addmm_(R, P, alpha=-1e-6)
+                else:
+                    p.data.addmm_(P, R, alpha=-1e-6)
+
+    opts["GEMMs"] = Gemms()
+    names = list(opts)
+    times = {k: {"regular": [], "refresh": []} for k in names}
+    for i in range(repeats + max(2, repeats // 3)):
+        kind, k = ("regular", 1) if i < repeats else ("refresh", gap)
+        for nm in names[i % len(names):] + names[: i % len(names)]:
+            opt = opts[nm]
+            if nm.startswith("gradproj"):
+                for st in opt.state.values():
+                    st["step"] = k
+            if nm == "fused AdamW" or nm == "GEMMs":
+                if kind == "refresh":
+                    continue
+            t0 = time.perf_counter()
+            opt.step()
+            times[nm][kind].append(time.perf_counter() - t0)
+    out = {}
+    for nm, t in times.items():
+        reg = statistics.median(t["regular"])
+        ref = statistics.median(t["refresh"]) if t["refresh"] else reg
+        out[nm] = {"regular": reg, "refresh": ref, "amortized": (ref + (gap - 1) * reg) / gap}
+    return {"model": name, "rank": rank, "threads": torch.get_num_threads(), "times": out}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["llama_20m", "llama_60m"])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--gap", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
+    ap.add_argument("--blocks-8bit", action="store_true", help="also GaLoreAdamW8bit on the block matrices")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for name in args.models:
+            rows.append(run(name, args.gap, args.repeats, args.variants, args.blocks_8bit))
+    print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
+          f"{args.repeats} regular rounds, medians\n")
+    print("| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
+          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["times"]
+        g, b = t["GEMMs"]["regular"], t["gradproj blocks"]["regular"]
+        q = t.get("gradproj 8bit blocks", {}).get("regular")
+        eight = f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -"
+        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | {eight} |")
+    print()
+    print("| model | threads | fused AdamW ms | GEMMs ms | " + " | ".join(
+        f"{v}: amortized (regular / refresh) ms | {v} / fused | {v} regular / GEMMs | {v} refresh share"
+        for v in args.variants) + " |")
+    print("|---|---|---|---|" + "---|---|---|---|" * len(args.variants))
+    for r in rows:
+        t = r["times"]
+        f, g = t["fused AdamW"]["regular"], t["GEMMs"]["regular"]
+        cells = []
+        for v in args.variants:
+            x = t[f"gradproj {v}"]
+            share = (x["refresh"] - x["regular"]) / args.gap / x["amortized"]
+            cells.append(f"{x['amortized'] * 1e3:.1f} ({x['regular'] * 1e3:.1f} / {x['refresh'] * 1e3:.0f}) "
+                         f"| {x['amortized'] / f:.2f}x | {x['regular'] / g:.2f}x | {share:.1%}")
+        print(f"| {r['model']} | {r['threads']} | {f * 1e3:.1f} | {g * 1e3:.1f} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
