@@ -121,11 +121,11 @@ def test_compiled_step_with_inductor(device):
 def test_compile_option_is_validated():
     model = TinyNet()
     with pytest.raises(ValueError, match="compile = 'yes'"):
-        gradproj.GaLoreAdamW(gradproj.param_groups(model), compile="yes")
+        gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4), compile="yes")
     with pytest.raises(ValueError, match="fullgraph"):
-        gradproj.GaLoreAdamW(gradproj.param_groups(model), compile={"fullgraph": False})
+        gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4), compile={"fullgraph": False})
     with pytest.raises(ValueError, match="takes no argument 'dynamc'"):  # not a silent fallback at the first step
-        gradproj.GaLoreAdamW(gradproj.param_groups(model), compile={"dynamc": True})
+        gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4), compile={"dynamc": True})
 
     from gradproj.inner import Adam
 
@@ -136,8 +136,8 @@ def test_compile_option_is_validated():
         inner_rule = Other
 
     with pytest.raises(ValueError, match="compile=True supports the inner rule"):
-        OtherOpt(gradproj.param_groups(model), compile=True)
-    OtherOpt(gradproj.param_groups(model))  # fine without compile
+        OtherOpt(gradproj.param_groups(model, rank=4), compile=True)
+    OtherOpt(gradproj.param_groups(model, rank=4))  # fine without compile
 
 
 def _fsdp_body(rank, world):
