@@ -43,7 +43,7 @@ def gemm_basis(P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``P`` in ``dtype``, cast at most once per version of ``P`` (:data:`_GEMM_BASES`)."""
     if P.dtype == dtype:
         return P
-    if torch.compiler.is_compiling():  # a graph casts it itself
+    if torch.compiler.is_compiling() or P.is_inference():  # a graph casts it itself; no version counter
         return P.to(dtype)
     cached = _GEMM_BASES.get(P)
     if cached is not None and cached[0] == P._version and cached[1] == dtype:
@@ -167,7 +167,8 @@ class Projector(Configurable):
     @property
     def gemm_dtype(self) -> torch.dtype | None:
         """The dtype of the projection GEMMs (group option ``proj_dtype``); None: the operands' own dtype."""
-        return PROJ_DTYPES.get(self.group.get("proj_dtype"))
+        group = getattr(self, "group", None)  # a subclass whose __init__ keeps no group: the operands' dtype
+        return None if group is None else PROJ_DTYPES.get(group.get("proj_dtype"))
 
     def gemm_basis(self, state: dict, key: str, dtype: torch.dtype) -> torch.Tensor:
         """The basis ``key`` in ``dtype`` for a ``proj_dtype`` GEMM: a dense basis's cached copy
