@@ -32,7 +32,8 @@ def make_model(args):
     return byte_llama(args.hidden, args.intermediate, args.layers, args.heads, args.seed, max_positions=args.seq)
 
 
-OPTIMIZERS = ("AdamW", "GaLoreAdamW", "FiraAdamW", "FrugalAdamW", "AdamW-lr-split", "GaLoreAdamW-int8", "GaLoreAdamW-int4")
+OPTIMIZERS = ("AdamW", "GaLoreAdamW", "FiraAdamW", "FrugalAdamW", "AdamW-lr-split", "GaLoreAdamW-int8", "GaLoreAdamW-int4",
+              "GaLoreAdamW-bf16proj")
 DEFAULT_OPTIMIZERS = OPTIMIZERS[:4]
 
 
@@ -51,6 +52,9 @@ def make_optimizer(name: str, model, args):
         return torch.optim.AdamW(model.parameters(), lr=args.lr_adamw, weight_decay=0.0), args.lr_adamw
     if name in ("GaLoreAdamW-int8", "GaLoreAdamW-int4"):  # GaLore with its basis stored as INT8 / INT4 codes
         groups = gradproj.param_groups(model, scale=args.scale, basis_bits=int(name[-1]), **proj)
+        return gradproj.GaLoreAdamW(groups, lr=args.lr_galore), args.lr_galore
+    if name == "GaLoreAdamW-bf16proj":  # GaLore with its projection GEMMs in bfloat16 (proj_dtype)
+        groups = gradproj.param_groups(model, scale=args.scale, proj_dtype="bfloat16", **proj)
         return gradproj.GaLoreAdamW(groups, lr=args.lr_galore), args.lr_galore
     if name == "GaLoreAdamW":
         return gradproj.GaLoreAdamW(gradproj.param_groups(model, scale=args.scale, **proj), lr=args.lr_galore), args.lr_galore

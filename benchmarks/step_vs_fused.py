@@ -54,6 +54,7 @@ VARIANTS = {
     "randomized_svd": {"projector": "randomized_svd"},
     "eigh": {"projector": "eigh"},
     "8bit": {},
+    "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
 }
 
 

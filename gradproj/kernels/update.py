@@ -90,6 +90,11 @@ def _add_up_scaled_(
     W: torch.Tensor, projector: Projector, state: dict, U: torch.Tensor, alpha: float, beta: float
 ) -> None:
     """``W ← beta·W + alpha·B(U)`` in one GEMM, for projectors using :meth:`Projector.add_up_`'s dense bases."""
+    if projector.gemm_dtype not in (None, W.dtype):  # proj_dtype: the GEMM in that dtype, then one add
+        if beta != 1.0:
+            W.mul_(beta)
+        projector.add_up_(W, U, state, alpha)
+        return
     X = U.to(W.dtype)
     basis = lambda key: projector.basis_tensor(state, key, W.dtype).to(W.dtype)  # noqa: E731  # dequantized if need be
     if projector.side == "right":

@@ -41,7 +41,7 @@ from .. import kernels
 from ..inner import INNER_RULES, InnerRule, StepContext
 from ..options import ABSENT, Option, boolean, choice, number, option_names
 from ..projectors import PROJ_TYPES, PROJECTORS, IdentityProjector, Projector, get_projector
-from ..projectors.base import NonFiniteGradientError
+from ..projectors.base import PROJ_DTYPES, NonFiniteGradientError
 from ..residual import RESIDUALS, NoResidual, Residual, get_residual, limit_update_growth
 from ..residual.limiter import NORM_GROWTH_KEY, check_growth_limit
 from ..state_layout import COMMON, Spec, state_problem
@@ -82,6 +82,11 @@ def _state_dtype(value: Any, name: str, where: str) -> None:
         raise ValueError(f"{where}: {name} = {value!r}; use None, 'float32', 'bfloat16' or 'float16'")
 
 
+def _proj_dtype(value: Any, name: str, where: str) -> None:
+    if not isinstance(value, (str, type(None))) or value not in PROJ_DTYPES:
+        raise ValueError(f"{where}: {name} = {value!r}; use None (the parameter's dtype), 'bfloat16' or 'float16'")
+
+
 def _impl(value: Any, name: str, where: str) -> None:
     if not isinstance(value, str) or value not in kernels.IMPLS:
         raise ValueError(f"{where}: {name} = {value!r}; use one of {', '.join(kernels.IMPLS)}")
@@ -103,6 +108,12 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     ),
     Option("impl", "auto", "kernels of the fused parts: `auto`, `torch` or `triton`", _impl),
     Option("state_dtype", None, "dtype of the optimizer state (None: the parameter's)", _state_dtype),
+    Option(
+        "proj_dtype",
+        None,
+        "dtype of the projection GEMMs `down` and `up` (None: the parameter's; `bfloat16`, `float16`)",
+        _proj_dtype,
+    ),
     Option("stochastic_rounding", False, "round bf16 weights stochastically after each update", boolean),
     Option("compile", False, "run the per-step math as one `torch.compile` graph (True or its arguments)"),
     Option(
@@ -322,6 +333,13 @@ class Engine:
             raise ValueError(
                 f"{where}: basis_bits = {group['basis_bits']!r} quantizes a dense basis, which projector="
                 f"{group['projector']!r} does not store; use one of {', '.join(quantizable)}, or basis_bits=None"
+            )
+        if group["proj_dtype"] is not None and not projector_cls.dense_basis:
+            dense = sorted(name for name, cls in PROJECTORS.items() if cls.dense_basis and cls.refreshes)
+            raise ValueError(
+                f"{where}: proj_dtype = {group['proj_dtype']!r} sets the dtype of the GEMMs with a stored dense "
+                f"basis, which projector={group['projector']!r} does not keep; use one of {', '.join(dense)}, "
+                "or proj_dtype=None"
             )
         projector_cls.apply_options(group, where)
         projector_cls.validate_group(group, where)

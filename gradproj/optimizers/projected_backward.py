@@ -24,10 +24,10 @@ gets a zero gradient then, so that DDP sees every parameter it reduces receive a
 **What it refuses at switch-on** (``ValueError``/``TypeError``, before anything changes): an optimizer with
 ``layerwise=True`` (it steps from full gradients inside backward), a group whose residual needs the full
 gradient (Fira, FRUGAL, APOLLO: ``residual != "none"``), ``compile=True`` (the compiled tail takes G as an
-input), a model already wrapped in DDP (wrap after switching on), and DTensor parameters (FSDP2's
-``fully_shard``: the sharded step reduces the full gradient across ranks). Projected weights of other modules
-(embeddings, convolutions, ``nn.Linear`` subclasses with their own ``forward``, a weight shared by several
-modules) stay on the normal path.
+input), ``proj_dtype`` other than None (R is formed in the parameter's dtype), a model already wrapped in DDP
+(wrap after switching on), and DTensor parameters (FSDP2's ``fully_shard``: the sharded step reduces the full
+gradient across ranks). Projected weights of other modules (embeddings, convolutions, ``nn.Linear``
+subclasses with their own ``forward``, a weight shared by several modules) stay on the normal path.
 
 **Clipping.** The optimizer's ``max_grad_norm`` clips R to that norm (‖R‖ ≤ ‖G‖ for an orthonormal basis,
 so it never bites harder than on G), as in the layerwise mode's low-rank accumulation;
@@ -194,6 +194,11 @@ class ProjectedBackward:
                     f"project_backward: {label} has compile=True, whose compiled step takes the full gradient as "
                     "an input; set compile=False for projected backward"
                 )
+            if group.get("proj_dtype") is not None:
+                raise ValueError(
+                    f"project_backward: {label} has proj_dtype={group['proj_dtype']!r}, but the projected backward "
+                    "forms R in the parameter's dtype; set proj_dtype=None for projected backward"
+                )
             modules.append((name, module))
         if not modules:
             raise ValueError(
@@ -276,6 +281,8 @@ class ProjectedBackward:
             return f"their group's residual is {group['residual']!r}"
         if group["compile"]:
             return "their group has compile=True"
+        if group.get("proj_dtype") is not None:  # set after switch-on: R is formed in the parameter's dtype
+            return f"their group sets proj_dtype={group['proj_dtype']!r}"
         if state_problem(state, engine.state_layout(weight, group, plan)) is not None:
             return "their state no longer fits their group (it restarts)"
         if not proj.has_basis(state):

@@ -21,6 +21,7 @@ import warnings
 from typing import ClassVar
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..options import Configurable
 from ..state_layout import Spec
@@ -30,6 +31,26 @@ from .change import BasisChange, snapshot_basis
 log = logging.getLogger("gradproj")
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+#: the group option ``proj_dtype``: the dtype the two projection GEMMs (``down`` and ``up``) run in
+PROJ_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: a dense basis -> (its ``_version``, dtype, its copy in that dtype): the low-precision copy a ``proj_dtype`` GEMM
+#: reads, cast once per refresh (a refresh writes the basis in place, which bumps its version). Keyed by the
+#: tensor's identity and held weakly: derived, never part of the optimizer state or a checkpoint.
+_GEMM_BASES = WeakIdKeyDictionary()
+
+
+def gemm_basis(P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``P`` in ``dtype``, cast at most once per version of ``P`` (:data:`_GEMM_BASES`)."""
+    if P.dtype == dtype:
+        return P
+    if torch.compiler.is_compiling() or P.is_inference():  # a graph casts it itself; no version counter
+        return P.to(dtype)
+    cached = _GEMM_BASES.get(P)
+    if cached is not None and cached[0] == P._version and cached[1] == dtype:
+        return cached[2]
+    low = P.to(dtype)
+    _GEMM_BASES[P] = (P._version, dtype, low)
+    return low
 
 
 class NonFiniteGradientError(ValueError):
@@ -139,8 +160,21 @@ class Projector(Configurable):
     @classmethod
     def stores_dense(cls, group: dict) -> bool:
         """Whether this projector keeps ``group``'s basis as a dense matrix under ``proj`` (:attr:`dense_basis`,
-        and no ``basis_bits``): what the batched ``foreach`` step needs."""
-        return cls.dense_basis and group.get("basis_bits") is None
+        and no ``basis_bits``) and projects in the parameter's dtype (no ``proj_dtype``): what the batched
+        ``foreach`` step needs."""
+        return cls.dense_basis and group.get("basis_bits") is None and group.get("proj_dtype") is None
+
+    @property
+    def gemm_dtype(self) -> torch.dtype | None:
+        """The dtype of the projection GEMMs (group option ``proj_dtype``); None: the operands' own dtype."""
+        group = getattr(self, "group", None)  # a subclass whose __init__ keeps no group: the operands' dtype
+        return None if group is None else PROJ_DTYPES.get(group.get("proj_dtype"))
+
+    def gemm_basis(self, state: dict, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """The basis ``key`` in ``dtype`` for a ``proj_dtype`` GEMM: a dense basis's cached copy
+        (:func:`gemm_basis`), or a quantized one dequantized straight into ``dtype``."""
+        dense = state.get(key)
+        return gemm_basis(dense, dtype) if dense is not None else self.basis_tensor(state, key, dtype)
 
     @classmethod
     def validate_group(cls, group: dict, where: str) -> None:
@@ -332,22 +366,48 @@ class Projector(Configurable):
         return BasisChange.between(self.basis_matrices(self.previous), self.basis_matrices(state))
 
     # ------------------------------------------------------------------------------------ projections
-    # a quantized basis (``basis_bits``) is dequantized into the dtype of the other operand of each GEMM
+    # a quantized basis (``basis_bits``) is dequantized into the dtype of the other operand of each GEMM.
+    # With ``proj_dtype`` the GEMM runs in that dtype (both operands cast, the basis once per refresh; torch
+    # accumulates in float32 and rounds the product to that dtype), and its result returns to the dtype of G / X.
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        low = self.gemm_dtype
+        if low is not None and low != G.dtype:
+            Gl = G.to(low)
+            if self.side == "full":
+                R = self.gemm_basis(state, "proj_left", low).t() @ Gl @ self.gemm_basis(state, "proj_right", low).t()
+            else:
+                R = dense_down(Gl, self.gemm_basis(state, "proj", low), self.side)
+            return R.to(G.dtype)
         if self.side == "full":
             P_left, P_right = (self.basis_tensor(state, k, G.dtype) for k in ("proj_left", "proj_right"))
             return P_left.t() @ G @ P_right.t()
         return dense_down(G, self.basis_tensor(state, "proj", G.dtype), self.side)
 
     def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
+        low = self.gemm_dtype
+        if low is not None and low != X.dtype:
+            return self._up_low(X.to(low), state, low).to(X.dtype)
         if self.side == "right":
             return X @ self.basis_tensor(state, "proj", X.dtype)
         if self.side == "left":
             return self.basis_tensor(state, "proj", X.dtype) @ X
         return self.basis_tensor(state, "proj_left", X.dtype) @ X @ self.basis_tensor(state, "proj_right", X.dtype)
 
+    def _up_low(self, X: torch.Tensor, state: dict, low: torch.dtype) -> torch.Tensor:
+        """``B(X)`` in the GEMM dtype ``low`` (X already in it)."""
+        if self.side == "right":
+            return X @ self.gemm_basis(state, "proj", low)
+        if self.side == "left":
+            return self.gemm_basis(state, "proj", low) @ X
+        return self.gemm_basis(state, "proj_left", low) @ X @ self.gemm_basis(state, "proj_right", low)
+
     def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
-        """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it."""
+        """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it (with ``proj_dtype``: the
+        GEMM in that dtype, then one add into W, since torch has no mixed-dtype ``addmm_`` on the CPU)."""
+        low = self.gemm_dtype
+        if low is not None and low != W.dtype:
+            W.add_(self._up_low(X.to(low), state, low), alpha=alpha)
+            return
         X = X.to(W.dtype)
         basis = lambda key: self.basis_tensor(state, key, W.dtype).to(W.dtype)  # noqa: E731  # a one-line local helper
         if self.side == "right":

@@ -1,0 +1,116 @@
+"""``proj_dtype="bfloat16"`` against the default (the parameter's float32) for GaLoreAdamW: speed and quality.
+
+Speed (``--speed``): the decoder blocks' matrices of a LLaMA configuration (rank hidden/4, fixed random
+gradients), a regular step (no refresh) of ``GaLoreAdamW`` with each ``proj_dtype``, and the two projection
+GEMMs alone (R = down(G), W += B(R)) in float32 and in bfloat16 (the basis cast once, as the option caches
+it). One round times each of the four once, the first one rotated every round; medians.
+
+Quality (``--quality``): benchmarks/quality.py's byte-level LLaMA, ``GaLoreAdamW`` and ``GaLoreAdamW-bf16proj``
+trained in lockstep (same initial model, same batches) for each seed; final validation losses, their mean and
+spread (max − min) over the seeds, and the paired difference per seed.
+
+    PYTHONPATH=. python benchmarks/proj_dtype.py --speed --models llama_20m llama_60m --threads 1
+    PYTHONPATH=. python benchmarks/proj_dtype.py --quality --seeds 0 1 2 --steps 200 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gradproj
+import quality
+from common import block_matrix_shapes, cpu_name, LLAMA
+from gradproj.projectors.base import dense_down
+
+
+def speed(name: str, repeats: int) -> dict:
+    h = LLAMA[name][0]
+    rank = h // 4
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02)) for s in block_matrix_shapes(name)]
+    for p in mats:
+        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
+    opts = {}
+    for dt in (None, "bfloat16"):
+        group = {"params": mats, "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_dtype": dt}
+        opts[f"step {dt}"] = gradproj.GaLoreAdamW([group], lr=1e-3)
+        opts[f"step {dt}"].step()  # state and first basis
+    first = opts["step None"]
+    bases = [first.state[p]["proj"] for p in mats]
+    sides = ["right" if p.shape[0] >= p.shape[1] else "left" for p in mats]
+
+    class Gemms:
+        def __init__(self, dtype):
+            self.dtype = dtype
+            self.bases = [P.to(dtype) for P in bases]  # cast once, as proj_dtype caches it per refresh
+
+        def step(self):
+            for p, P, side in zip(mats, self.bases, sides):
+                R = dense_down(p.grad.to(self.dtype), P, side).float()
+                B = (R.to(self.dtype) @ P) if side == "right" else (P @ R.to(self.dtype))
+                if self.dtype == torch.float32:  # the float32 path's fused GEMM into W
+                    p.data.addmm_(*((R, P) if side == "right" else (P, R)), alpha=-1e-6)
+                else:
+                    p.data.add_(B, alpha=-1e-6)
+
+    opts["GEMMs float32"], opts["GEMMs bfloat16"] = Gemms(torch.float32), Gemms(torch.bfloat16)
+    names = list(opts)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(repeats):
+        for nm in names[i % len(names):] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            opts[nm].step()
+            times[nm].append(time.perf_counter() - t0)
+    return {"model": name, "rank": rank, **{k: statistics.median(v) for k, v in times.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--quality", action="store_true")
+    ap.add_argument("--models", nargs="+", default=["llama_20m", "llama_60m"])
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gap", type=int, default=100, help="update_proj_gap T (quality.py's default)")
+    quality.add_model_arguments(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s)\n")
+    if args.speed:
+        print("| model | rank | GaLoreAdamW regular step ms: None / bfloat16 | bfloat16 / None "
+              "| GEMMs alone ms: float32 / bfloat16 | bfloat16 / float32 |")
+        print("|---|---|---|---|---|---|")
+        for name in args.models:
+            r = speed(name, args.repeats)
+            a, b = r["step None"], r["step bfloat16"]
+            c, d = r["GEMMs float32"], r["GEMMs bfloat16"]
+            print(f"| {name} | {r['rank']} | {a * 1e3:.1f} / {b * 1e3:.1f} | {b / a:.2f}x "
+                  f"| {c * 1e3:.1f} / {d * 1e3:.1f} | {d / c:.2f}x |")
+        print()
+    if args.quality:
+        names = ["GaLoreAdamW", "GaLoreAdamW-bf16proj"]
+        finals: dict[str, list[float]] = {n: [] for n in names}
+        for seed in args.seeds:
+            q = argparse.Namespace(**{**vars(args), "seed": seed, "optimizers": names, "rank": args.hidden // 4,
+                                      "gap": args.gap, "scale": 0.25, "lr_galore": 1e-2, "lr_adamw": 3e-3,
+                                      "lr_frugal": 3e-3, "warmup": 0.1, "min_lr": 0.1, "eval_every": args.steps,
+                                      "eval_batches": 4, "data_bytes": 4_000_000})
+            for row in quality.run(q)["rows"]:
+                finals[row["optimizer"]].append(row["val_loss"])
+        print("| seed | " + " | ".join(f"{n} val loss" for n in names) + " | bf16 − fp32 |")
+        print("|---|---|---|---|")
+        for i, seed in enumerate(args.seeds):
+            a, b = (finals[n][i] for n in names)
+            print(f"| {seed} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+        cells = [f"{statistics.fmean(v):.4f} ± {(max(v) - min(v)) / 2:.4f}" for v in finals.values()]
+        diffs = [b - a for a, b in zip(*finals.values())]
+        print(f"| mean ± half-range | {cells[0]} | {cells[1]} | {statistics.fmean(diffs):+.4f} |")
+
+
+if __name__ == "__main__":
+    main()
