@@ -11,9 +11,9 @@ computed at the matrix's first step. At most ``ceil(N / T)`` matrices of a group
 
 The offset lives in the state, so a checkpoint resumes on the same schedule. A state without one (written
 with ``refresh_stagger=False``, or a group switched to stagger) stores it at its next step and follows it
-from the step after. A changed
-``update_proj_gap`` keeps the stored offsets (taken modulo the new gap); ``refresh_stagger=False`` ignores
-them (they stay in the state, so switching stagger back on resumes the same offsets).
+from the step after. A changed ``update_proj_gap`` keeps the stored offsets (taken modulo the new gap);
+``refresh_stagger=False`` ignores them (they stay in the state, so switching stagger back on resumes the same
+offsets). ``refresh="lazy"`` (each matrix's own growing gap) is refused in combination.
 """
 
 from __future__ import annotations
