@@ -117,6 +117,8 @@ CASES = [  # name, optimizer, projected-group keys, constructor options, single-
     ("fira_gather", gradproj.FiraAdamW, {"sharded_refresh": "gather"}, {}, "svd"),
     ("galore_full_wd", gradproj.GaLoreAdamW, {"proj_type": "full"}, {"weight_decay": 0.1}, "svd"),
     ("galore_gram", gradproj.GaLoreAdamW, {}, {}, "gram_reference"),
+    # the refreshes spread over the gap: the ranks store and follow the single process's offsets
+    ("galore_gram_stagger", gradproj.GaLoreAdamW, {"refresh_stagger": True}, {}, "gram_reference"),
     ("fira_gram", gradproj.FiraAdamW, {}, {}, "gram_reference"),
     # moments restarted at every refresh: Adam's sign-equivariance makes the Gram basis give the SVD's
     # trajectory (the weights, to the float32 accuracy of the two bases: GRAM_VS_SVD; bases and moments

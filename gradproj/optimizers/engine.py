@@ -3,6 +3,7 @@
 For each parameter with a gradient, one step is::
 
     P        = projector.refresh(G) when t % T == 0 (or no basis yet)     # svd | identity | ...
+               (refresh_stagger: t % T == matrix's offset; projectors/schedule.py)
     R        = projector.down(G)                                            # r x n or m x r
     U, s     = inner.update(R, state)                                       # group key inner: adam | ...
     U, S     = residual.compute(G, R, U)                                    # group key residual: fira | ...
@@ -41,10 +42,11 @@ from .. import kernels
 from ..inner import INNER_RULES, InnerRule, StepContext
 from ..options import ABSENT, Option, boolean, choice, number, option_names
 from ..projectors import PROJ_TYPES, PROJECTORS, IdentityProjector, Projector, get_projector
+from ..projectors import schedule as refresh_schedule
 from ..projectors.base import PROJ_DTYPES, NonFiniteGradientError
 from ..residual import RESIDUALS, NoResidual, Residual, get_residual, limit_update_growth
 from ..residual.limiter import NORM_GROWTH_KEY, check_growth_limit
-from ..state_layout import COMMON, Spec, state_problem
+from ..state_layout import COMMON, Spec, scalar_int, state_problem
 from ..validation import FOREIGN_GROUP_KEYS, refuse_unknown
 from . import compiled, multi_tensor
 from .sharding import all_finite, is_dtensor, shard_plan
@@ -105,6 +107,13 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option("proj_type", "std", "the projected side (`std`: the longer side away)", choice(*PROJ_TYPES)),
     Option(
         "moments_on_refresh", "keep", "the inner state at a refresh: keep, reset or project it", choice(*MOMENT_RULES)
+    ),
+    Option(
+        "refresh_stagger",
+        False,
+        "spread the matrices' basis refreshes over the `update_proj_gap` steps (matrix k of N at offset k·T/N) "
+        "instead of refreshing all at one step",
+        boolean,
     ),
     Option("impl", "auto", "kernels of the fused parts: `auto`, `torch` or `triton`", _impl),
     Option("state_dtype", None, "dtype of the optimizer state (None: the parameter's)", _state_dtype),
@@ -177,6 +186,8 @@ class Plan:
     #: R computed by the caller (gradproj.project_backward: the weight's gradient arrived projected, already
     #: clipped); the update then neither refreshes nor projects, and reads no full gradient
     low_rank_grad: torch.Tensor | None = None
+    #: ``refresh_stagger``: the offset this matrix stores with its basis (gradproj.projectors.schedule)
+    refresh_offset: int = 0
 
     @property
     def dense(self) -> bool:
@@ -322,6 +333,11 @@ class Engine:
                 f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
                 "option (alpha is Fira's spelling): keep one"
             )
+        if group["refresh_stagger"] and group.get("refresh", "fixed") == "lazy":
+            raise ValueError(
+                f"{where}: refresh_stagger=True and refresh='lazy' cannot be combined (lazy refresh gives each "
+                "matrix its own growing gap); drop one of them"
+            )
         if group["moments_on_refresh"] == "project" and inner.state_transforms is None:
             raise ValueError(
                 f"{where}: moments_on_refresh='project' is not available for the {inner.name!r} inner rule "
@@ -385,7 +401,20 @@ class Engine:
             return Plan(None, IdentityProjector((m, n), 0, "std", group), _UNPROJECTED_RESIDUAL, 1.0, ops, inner)
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
         projector.param_index = self.param_index.get(id(p), 0)
-        return Plan((m, n), projector, get_residual(group["residual"])(), self.scale(group), ops, inner)
+        plan = Plan((m, n), projector, get_residual(group["residual"])(), self.scale(group), ops, inner)
+        if group["refresh_stagger"] and projector.refreshes:
+            matrices = [q for q in group["params"] if self._projected_matrix(q, group)]
+            k = next(i for i, q in enumerate(matrices) if q is p)
+            plan.refresh_offset = refresh_schedule.offset(k, len(matrices), projector.update_proj_gap)
+        return plan
+
+    @staticmethod
+    def _projected_matrix(p: torch.Tensor, group: dict) -> bool:
+        """Whether :meth:`_plan` projects ``p`` under ``group`` (a projected group's rank, not full rank)."""
+        if p.dim() < 2 or p.numel() == 0:
+            return False
+        m, n = p.shape[0], p.numel() // p.shape[0]
+        return group["rank"] < min(m, n) or group["projector"] == "identity"
 
     def state_layout(self, p: torch.Tensor, group: dict, plan: Plan) -> dict[str, Spec]:
         """Every state key ``p`` may hold under ``plan``, with its shape (see :mod:`gradproj.state_layout`)."""
@@ -394,6 +423,7 @@ class Engine:
             **COMMON,
             "accum": Spec(shape),  # a layerwise accumulation window's summed low-rank gradient
             **plan.projector.state_layout(),
+            **({refresh_schedule.OFFSET_KEY: scalar_int()} if plan.projector.refreshes else {}),
             **plan.inner.state_layout(shape, group),
             **plan.residual.state_layout(),
         }
@@ -525,6 +555,9 @@ class Engine:
             plan.first_basis = None
         elif proj.needs_refresh(state, step) and proj.refresh(G, state, step) and step > 0:
             self.on_basis_change(state, group, step, proj, plan.inner)
+        if proj.stagger and refresh_schedule.OFFSET_KEY not in state and proj.has_basis(state):
+            # with the first basis (or at the first step with stagger of a state written without): kept from now on
+            state[refresh_schedule.OFFSET_KEY] = plan.refresh_offset
         proj.previous = None  # the snapshot of the old basis served its refresh (the projector is reused)
 
     def restart(self, p: torch.Tensor, state: dict, step: int, why: str, inner: InnerRule) -> None:

@@ -53,7 +53,7 @@ import torch
 from .. import kernels
 from ..inner.adam import Adam, bias_corrected_lr
 from ..inner.adam import fused as fused_adam
-from ..projectors import get_projector
+from ..projectors import get_projector, schedule
 from ..projectors.base import choose_side, dense_down
 from ..projectors.lazy import GAP_KEY as LAZY_GAP
 from ..residual import get_residual
@@ -159,6 +159,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             continue
         rank, gap, auto = group["rank"], int(group["update_proj_gap"]), group["foreach"] is None
         lazy = group.get("refresh") == "lazy"  # each matrix's own gap (gradproj.projectors.lazy)
+        stagger = bool(group.get("refresh_stagger", False))
         ops_cache: dict[tuple, KernelOps | None] = {}
         for p in group["params"]:
             g = p.grad
@@ -167,7 +168,8 @@ def collect(opt: ProjectedOptimizer) -> Batch:
                 continue
             step = state.get("step", 0)
             ea, eas, proj = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("proj")
-            if step % (state.get(LAZY_GAP, gap) if lazy else gap) == 0 or ea is None or eas is None or proj is None:
+            own_gap = state.get(LAZY_GAP, gap) if lazy else gap
+            if schedule.due(state, step, own_gap, stagger) or ea is None or eas is None or proj is None:
                 continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
             if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
                 continue

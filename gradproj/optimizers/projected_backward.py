@@ -15,8 +15,9 @@ micro-batches like any gradient, ``model.zero_grad()`` clears it, and DDP all-re
 parameter, with no hook. ``optimizer.step()`` then steps the weight from R (``Plan.low_rank_grad``: the
 engine skips the projection GEMM and keeps the projector's back-projection and the inner rule).
 
-At a step where a matrix's basis is refreshed (``t % update_proj_gap == 0``, the matrix's own gap with
-``refresh="lazy"``, no basis yet, or state that no longer fits its group), the projector needs G: the
+At a step where a matrix's basis is refreshed (``Projector.needs_refresh``, the step's own rule: ``t %
+update_proj_gap == 0``, the matrix's own gap with ``refresh="lazy"``, its own offset with
+``refresh_stagger``; no basis yet, or state that no longer fits its group), the projector needs G: the
 forward pass decides from the optimizer state — which does not change until ``step()`` — and that layer then
 runs the ordinary ``F.linear``, so autograd computes exactly the gradient normal mode sees. Under DDP its proxy
 gets a zero gradient then, so that DDP sees every parameter it reduces receive a gradient each step.

@@ -25,7 +25,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..options import Configurable
 from ..state_layout import Spec
-from . import lazy, quantized
+from . import lazy, quantized, schedule
 from .change import BasisChange, snapshot_basis
 
 log = logging.getLogger("gradproj")
@@ -153,6 +153,8 @@ class Projector(Configurable):
     previous: dict | None = None
     #: ``refresh="lazy"`` (set from the group; False for projectors built without :meth:`__init__`)
     lazy: bool = False
+    #: ``refresh_stagger`` (set from the group): refresh at the matrix's own offset (:mod:`.schedule`)
+    stagger: bool = False
     #: True when one instance may serve every step of a parameter (it keeps nothing between steps but
     #: :attr:`previous`, which the engine clears): the engine then builds it once per group version
     reusable: ClassVar[bool] = False
@@ -189,6 +191,7 @@ class Projector(Configurable):
         # the optimizer writes every option's default into its groups; a group built by hand gets them here
         self.group = group if all(k in group for k in self.defaults) else {**self.defaults, **group}
         self.lazy = lazy.enabled(self.group)  # each matrix keeps its own gap (gradproj.projectors.lazy)
+        self.stagger = bool(self.group.get("refresh_stagger", False))
 
     # ----------------------------------------------------------------------------------------- shapes
     def low_rank_shape(self) -> tuple[int, int]:
@@ -247,12 +250,13 @@ class Projector(Configurable):
         return key in state or key + quantized.CODES in state
 
     def needs_refresh(self, state: dict, step: int) -> bool:
-        """True at t % T == 0 (t counted before the increment, so also at the first step) or with no basis.
+        """True with no basis, else at t % T == 0 (t counted before the increment), or with
+        ``refresh_stagger`` at the matrix's own offset (:func:`gradproj.projectors.schedule.due`).
 
         T is ``update_proj_gap``, or with ``refresh="lazy"`` the matrix's own gap (``lazy_gap`` in its state).
         """
         gap = state.get(lazy.GAP_KEY, self.update_proj_gap) if self.lazy else self.update_proj_gap
-        return not self.has_basis(state) or step % gap == 0
+        return not self.has_basis(state) or schedule.due(state, step, gap, self.stagger)
 
     def lazy_vectors(self, state: dict) -> list[torch.Tensor]:
         """The first vector of each side of the current basis (cloned), which ``refresh="lazy"`` compares
