@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import sysconfig
 import time
@@ -82,3 +83,46 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     return f"{cpu_name()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+# ---------------------------------------------------------------------------------- peak memory of a step
+def status_mib(field: str) -> float:
+    """A size field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+
+def peak_mib(device: torch.device, baseline: float) -> float:
+    """Peak memory since :func:`reset_peak`: CUDA's ``max_memory_allocated``; on CPU the peak RSS above
+    ``baseline`` (``status_mib("VmRSS")`` taken before the model was built)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return status_mib("VmHWM") - baseline
+
+
+def step_peaks(model, opt, steps: int, batch: int, seq: int, vocab: int, device: torch.device,
+               baseline: float) -> list[float]:
+    """Peak MiB (:func:`peak_mib`) of each of ``steps`` training steps of a causal LM on random tokens
+    (forward, backward, optimizer step, zero_grad), the tokens drawn from a generator seeded 0."""
+    g = torch.Generator().manual_seed(0)
+    peaks = []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        reset_peak(device)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+        peaks.append(peak_mib(device, baseline))
+    return peaks

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common import LLAMA, machine
+from common import LLAMA, machine, status_mib, step_peaks
 from state_bytes import RANKS, state_bytes  # RANKS: GaLore's pre-training ranks
 
 #: configuration -> (optimizer, layerwise)
@@ -43,31 +42,6 @@ CONFIGS = {
 
 
 # ------------------------------------------------------------------------------------------ worker
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
-
-
-def _reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-
-
-def _peak_mib(device, baseline: float) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mib("VmHWM") - baseline
-
-
 def worker(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,7 +54,7 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    baseline = _status_mib("VmRSS") if device.type == "cpu" else 0.0
+    baseline = status_mib("VmRSS") if device.type == "cpu" else 0.0
 
     hidden, inter, heads, layers = LLAMA[args.model]
     cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -96,17 +70,7 @@ def worker(args) -> dict:
         groups = gradproj.param_groups(model, rank=RANKS[args.model], update_proj_gap=200, scale=0.25)
         opt = cls(groups, lr=1e-2, layerwise=layerwise)
 
-    g = torch.Generator().manual_seed(0)
-    peaks = []
-    for _ in range(args.steps):
-        tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
-        _reset_peak(device)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
-        peaks.append(_peak_mib(device, baseline))
+    peaks = step_peaks(model, opt, args.steps, args.batch, args.seq, cfg.vocab_size, device, baseline)
 
     parts = gradproj.optimizer_state_bytes(opt)
     mib = 2**20
