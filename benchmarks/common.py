@@ -68,6 +68,16 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device=
     return statistics.median(times)
 
 
+def rows_per_thread_count(threads: list[int], models: list[str], run: Callable[[str], dict]) -> list[dict]:
+    """``run(model)`` for each model, under each torch thread count in turn (``torch.set_num_threads``)."""
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        for name in models:
+            rows.append(run(name))
+    return rows
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
     try:
