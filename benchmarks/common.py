@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable
@@ -136,3 +140,22 @@ def step_peaks(model, opt, steps: int, batch: int, seq: int, vocab: int, device:
         del loss
         peaks.append(peak_mib(device, baseline))
     return peaks
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of a measuring subprocess: this checkout's gradproj first on PYTHONPATH (whatever is
+    installed), no Hub access, large allocations returned to the system at once (so RSS peaks are the step's)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", **extra,
+            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+
+
+def run_worker(script: str, model: str, config: str, args, env: dict[str, str]) -> dict:
+    """Runs ``script --worker`` for one model and configuration with ``args``' device, dtype, batch, seq and
+    steps; returns the JSON row it prints last."""
+    cmd = [sys.executable, script, "--worker", "--model", model, "--config", config, "--device", args.device,
+           "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(script).parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"{model} / {config} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

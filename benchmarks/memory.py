@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common import LLAMA, machine, status_mib, step_peaks
+from common import LLAMA, machine, run_worker, status_mib, step_peaks, worker_env
 from state_bytes import RANKS, state_bytes  # RANKS: GaLore's pre-training ranks
 
 #: configuration -> (optimizer, layerwise)
@@ -89,16 +86,9 @@ def worker(args) -> dict:
 def run_all(args) -> list[dict]:
     rows = []
     jobs = [(m, c) for m in args.models for c in args.configs]
-    repo = str(Path(__file__).resolve().parent.parent)  # the checkout's gradproj, whatever is installed
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env = worker_env(TOKENIZERS_PARALLELISM="false")
     for model, config in tqdm(jobs, desc="configurations"):
-        cmd = [sys.executable, __file__, "--worker", "--model", model, "--config", config, "--device", args.device,
-               "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
-        if out.returncode != 0:
-            raise RuntimeError(f"{model} / {config} failed:\n{out.stderr[-4000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, model, config, args, env))
         if args.json:  # keep what is done if a later configuration fails
             Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     return rows

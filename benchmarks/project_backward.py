@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import LLAMA, machine, status_mib, step_peaks
+from common import LLAMA, machine, run_worker, status_mib, step_peaks, worker_env
 from state_bytes import RANKS
 
 CONFIGS = ("AdamW", "GaLore", "GaLore per-layer", "GaLore projected")
@@ -70,19 +68,8 @@ def memory_worker(args) -> dict:
 
 
 def memory_rows(args) -> list[dict]:
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    rows = []
-    for model in args.models:
-        for config in CONFIGS:
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--config", config, "--device", args.device,
-                   "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
-            if out.returncode != 0:
-                raise RuntimeError(f"{model} / {config} failed:\n{out.stderr[-4000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
+    env = worker_env()
+    return [run_worker(__file__, model, config, args, env) for model in args.models for config in CONFIGS]
 
 
 def vs_galore_table(rows: list[dict], columns: list[str], cells: Callable[[dict, dict], str]) -> str:
