@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import sysconfig
 import time
 from collections.abc import Callable
@@ -67,6 +72,16 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device=
     return statistics.median(times)
 
 
+def rows_per_thread_count(threads: list[int], models: list[str], run: Callable[[str], dict]) -> list[dict]:
+    """``run(model)`` for each model, under each torch thread count in turn (``torch.set_num_threads``)."""
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        for name in models:
+            rows.append(run(name))
+    return rows
+
+
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), or what the platform module knows."""
     try:
@@ -82,3 +97,65 @@ def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     return f"{cpu_name()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+# ---------------------------------------------------------------------------------- peak memory of a step
+def status_mib(field: str) -> float:
+    """A size field of /proc/self/status (``VmRSS``, ``VmHWM``) in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+
+def peak_mib(device: torch.device, baseline: float) -> float:
+    """Peak memory since :func:`reset_peak`: CUDA's ``max_memory_allocated``; on CPU the peak RSS above
+    ``baseline`` (``status_mib("VmRSS")`` taken before the model was built)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return status_mib("VmHWM") - baseline
+
+
+def step_peaks(model, opt, steps: int, batch: int, seq: int, vocab: int, device: torch.device,
+               baseline: float) -> list[float]:
+    """Peak MiB (:func:`peak_mib`) of each of ``steps`` training steps of a causal LM on random tokens
+    (forward, backward, optimizer step, zero_grad), the tokens drawn from a generator seeded 0."""
+    g = torch.Generator().manual_seed(0)
+    peaks = []
+    for _ in range(steps):
+        tokens = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+        reset_peak(device)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del loss
+        peaks.append(peak_mib(device, baseline))
+    return peaks
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    """The environment of a measuring subprocess: this checkout's gradproj first on PYTHONPATH (whatever is
+    installed), no Hub access, large allocations returned to the system at once (so RSS peaks are the step's)."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", **extra,
+            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+
+
+def run_worker(script: str, model: str, config: str, args, env: dict[str, str]) -> dict:
+    """Runs ``script --worker`` for one model and configuration with ``args``' device, dtype, batch, seq and
+    steps; returns the JSON row it prints last."""
+    cmd = [sys.executable, script, "--worker", "--model", model, "--config", config, "--device", args.device,
+           "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(script).parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"{model} / {config} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

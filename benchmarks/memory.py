@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from common import LLAMA, machine
+from common import LLAMA, machine, run_worker, status_mib, step_peaks, worker_env
 from state_bytes import RANKS, state_bytes  # RANKS: GaLore's pre-training ranks
 
 #: configuration -> (optimizer, layerwise)
@@ -43,31 +39,6 @@ CONFIGS = {
 
 
 # ------------------------------------------------------------------------------------------ worker
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1)) / 1024
-
-
-def _reset_peak(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-
-
-def _peak_mib(device, baseline: float) -> float:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _status_mib("VmHWM") - baseline
-
-
 def worker(args) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,7 +51,7 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    baseline = _status_mib("VmRSS") if device.type == "cpu" else 0.0
+    baseline = status_mib("VmRSS") if device.type == "cpu" else 0.0
 
     hidden, inter, heads, layers = LLAMA[args.model]
     cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -96,17 +67,7 @@ def worker(args) -> dict:
         groups = gradproj.param_groups(model, rank=RANKS[args.model], update_proj_gap=200, scale=0.25)
         opt = cls(groups, lr=1e-2, layerwise=layerwise)
 
-    g = torch.Generator().manual_seed(0)
-    peaks = []
-    for _ in range(args.steps):
-        tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
-        _reset_peak(device)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
-        peaks.append(_peak_mib(device, baseline))
+    peaks = step_peaks(model, opt, args.steps, args.batch, args.seq, cfg.vocab_size, device, baseline)
 
     parts = gradproj.optimizer_state_bytes(opt)
     mib = 2**20
@@ -125,16 +86,9 @@ def worker(args) -> dict:
 def run_all(args) -> list[dict]:
     rows = []
     jobs = [(m, c) for m in args.models for c in args.configs]
-    repo = str(Path(__file__).resolve().parent.parent)  # the checkout's gradproj, whatever is installed
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    env = worker_env(TOKENIZERS_PARALLELISM="false")
     for model, config in tqdm(jobs, desc="configurations"):
-        cmd = [sys.executable, __file__, "--worker", "--model", model, "--config", config, "--device", args.device,
-               "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
-        if out.returncode != 0:
-            raise RuntimeError(f"{model} / {config} failed:\n{out.stderr[-4000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_worker(__file__, model, config, args, env))
         if args.json:  # keep what is done if a later configuration fails
             Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
     return rows

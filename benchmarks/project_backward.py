@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from common import LLAMA, machine
-from memory import _peak_mib, _reset_peak, _status_mib
+from common import LLAMA, machine, run_worker, status_mib, step_peaks, worker_env
 from state_bytes import RANKS
 
 CONFIGS = ("AdamW", "GaLore", "GaLore per-layer", "GaLore projected")
@@ -63,46 +61,32 @@ def memory_worker(args) -> dict:
     import torch
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    baseline = _status_mib("VmRSS") if device.type == "cpu" else 0.0
+    baseline = status_mib("VmRSS") if device.type == "cpu" else 0.0
     model, opt, _ = build(args.model, args.config, device, dtype)
-    g = torch.Generator().manual_seed(0)
-    peaks = []
-    for _ in range(args.steps):
-        tokens = torch.randint(0, 32000, (args.batch, args.seq), generator=g).to(device)
-        _reset_peak(device)
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        del loss
-        peaks.append(_peak_mib(device, baseline))
+    peaks = step_peaks(model, opt, args.steps, args.batch, args.seq, 32000, device, baseline)
     return {"model": args.model, "config": args.config, "refresh_mib": peaks[0], "steady_mib": max(peaks[1:])}
 
 
 def memory_rows(args) -> list[dict]:
-    repo = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    rows = []
-    for model in args.models:
-        for config in CONFIGS:
-            cmd = [sys.executable, __file__, "--worker", "--model", model, "--config", config, "--device", args.device,
-                   "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).parent)
-            if out.returncode != 0:
-                raise RuntimeError(f"{model} / {config} failed:\n{out.stderr[-4000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return rows
+    env = worker_env()
+    return [run_worker(__file__, model, config, args, env) for model in args.models for config in CONFIGS]
+
+
+def vs_galore_table(rows: list[dict], columns: list[str], cells: Callable[[dict, dict], str]) -> str:
+    """A markdown table, a row per configuration of each model: model, configuration, then the numeric
+    ``columns`` whose ``cells(row, galore)`` gets the row and the GaLore row of its model to compare with."""
+    lines = ["| model | configuration | " + " | ".join(columns) + " |", "|---|---|" + "---:|" * len(columns)]
+    for r in rows:
+        base = next(b for b in rows if b["model"] == r["model"] and b["config"] == "GaLore")
+        lines.append(f"| {r['model']} | {r['config']} | {cells(r, base)} |")
+    return "\n".join(lines)
 
 
 def memory_table(rows: list[dict]) -> str:
-    lines = ["| model | configuration | peak MiB, refresh step | peak MiB, steady step | steady vs GaLore |",
-             "|---|---|---:|---:|---:|"]
-    for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["config"] == "GaLore")
-        lines.append(f"| {r['model']} | {r['config']} | {r['refresh_mib']:.0f} | {r['steady_mib']:.0f} | "
-                     f"{r['steady_mib'] / base['steady_mib'] - 1:+.1%} |")
-    return "\n".join(lines)
+    return vs_galore_table(
+        rows, ["peak MiB, refresh step", "peak MiB, steady step", "steady vs GaLore"],
+        lambda r, base: f"{r['refresh_mib']:.0f} | {r['steady_mib']:.0f} | "
+                        f"{r['steady_mib'] / base['steady_mib'] - 1:+.1%}")
 
 
 # -------------------------------------------------------------------------------------------- time
@@ -145,13 +129,10 @@ def time_rows(args) -> list[dict]:
 
 
 def time_table(rows: list[dict]) -> str:
-    lines = ["| model | configuration | backward s | backward vs GaLore | step s | tokens/s | tokens/s vs GaLore |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        base = next(b for b in rows if b["model"] == r["model"] and b["config"] == "GaLore")
-        lines.append(f"| {r['model']} | {r['config']} | {r['backward_s']:.3f} | {r['backward_s'] / base['backward_s']:.2f}x "
-                     f"| {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
-    return "\n".join(lines)
+    return vs_galore_table(
+        rows, ["backward s", "backward vs GaLore", "step s", "tokens/s", "tokens/s vs GaLore"],
+        lambda r, base: f"{r['backward_s']:.3f} | {r['backward_s'] / base['backward_s']:.2f}x | {r['step_s']:.3f} "
+                        f"| {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x")
 
 
 # --------------------------------------------------------------------------------------------- ddp

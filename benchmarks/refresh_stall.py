@@ -25,7 +25,7 @@ import time
 import torch
 
 import gradproj
-from common import cpu_name
+from common import cpu_name, rows_per_thread_count
 from step_vs_fused import make_params, model_shapes
 
 PROJECTORS = ("svd", "randomized_svd")
@@ -79,11 +79,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name in args.models:
-            rows.append(run(name, args.gap, args.rounds))
+    rows = rows_per_thread_count(args.threads, args.models, lambda name: run(name, args.gap, args.rounds))
     print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
           f"{args.rounds} rounds of T steps, median per step position\n")
     print("| model (N matrices) | threads | projector | stagger | regular ms | largest step ms | largest / regular "

@@ -26,7 +26,7 @@ import time
 import torch
 
 import gradproj
-from common import LLAMA, block_matrix_shapes, cpu_name
+from common import LLAMA, block_matrix_shapes, cpu_name, rows_per_thread_count
 from gradproj.projectors.base import dense_down
 
 VOCAB = 32000
@@ -127,11 +127,8 @@ def main() -> None:
     ap.add_argument("--blocks-8bit", action="store_true", help="also GaLoreAdamW8bit on the block matrices")
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for name in args.models:
-            rows.append(run(name, args.gap, args.repeats, args.variants, args.blocks_8bit))
+    rows = rows_per_thread_count(args.threads, args.models,
+                                 lambda name: run(name, args.gap, args.repeats, args.variants, args.blocks_8bit))
     print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
           f"{args.repeats} regular rounds, medians\n")
     print("| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "

@@ -24,20 +24,12 @@ from gradproj.train import loop
 from gradproj.train.cli import main
 from gradproj.train.loop import TIMING_KEYS, TrainConfig
 from gradproj.train.models import build_model
-from problems import float64_svd_projector
 from test_cli_checks import no_work  # noqa: F401  # the fixture: reading data or building the model fails
 from test_train_distributed import ARGS, LOSS_TOL, _assert_weights_close, _body, _final_weights
+from test_train_distributed import float64_training  # noqa: F401  # the autouse fixture: train in float64
 
 PB = [*ARGS, "--project-backward"]  # 5 steps, --update-proj-gap 3: bases computed at step 1, refreshed at 4
 REFRESH_STEPS = {1, 4}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def float64_training():
-    float64_svd_projector()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(loop.DTYPES, "float32", torch.float64)
-        yield
 
 
 def _metrics(out):

@@ -5,12 +5,13 @@ import io
 
 import pytest
 import torch
-from torch import nn
 
 import gradproj
 from problems import train
 from reference_algorithms import ReferenceGaLore
-from test_sampling import LAYERS, block_flags, galore_groups, llama_loss, llama_train, snapshot, tiny_llama
+from test_sampling import (
+    LAYERS, block_flags, galore_groups, llama_loss, llama_train, snapshot, three_blocks, tiny_llama,
+)
 
 
 def clone_state(state):
@@ -28,19 +29,7 @@ def test_returning_block_resumes_its_state_like_a_reference_that_keeps_it():
     dropped, stepped only while the block is active: its moments, basis and step count (hence bias correction
     and the refresh every T of the block's own steps) carry over a frozen interval. While a block is frozen,
     its state does not change by a bit."""
-    torch.manual_seed(0)
-    shapes = [(12, 7), (7, 12), (9, 9)]
-    blocks = nn.ModuleList(nn.Linear(n, m, bias=False).double() for m, n in shapes)
-    ref_blocks = [nn.Linear(n, m, bias=False).double() for m, n in shapes]
-    for a, b in zip(ref_blocks, blocks):
-        a.weight.data.copy_(b.weight.data)
-    g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(20, n, generator=g, dtype=torch.float64), torch.randn(20, m, generator=g, dtype=torch.float64))
-            for m, n in shapes]
-
-    def loss(mods, which=range(3)):  # a sum of independent terms, one per block
-        return sum(((torch.tanh(mods[i](data[i][0])) - data[i][1]) ** 2).mean() for i in which)
-
+    blocks, ref_blocks, loss = three_blocks()
     sampler = gradproj.LayerSampler(blocks, n_active=1, interval=3, seed=2, keep_inactive_state=True)
     opt = gradproj.GaLoreAdamW([{"params": blocks.parameters(), "rank": 3, "update_proj_gap": 2, "scale": 0.5}],
                                lr=2e-2, sampler=sampler)

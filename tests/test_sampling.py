@@ -311,9 +311,9 @@ def test_deactivated_blocks_hold_no_state_and_memory_stays_bounded():
     assert peak == one_block + always, (peak, one_block + always)
 
 
-def test_reactivated_block_starts_fresh_like_the_reference():
-    """Blocks step like a plain GaLore reference that is created when a block is drawn and dropped when it
-    leaves: a fresh basis from the first gradient after the return, zero moments, bias correction from 1."""
+def three_blocks():
+    """Three float64 ``nn.Linear`` blocks of different shapes, an identical copy of each for a reference, and
+    ``loss(mods, which)``: a sum of independent terms, one per block in ``which``."""
     torch.manual_seed(0)
     shapes = [(12, 7), (7, 12), (9, 9)]
     blocks = nn.ModuleList(nn.Linear(n, m, bias=False).double() for m, n in shapes)
@@ -324,9 +324,16 @@ def test_reactivated_block_starts_fresh_like_the_reference():
     data = [(torch.randn(20, n, generator=g, dtype=torch.float64), torch.randn(20, m, generator=g, dtype=torch.float64))
             for m, n in shapes]
 
-    def loss(mods, which=range(3)):  # a sum of independent terms, one per block
+    def loss(mods, which=range(3)):
         return sum(((torch.tanh(mods[i](data[i][0])) - data[i][1]) ** 2).mean() for i in which)
 
+    return blocks, ref_blocks, loss
+
+
+def test_reactivated_block_starts_fresh_like_the_reference():
+    """Blocks step like a plain GaLore reference that is created when a block is drawn and dropped when it
+    leaves: a fresh basis from the first gradient after the return, zero moments, bias correction from 1."""
+    blocks, ref_blocks, loss = three_blocks()
     sampler = gradproj.LayerSampler(blocks, n_active=1, interval=3, seed=2)
     opt = gradproj.GaLoreAdamW([{"params": blocks.parameters(), "rank": 3, "update_proj_gap": 2, "scale": 0.5}],
                                lr=2e-2, sampler=sampler)
