@@ -142,6 +142,7 @@ def test_compare_names_the_spec_whose_option_is_bad(tmp_path, no_work, capsys):
         (["--group-option", "limiter_gama=1.1"], "--optimizer galore_adamw: "),  # an unknown group key
         (["--optimizer-option", "betas=(0.9,)"], "--optimizer galore_adamw: "),
         (["--sampler", "owl"], "--sampler owl"),
+        (["--keep-inactive-state"], "no sampler is set; add --sampler uniform"),
         (["--rank", "129"], "rank = 129 exceeds min(m, n) = 128"),
         (["--tokenizer", "byte", "--vocab-size", "300"], "the byte tokenizer's vocabulary is 256"),
         (["--device", "cpu", "--optimizer-option", "impl=triton"], "impl='triton' cannot run here"),
@@ -212,6 +213,48 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_is_exact(tmp_path):
     b = torch.load(latest_checkpoint(split), weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_compare_refuses_keep_inactive_state_without_a_sampler(tmp_path, no_work, capsys):
+    out = tmp_path / "cmp"
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--optimizers", "adamw:keep_inactive_state=True", *TINY, "--steps", "2", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--optimizers 'adamw:keep_inactive_state=True'" in err and "no sampler is set" in err
+    assert not out.exists()
+
+
+def test_keep_inactive_state_holds_the_state_of_blocks_drawn_before_and_resumes_exactly(tmp_path):
+    from gradproj.train.models import build_model
+
+    names = [n for n, _ in build_model("tiny", 256, 32).named_parameters()]
+    per_block = sum(n.startswith("model.layers.0.") for n in names)
+    outside = sum(".layers." not in n for n in names)  # embeddings, final norm, head: always trained
+    sampled = [*TINY, "--steps", "6", "--sampler", "uniform", "--active-layers", "1", "--sample-interval", "1",
+               "--threads", str(torch.get_num_threads())]
+    held = {}
+    for keep in (False, True):
+        out = tmp_path / f"keep{keep}"
+        assert main(["train", *sampled, *(["--keep-inactive-state"] if keep else []), "--out", str(out)]) == 0
+        assert json.loads((out / "config.json").read_text())["optimizer"]["keep_inactive_state"] is keep
+        ckpt = torch.load(latest_checkpoint(out), weights_only=True)
+        assert ckpt["optimizer"]["gradproj"]["sampler"]["keep_inactive_state"] is keep
+        in_blocks = len(ckpt["optimizer"]["state"]) - outside
+        assert in_blocks % per_block == 0
+        held[keep] = (in_blocks // per_block, json.loads((out / "summary.json").read_text())["optimizer_state_bytes"])
+    assert held[False][0] <= 1  # freed at each switch: at most the one active block
+    assert held[True][0] > 1  # blocks drawn before and deactivated kept theirs
+    assert held[True][1] > held[False][1]
+    # stopped and resumed, the kept state comes back from the checkpoint: the same losses and weights
+    split = tmp_path / "split"
+    assert main(["train", *sampled, "--keep-inactive-state", "--stop-at", "3", "--out", str(split)]) == 0
+    assert main(["train", "--resume", str(split), "--quiet"]) == 0
+    straight = tmp_path / "keepTrue"
+    assert without_timing(read_metrics(split)) == without_timing(read_metrics(straight))
+    a = torch.load(latest_checkpoint(straight), weights_only=True)["model"]
+    b = torch.load(latest_checkpoint(split), weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 def test_sigterm_asks_for_a_stop_and_a_second_signal_stops_at_once():
     with loop._StopOnSignal(True) as stop:

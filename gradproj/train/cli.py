@@ -236,6 +236,15 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         type=_positive_int,
         help="steps between block draws with --sampler (default 50)",
     )
+    _add(
+        o,
+        "--keep-inactive-state",
+        section="opt",
+        field="keep_inactive_state",
+        action="store_true",
+        help="with --sampler: keep a deactivated block's optimizer state (moments, basis) for its return instead "
+        "of freeing it (optimizer memory grows toward that of every block)",
+    )
 
     t = p.add_argument_group("training")
     _add(

@@ -113,6 +113,8 @@ class OptimizerChoice:
     sampler: str | None = None  # "uniform" (LISA) or "owl" (OwLore)
     active_layers: int = 2
     sample_interval: int = 50
+    #: with ``sampler``: keep a deactivated block's optimizer state for its return (LayerSampler's option)
+    keep_inactive_state: bool = False
     #: lr of every parameter outside the target matrices (embeddings, norms, head); None: ``lr`` for all of them
     embed_lr: float | None = None
 
@@ -257,6 +259,12 @@ def build_optimizer(
         if accumulation_steps > 1:
             kwargs.setdefault("accumulation_steps", accumulation_steps)
     trainable_only = True
+    if choice.keep_inactive_state is not False and choice.sampler is None:
+        raise ValueError(
+            f"keep_inactive_state = {choice.keep_inactive_state!r} keeps the optimizer state of the blocks a layer "
+            "sampler deactivates, and no sampler is set; add --sampler uniform (or owl), or drop "
+            "--keep-inactive-state"
+        )
     if choice.sampler is not None:
         kwargs["sampler"] = _build_sampler(model, choice, seed)
         trainable_only = False
@@ -324,7 +332,14 @@ def _build_sampler(model: nn.Module, choice: OptimizerChoice, seed: int):
     try:
         if choice.sampler == "owl" and isinstance(model, StandInModel):  # no weights to measure outliers of
             raise ValueError("a freshly initialised model has no outlier weights")
-        return sampler_cls(blocks, choice.active_layers, choice.sample_interval, probs=choice.sampler, seed=seed)
+        return sampler_cls(
+            blocks,
+            choice.active_layers,
+            choice.sample_interval,
+            probs=choice.sampler,
+            seed=seed,
+            keep_inactive_state=choice.keep_inactive_state,
+        )
     except ValueError as err:
         if choice.sampler != "owl":
             raise
