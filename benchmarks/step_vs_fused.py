@@ -58,6 +58,26 @@ VARIANTS = {
 }
 
 
+class BnbQuantizer:
+    """A GaLoreAdamW8bit whose steps call bitsandbytes' CPU quantizer (what the 8-bit step did before the
+    vectorized replica; the same codes, bit for bit) instead of the vectorized one."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.state = opt.state
+
+    def step(self):
+        from gradproj.inner import adam8bit
+
+        key = str(torch.device("cpu"))
+        saved = adam8bit.lut_quantizer(torch.device("cpu"))
+        adam8bit._LUT[key] = None
+        try:
+            self.opt.step()
+        finally:
+            adam8bit._LUT[key] = saved
+
+
 def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: bool) -> dict:
     h = LLAMA[name][0]
     rank = h // 4
@@ -78,6 +98,7 @@ def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: boo
     opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3)
     if blocks_8bit:
         opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3)
+        opts["gradproj 8bit blocks bnb"] = BnbQuantizer(gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3))
     for opt in opts.values():
         opt.step()  # allocates state, first basis
     first = opts[f"gradproj {variants[0]}"]
@@ -132,14 +153,16 @@ def main() -> None:
     print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
           f"{args.repeats} regular rounds, medians\n")
     print("| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
-          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 |")
-    print("|---|---|---|---|---|---|---|")
+          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 | 8-bit, bitsandbytes' quantizer ms | / fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["times"]
         g, b = t["GEMMs"]["regular"], t["gradproj blocks"]["regular"]
-        q = t.get("gradproj 8bit blocks", {}).get("regular")
-        eight = f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -"
-        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | {eight} |")
+        eight = []
+        for key in ("gradproj 8bit blocks", "gradproj 8bit blocks bnb"):
+            q = t.get(key, {}).get("regular")
+            eight.append(f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -")
+        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | " + " | ".join(eight) + " |")
     print()
     print("| model | threads | fused AdamW ms | GEMMs ms | " + " | ".join(
         f"{v}: amortized (regular / refresh) ms | {v} / fused | {v} regular / GEMMs | {v} refresh share"

@@ -121,19 +121,20 @@ def run(fast, *, steps=7, kernel="fused", dtype=torch.float32, chunk=None, monke
         g = torch.Generator().manual_seed(5)
         ps = [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in [(300, 90), (40, 700), (77, 129)]]
         emb = torch.nn.Parameter(torch.randn(500, 24, generator=g).to(dtype))
+        odd = torch.nn.Parameter(torch.randn(1001, generator=g).to(dtype))  # an odd count: no code pairs
         groups = [
             {"params": ps, "rank": 16, "update_proj_gap": 3, "scale": 0.25, "adam_kernel": kernel},
-            {"params": [emb], "adam_kernel": kernel},
+            {"params": [emb, odd], "adam_kernel": kernel},
         ]
         opt = gradproj.GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=256)
         for i in range(steps):
-            for p in ps:
+            for p in [*ps, odd]:
                 p.grad = torch.randn(p.shape, generator=g).to(dtype)
             grad = torch.randn(emb.shape, generator=g)
             grad[: 200 + 20 * i] = 0.0  # rows never touched: all-zero moment blocks
             emb.grad = grad.to(dtype)
             opt.step()
-        return [*ps, emb], opt
+        return [*ps, emb, odd], opt
     finally:
         adam8bit._LUT.clear()
         adam8bit._LUT.update(saved)
@@ -165,7 +166,7 @@ def test_reference_kernel_calls_bitsandbytes_and_matches(monkeypatch):
     real = adam8bit.quantize_
     monkeypatch.setattr(adam8bit, "quantize_", lambda *a, **k: (calls.append(1), real(*a, **k)))
     ref = run(True, kernel="reference", steps=3)
-    assert len(calls) == 2 * 3 * 4  # m and v, 3 steps, 4 tensors of >= 256 elements
+    assert len(calls) == 2 * 3 * 5  # m and v, 3 steps, 5 tensors of >= 256 elements
     calls.clear()
     fast = run(True, steps=3)
     assert not calls
