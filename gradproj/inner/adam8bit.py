@@ -38,9 +38,9 @@ import sys
 import torch
 
 from ..kernels import reference
-from ..options import Option, number
+from ..options import Option, choice, number
 from ..state_layout import Spec
-from .adam import ADAM_KERNEL, BETAS, EPS, Adam, fused
+from .adam import ADAM_KERNELS, BETAS, EPS, Adam, fused
 from .base import StepContext
 
 #: values per quantization block (bitsandbytes' blockwise optimizers use 256)
@@ -299,6 +299,17 @@ def quantize_lut(q: LutQuantizer, x: torch.Tensor, signed: bool) -> tuple[torch.
     return codes[k], absmax[k]
 
 
+#: adam_kernel as the 8-bit rule reads it: it also picks the quantizer on the CPU
+ADAM_KERNEL_8BIT = Option(
+    "adam_kernel",
+    "fused",
+    "`fused`: torch's fused Adam kernel (ψ within a few roundings of the reference's) and, on the CPU, a "
+    "vectorized replica of bitsandbytes' quantizer (the same codes, bit for bit); `reference`: galore-torch's "
+    "Adam ops and bitsandbytes' own quantizer calls",
+    choice(*ADAM_KERNELS),
+)
+
+
 class Adam8bit(Adam):
     """Adam with 8-bit blockwise-quantized moments; same update and step size as :class:`Adam`.
 
@@ -311,7 +322,7 @@ class Adam8bit(Adam):
     options = (
         BETAS,
         EPS,
-        ADAM_KERNEL,
+        ADAM_KERNEL_8BIT,
         Option(
             "min_8bit_size",
             4096,
