@@ -47,13 +47,15 @@ def make_params(shapes, seed):
     return params
 
 
-#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults)
+#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults, "8bit_bnb" the same
+#: stepping through bitsandbytes' quantizer calls)
 VARIANTS = {
     "default": {},
     "reference": {"adam_kernel": "reference"},
     "randomized_svd": {"projector": "randomized_svd"},
     "eigh": {"projector": "eigh"},
     "8bit": {},
+    "8bit_bnb": {},  # GaLoreAdamW8bit stepping through bitsandbytes' CPU quantizer (the same codes)
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
 }
 
@@ -89,8 +91,9 @@ def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: boo
     for v in variants:
         group = {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, **VARIANTS[v]}
         extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
-        cls = gradproj.GaLoreAdamW8bit if v == "8bit" else gradproj.GaLoreAdamW
-        opts[f"gradproj {v}"] = cls([group, {"params": rest, **extra}], lr=1e-3)
+        cls = gradproj.GaLoreAdamW8bit if v.startswith("8bit") else gradproj.GaLoreAdamW
+        opt = cls([group, {"params": rest, **extra}], lr=1e-3)
+        opts[f"gradproj {v}"] = BnbQuantizer(opt) if v == "8bit_bnb" else opt
     # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
     def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
         return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25}
