@@ -173,16 +173,6 @@ class LutQuantizer:
     def __init__(self, device: torch.device):
         self.maps = torch.stack([dynamic_map(True, device), dynamic_map(False, device)])  # m's, v's
         self.tables = [_bin_table(self.maps[0]), _bin_table(self.maps[1])]
-        self.scratch: dict[int, Workspace] = {}
-
-    def workspace(self, n: int) -> Workspace:
-        """Buffers for a chunk of ``n`` values, kept for reuse across parameters and steps (a warm buffer spares
-        the page faults of a fresh one and the views' setup): 24 bytes a value, at most 3 MiB per chunk length,
-        one length per distinct tensor size (and its last chunk)."""
-        ws = self.scratch.get(n)
-        if ws is None:
-            ws = self.scratch[n] = Workspace(n, self.maps.device)
-        return ws
 
     def dequantize(self, ws: Workspace, codes, absmax) -> None:
         """m and v (``codes``: flat uint8; ``absmax``: their block scales) into ``ws.w`` as code[c]·absmax;
@@ -380,7 +370,7 @@ class Adam8bit(Adam):
                 r, u, m_codes, v_codes = (t[values] for t in flat)
                 scales = (m_absmax[blocks], v_absmax[blocks])
             if lut is not None:
-                ws = lut.workspace(r.numel())
+                ws = self._workspace(r.numel(), R.device)
                 lut.dequantize(ws, (m_codes, v_codes), scales)
                 m32, v32 = ws.w
             else:
@@ -395,6 +385,16 @@ class Adam8bit(Adam):
                 quantize_(m32, m_codes, scales[0], signed=True)
                 quantize_(v32, v_codes, scales[1], signed=False)
         return U, self.step_size(group, state, ctx)
+
+    def _workspace(self, n: int, device: torch.device) -> Workspace:
+        """This rule's buffers for a chunk of ``n`` values, kept for reuse across parameters and steps (a warm
+        buffer spares the page faults of a fresh one and the views' setup): 24 bytes a value, at most 3 MiB
+        per chunk length, one length per distinct tensor size (and its last chunk)."""
+        spaces = self.__dict__.setdefault("_workspaces", {})
+        ws = spaces.get((n, device))
+        if ws is None:
+            ws = spaces[(n, device)] = Workspace(n, device)
+        return ws
 
     @staticmethod
     def _init_state(R: torch.Tensor, state: dict, group: dict) -> None:
