@@ -148,7 +148,8 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
-    ap.add_argument("--blocks-8bit", action="store_true", help="also GaLoreAdamW8bit on the block matrices")
+    ap.add_argument("--blocks-8bit", action="store_true",
+                    help="also GaLoreAdamW8bit on the block matrices, as it is and through bitsandbytes' quantizer")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = rows_per_thread_count(args.threads, args.models,
