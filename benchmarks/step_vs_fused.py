@@ -47,15 +47,37 @@ def make_params(shapes, seed):
     return params
 
 
-#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults)
+#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults, "8bit_bnb" the same
+#: stepping through bitsandbytes' quantizer calls)
 VARIANTS = {
     "default": {},
     "reference": {"adam_kernel": "reference"},
     "randomized_svd": {"projector": "randomized_svd"},
     "eigh": {"projector": "eigh"},
     "8bit": {},
+    "8bit_bnb": {},  # GaLoreAdamW8bit stepping through bitsandbytes' CPU quantizer (the same codes)
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
 }
+
+
+class BnbQuantizer:
+    """A GaLoreAdamW8bit whose steps call bitsandbytes' CPU quantizer (what the 8-bit step did before the
+    vectorized replica; the same codes, bit for bit) instead of the vectorized one."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.state = opt.state
+
+    def step(self):
+        from gradproj.inner import adam8bit
+
+        key = str(torch.device("cpu"))
+        saved = adam8bit.lut_quantizer(torch.device("cpu"))
+        adam8bit._LUT[key] = None
+        try:
+            self.opt.step()
+        finally:
+            adam8bit._LUT[key] = saved
 
 
 def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: bool) -> dict:
@@ -69,8 +91,9 @@ def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: boo
     for v in variants:
         group = {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, **VARIANTS[v]}
         extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
-        cls = gradproj.GaLoreAdamW8bit if v == "8bit" else gradproj.GaLoreAdamW
-        opts[f"gradproj {v}"] = cls([group, {"params": rest, **extra}], lr=1e-3)
+        cls = gradproj.GaLoreAdamW8bit if v.startswith("8bit") else gradproj.GaLoreAdamW
+        opt = cls([group, {"params": rest, **extra}], lr=1e-3)
+        opts[f"gradproj {v}"] = BnbQuantizer(opt) if v == "8bit_bnb" else opt
     # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
     def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
         return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25}
@@ -78,6 +101,7 @@ def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: boo
     opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3)
     if blocks_8bit:
         opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3)
+        opts["gradproj 8bit blocks bnb"] = BnbQuantizer(gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3))
     for opt in opts.values():
         opt.step()  # allocates state, first basis
     first = opts[f"gradproj {variants[0]}"]
@@ -124,7 +148,8 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
-    ap.add_argument("--blocks-8bit", action="store_true", help="also GaLoreAdamW8bit on the block matrices")
+    ap.add_argument("--blocks-8bit", action="store_true",
+                    help="also GaLoreAdamW8bit on the block matrices, as it is and through bitsandbytes' quantizer")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = rows_per_thread_count(args.threads, args.models,
@@ -132,14 +157,16 @@ def main() -> None:
     print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
           f"{args.repeats} regular rounds, medians\n")
     print("| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
-          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 |")
-    print("|---|---|---|---|---|---|---|")
+          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 | 8-bit, bitsandbytes' quantizer ms | / fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["times"]
         g, b = t["GEMMs"]["regular"], t["gradproj blocks"]["regular"]
-        q = t.get("gradproj 8bit blocks", {}).get("regular")
-        eight = f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -"
-        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | {eight} |")
+        eight = []
+        for key in ("gradproj 8bit blocks", "gradproj 8bit blocks bnb"):
+            q = t.get(key, {}).get("regular")
+            eight.append(f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -")
+        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | " + " | ".join(eight) + " |")
     print()
     print("| model | threads | fused AdamW ms | GEMMs ms | " + " | ".join(
         f"{v}: amortized (regular / refresh) ms | {v} / fused | {v} regular / GEMMs | {v} refresh share"
