@@ -54,7 +54,7 @@ from .. import kernels
 from ..inner.adam import Adam, bias_corrected_lr
 from ..inner.adam import fused as fused_adam
 from ..projectors import get_projector, schedule
-from ..projectors.base import choose_side, dense_down
+from ..projectors.base import choose_side, dense_down, gemm_dtype
 from ..projectors.lazy import GAP_KEY as LAZY_GAP
 from ..residual import get_residual
 from .sharding import is_dtensor
@@ -171,6 +171,8 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             own_gap = state.get(LAZY_GAP, gap) if lazy else gap
             if schedule.due(state, step, own_gap, stagger) or ea is None or eas is None or proj is None:
                 continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
+            if gemm_dtype(group, state) is not None:
+                continue  # proj_dtype="auto" chose a low-precision GEMM for this matrix: the per-matrix path
             if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
                 continue
             m, n = p.shape[0], p.numel() // p.shape[0]
