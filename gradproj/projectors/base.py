@@ -45,6 +45,8 @@ AUTO_MIN_SECONDS = 5e-4
 AUTO_MARGIN = 0.9
 #: timed runs of each path (after one warm-up run); the best one counts
 AUTO_RUNS = 3
+#: the devices ``proj_dtype="auto"`` times on (elsewhere it is the parameter's dtype)
+CUDA_CPU = ("cpu", "cuda")
 #: (m, n, rank, side, dtype, device, basis_bits) -> (the choice, float32 seconds, bfloat16 seconds or None):
 #: ``proj_dtype="auto"``'s measurements, once per process and shape (:func:`auto_decisions`)
 _AUTO_DECISIONS: dict[tuple, tuple[int, float, float | None]] = {}
@@ -83,8 +85,10 @@ def gemm_dtype(group: dict, state: dict) -> torch.dtype | None:
     (:data:`AUTO_KEY`), the parameter's dtype until one is made or where :func:`auto_applies` does not hold."""
     value = group.get("proj_dtype")
     if value == "auto":
+        if not auto_applies(group):  # checked first: a compiled graph then reads nothing of the state here
+            return None
         code = state.get(AUTO_KEY)
-        return None if code is None or not auto_applies(group) else AUTO_CHOICES[code]
+        return None if code is None else AUTO_CHOICES[code]
     return PROJ_DTYPES.get(value)
 
 
@@ -230,29 +234,23 @@ class Projector(Configurable):
         group = getattr(self, "group", None)  # a subclass whose __init__ keeps no group: the operands' dtype
         return None if group is None else gemm_dtype(group, state)
 
-    def decides_gemm_dtype(self, G: torch.Tensor) -> bool:
-        """Whether ``proj_dtype="auto"`` times this matrix's projections (:meth:`decide_gemm_dtype`): the group
-        allows it (:func:`auto_applies`), G is float32 on a CPU or CUDA device, and the projections are this
-        class's GEMMs with a dense basis (not a sharded, regenerated or phase-switching basis, and not inside a
-        compiled graph). Everywhere else ``"auto"`` is the parameter's dtype."""
-        cls = type(self)
-        return (
-            auto_applies(self.group)
-            and G.dtype == torch.float32
-            and G.device.type in ("cpu", "cuda")
-            and cls.dense_basis
-            and cls.down is Projector.down
-            and cls.add_up_ is Projector.add_up_
-            and not torch.compiler.is_compiling()
-        )
+    def decides_gemm_dtype(self) -> bool:
+        """Whether ``proj_dtype="auto"`` records a decision for this matrix (:meth:`decide_gemm_dtype`): the group
+        sets it and the basis is a stored dense matrix (:attr:`dense_basis`; a regenerated or phase-switching
+        basis's ``"auto"`` is the parameter's dtype without a record)."""
+        return self.group.get("proj_dtype") == "auto" and self.dense_basis and not torch.compiler.is_compiling()
 
     def decide_gemm_dtype(self, G: torch.Tensor, state: dict) -> int:
         """``proj_dtype="auto"``: the GEMM dtype of this matrix, as an index into :data:`AUTO_CHOICES`.
 
-        Timed once per process for each (m, n, rank, side, dtype, device, basis_bits), on the basis just
-        computed: the float32 path (``down`` then ``add_up_`` into a scratch copy of G, as the step runs them),
-        then the bfloat16 one, each the best of :data:`AUTO_RUNS` runs (:func:`measure_seconds`). The policy:
-        precision is given up only where the float32 projection of the matrix takes at least
+        The parameter's dtype (0), without timing, where low precision does not apply: the group does not allow
+        it (:func:`auto_applies`: a residual rule, ``compile``), G is not float32 on a CPU or CUDA device, or the
+        projections are not this class's (FSDP2's sharded projector: ranks timing their own rows could decide
+        differently).
+        Otherwise timed once per process for each (m, n, rank, side, dtype, device, basis_bits), on the basis
+        just computed: the float32 path (``down`` then ``add_up_`` into a scratch copy of G, as the step runs
+        them), then the bfloat16 one, each the best of :data:`AUTO_RUNS` runs (:func:`measure_seconds`). The
+        policy: precision is given up only where the float32 projection of the matrix takes at least
         :data:`AUTO_MIN_SECONDS` (0.5 ms) on this machine, measured, and bfloat16 takes at most
         :data:`AUTO_MARGIN` (90 %) of that time. Why 0.5 ms: below it a 10 % margin is under 50 µs, which the
         jitter of a loaded machine reaches, so the choice would not reproduce from run to run; and small
@@ -260,6 +258,10 @@ class Projector(Configurable):
         CPU) keep the parameter's dtype bit for bit on any CPU. No machine constant is involved: a CPU without
         fast bfloat16 (no AVX-512-BF16 / AMX) measures it slower and keeps float32.
         """
+        cls = type(self)
+        own_gemms = cls.down is Projector.down and cls.add_up_ is Projector.add_up_  # not FSDP2's sharded ones
+        if not (own_gemms and auto_applies(self.group) and G.dtype == torch.float32 and G.device.type in CUDA_CPU):
+            return 0
         key = (self.m, self.n, self.rank, self.side, G.dtype, G.device, self.group.get("basis_bits"))
         known = _AUTO_DECISIONS.get(key)
         if known is not None:
@@ -425,7 +427,7 @@ class Projector(Configurable):
                 old.copy_(value)
             else:
                 state[key] = value
-        if AUTO_KEY not in state and self.decides_gemm_dtype(G):  # proj_dtype="auto": decided once, then kept
+        if AUTO_KEY not in state and self.decides_gemm_dtype():  # proj_dtype="auto": decided once, then kept
             state[AUTO_KEY] = self.decide_gemm_dtype(G, state)
         if before is not None:
             after = self.lazy_vectors(state)
