@@ -55,6 +55,7 @@ VARIANTS = {
     "eigh": {"projector": "eigh"},
     "8bit": {},
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
+    "proj_none": {"proj_dtype": None},  # the parameter's dtype (float32) everywhere, against the default "auto"
 }
 
 

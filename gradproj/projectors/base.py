@@ -247,10 +247,13 @@ class Projector(Configurable):
         it (:func:`auto_applies`: a residual rule, ``compile``), G is not float32 on a CPU or CUDA device, or the
         projections are not this class's (FSDP2's sharded projector: ranks timing their own rows could decide
         differently).
+
         Otherwise timed once per process for each (m, n, rank, side, dtype, device, basis_bits), on the basis
         just computed: the float32 path (``down`` then ``add_up_`` into a scratch copy of G, as the step runs
-        them), then the bfloat16 one, each the best of :data:`AUTO_RUNS` runs (:func:`measure_seconds`). The
-        policy: precision is given up only where the float32 projection of the matrix takes at least
+        them), and where it is not below the floor (next), the bfloat16 path, then each once more (alternating
+        blocks of :data:`AUTO_RUNS` runs, :func:`measure_seconds`); each path's best run counts.
+
+        The policy: precision is given up only where the float32 projection of the matrix takes at least
         :data:`AUTO_MIN_SECONDS` (0.5 ms) on this machine, measured, and bfloat16 takes at most
         :data:`AUTO_MARGIN` (90 %) of that time. Why 0.5 ms: below it a 10 % margin is under 50 µs, which the
         jitter of a loaded machine reaches, so the choice would not reproduce from run to run; and small
@@ -275,8 +278,11 @@ class Projector(Configurable):
         low_time = None
         code = 0
         if fp32 >= AUTO_MIN_SECONDS:
+            # two alternating blocks of runs: a stretch of contention on a shared machine then slows both paths
             low_time = measure_seconds("bfloat16", path(torch.bfloat16), G.device)
-            code = 1 if low_time <= AUTO_MARGIN * fp32 else 0
+            fp32 = min(fp32, measure_seconds("float32", path(None), G.device))
+            low_time = min(low_time, measure_seconds("bfloat16", path(torch.bfloat16), G.device))
+            code = 1 if fp32 >= AUTO_MIN_SECONDS and low_time <= AUTO_MARGIN * fp32 else 0
         if code == 0:  # the timed runs cached a bfloat16 copy of the basis that nothing will read
             for basis in ("proj", "proj_left", "proj_right"):
                 if basis in state:
