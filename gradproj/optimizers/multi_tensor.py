@@ -28,7 +28,8 @@ When it is used (``foreach=None``, the default: CUDA parameters only, as torch.o
 ``max_grad_norm``, ``norm_growth_limit``, ``compile`` or ``stochastic_rounding``, with residual ``none``,
 the Adam inner rule (not 8-bit, not Adafactor), a non-tensor ``lr``, and a projector that keeps GaLore's
 dense one-sided basis in state (``svd``, ``eigh``, ``randomized_svd``, or any registered projector that
-does not override :class:`Projector`'s projections and refresh rule), when the parameter is a contiguous
+does not override :class:`Projector`'s projections and refresh rule) with projections in the parameter's dtype
+(``proj_dtype`` None, or ``"auto"`` where the matrix decided so), when the parameter is a contiguous
 plain tensor (not a DTensor) projected on the left or right side, its gradient has its dtype and its state
 holds a basis and moments of the expected shapes, and this step does not refresh the basis. Everything
 else — Fira, FRUGAL, 1-D tensors, unprojected matrices, refresh steps — takes the per-parameter path for
