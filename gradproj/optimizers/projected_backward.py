@@ -27,11 +27,11 @@ gets a zero gradient then, so that DDP sees every parameter it reduces receive a
 gradient (Fira, FRUGAL, APOLLO: ``residual != "none"``), ``compile=True`` (the compiled tail takes G as an
 input), ``proj_dtype="bfloat16"`` / ``"float16"`` (R is formed in the parameter's dtype; ``"auto"``, the
 default, is resolved to the parameter's dtype for the weights projected backward serves: their state records
-that decision before each step, so the refresh steps, which take the normal path, run it too), a model already
-wrapped in DDP
-(wrap after switching on), and DTensor parameters (FSDP2's ``fully_shard``: the sharded step reduces the full
-gradient across ranks). Projected weights of other modules (embeddings, convolutions, ``nn.Linear``
-subclasses with their own ``forward``, a weight shared by several modules) stay on the normal path.
+that decision before each step, so the refresh steps, which take the normal path, run it too), a model
+already wrapped in DDP (wrap after switching on), and DTensor parameters (FSDP2's ``fully_shard``: the
+sharded step reduces the full gradient across ranks). Projected weights of other modules (embeddings,
+convolutions, ``nn.Linear`` subclasses with their own ``forward``, a weight shared by several modules) stay on
+the normal path.
 
 **Clipping.** The optimizer's ``max_grad_norm`` clips R to that norm (‖R‖ ≤ ‖G‖ for an orthonormal basis,
 so it never bites harder than on G), as in the layerwise mode's low-rank accumulation;
