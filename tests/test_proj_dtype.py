@@ -453,3 +453,24 @@ def test_project_backward_resolves_auto_to_the_parameter_dtype(monkeypatch):
     assert timer.calls == []  # nothing was timed for the weights projected backward serves
     for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_without_a_decision_runs_float32_until_its_next_refresh(monkeypatch):
+    """A state written before the key existed (or under proj_dtype=None): "auto" runs the parameter's dtype, bit
+    for bit as None, until the matrix's next refresh decides."""
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 1e-3})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W, opt = setup((48, 80), "left", None)
+    opt.step()  # t = 0: the basis, no decision
+    saved = copy.deepcopy(opt.state_dict())
+    assert AUTO_KEY not in saved["state"][0]
+    W2 = torch.nn.Parameter(W.detach().clone())
+    opt2 = gradproj.GaLoreAdamW([{"params": [W2], "rank": 8, "update_proj_gap": 2, "scale": 0.25}], lr=1e-2)
+    opt2.load_state_dict({**saved, "param_groups": opt2.state_dict()["param_groups"]})
+    assert opt2.param_groups[0]["proj_dtype"] == "auto"
+    step_pair(opt, opt2, W, W2, 1)  # t = 1: no refresh, float32 as None
+    assert AUTO_KEY not in opt2.state[W2] and timer.calls == []
+    g = torch.randn(W.shape, generator=torch.Generator().manual_seed(7))
+    W2.grad = g
+    opt2.step()  # t = 2: the refresh decides
+    assert opt2.state[W2][AUTO_KEY] == 1 and timer.calls == ["float32", "bfloat16"] * 2
