@@ -1,6 +1,7 @@
 """Group option ``proj_dtype``: the projection GEMMs down (R = PᵀG, G Pᵀ) and up (P X, X P) in bfloat16 / float16,
 and ``"auto"`` (the default), which decides per matrix by timing both paths (the decision logic is tested with a
-scripted timer, so the tests do not depend on the CPU; the real timer only where any outcome is checked).
+scripted timer, so the tests do not depend on the CPU; the real timer only where the policy's 0.5 ms floor
+fixes the outcome, on matrices timed in microseconds, or where either outcome is accepted).
 
 Error bound (elementwise, for one GEMM C = A B with inner dimension k, A and B float32, C rounded back):
 each operand is rounded to the low dtype with relative error at most u (u = 2^-8 for bfloat16's 8-bit
