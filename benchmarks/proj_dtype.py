@@ -1,9 +1,12 @@
-"""``proj_dtype="bfloat16"`` against the default (the parameter's float32) for GaLoreAdamW: speed and quality.
+"""``proj_dtype``: "auto" (the default), None (the parameter's float32) and "bfloat16" for GaLoreAdamW: speed and
+quality.
 
 Speed (``--speed``): the decoder blocks' matrices of a LLaMA configuration (rank hidden/4, fixed random
 gradients), a regular step (no refresh) of ``GaLoreAdamW`` with each ``proj_dtype``, and the two projection
 GEMMs alone (R = down(G), W += B(R)) in float32 and in bfloat16 (the basis cast once, as the option caches
-it). One round times each of the four once, the first one rotated every round; medians.
+it). One round times each once, the first one rotated every round; medians. It also prints what "auto"
+measured and chose for each matrix shape in this process, and the time its measurements took (once per
+shape and process, inside the first step).
 
 Quality (``--quality``): benchmarks/quality.py's byte-level LLaMA, ``GaLoreAdamW`` and ``GaLoreAdamW-bf16proj``
 trained in lockstep (same initial model, same batches) for each seed; final validation losses, their mean and
@@ -24,7 +27,10 @@ import torch
 import gradproj
 import quality
 from common import block_matrix_shapes, cpu_name, LLAMA
+from gradproj.projectors import base
 from gradproj.projectors.base import dense_down
+
+DTYPES = (None, "bfloat16", "auto")
 
 
 def speed(name: str, repeats: int) -> dict:
@@ -34,11 +40,33 @@ def speed(name: str, repeats: int) -> dict:
     mats = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02)) for s in block_matrix_shapes(name)]
     for p in mats:
         p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
+    measuring = [0.0]
+    timer = base.measure_seconds
+
+    def timed(label, run, device):  # the wall time of auto's own measurements
+        t0 = time.perf_counter()
+        try:
+            return timer(label, run, device)
+        finally:
+            measuring[0] += time.perf_counter() - t0
+
+    base.measure_seconds = timed
     opts = {}
-    for dt in (None, "bfloat16"):
-        group = {"params": mats, "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_dtype": dt}
-        opts[f"step {dt}"] = gradproj.GaLoreAdamW([group], lr=1e-3)
-        opts[f"step {dt}"].step()  # state and first basis
+    try:
+        for dt in DTYPES:
+            group = {"params": mats, "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_dtype": dt}
+            opts[f"step {dt}"] = gradproj.GaLoreAdamW([group], lr=1e-3)
+            opts[f"step {dt}"].step()  # state and first basis (auto: its measurements)
+    finally:
+        base.measure_seconds = timer
+    auto = opts["step auto"]
+    picked = {}
+    for p in mats:
+        (m, n), code = p.shape, auto.state[p][base.AUTO_KEY]
+        side = "right" if m >= n else "left"
+        key = (m, n, rank, side, p.dtype, p.device, None)
+        _, fp32, low = base.auto_decisions()[key]
+        picked[(m, n, side)] = (base.AUTO_CHOICES[code], fp32, low)
     first = opts["step None"]
     bases = [first.state[p]["proj"] for p in mats]
     sides = ["right" if p.shape[0] >= p.shape[1] else "left" for p in mats]
@@ -51,10 +79,10 @@ def speed(name: str, repeats: int) -> dict:
         def step(self):
             for p, P, side in zip(mats, self.bases, sides):
                 R = dense_down(p.grad.to(self.dtype), P, side).float()
-                B = (R.to(self.dtype) @ P) if side == "right" else (P @ R.to(self.dtype))
                 if self.dtype == torch.float32:  # the float32 path's fused GEMM into W
                     p.data.addmm_(*((R, P) if side == "right" else (P, R)), alpha=-1e-6)
                 else:
+                    B = (R.to(self.dtype) @ P) if side == "right" else (P @ R.to(self.dtype))
                     p.data.add_(B, alpha=-1e-6)
 
     opts["GEMMs float32"], opts["GEMMs bfloat16"] = Gemms(torch.float32), Gemms(torch.bfloat16)
@@ -65,7 +93,8 @@ def speed(name: str, repeats: int) -> dict:
             t0 = time.perf_counter()
             opts[nm].step()
             times[nm].append(time.perf_counter() - t0)
-    return {"model": name, "rank": rank, **{k: statistics.median(v) for k, v in times.items()}}
+    return {"model": name, "rank": rank, "picked": picked, "measuring": measuring[0],
+            **{k: statistics.median(v) for k, v in times.items()}}
 
 
 def main() -> None:
@@ -82,15 +111,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"machine: {cpu_name()}, torch {torch.__version__}, {args.threads} thread(s)\n")
     if args.speed:
-        print("| model | rank | GaLoreAdamW regular step ms: None / bfloat16 | bfloat16 / None "
+        rows = [speed(name, args.repeats) for name in args.models]
+        print("| model | rank | GaLoreAdamW regular step ms: None / bfloat16 / auto | bfloat16 / None | auto / None "
               "| GEMMs alone ms: float32 / bfloat16 | bfloat16 / float32 |")
-        print("|---|---|---|---|---|---|")
-        for name in args.models:
-            r = speed(name, args.repeats)
-            a, b = r["step None"], r["step bfloat16"]
-            c, d = r["GEMMs float32"], r["GEMMs bfloat16"]
-            print(f"| {name} | {r['rank']} | {a * 1e3:.1f} / {b * 1e3:.1f} | {b / a:.2f}x "
-                  f"| {c * 1e3:.1f} / {d * 1e3:.1f} | {d / c:.2f}x |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            a, b, c = r["step None"], r["step bfloat16"], r["step auto"]
+            d, e = r["GEMMs float32"], r["GEMMs bfloat16"]
+            print(f"| {r['model']} | {r['rank']} | {a * 1e3:.1f} / {b * 1e3:.1f} / {c * 1e3:.1f} | {b / a:.2f}x "
+                  f"| {c / a:.2f}x | {d * 1e3:.1f} / {e * 1e3:.1f} | {e / d:.2f}x |")
+        print()
+        print("What auto measured (best of its runs, down + add_up_ of one matrix) and chose; its measurements' "
+              "time, once per shape and process:\n")
+        print("| model | matrix (side) | float32 ms | bfloat16 ms | bfloat16 / float32 | auto chose "
+              "| measuring, whole model ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            for i, ((m, n, side), (dt, fp32, low)) in enumerate(r["picked"].items()):
+                lows = "not timed" if low is None else f"{low * 1e3:.2f}"
+                ratio = "-" if low is None else f"{low / fp32:.2f}x"
+                cost = f"{r['measuring'] * 1e3:.0f}" if i == 0 else ""
+                print(f"| {r['model']} | {m}x{n} ({side}) | {fp32 * 1e3:.2f} | {lows} | {ratio} "
+                      f"| {'bfloat16' if dt else 'float32'} | {cost} |")
         print()
     if args.quality:
         names = ["GaLoreAdamW", "GaLoreAdamW-bf16proj"]

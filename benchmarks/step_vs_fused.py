@@ -57,6 +57,7 @@ VARIANTS = {
     "8bit": {},
     "8bit_bnb": {},  # GaLoreAdamW8bit stepping through bitsandbytes' CPU quantizer (the same codes)
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
+    "proj_none": {"proj_dtype": None},  # the parameter's dtype (float32) everywhere, against the default "auto"
 }
 
 

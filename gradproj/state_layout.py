@@ -28,7 +28,8 @@ INT = None
 class Spec:
     """One state entry: a Python int (``shape=None``) or a tensor of ``shape`` and ``kind``.
 
-    ``kind``: ``"float"`` (floating point), ``"index"`` (integer tensor with values in ``[0, bound)``),
+    ``kind``: ``"float"`` (floating point), ``"index"`` (integer tensor with values in ``[0, bound)``; a Python int
+    with a ``bound`` must lie in that range too),
     ``"codes"`` (uint8 codes or floating values). ``requires``: keys that must be present with this one.
     ``dtype``: when set (a torch dtype's name), the tensor must have exactly that dtype (the kind is then not
     checked) and counts that dtype's bytes per element (the codes and scales of a quantized basis).
@@ -71,7 +72,11 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
 def value_problem(key: str, value: Any, spec: Spec, deep: bool) -> str | None:
     """Why ``value`` does not fit ``spec`` (None when it does). ``deep``: also read values (index bounds)."""
     if spec.shape is INT:
-        return None if _is_int(value) else f"{key!r} is {type(value).__name__} {value!r}, expected an int"
+        if not _is_int(value):
+            return f"{key!r} is {type(value).__name__} {value!r}, expected an int"
+        if spec.bound is not None and not 0 <= value < spec.bound:
+            return f"{key!r} is {value}, outside [0, {spec.bound})"
+        return None
     if not isinstance(value, torch.Tensor):
         return f"{key!r} is a {type(value).__name__}, expected a tensor of shape {spec.shape}"
     if _shape(value) != spec.shape:

@@ -1,4 +1,7 @@
-"""Group option ``proj_dtype``: the projection GEMMs down (R = PᵀG, G Pᵀ) and up (P X, X P) in bfloat16 / float16.
+"""Group option ``proj_dtype``: the projection GEMMs down (R = PᵀG, G Pᵀ) and up (P X, X P) in bfloat16 / float16,
+and ``"auto"`` (the default), which decides per matrix by timing both paths (the decision logic is tested with a
+scripted timer, so the tests do not depend on the CPU; the real timer only where the policy's 0.5 ms floor
+fixes the outcome, on matrices timed in microseconds, or where either outcome is accepted).
 
 Error bound (elementwise, for one GEMM C = A B with inner dimension k, A and B float32, C rounded back):
 each operand is rounded to the low dtype with relative error at most u (u = 2^-8 for bfloat16's 8-bit
@@ -15,12 +18,16 @@ W + α·Ĉ, at most 2^-24·|W + α·C| + its effect on Ĉ's error, which the bou
 """
 
 import copy
+import io
+import warnings
 
 import pytest
 import torch
 
 import gradproj
-from gradproj.projectors.base import dense_down
+from gradproj.optimizers import multi_tensor
+from gradproj.projectors import base
+from gradproj.projectors.base import AUTO_KEY, AUTO_MIN_SECONDS, AUTO_RUNS, dense_down
 
 U = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 U32 = 2.0**-24
@@ -105,16 +112,13 @@ def test_the_optimizer_step_runs_both_gemms_in_bfloat16():
     assert ((W.detach() - ref).abs() <= bound).all()
 
 
-def test_default_none_is_the_plain_float32_path():
-    """proj_dtype=None (the default) runs the float32 GEMMs bit for bit as without the option."""
-    W, opt = setup((48, 80), "left", ...)
-    assert opt.param_groups[0]["proj_dtype"] is None
-    W2, opt2 = setup((48, 80), "left", None)
+def test_none_is_the_plain_float32_path():
+    """proj_dtype=None runs the float32 GEMMs bit for bit as the plain products."""
+    W, opt = setup((48, 80), "left", None)
     for _ in range(3):
         opt.step()
-        opt2.step()
-    assert torch.equal(W, W2)
     state, proj = opt.state[W], opt.engine.plan(W, opt.param_groups[0]).projector
+    assert AUTO_KEY not in state  # None decides nothing
     G, P = W.grad, state["proj"]
     assert torch.equal(proj.down(G, state), dense_down(G, P, "left"))
     X = torch.randn(8, 80)
@@ -147,12 +151,14 @@ def test_refused_for_bases_without_a_stored_dense_matrix():
 
 
 def test_the_batched_step_leaves_a_proj_dtype_group_to_the_per_matrix_path():
-    """The batched foreach step runs its own float32 GEMMs: it takes only groups whose projector stores_dense()."""
+    """The batched foreach step runs its own float32 GEMMs: it takes only groups whose projector stores_dense()
+    (None and "auto"; of an "auto" group, only the matrices whose decision is the parameter's dtype)."""
     W, opt = setup((48, 80), "left", "bfloat16")
     group = opt.param_groups[0]
     proj_cls = type(opt.engine.plan(W, group).projector)
     assert not proj_cls.stores_dense(group)
     assert proj_cls.stores_dense({**group, "proj_dtype": None})
+    assert proj_cls.stores_dense({**group, "proj_dtype": "auto"})
 
 
 def test_resume_is_exact_and_the_checkpoint_holds_no_low_precision_copy():
@@ -195,3 +201,279 @@ def test_project_backward_refuses_proj_dtype():
     with pytest.raises(ValueError, match=r"proj_dtype='bfloat16'.*proj_dtype=None"):
         gradproj.project_backward(model, opt)
     assert opt.engine.projected_backward is None
+
+
+# ------------------------------------------------------------------------------------------ proj_dtype="auto"
+@pytest.fixture(autouse=True)
+def fresh_auto_decisions(monkeypatch):
+    """Each test starts with no per-process decision (they are cached per shape)."""
+    monkeypatch.setattr(base, "_AUTO_DECISIONS", {})
+
+
+class FakeTimer:
+    """Stands in for measure_seconds: runs the path it is given (so the timed code executes) and answers the
+    scripted seconds of that path's label; records the labels."""
+
+    def __init__(self, seconds: dict):
+        self.seconds, self.calls = seconds, []
+
+    def __call__(self, label, run, device):
+        run()
+        answer = self.seconds[label]
+        if isinstance(answer, list):  # one answer per call of that label
+            answer = answer[self.calls.count(label)]
+        self.calls.append(label)
+        return answer
+
+
+def step_pair(a, b, Wa, Wb, steps, seed=100):
+    for i in range(steps):
+        g = torch.randn(Wa.shape, generator=torch.Generator().manual_seed(seed + i))
+        Wa.grad, Wb.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+        assert torch.equal(Wa, Wb)
+
+
+def test_auto_is_the_default_and_small_matrices_keep_float32_bit_for_bit():
+    """By the policy alone (real timing): a 48x80 projection takes microseconds, far below AUTO_MIN_SECONDS on
+    any CPU, so "auto" decides the parameter's dtype, stores it, and runs exactly proj_dtype=None's path."""
+    W, opt = setup((48, 80), "left", ...)
+    assert opt.param_groups[0]["proj_dtype"] == "auto"
+    W2, opt2 = setup((48, 80), "left", None)
+    step_pair(opt, opt2, W, W2, 5)  # refreshes at t = 0, 2, 4
+    assert opt.state[W][AUTO_KEY] == 0
+    ((code, fp32, low),) = base._AUTO_DECISIONS.values()
+    assert code == 0 and 0 < fp32 < AUTO_MIN_SECONDS and low is None  # bfloat16 was not even timed
+    assert set(opt.state[W]) - set(opt2.state[W2]) == {AUTO_KEY}
+
+
+@pytest.mark.parametrize(
+    "seconds, code, equals",
+    [
+        ({"float32": 2e-3, "bfloat16": 1e-3}, 1, "bfloat16"),  # measurably faster: bfloat16
+        ({"float32": 2e-3, "bfloat16": 1.9e-3}, 0, None),  # faster, but within the 10 % margin: float32
+        ({"float32": 2e-3, "bfloat16": 3e-3}, 0, None),  # slower: float32
+        ({"float32": AUTO_MIN_SECONDS / 2, "bfloat16": 1e-9}, 0, None),  # below the policy's floor: not timed
+    ],
+)
+@pytest.mark.parametrize("shape, proj_type", [((48, 80), "left"), ((80, 48), "right"), ((48, 64), "full")])
+def test_auto_decides_by_the_timings_and_then_runs_that_path(monkeypatch, seconds, code, equals, shape, proj_type):
+    timer = FakeTimer(seconds)
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W, opt = setup(shape, proj_type, "auto")
+    W2, opt2 = setup(shape, proj_type, equals)  # the explicit option the decision must equal
+    step_pair(opt, opt2, W, W2, 5)
+    assert opt.state[W][AUTO_KEY] == code
+    below = seconds["float32"] < AUTO_MIN_SECONDS
+    # once per shape and process; above the floor, in alternating blocks
+    assert timer.calls == (["float32"] if below else ["float32", "bfloat16"] * 2)
+    P = opt.state[W]["proj" if proj_type != "full" else "proj_left"]
+    # a float32 decision keeps no bfloat16 copy of the basis from the timed runs
+    assert (base._GEMM_BASES.get(P) is None) == (code == 0)
+    # a second matrix of the same shape reuses the process's decision without timing again
+    W3, opt3 = setup(shape, proj_type, "auto", seed=1)
+    opt3.step()
+    assert opt3.state[W3][AUTO_KEY] == code and len(timer.calls) == (1 if below else 4)
+
+
+def test_the_best_of_both_alternating_blocks_decides(monkeypatch):
+    """A first float32 block slowed by contention (2 ms, then 1 ms): bfloat16's 0.95 ms beats the first block but
+    not 90 % of the best float32 run, so float32 is kept."""
+    timer = FakeTimer({"float32": [2e-3, 1e-3], "bfloat16": [0.95e-3, 0.97e-3]})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W, opt = setup((48, 80), "left", "auto")
+    opt.step()
+    assert opt.state[W][AUTO_KEY] == 0 and timer.calls == ["float32", "bfloat16"] * 2
+    ((code, fp32, low),) = base._AUTO_DECISIONS.values()
+    assert (code, fp32, low) == (0, 1e-3, 0.95e-3)
+
+
+def test_real_timing_runs_both_paths_on_a_scratch_weight(monkeypatch):
+    """With the floor lowered to 0, the real timer runs both paths; whatever it decides, the weights follow that
+    explicit option bit for bit (the timed runs wrote only into a scratch copy)."""
+    monkeypatch.setattr(base, "AUTO_MIN_SECONDS", 0.0)
+    W, opt = setup((80, 48), "right", "auto")
+    opt.step()
+    ((code, fp32, low),) = base._AUTO_DECISIONS.values()
+    assert fp32 > 0 and low is not None and opt.state[W][AUTO_KEY] == code
+    W2, opt2 = setup((80, 48), "right", base.AUTO_CHOICES[code] and "bfloat16")
+    opt2.step()
+    assert torch.equal(W, W2)
+
+
+def test_cuda_timing_synchronizes_around_each_run(monkeypatch):
+    """The CUDA branch of measure_seconds (no GPU needed: the synchronize is recorded, the run is a CPU call)."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)))
+    seconds = base.measure_seconds("float32", lambda: events.append("run"), torch.device("cuda", 0))
+    assert seconds >= 0
+    assert events == [item for _ in range(AUTO_RUNS + 1) for item in ("run", ("sync", torch.device("cuda", 0)))]
+    events.clear()
+    base.measure_seconds("float32", lambda: events.append("run"), torch.device("cpu"))
+    assert events == ["run"] * (AUTO_RUNS + 1)  # no synchronize on the CPU
+
+
+def test_a_stored_decision_is_honoured_on_resume_bit_for_bit(monkeypatch):
+    """A checkpoint keeps the decision: resumed where timing would now decide otherwise, it is not re-timed and
+    the run continues bit for bit."""
+    monkeypatch.setattr(base, "measure_seconds", FakeTimer({"float32": 2e-3, "bfloat16": 1e-3}))
+    W, opt = setup((48, 80), "left", "auto")
+    for _ in range(3):
+        opt.step()
+    assert opt.state[W][AUTO_KEY] == 1
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert saved["state"][0][AUTO_KEY] == 1
+    monkeypatch.setattr(base, "_AUTO_DECISIONS", {})  # a new process, where bfloat16 measures slower
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 3e-3})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W2 = torch.nn.Parameter(W.detach().clone())
+    opt2 = gradproj.GaLoreAdamW([{"params": [W2], "rank": 8, "update_proj_gap": 2, "scale": 0.25}], lr=1e-2)
+    opt2.load_state_dict(saved)
+    step_pair(opt, opt2, W, W2, 4)  # refreshes at t = 4, 6 keep the stored decision
+    assert timer.calls == [] and opt2.state[W2][AUTO_KEY] == 1
+
+
+def test_an_explicit_proj_dtype_overrides_the_stored_decision(monkeypatch):
+    """auto decided bfloat16; setting proj_dtype=None (or float16) on the group runs that path from the next
+    step, without a restart; back to "auto", the stored decision is used again, not re-timed."""
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 1e-3})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W, opt = setup((48, 80), "left", "auto")
+    opt.step()
+    for explicit in (None, "float16", "auto"):
+        opt.param_groups[0]["proj_dtype"] = explicit
+        W2 = torch.nn.Parameter(W.detach().clone())
+        group = {"params": [W2], "rank": 8, "update_proj_gap": 2, "scale": 0.25, "proj_dtype": explicit or None}
+        if explicit == "auto":
+            group["proj_dtype"] = "bfloat16"
+        opt2 = gradproj.GaLoreAdamW([group], lr=1e-2)
+        opt2.load_state_dict({**copy.deepcopy(opt.state_dict()), "param_groups": opt2.state_dict()["param_groups"]})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no restart warning: the state still fits
+            step_pair(opt, opt2, W, W2, 3, seed=10 * len(timer.calls))
+        assert opt.state[W][AUTO_KEY] == 1
+    assert timer.calls == ["float32", "bfloat16"] * 2
+
+
+@pytest.mark.parametrize("value", [2, -1, 1.0, "bfloat16", True, torch.tensor(1)])
+def test_a_checkpoint_with_a_bad_decision_is_refused_before_loading(monkeypatch, value):
+    monkeypatch.setattr(base, "measure_seconds", FakeTimer({"float32": 2e-3, "bfloat16": 1e-3}))
+    _, opt = setup((48, 80), "left", "auto")
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0][AUTO_KEY] = value
+    W2, opt2 = setup((48, 80), "left", "auto", seed=3)
+    before = W2.detach().clone()
+    with pytest.raises(ValueError, match=AUTO_KEY):
+        opt2.load_state_dict(saved)
+    assert not opt2.state and torch.equal(W2, before)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"projector": "random"},  # no stored dense basis: no error (unlike an explicit bfloat16), the parameter's
+        {"projector": "dct"},
+        {"projector": "golore", "golore_switch_step": 2},
+        {"residual": "fira"},  # G - B(R) stays in the parameter's dtype
+        {"residual": "frugal"},
+        {"compile": True},  # the compiled tail runs the parameter's dtype
+        {"compile": False, "proj_type": "full"},  # full: a dense basis on both sides, decided (control)
+    ],
+)
+def test_auto_keeps_the_parameter_dtype_where_low_precision_does_not_apply(monkeypatch, options):
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 1e-3})  # would choose bfloat16 wherever it is asked
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    preset = gradproj.FiraAdamW if options.get("residual") == "fira" else gradproj.GaLoreAdamW
+    W = torch.nn.Parameter(torch.randn(48, 80, generator=torch.Generator().manual_seed(0)))
+    group = {"params": [W], "rank": 8, "update_proj_gap": 2, "scale": 0.25, **options}
+    opt = preset([group], lr=1e-2)
+    for i in range(4):
+        W.grad = torch.randn(W.shape, generator=torch.Generator().manual_seed(i))
+        opt.step()
+    timed = options.get("proj_type") == "full"
+    recorded = "projector" not in options  # a dense basis records the parameter's dtype (0) without timing
+    assert opt.state[W].get(AUTO_KEY) == ({True: 1, False: 0}[timed] if recorded else None)
+    assert (timer.calls != []) == timed
+
+
+def test_auto_keeps_a_bfloat16_parameter_in_its_dtype(monkeypatch):
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 1e-3})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W = torch.nn.Parameter(torch.randn(48, 80).bfloat16())
+    W.grad = torch.randn(48, 80).bfloat16()
+    opt = gradproj.GaLoreAdamW([{"params": [W], "rank": 8, "update_proj_gap": 2, "scale": 0.25}], lr=1e-2)
+    opt.step()
+    assert opt.state[W][AUTO_KEY] == 0 and timer.calls == []
+
+
+def test_the_batched_step_takes_auto_matrices_that_chose_float32(monkeypatch):
+    """foreach=True: an "auto" matrix decided float32 steps batched (bit for bit as proj_dtype=None batched), one
+    decided bfloat16 stays on the per-matrix path."""
+    for seconds, batched in (({"float32": 2e-3, "bfloat16": 3e-3}, True), ({"float32": 2e-3, "bfloat16": 1e-3}, False)):
+        monkeypatch.setattr(base, "_AUTO_DECISIONS", {})
+        monkeypatch.setattr(base, "measure_seconds", FakeTimer(seconds))
+        W, opt = setup((48, 80), "left", "auto")
+        W2, opt2 = setup((48, 80), "left", None)
+        opt.param_groups[0]["foreach"] = opt2.param_groups[0]["foreach"] = True
+        opt.step()
+        opt2.step()
+        assert (id(W) in multi_tensor.collect(opt).ids) == batched  # t = 1: a regular step
+        if batched:
+            step_pair(opt, opt2, W, W2, 4)
+
+
+def test_project_backward_resolves_auto_to_the_parameter_dtype(monkeypatch):
+    """Projected backward with the default "auto": its weights keep float32 (R is formed in it), even where
+    timing would choose bfloat16; the run equals proj_dtype=None's bit for bit. Explicit bfloat16 is refused."""
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 1e-3})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+
+    def train(proj_dtype):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
+        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, proj_dtype=proj_dtype)
+        opt = gradproj.GaLoreAdamW(groups, lr=1e-2)
+        handle = gradproj.project_backward(model, opt)
+        projected = []
+        for i in range(7):  # refreshes at t = 0, 3, 6
+            x = torch.randn(8, 32, generator=torch.Generator().manual_seed(i))
+            model(x).square().mean().backward()
+            projected.append(len(handle.projected))
+            opt.step()
+            opt.zero_grad()
+        assert projected == [0, 2, 2, 0, 2, 2, 0]  # both weights stepped from R between refreshes
+        return model, opt
+
+    model, opt = train("auto")
+    ref, _ = train(None)
+    weights = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
+    assert all(opt.state[w][AUTO_KEY] == 0 for w in weights)
+    assert timer.calls == []  # nothing was timed for the weights projected backward serves
+    for a, b in zip(model.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_checkpoint_without_a_decision_runs_float32_until_its_next_refresh(monkeypatch):
+    """A state written before the key existed (or under proj_dtype=None): "auto" runs the parameter's dtype, bit
+    for bit as None, until the matrix's next refresh decides."""
+    timer = FakeTimer({"float32": 2e-3, "bfloat16": 1e-3})
+    monkeypatch.setattr(base, "measure_seconds", timer)
+    W, opt = setup((48, 80), "left", None)
+    opt.step()  # t = 0: the basis, no decision
+    saved = copy.deepcopy(opt.state_dict())
+    assert AUTO_KEY not in saved["state"][0]
+    W2 = torch.nn.Parameter(W.detach().clone())
+    opt2 = gradproj.GaLoreAdamW([{"params": [W2], "rank": 8, "update_proj_gap": 2, "scale": 0.25}], lr=1e-2)
+    opt2.load_state_dict({**saved, "param_groups": opt2.state_dict()["param_groups"]})
+    assert opt2.param_groups[0]["proj_dtype"] == "auto"
+    step_pair(opt, opt2, W, W2, 1)  # t = 1: no refresh, float32 as None
+    assert AUTO_KEY not in opt2.state[W2] and timer.calls == []
+    g = torch.randn(W.shape, generator=torch.Generator().manual_seed(7))
+    W2.grad = g
+    opt2.step()  # t = 2: the refresh decides
+    assert opt2.state[W2][AUTO_KEY] == 1 and timer.calls == ["float32", "bfloat16"] * 2

@@ -90,7 +90,7 @@ def _add_up_scaled_(
     W: torch.Tensor, projector: Projector, state: dict, U: torch.Tensor, alpha: float, beta: float
 ) -> None:
     """``W ← beta·W + alpha·B(U)`` in one GEMM, for projectors using :meth:`Projector.add_up_`'s dense bases."""
-    if projector.gemm_dtype not in (None, W.dtype):  # proj_dtype: the GEMM in that dtype, then one add
+    if projector.gemm_dtype_for(state) not in (None, W.dtype):  # proj_dtype: the GEMM in that dtype, then one add
         if beta != 1.0:
             W.mul_(beta)
         projector.add_up_(W, U, state, alpha)

@@ -28,7 +28,8 @@ When it is used (``foreach=None``, the default: CUDA parameters only, as torch.o
 ``max_grad_norm``, ``norm_growth_limit``, ``compile`` or ``stochastic_rounding``, with residual ``none``,
 the Adam inner rule (not 8-bit, not Adafactor), a non-tensor ``lr``, and a projector that keeps GaLore's
 dense one-sided basis in state (``svd``, ``eigh``, ``randomized_svd``, or any registered projector that
-does not override :class:`Projector`'s projections and refresh rule), when the parameter is a contiguous
+does not override :class:`Projector`'s projections and refresh rule) with projections in the parameter's dtype
+(``proj_dtype`` None, or ``"auto"`` where the matrix decided so), when the parameter is a contiguous
 plain tensor (not a DTensor) projected on the left or right side, its gradient has its dtype and its state
 holds a basis and moments of the expected shapes, and this step does not refresh the basis. Everything
 else — Fira, FRUGAL, 1-D tensors, unprojected matrices, refresh steps — takes the per-parameter path for
@@ -54,7 +55,7 @@ from .. import kernels
 from ..inner.adam import Adam, bias_corrected_lr
 from ..inner.adam import fused as fused_adam
 from ..projectors import get_projector, schedule
-from ..projectors.base import choose_side, dense_down
+from ..projectors.base import choose_side, dense_down, gemm_dtype
 from ..projectors.lazy import GAP_KEY as LAZY_GAP
 from ..residual import get_residual
 from .sharding import is_dtensor
@@ -171,6 +172,8 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             own_gap = state.get(LAZY_GAP, gap) if lazy else gap
             if schedule.due(state, step, own_gap, stagger) or ea is None or eas is None or proj is None:
                 continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
+            if gemm_dtype(group, state) is not None:
+                continue  # proj_dtype="auto" chose a low-precision GEMM for this matrix: the per-matrix path
             if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
                 continue
             m, n = p.shape[0], p.numel() // p.shape[0]

@@ -25,10 +25,13 @@ gets a zero gradient then, so that DDP sees every parameter it reduces receive a
 **What it refuses at switch-on** (``ValueError``/``TypeError``, before anything changes): an optimizer with
 ``layerwise=True`` (it steps from full gradients inside backward), a group whose residual needs the full
 gradient (Fira, FRUGAL, APOLLO: ``residual != "none"``), ``compile=True`` (the compiled tail takes G as an
-input), ``proj_dtype`` other than None (R is formed in the parameter's dtype), a model already wrapped in DDP
-(wrap after switching on), and DTensor parameters (FSDP2's ``fully_shard``: the sharded step reduces the full
-gradient across ranks). Projected weights of other modules (embeddings, convolutions, ``nn.Linear``
-subclasses with their own ``forward``, a weight shared by several modules) stay on the normal path.
+input), ``proj_dtype="bfloat16"`` / ``"float16"`` (R is formed in the parameter's dtype; ``"auto"``, the
+default, is resolved to the parameter's dtype for the weights projected backward serves: their state records
+that decision before each step, so the refresh steps, which take the normal path, run it too), a model
+already wrapped in DDP (wrap after switching on), and DTensor parameters (FSDP2's ``fully_shard``: the
+sharded step reduces the full gradient across ranks). Projected weights of other modules (embeddings,
+convolutions, ``nn.Linear`` subclasses with their own ``forward``, a weight shared by several modules) stay on
+the normal path.
 
 **Clipping.** The optimizer's ``max_grad_norm`` clips R to that norm (‖R‖ ≤ ‖G‖ for an orthonormal basis,
 so it never bites harder than on G), as in the layerwise mode's low-rank accumulation;
@@ -54,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.reference import clip_by_norm
-from ..projectors.base import IdentityProjector, Projector
+from ..projectors.base import AUTO_KEY, IdentityProjector, Projector
 from ..projectors.golore import GoLoreProjector
 from ..projectors.random_basis import DRAW_KEY
 from ..projectors.regenerated import RegeneratedBasis
@@ -195,10 +198,11 @@ class ProjectedBackward:
                     f"project_backward: {label} has compile=True, whose compiled step takes the full gradient as "
                     "an input; set compile=False for projected backward"
                 )
-            if group.get("proj_dtype") is not None:
+            if group.get("proj_dtype") not in (None, "auto"):
                 raise ValueError(
                     f"project_backward: {label} has proj_dtype={group['proj_dtype']!r}, but the projected backward "
-                    "forms R in the parameter's dtype; set proj_dtype=None for projected backward"
+                    "forms R in the parameter's dtype; set proj_dtype=None or 'auto' (which resolves to the "
+                    "parameter's dtype here) for projected backward"
                 )
             modules.append((name, module))
         if not modules:
@@ -243,6 +247,7 @@ class ProjectedBackward:
             self._ddp_ignore_before = before
             model._ddp_params_and_buffers_to_ignore = before + self._ignored  # type: ignore[assignment]
             self._hooks.append(optimizer.register_step_pre_hook(self._average_full_gradients))
+        self._hooks.append(optimizer.register_step_pre_hook(self._auto_in_parameter_dtype))
         self._hooks.append(optimizer.register_step_post_hook(lambda *args: self.projected.clear()))
         self._zero_grad = optimizer.zero_grad
         optimizer.zero_grad = self._zero_grads  # type: ignore[method-assign]
@@ -282,7 +287,7 @@ class ProjectedBackward:
             return f"their group's residual is {group['residual']!r}"
         if group["compile"]:
             return "their group has compile=True"
-        if group.get("proj_dtype") is not None:  # set after switch-on: R is formed in the parameter's dtype
+        if group.get("proj_dtype") not in (None, "auto"):  # set after switch-on: R is formed in the parameter's dtype
             return f"their group sets proj_dtype={group['proj_dtype']!r}"
         if state_problem(state, engine.state_layout(weight, group, plan)) is not None:
             return "their state no longer fits their group (it restarts)"
@@ -330,6 +335,21 @@ class ProjectedBackward:
             plan.low_rank_grad = clip_by_norm(R, group["max_grad_norm"])
             work.append((w, torch.empty(w.shape, dtype=w.dtype, device="meta"), group, plan))
         return work
+
+    def _auto_in_parameter_dtype(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """``proj_dtype="auto"`` is the parameter's dtype for the weights this handle serves (R is formed in it):
+        the decision is written into their state before the step, so no refresh step times or picks another."""
+        opt = self._optimizer
+        for wid in self._proxies:
+            _, pi, group = self._locate(wid)
+            if group.get("proj_dtype") != "auto":
+                continue
+            w = group["params"][pi]
+            if opt.state.get(w, {}).get(AUTO_KEY) == 0:
+                continue
+            plan = opt.engine.plan(w, group)
+            if plan.shape2d is not None and AUTO_KEY in plan.projector.state_layout():
+                opt.state[w][AUTO_KEY] = 0  # AUTO_CHOICES[0]: the parameter's dtype
 
     def _average_full_gradients(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """DDP does not reduce the projected weights: average the full gradients of a refresh step here."""

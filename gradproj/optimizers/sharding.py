@@ -260,6 +260,7 @@ class ShardedProjector(Projector):
         self.m, self.n, self.rank, self.side = base.m, base.n, base.rank, base.side
         self.update_proj_gap, self.group = base.update_proj_gap, base.group
         self.refreshes = base.refreshes  # type: ignore[misc]
+        self.dense_basis = base.dense_basis  # type: ignore[misc]  # proj_dtype="auto" records as unsharded
         self.stagger = base.stagger  # refresh_stagger: the offset is stored by the engine (projectors.schedule)
 
     # shapes and schedule: the wrapped projector's, with this rank's rows

@@ -24,15 +24,32 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..options import Configurable
-from ..state_layout import Spec
+from ..state_layout import INT, Spec
 from . import lazy, quantized, schedule
 from .change import BasisChange, snapshot_basis
 
 log = logging.getLogger("gradproj")
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-#: the group option ``proj_dtype``: the dtype the two projection GEMMs (``down`` and ``up``) run in
+#: the group option ``proj_dtype``'s explicit values: the dtype the two projection GEMMs (``down`` and ``up``) run
+#: in (``"auto"``, the default, chooses per matrix: :meth:`Projector.decide_gemm_dtype`)
 PROJ_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``proj_dtype="auto"``: the state key of a matrix's decision, an int indexing :data:`AUTO_CHOICES`
+AUTO_KEY = "proj_dtype_auto"
+#: what ``proj_dtype="auto"`` chooses between: 0, the parameter's dtype; 1, bfloat16
+AUTO_CHOICES: tuple[torch.dtype | None, ...] = (None, torch.bfloat16)
+#: ``proj_dtype="auto"`` gives up precision only where the float32 projection of the matrix (its ``down`` and
+#: ``add_up_``) takes at least this long on this machine, measured (:meth:`Projector.decide_gemm_dtype`)
+AUTO_MIN_SECONDS = 5e-4
+#: ... and only where the bfloat16 path is measurably faster: at most this fraction of the float32 path's time
+AUTO_MARGIN = 0.9
+#: timed runs of each path (after one warm-up run); the best one counts
+AUTO_RUNS = 3
+#: the devices ``proj_dtype="auto"`` times on (elsewhere it is the parameter's dtype)
+CUDA_CPU = ("cpu", "cuda")
+#: (m, n, rank, side, dtype, device, basis_bits) -> (the choice, float32 seconds, bfloat16 seconds or None):
+#: ``proj_dtype="auto"``'s measurements, once per process and shape (:func:`auto_decisions`)
+_AUTO_DECISIONS: dict[tuple, tuple[int, float, float | None]] = {}
 #: a dense basis -> (its ``_version``, dtype, its copy in that dtype): the low-precision copy a ``proj_dtype`` GEMM
 #: reads, cast once per refresh (a refresh writes the basis in place, which bumps its version). Keyed by the
 #: tensor's identity and held weakly: derived, never part of the optimizer state or a checkpoint.
@@ -51,6 +68,51 @@ def gemm_basis(P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     low = P.to(dtype)
     _GEMM_BASES[P] = (P._version, dtype, low)
     return low
+
+
+def auto_applies(group: dict) -> bool:
+    """Whether ``proj_dtype="auto"`` may choose a low-precision GEMM for a matrix of ``group``: the group sets it,
+    has no residual rule (Fira, FRUGAL and APOLLO form G − B(R), whose rounding error bfloat16 would make
+    relative to G instead of the small residual) and no ``compile`` (the compiled tail runs the parameter's
+    dtype). Elsewhere ``"auto"`` is the parameter's dtype."""
+    return group.get("proj_dtype") == "auto" and group.get("residual", "none") == "none" and not group.get("compile")
+
+
+def gemm_dtype(group: dict, state: dict) -> torch.dtype | None:
+    """The dtype the projection GEMMs of a matrix with ``state`` in ``group`` run in; None: the operands' own.
+
+    An explicit ``proj_dtype`` is used as given; ``"auto"`` is the decision stored in the state
+    (:data:`AUTO_KEY`), the parameter's dtype until one is made or where :func:`auto_applies` does not hold."""
+    value = group.get("proj_dtype")
+    if value == "auto":
+        if not auto_applies(group):  # checked first: a compiled graph then reads nothing of the state here
+            return None
+        code = state.get(AUTO_KEY)
+        return None if code is None else AUTO_CHOICES[code]
+    return PROJ_DTYPES.get(value)
+
+
+def measure_seconds(label: str, run, device: torch.device) -> float:
+    """The best of :data:`AUTO_RUNS` timed calls of ``run`` (after one untimed warm-up call, which also pays
+    first-call costs such as the cast of the low-precision basis), synchronizing a CUDA device around each.
+    ``label`` names the path (``"float32"``, ``"bfloat16"``)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    run()
+    sync()
+    best = float("inf")
+    for _ in range(AUTO_RUNS):
+        start = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def auto_decisions() -> dict[tuple, tuple[torch.dtype | None, float, float | None]]:
+    """What ``proj_dtype="auto"`` measured and chose in this process: (m, n, rank, side, dtype, device,
+    basis_bits) -> (the chosen GEMM dtype, None for the parameter's; float32 seconds; bfloat16 seconds, None
+    where the float32 path was below :data:`AUTO_MIN_SECONDS` and bfloat16 was not timed)."""
+    return {k: (AUTO_CHOICES[c], t32, tlow) for k, (c, t32, tlow) in _AUTO_DECISIONS.items()}
 
 
 class NonFiniteGradientError(ValueError):
@@ -162,15 +224,83 @@ class Projector(Configurable):
     @classmethod
     def stores_dense(cls, group: dict) -> bool:
         """Whether this projector keeps ``group``'s basis as a dense matrix under ``proj`` (:attr:`dense_basis`,
-        and no ``basis_bits``) and projects in the parameter's dtype (no ``proj_dtype``): what the batched
-        ``foreach`` step needs."""
-        return cls.dense_basis and group.get("basis_bits") is None and group.get("proj_dtype") is None
+        and no ``basis_bits``) and may project in the parameter's dtype (``proj_dtype`` None or ``"auto"``; the
+        batched ``foreach`` step then takes the matrices whose :func:`gemm_dtype` is the parameter's): what the
+        batched step needs."""
+        return cls.dense_basis and group.get("basis_bits") is None and group.get("proj_dtype") in (None, "auto")
 
-    @property
-    def gemm_dtype(self) -> torch.dtype | None:
-        """The dtype of the projection GEMMs (group option ``proj_dtype``); None: the operands' own dtype."""
+    def gemm_dtype_for(self, state: dict) -> torch.dtype | None:
+        """The dtype of this matrix's projection GEMMs (:func:`gemm_dtype`); None: the operands' own dtype."""
         group = getattr(self, "group", None)  # a subclass whose __init__ keeps no group: the operands' dtype
-        return None if group is None else PROJ_DTYPES.get(group.get("proj_dtype"))
+        return None if group is None else gemm_dtype(group, state)
+
+    def decides_gemm_dtype(self) -> bool:
+        """Whether ``proj_dtype="auto"`` records a decision for this matrix (:meth:`decide_gemm_dtype`): the group
+        sets it and the basis is a stored dense matrix (:attr:`dense_basis`; a regenerated or phase-switching
+        basis's ``"auto"`` is the parameter's dtype without a record)."""
+        return self.group.get("proj_dtype") == "auto" and self.dense_basis and not torch.compiler.is_compiling()
+
+    def decide_gemm_dtype(self, G: torch.Tensor, state: dict) -> int:
+        """``proj_dtype="auto"``: the GEMM dtype of this matrix, as an index into :data:`AUTO_CHOICES`.
+
+        The parameter's dtype (0), without timing, where low precision does not apply: the group does not allow
+        it (:func:`auto_applies`: a residual rule, ``compile``), G is not float32 on a CPU or CUDA device, or the
+        projections are not this class's (FSDP2's sharded projector: ranks timing their own rows could decide
+        differently).
+
+        Otherwise timed once per process for each (m, n, rank, side, dtype, device, basis_bits), on the basis
+        just computed: the float32 path (``down`` then ``add_up_`` into a scratch copy of G, as the step runs
+        them), and where it is not below the floor (next), the bfloat16 path, then each once more (alternating
+        blocks of :data:`AUTO_RUNS` runs, :func:`measure_seconds`); each path's best run counts.
+
+        The policy: precision is given up only where the float32 projection of the matrix takes at least
+        :data:`AUTO_MIN_SECONDS` (0.5 ms) on this machine, measured, and bfloat16 takes at most
+        :data:`AUTO_MARGIN` (90 %) of that time. Why 0.5 ms: below it a 10 % margin is under 50 µs, which the
+        jitter of a loaded machine reaches, so the choice would not reproduce from run to run; and small
+        matrices (unit tests, small models; 256 x 256 at rank 64 takes 0.13 ms on one core of a current x86
+        CPU) keep the parameter's dtype bit for bit on any CPU. No machine constant is involved: a CPU without
+        fast bfloat16 (no AVX-512-BF16 / AMX) measures it slower and keeps float32.
+        """
+        cls = type(self)
+        own_gemms = cls.down is Projector.down and cls.add_up_ is Projector.add_up_  # not FSDP2's sharded ones
+        if not (own_gemms and auto_applies(self.group) and G.dtype == torch.float32 and G.device.type in CUDA_CPU):
+            return 0
+        key = (self.m, self.n, self.rank, self.side, G.dtype, G.device, self.group.get("basis_bits"))
+        known = _AUTO_DECISIONS.get(key)
+        if known is not None:
+            return known[0]
+        W = G.clone()  # a scratch weight: the timed runs write into it
+
+        def path(low: torch.dtype | None):
+            return lambda: self._add_up(W, self._down(G, state, low), state, 1e-3, low)
+
+        fp32 = measure_seconds("float32", path(None), G.device)
+        low_time = None
+        code = 0
+        if fp32 >= AUTO_MIN_SECONDS:
+            # two alternating blocks of runs: a stretch of contention on a shared machine then slows both paths
+            low_time = measure_seconds("bfloat16", path(torch.bfloat16), G.device)
+            fp32 = min(fp32, measure_seconds("float32", path(None), G.device))
+            low_time = min(low_time, measure_seconds("bfloat16", path(torch.bfloat16), G.device))
+            code = 1 if fp32 >= AUTO_MIN_SECONDS and low_time <= AUTO_MARGIN * fp32 else 0
+        if code == 0:  # the timed runs cached a bfloat16 copy of the basis that nothing will read
+            for basis in ("proj", "proj_left", "proj_right"):
+                if basis in state:
+                    _GEMM_BASES.pop(state[basis], None)
+        _AUTO_DECISIONS[key] = (code, fp32, low_time)
+        log.info(
+            "gradproj: proj_dtype='auto' for %dx%d rank %d (%s, %s on %s): float32 %.3f ms, bfloat16 %s -> %s",
+            self.m,
+            self.n,
+            self.rank,
+            self.side,
+            G.dtype,
+            G.device,
+            fp32 * 1e3,
+            "not timed" if low_time is None else f"{low_time * 1e3:.3f} ms",
+            AUTO_CHOICES[code] or "the parameter's dtype",
+        )
+        return code
 
     def gemm_basis(self, state: dict, key: str, dtype: torch.dtype) -> torch.Tensor:
         """The basis ``key`` in ``dtype`` for a ``proj_dtype`` GEMM: a dense basis's cached copy
@@ -211,23 +341,28 @@ class Projector(Configurable):
     def state_layout(self) -> dict[str, Spec]:
         """The state keys this projector owns and what they must look like (:mod:`gradproj.state_layout`)."""
         m, n, r = self.m, self.n, self.rank
+        # proj_dtype="auto"'s decision (declared whatever the group's proj_dtype, so that changing the option
+        # never restarts a state; an explicit value overrides it, None ignores it)
+        auto = {AUTO_KEY: Spec(INT, bound=len(AUTO_CHOICES))}
         bits = self.group.get("basis_bits")
         if bits is not None:  # codes and scales (gradproj.projectors.quantized)
             if self.side != "full":
-                return {**quantized.layout("proj", self.dense_shape("proj"), bits), **lazy.layout(self.group)}
+                return {**quantized.layout("proj", self.dense_shape("proj"), bits), **lazy.layout(self.group), **auto}
             left, right = "proj_left" + quantized.CODES, "proj_right" + quantized.CODES
             return {
                 **quantized.layout("proj_left", (m, r), bits, requires=(right,)),
                 **quantized.layout("proj_right", (r, n), bits, requires=(left,)),
                 **lazy.layout(self.group),
+                **auto,
             }
         if self.side == "full":
             return {
                 "proj_left": Spec((m, r), requires=("proj_right",)),
                 "proj_right": Spec((r, n), requires=("proj_left",)),
                 **lazy.layout(self.group),
+                **auto,
             }
-        return {"proj": Spec((r, n) if self.side == "right" else (m, r)), **lazy.layout(self.group)}
+        return {"proj": Spec((r, n) if self.side == "right" else (m, r)), **lazy.layout(self.group), **auto}
 
     def dense_shape(self, key: str) -> tuple[int, int]:
         """The shape of the dense basis ``key`` (``proj``, ``proj_left``, ``proj_right``)."""
@@ -298,6 +433,8 @@ class Projector(Configurable):
                 old.copy_(value)
             else:
                 state[key] = value
+        if AUTO_KEY not in state and self.decides_gemm_dtype():  # proj_dtype="auto": decided once, then kept
+            state[AUTO_KEY] = self.decide_gemm_dtype(G, state)
         if before is not None:
             after = self.lazy_vectors(state)
             if after:
@@ -374,7 +511,10 @@ class Projector(Configurable):
     # With ``proj_dtype`` the GEMM runs in that dtype (both operands cast, the basis once per refresh; torch
     # accumulates in float32 and rounds the product to that dtype), and its result returns to the dtype of G / X.
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
-        low = self.gemm_dtype
+        return self._down(G, state, self.gemm_dtype_for(state))
+
+    def _down(self, G: torch.Tensor, state: dict, low: torch.dtype | None) -> torch.Tensor:
+        """R = down(G) with the GEMMs in ``low`` (None: G's dtype)."""
         if low is not None and low != G.dtype:
             Gl = G.to(low)
             if self.side == "full":
@@ -388,7 +528,7 @@ class Projector(Configurable):
         return dense_down(G, self.basis_tensor(state, "proj", G.dtype), self.side)
 
     def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
-        low = self.gemm_dtype
+        low = self.gemm_dtype_for(state)
         if low is not None and low != X.dtype:
             return self._up_low(X.to(low), state, low).to(X.dtype)
         if self.side == "right":
@@ -406,9 +546,13 @@ class Projector(Configurable):
         return self.gemm_basis(state, "proj_left", low) @ X @ self.gemm_basis(state, "proj_right", low)
 
     def add_up_(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float) -> None:
-        """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it (with ``proj_dtype``: the
-        GEMM in that dtype, then one add into W, since torch has no mixed-dtype ``addmm_`` on the CPU)."""
-        low = self.gemm_dtype
+        """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it (with a low-precision
+        ``proj_dtype``: the GEMM in that dtype, then one add into W, since torch 2.13 has no mixed-dtype
+        ``addmm_`` and no ``out_dtype`` GEMM on the CPU)."""
+        self._add_up(W, X, state, alpha, self.gemm_dtype_for(state))
+
+    def _add_up(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float, low: torch.dtype | None) -> None:
+        """:meth:`add_up_` with the GEMM in ``low`` (None: W's dtype)."""
         if low is not None and low != W.dtype:
             W.add_(self._up_low(X.to(low), state, low), alpha=alpha)
             return
