@@ -155,6 +155,22 @@ _LEFT_LAYOUT: dict[tuple, bool] = {}
 LAYOUT_MARGIN = 0.9
 
 
+def agree_across_ranks(value: int, device: torch.device) -> int:
+    """``value`` as rank 0 measured it, on every rank of an initialized process group (itself otherwise).
+
+    A choice made by timing (the left-projection layout, ``proj_dtype="auto"``) can come out differently in two
+    processes; data-parallel replicas that round differently would drift apart, so in a distributed run rank
+    0's measurement decides for all. Every rank reaches the same choice at the same point of the same step
+    (the same shapes, in the same order, the first time each is seen), so the broadcast pairs up.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    flag = torch.tensor([value], dtype=torch.int64, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(flag, src=0)
+    return int(flag.item())
+
+
 def left_layout(G: torch.Tensor, P: torch.Tensor) -> bool:
     """Whether ``Pᵀ G`` is the faster form of a left projection of ``G`` (m x n) on ``P`` (m x r) on the CPU.
 
@@ -162,7 +178,8 @@ def left_layout(G: torch.Tensor, P: torch.Tensor) -> bool:
     or ``Gᵀ P`` (n x r) transposed and copied. Which GEMM layout MKL runs faster depends on the CPU (the
     transposed one was ~1.4x faster on an AMD EPYC, the plain one 1.2-1.3x faster on an Intel Xeon), so it is
     timed on the first projection of each shape and dtype (three runs of each, best of each) and cached for
-    the process. The two forms round differently (a few ulps of R); one process always uses one of them.
+    the process. The two forms round differently (a few ulps of R); one process always uses one of them, and
+    in a distributed run every rank uses rank 0's (:func:`agree_across_ranks`).
     """
     key = (*G.shape, P.shape[1], G.dtype)
     plain = _LEFT_LAYOUT.get(key)
@@ -173,7 +190,8 @@ def left_layout(G: torch.Tensor, P: torch.Tensor) -> bool:
                 start = time.perf_counter()
                 _ = P.t() @ G if form else (G.t() @ P).t().contiguous()
                 best[form] = min(best[form], time.perf_counter() - start)
-        plain = _LEFT_LAYOUT[key] = not best[False] < LAYOUT_MARGIN * best[True]
+        plain = not best[False] < LAYOUT_MARGIN * best[True]
+        plain = _LEFT_LAYOUT[key] = bool(agree_across_ranks(int(plain), G.device))
     return plain
 
 
@@ -283,6 +301,7 @@ class Projector(Configurable):
             fp32 = min(fp32, measure_seconds("float32", path(None), G.device))
             low_time = min(low_time, measure_seconds("bfloat16", path(torch.bfloat16), G.device))
             code = 1 if fp32 >= AUTO_MIN_SECONDS and low_time <= AUTO_MARGIN * fp32 else 0
+        code = agree_across_ranks(code, G.device)  # data-parallel replicas must round alike: rank 0 decides
         if code == 0:  # the timed runs cached a bfloat16 copy of the basis that nothing will read
             for basis in ("proj", "proj_left", "proj_right"):
                 if basis in state:
