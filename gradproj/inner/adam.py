@@ -67,6 +67,9 @@ class Adam(InnerRule):
         m, v = state["exp_avg"], state["exp_avg_sq"]
         Rs = R.to(m.dtype)  # what adam_update does first
         if fused(group, ctx.ops) and reference.fused_adam_applies(Rs, m, v):
+            if (ctx.r_owned or Rs is not R) and Rs.device.type == "cpu":  # ψ over R: no buffer, no zeroing
+                (U,) = reference.adam_update_fused_([Rs], [m], [v], beta1, beta2, group["eps"])
+                return U, self.step_size(group, state, ctx)
             out = [self._scratch(m)] if m.numel() <= SCRATCH_MAX_NUMEL else None
             (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"], out=out)
         else:

@@ -188,6 +188,9 @@ class Plan:
     low_rank_grad: torch.Tensor | None = None
     #: ``refresh_stagger``: the offset this matrix stores with its basis (gradproj.projectors.schedule)
     refresh_offset: int = 0
+    #: ``adam_kernel="fused"`` with the torch reference's kernels on a projected matrix: the weight decay rides in
+    #: the back-projection GEMM as its beta (:func:`gradproj.kernels.reference.apply_update`'s ``fold_decay``)
+    fold_decay: bool = False
 
     @property
     def dense(self) -> bool:
@@ -402,6 +405,7 @@ class Engine:
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
         projector.param_index = self.param_index.get(id(p), 0)
         plan = Plan((m, n), projector, get_residual(group["residual"])(), self.scale(group), ops, inner)
+        plan.fold_decay = group.get("adam_kernel") == "fused" and ops.apply_update is kernels.reference.apply_update
         if group["refresh_stagger"] and projector.refreshes:
             matrices = [q for q in group["params"] if self._projected_matrix(q, group)]
             k = next(i for i, q in enumerate(matrices) if q is p)
@@ -510,13 +514,6 @@ class Engine:
         if plan.restart is not None:
             self.restart(p, state, step, plan.restart, plan.inner)
         inner = plan.inner
-        ctx = StepContext(
-            step=step + 1,
-            ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
-            state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
-            param=p,
-            scale=plan.scale,
-        )
         proj = plan.projector
         G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
         if plan.low_rank_grad is None:
@@ -524,6 +521,20 @@ class Engine:
             R = proj.down(G, state)
         else:  # projected backward: R came from the backward pass, no refresh due (G is a meta placeholder)
             R = plan.low_rank_grad
+        ctx = StepContext(
+            step=step + 1,
+            ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
+            state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
+            param=p,
+            scale=plan.scale,
+            # the default dense projection returns a new tensor (a projector stand-in or the identity may not), and
+            # no residual rule reads R after the inner update
+            r_owned=R is not G
+            and plan.low_rank_grad is None
+            and plan.shard is None
+            and type(proj).down is Projector.down
+            and type(plan.residual) is NoResidual,
+        )
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
             return  # compile=True: the lines below ran as one compiled graph
@@ -533,6 +544,16 @@ class Engine:
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
         with matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
+            lr, wd = inner.decay_lr(group, state), group["weight_decay"]
+            seed = kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype)
+            if (  # the decay as the GEMM's beta where the torch reference's kernels run the plain update
+                plan.fold_decay
+                and plan.shard is None
+                and S is None
+                and seed is None
+                and kernels.reference.apply_update_decay_in_gemm(W, proj, state, U, step_size, ctx.scale, lr, wd)
+            ):
+                return
             ctx.ops.apply_update(
                 W,
                 proj,
@@ -542,9 +563,9 @@ class Engine:
                 step_size,
                 ctx.scale,
                 residual_step=plan.residual.step_size(group, step_size),
-                lr=inner.decay_lr(group, state),
-                weight_decay=group["weight_decay"],
-                seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype),
+                lr=lr,
+                weight_decay=wd,
+                seed=seed,
             )
 
     def refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: Plan) -> None:

@@ -356,12 +356,18 @@ def _adam_directions(group: dict, ops: KernelOps, Rs: list, ms: list, vs: list) 
     use_fused = fused_adam(group, ops)
     picks = [use_fused and kernels.reference.fused_adam_applies(R, m, v) for R, m, v in zip(Rs, ms, vs)]
     out: list = [None] * len(Rs)
+    ref = kernels.reference
     for flag in (True, False):
         idx = [i for i, f in enumerate(picks) if f is flag]
         if not idx:
             continue
         args = ([Rs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx], beta1, beta2, eps)
-        res = kernels.reference.adam_update_fused(*args) if flag else kernels.reference.adam_update_foreach(*args)
+        if not flag:
+            res = ref.adam_update_foreach(*args)
+        elif Rs[0].device.type == "cpu":  # the Rs are this step's projections: ψ is written over them
+            res = ref.adam_update_fused_(*args)
+        else:
+            res = ref.adam_update_fused(*args)
         for i, U in zip(idx, res):
             out[i] = U
     return out
@@ -403,10 +409,16 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
     alpha = -bucket.step_size * opt.engine.scale(group)
     decay = group["lr"] * group["weight_decay"]
-    fused_decay = bucket.ops.apply_update is not kernels.reference.apply_update  # Triton: beta·W in the GEMM
-    beta = 1.0 - decay if fused_decay else 1.0
     X = torch.stack(Us).to(Ws[0].dtype) if (batched or Us[0].dtype != Ws[0].dtype) else None
     Xs = Us if X is None else list(X.unbind(0))
+    # beta·W in the GEMM: Triton's apply_update; the reference's with adam_kernel="fused" where that is the faster
+    # form for this shape (kernels.reference.apply_update_decay_in_gemm, the per-parameter path's choice)
+    fused_decay = bucket.ops.apply_update is not kernels.reference.apply_update or (
+        decay != 0.0
+        and group.get("adam_kernel") == "fused"
+        and kernels.reference.decay_in_gemm_pays(Ws[0], *((Xs[0], Ps[0]) if side == "right" else (Ps[0], Xs[0])))
+    )
+    beta = 1.0 - decay if fused_decay else 1.0
     if batched:  # the weights stacked, so the update is one fused baddbmm_ as the per-matrix addmm_ is
         assert X is not None and P is not None
         Wst = torch.stack(Ws)
