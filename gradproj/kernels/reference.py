@@ -480,7 +480,7 @@ def apply_update_decay_in_gemm(
     P = _gemm_basis(projector, state, W)
     if P is None:
         return False
-    X = U.to(W.dtype)
+    X = U if U.dtype == W.dtype else U.to(W.dtype)
     operands = (X, P) if projector.side == "right" else (P, X)
     if not decay_in_gemm_pays(W, *operands):
         return False
@@ -525,6 +525,24 @@ def decay_in_gemm_pays(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> boo
                 best[folded] = min(best[folded], time.perf_counter() - start)
         pays = _DECAY_IN_GEMM[key] = best[True] < DECAY_MARGIN * best[False]
     return pays
+
+
+def decay_in_gemm_pays_for(p: torch.Tensor, projector) -> bool:
+    """Whether :func:`apply_update_decay_in_gemm` can run for parameter ``p`` under ``projector`` (a dense
+    one-sided basis in p's dtype, the default back-projection) and is the faster form for its shape
+    (:func:`decay_in_gemm_pays`, timed here on stand-in operands of the step's shapes if not yet known)."""
+    if type(projector).add_up_ is not Projector.add_up_ or projector.side not in ("left", "right"):
+        return False
+    if projector.gemm_dtype not in (None, p.dtype) or projector.group.get("basis_bits") is not None:
+        return False
+    m, n, r = projector.m, projector.n, projector.rank
+    known = _DECAY_IN_GEMM.get((m, n, r, p.dtype))
+    if known is not None and p.device.type == "cpu":
+        return known
+    # stand-ins shaped like the back-projection's operands (U and P, or P and U), no RNG draw
+    A = torch.full((m, r), 0.5, dtype=p.dtype, device=p.device)
+    B = torch.full((r, n), 0.5, dtype=p.dtype, device=p.device)
+    return decay_in_gemm_pays(p.detach().reshape(m, n), A, B)
 
 
 def _gemm_basis(projector, state: dict, W: torch.Tensor) -> torch.Tensor | None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -140,7 +140,7 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option(
         "foreach",
         None,
-        "step regular GaLore steps batched (None: on CUDA)",
+        "step regular GaLore steps batched (None: on CUDA, and on the CPU where it measures faster per shape)",
         lambda v, name, where: multi_tensor.check_option(v, where),
     ),
 )
@@ -382,7 +382,9 @@ class Engine:
             if not plan.projector.reusable:
                 return plan
             cached = self._plans[id(p)] = (key, plan)
-        return replace(cached[1])
+        copy = object.__new__(Plan)  # a shallow copy (dataclasses.replace re-runs __init__ field by field)
+        copy.__dict__.update(cached[1].__dict__)
+        return copy
 
     def _plan(self, p: torch.Tensor, group: dict) -> Plan:
         ops = kernels.resolve(group["impl"], p)
@@ -405,7 +407,12 @@ class Engine:
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
         projector.param_index = self.param_index.get(id(p), 0)
         plan = Plan((m, n), projector, get_residual(group["residual"])(), self.scale(group), ops, inner)
-        plan.fold_decay = group.get("adam_kernel") == "fused" and ops.apply_update is kernels.reference.apply_update
+        plan.fold_decay = (
+            group.get("adam_kernel") == "fused"
+            and group["weight_decay"] != 0.0
+            and ops.apply_update is kernels.reference.apply_update
+            and kernels.reference.decay_in_gemm_pays_for(p, plan.projector)
+        )
         if group["refresh_stagger"] and projector.refreshes:
             matrices = [q for q in group["params"] if self._projected_matrix(q, group)]
             k = next(i for i, q in enumerate(matrices) if q is p)
@@ -450,7 +457,7 @@ class Engine:
         A first basis (or the basis of a restarted state) is computed here, so that a gradient it cannot be
         computed from raises before any parameter of the step is updated.
         """
-        where = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+        where = _Where(gi, pi, p)
         if grad.is_sparse:
             raise ValueError(
                 f"{where} has a sparse gradient; gradproj optimizers need dense gradients (use "
@@ -515,7 +522,7 @@ class Engine:
             self.restart(p, state, step, plan.restart, plan.inner)
         inner = plan.inner
         proj = plan.projector
-        G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
+        G = grad if plan.shape2d is None or grad.dim() == 2 else grad.reshape(plan.shape2d)  # 2-D: its own shape
         if plan.low_rank_grad is None:
             self.refresh(G, state, group, step, plan)
             R = proj.down(G, state)
@@ -612,6 +619,18 @@ class Engine:
             inner.project_state(state, proj.basis_change(state))
 
 
+class _Where:
+    """ "param group i, parameter j (shape ...)" for a message, formatted only when one is raised."""
+
+    __slots__ = ("gi", "p", "pi")
+
+    def __init__(self, gi: int, pi: int, p: torch.Tensor):
+        self.gi, self.pi, self.p = gi, pi, p
+
+    def __str__(self) -> str:
+        return f"param group {self.gi}, parameter {self.pi} (shape {tuple(self.p.shape)})"
+
+
 _SCALARS = frozenset({int, float, str, bool, type(None)})
 
 
@@ -641,7 +660,7 @@ class matrix_view:
         self.copy: torch.Tensor | None = None
 
     def __enter__(self) -> torch.Tensor:
-        if self.shape2d is None:
+        if self.shape2d is None or (self.p.dim() == 2 and self.p.is_contiguous()):  # [m, n] already (prepare checked)
             return self.p
         if self.p.is_contiguous():
             return self.p.view(self.shape2d)
