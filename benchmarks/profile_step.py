@@ -47,7 +47,7 @@ def build(package, args, device, dtype):
     return opt, len(params), rank
 
 
-def profile(label, opt, n, rank, args, device):
+def profile(label, opt, n, rank, args, device, show=True):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t = time.perf_counter()
@@ -55,8 +55,9 @@ def profile(label, opt, n, rank, args, device):
         opt.step()
     sync()
     wall = (time.perf_counter() - t) * 100
-    print(f"[{label}] {args.model} {args.dtype} impl={args.impl} foreach={args.foreach} wd={args.weight_decay}: "
-          f"regular step {wall:.2f} ms ({n} matrices, rank {rank})")
+    if show:
+        print(f"[{label}] {args.model} {args.dtype} impl={args.impl} foreach={args.foreach} wd={args.weight_decay}: "
+              f"regular step {wall:.2f} ms ({n} matrices, rank {rank})")
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     steps = 5
     with torch.profiler.profile(activities=acts) as prof:
@@ -64,7 +65,8 @@ def profile(label, opt, n, rank, args, device):
             opt.step()
         sync()
     key = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    if show and args.rows:
+        print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
     if device.type == "cuda":  # device time per step: GEMM kernels vs everything else
         gemm = other = 0.0
         for e in prof.key_averages():
@@ -80,6 +82,7 @@ def profile(label, opt, n, rank, args, device):
         return None
     per = {name: 0.0 for name in GROUPS}
     per["other kernels"] = 0.0
+    calls = dict.fromkeys(per, 0)
     total = 0.0
     for e in prof.key_averages():
         if e.key.startswith("Optimizer.") or e.key.startswith("ProfilerStep"):
@@ -87,12 +90,15 @@ def profile(label, opt, n, rank, args, device):
             continue
         group = next((g for g, names in GROUPS.items() if e.key in names), "other kernels")
         per[group] += e.self_cpu_time_total
+        calls[group] += e.count
     per = {k: v / steps / 1e3 for k, v in per.items()}
     step_ms = total / steps / 1e3
     per["Python and dispatch"] = step_ms - sum(per.values())
-    print(f"[{label}] per step under the profiler: {step_ms:.2f} ms = " + ", ".join(
-        f"{k} {v:.2f} ms" for k, v in per.items()))
-    return step_ms, per
+    calls = {k: v / steps for k, v in calls.items()}
+    if show:
+        print(f"[{label}] per step under the profiler: {step_ms:.2f} ms = " + ", ".join(
+            f"{k} {v:.2f} ms ({calls.get(k, 0):.0f} calls)" for k, v in per.items()))
+    return step_ms, per, calls
 
 
 def main() -> None:
@@ -107,6 +113,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8, help="regular steps before timing")
     ap.add_argument("--baseline", help="a directory holding another version's gradproj/, profiled after this one")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=3, help="profiled rounds (CPU: the smallest figure of each group)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,16 +124,27 @@ def main() -> None:
         from versions import load_baseline
 
         runs.append(("baseline", load_baseline(args.baseline)))
+    built = {label: build(package, args, device, dtype) for label, package in runs}
     results = {}
-    for label, package in runs:
-        opt, n, rank = build(package, args, device, dtype)
-        results[label] = profile(label, opt, n, rank, args, device)
+    for rnd in range(args.rounds):  # rotated rounds; per operator group the least-disturbed (smallest) figure
+        labels = list(built)[rnd % len(built):] + list(built)[:rnd % len(built)]
+        for label in labels:
+            out = profile(label, *built[label], args, device, show=rnd == 0)
+            if out is None:
+                continue
+            if label not in results:
+                results[label] = out
+            else:
+                step_ms, per, calls = results[label]
+                results[label] = (min(step_ms, out[0]), {k: min(v, out[1][k]) for k, v in per.items()}, calls)
     if device.type == "cpu" and len(results) == 2:
-        print("| operators per regular step (ms, self CPU time) | this | baseline |")
+        print(f"smallest of {args.rounds} rotated rounds per group")
+        print("| operators per regular step | this: ms (calls) | baseline: ms (calls) |")
         print("|---|---|---|")
-        (a_ms, a), (b_ms, b) = results["this"], results["baseline"]
+        (a_ms, a, ac), (b_ms, b, bc) = results["this"], results["baseline"]
         for k in a:
-            print(f"| {k} | {a[k]:.2f} | {b[k]:.2f} |")
+            cells = [f"{x[k]:.2f}" + (f" ({c[k]:.0f})" if k in c else "") for x, c in ((a, ac), (b, bc))]
+            print(f"| {k} | {cells[0]} | {cells[1]} |")
         print(f"| step | {a_ms:.2f} | {b_ms:.2f} |")
 
 

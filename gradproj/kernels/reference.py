@@ -533,7 +533,8 @@ def decay_in_gemm_pays_for(p: torch.Tensor, projector) -> bool:
     (:func:`decay_in_gemm_pays`, timed here on stand-in operands of the step's shapes if not yet known)."""
     if type(projector).add_up_ is not Projector.add_up_ or projector.side not in ("left", "right"):
         return False
-    if projector.gemm_dtype not in (None, p.dtype) or projector.group.get("basis_bits") is not None:
+    group = getattr(projector, "group", None) or {}  # a subclass whose __init__ keeps no group: its defaults
+    if projector.gemm_dtype not in (None, p.dtype) or group.get("basis_bits") is not None:
         return False
     m, n, r = projector.m, projector.n, projector.rank
     known = _DECAY_IN_GEMM.get((m, n, r, p.dtype))
