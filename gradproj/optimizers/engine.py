@@ -188,8 +188,9 @@ class Plan:
     low_rank_grad: torch.Tensor | None = None
     #: ``refresh_stagger``: the offset this matrix stores with its basis (gradproj.projectors.schedule)
     refresh_offset: int = 0
-    #: ``adam_kernel="fused"`` with the torch reference's kernels on a projected matrix: the weight decay rides in
-    #: the back-projection GEMM as its beta (:func:`gradproj.kernels.reference.apply_update`'s ``fold_decay``)
+    #: ``adam_kernel="fused"`` with the torch reference's kernels on a projected matrix with weight decay, where the
+    #: folded form measured faster for its shape: the decay rides in the back-projection GEMM as its beta
+    #: (:func:`gradproj.kernels.reference.apply_update_decay_in_gemm`)
     fold_decay: bool = False
 
     @property
@@ -411,6 +412,7 @@ class Engine:
             group.get("adam_kernel") == "fused"
             and group["weight_decay"] != 0.0
             and ops.apply_update is kernels.reference.apply_update
+            and not is_dtensor(p)  # FSDP2 steps local rows through its own ops (unfolded)
             and kernels.reference.decay_in_gemm_pays_for(p, plan.projector)
         )
         if group["refresh_stagger"] and projector.refreshes:
@@ -522,7 +524,7 @@ class Engine:
             self.restart(p, state, step, plan.restart, plan.inner)
         inner = plan.inner
         proj = plan.projector
-        G = grad if plan.shape2d is None or grad.dim() == 2 else grad.reshape(plan.shape2d)  # 2-D: its own shape
+        G = grad if plan.shape2d is None or grad.shape == plan.shape2d else grad.reshape(plan.shape2d)
         if plan.low_rank_grad is None:
             self.refresh(G, state, group, step, plan)
             R = proj.down(G, state)
@@ -620,7 +622,7 @@ class Engine:
 
 
 class _Where:
-    """ "param group i, parameter j (shape ...)" for a message, formatted only when one is raised."""
+    """The prefix "param group i, parameter j (shape ...)" of an error message, formatted only when one is raised."""
 
     __slots__ = ("gi", "p", "pi")
 
@@ -660,7 +662,7 @@ class matrix_view:
         self.copy: torch.Tensor | None = None
 
     def __enter__(self) -> torch.Tensor:
-        if self.shape2d is None or (self.p.dim() == 2 and self.p.is_contiguous()):  # [m, n] already (prepare checked)
+        if self.shape2d is None or (self.p.shape == self.shape2d and self.p.is_contiguous()):  # [m, n] already
             return self.p
         if self.p.is_contiguous():
             return self.p.view(self.shape2d)
