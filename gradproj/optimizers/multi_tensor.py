@@ -544,9 +544,16 @@ def _step_streamed(opt: ProjectedOptimizer, bucket: _Bucket, Ws: list, Gs: list,
     alpha = -bucket.step_size * opt.engine.scale(group)
     decay = group["lr"] * group["weight_decay"]
     fused_decay = None
+    use_fused = fused_adam(group, bucket.ops)
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    ref = kernels.reference
     for W, G, P, m, v in zip(Ws, Gs, Ps, ms, vs):
         R = dense_down(G, P, side)
-        (U,) = _adam_directions(group, bucket.ops, [R if R.dtype == m.dtype else R.to(m.dtype)], [m], [v])
+        R = R if R.dtype == m.dtype else R.to(m.dtype)
+        if use_fused and ref.fused_adam_applies(R, m, v):  # _adam_directions of one matrix
+            (U,) = ref.adam_update_fused_([R], [m], [v], beta1, beta2, eps)
+        else:
+            (U,) = ref.adam_update_foreach([R], [m], [v], beta1, beta2, eps)
         X = U if U.dtype == W.dtype else U.to(W.dtype)
         if fused_decay is None:
             fused_decay = _decay_in_gemm(bucket, decay, W, X, P)
