@@ -58,6 +58,8 @@ VARIANTS = {
     "eigh": {"projector": "eigh"},
     "8bit": {},
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
+    "per_param": {"foreach": False},  # the regular steps always through the per-parameter path
+    "batched": {"foreach": True},  # ... always batched (default None: chosen per bucket by timing, on the CPU)
 }
 
 
