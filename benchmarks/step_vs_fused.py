@@ -27,9 +27,12 @@ import torch
 
 import gradproj
 from common import LLAMA, block_matrix_shapes, cpu_name, rows_per_thread_count
+from gradproj.kernels.reference import adam_update_fused_
 from gradproj.projectors.base import dense_down
 
 VOCAB = 32000
+#: the timer (``--clock``): wall time, or the process's CPU time (robust to a loaded machine with 1 thread)
+CLOCK = time.perf_counter
 
 
 def model_shapes(name: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
@@ -58,6 +61,8 @@ VARIANTS = {
     "8bit_bnb": {},  # GaLoreAdamW8bit stepping through bitsandbytes' CPU quantizer (the same codes)
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
     "proj_none": {"proj_dtype": None},  # the parameter's dtype (float32) everywhere, against the default "auto"
+    "per_param": {"foreach": False},  # the regular steps always through the per-parameter path
+    "batched": {"foreach": True},  # ... always batched (default None: chosen per bucket by timing, on the CPU)
 }
 
 
@@ -81,30 +86,45 @@ class BnbQuantizer:
             adam8bit._LUT[key] = saved
 
 
-def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: bool) -> dict:
+def run(
+    name: str,
+    gap: int,
+    repeats: int,
+    variants: list[str],
+    blocks_8bit: bool,
+    weight_decay: float = 0.0,
+    warmup: int = 8,
+) -> dict:
     h = LLAMA[name][0]
     rank = h // 4
     blocks, other = model_shapes(name)
     nb = len(blocks)
     params = make_params(blocks + other, seed=0)
     mats, rest = params[:nb], params[nb:]
-    opts: dict = {"fused AdamW": torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)}
+    opts: dict = {"fused AdamW": torch.optim.AdamW(params, lr=1e-3, weight_decay=weight_decay, fused=True)}
     for v in variants:
         group = {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, **VARIANTS[v]}
         extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
         cls = gradproj.GaLoreAdamW8bit if v.startswith("8bit") else gradproj.GaLoreAdamW
-        opt = cls([group, {"params": rest, **extra}], lr=1e-3)
+        opt = cls([group, {"params": rest, **extra}], lr=1e-3, weight_decay=weight_decay)
         opts[f"gradproj {v}"] = BnbQuantizer(opt) if v == "8bit_bnb" else opt
+
     # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
     def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
         return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25}
 
-    opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3)
+    opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3, weight_decay=weight_decay)
     if blocks_8bit:
-        opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3)
-        opts["gradproj 8bit blocks bnb"] = BnbQuantizer(gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3))
+        opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3, weight_decay=weight_decay)
+        opts["gradproj 8bit blocks bnb"] = BnbQuantizer(
+            gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3, weight_decay=weight_decay)
+        )
     for opt in opts.values():
         opt.step()  # allocates state, first basis
+    for _ in range(warmup):  # regular steps: gradproj's run-time choices (layouts, foreach=None on the CPU) settle
+        for nm, opt in opts.items():
+            if nm.startswith("gradproj"):
+                opt.step()
     first = opts[f"gradproj {variants[0]}"]
     bases = [first.state[p]["proj"] for p in mats]
     sides = ["right" if p.shape[0] >= p.shape[1] else "left" for p in mats]
@@ -118,28 +138,45 @@ def run(name: str, gap: int, repeats: int, variants: list[str], blocks_8bit: boo
                 else:
                     p.data.addmm_(P, R, alpha=-1e-6)
 
+    class GemmsAdam:  # the floor with the one pass Adam must make over R: GEMM, fused Adam on R, GEMM
+        def __init__(self):
+            self.moments = [
+                (torch.zeros(low), torch.zeros(low))
+                for low in (dense_down(p.grad, P, side).shape for p, P, side in zip(mats, bases, sides))
+            ]
+
+        def step(self):
+            for p, P, side, (m, v) in zip(mats, bases, sides, self.moments):
+                R = dense_down(p.grad, P, side)
+                adam_update_fused_([R], [m], [v], 0.9, 0.999, 1e-6)
+                if side == "right":
+                    p.data.addmm_(R, P, alpha=-1e-6)
+                else:
+                    p.data.addmm_(P, R, alpha=-1e-6)
+
     opts["GEMMs"] = Gemms()
+    opts["GEMMs + Adam"] = GemmsAdam()
     names = list(opts)
     times = {k: {"regular": [], "refresh": []} for k in names}
     for i in range(repeats + max(2, repeats // 3)):
         kind, k = ("regular", 1) if i < repeats else ("refresh", gap)
-        for nm in names[i % len(names):] + names[: i % len(names)]:
+        for nm in names[i % len(names) :] + names[: i % len(names)]:
             opt = opts[nm]
             if nm.startswith("gradproj"):
                 for st in opt.state.values():
                     st["step"] = k
-            if nm == "fused AdamW" or nm == "GEMMs":
+            if nm in ("fused AdamW", "GEMMs", "GEMMs + Adam"):
                 if kind == "refresh":
                     continue
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             opt.step()
-            times[nm][kind].append(time.perf_counter() - t0)
+            times[nm][kind].append(CLOCK() - t0)
     out = {}
     for nm, t in times.items():
         reg = statistics.median(t["regular"])
         ref = statistics.median(t["refresh"]) if t["refresh"] else reg
         out[nm] = {"regular": reg, "refresh": ref, "amortized": (ref + (gap - 1) * reg) / gap}
-    return {"model": name, "rank": rank, "threads": torch.get_num_threads(), "times": out}
+    return {"model": name, "rank": rank, "threads": torch.get_num_threads(), "weight_decay": weight_decay, "times": out}
 
 
 def main() -> None:
@@ -149,16 +186,36 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS))
-    ap.add_argument("--blocks-8bit", action="store_true",
-                    help="also GaLoreAdamW8bit on the block matrices, as it is and through bitsandbytes' quantizer")
+    ap.add_argument(
+        "--blocks-8bit",
+        action="store_true",
+        help="also GaLoreAdamW8bit on the block matrices, as it is and through bitsandbytes' quantizer",
+    )
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="of every optimizer (GaLore's and fused AdamW)")
+    ap.add_argument("--warmup", type=int, default=8, help="regular gradproj steps before the timed rounds")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or process CPU time (with 1 thread: immune to time slicing on a loaded machine)",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows = rows_per_thread_count(args.threads, args.models,
-                                 lambda name: run(name, args.gap, args.repeats, args.variants, args.blocks_8bit))
-    print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
-          f"{args.repeats} regular rounds, medians\n")
-    print("| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
-          "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 | 8-bit, bitsandbytes' quantizer ms | / fp32 |")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = rows_per_thread_count(
+        args.threads,
+        args.models,
+        lambda name: run(name, args.gap, args.repeats, args.variants, args.blocks_8bit, args.weight_decay, args.warmup),
+    )
+    print(
+        f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
+        f"{args.repeats} regular rounds, medians, {args.clock} clock, weight decay {args.weight_decay:g}\n"
+    )
+    print(
+        "| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
+        "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 | 8-bit, bitsandbytes' quantizer ms | / fp32 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["times"]
@@ -167,11 +224,20 @@ def main() -> None:
         for key in ("gradproj 8bit blocks", "gradproj 8bit blocks bnb"):
             q = t.get(key, {}).get("regular")
             eight.append(f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -")
-        print(f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | " + " | ".join(eight) + " |")
+        print(
+            f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.2f}x | "
+            + " | ".join(eight)
+            + " |"
+        )
     print()
-    print("| model | threads | fused AdamW ms | GEMMs ms | " + " | ".join(
-        f"{v}: amortized (regular / refresh) ms | {v} / fused | {v} regular / GEMMs | {v} refresh share"
-        for v in args.variants) + " |")
+    print(
+        "| model | threads | fused AdamW ms | GEMMs ms | "
+        + " | ".join(
+            f"{v}: amortized (regular / refresh) ms | {v} / fused | {v} regular / GEMMs | {v} refresh share"
+            for v in args.variants
+        )
+        + " |"
+    )
     print("|---|---|---|---|" + "---|---|---|---|" * len(args.variants))
     for r in rows:
         t = r["times"]
@@ -180,9 +246,29 @@ def main() -> None:
         for v in args.variants:
             x = t[f"gradproj {v}"]
             share = (x["refresh"] - x["regular"]) / args.gap / x["amortized"]
-            cells.append(f"{x['amortized'] * 1e3:.1f} ({x['regular'] * 1e3:.1f} / {x['refresh'] * 1e3:.0f}) "
-                         f"| {x['amortized'] / f:.2f}x | {x['regular'] / g:.2f}x | {share:.1%}")
+            cells.append(
+                f"{x['amortized'] * 1e3:.1f} ({x['regular'] * 1e3:.1f} / {x['refresh'] * 1e3:.0f}) "
+                f"| {x['amortized'] / f:.2f}x | {x['regular'] / g:.2f}x | {share:.1%}"
+            )
         print(f"| {r['model']} | {r['threads']} | {f * 1e3:.1f} | {g * 1e3:.1f} | " + " | ".join(cells) + " |")
+    print()
+    print(
+        f"Block matrices alone, weight decay {args.weight_decay:g}: the regular step against its two projection GEMMs "
+        "and against those GEMMs plus the one fused Adam pass over R (the floor with Adam's own pass)"
+    )
+    print()
+    print(
+        "| model | threads | GEMMs ms | GEMMs + Adam pass ms | GaLoreAdamW regular ms | regular / GEMMs "
+        "| regular / (GEMMs + Adam) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["times"]
+        g, ga, b = t["GEMMs"]["regular"], t["GEMMs + Adam"]["regular"], t["gradproj blocks"]["regular"]
+        print(
+            f"| {r['model']} | {r['threads']} | {g * 1e3:.1f} | {ga * 1e3:.1f} | {b * 1e3:.1f} | {b / g:.3f}x "
+            f"| {b / ga:.3f}x |"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -8,7 +8,7 @@ so the ratio holds when the machine's load changes during the run. Regular steps
 timed separately (medians); the amortized step is (refresh + (T - 1) · regular) / T.
 
     git archive 7c2730e gradproj | tar -x -C /tmp/base
-    python benchmarks/versions.py --baseline /tmp/base --models llama_20m llama_60m [--threads 2] [--json out.json]
+    python benchmarks/versions.py --baseline /tmp/base --models llama_20m llama_60m [--threads 2] [--weight-decay 0 0.1]
 """
 
 from __future__ import annotations
@@ -53,26 +53,31 @@ def make_params(shapes, seed):
     return params
 
 
-def build(package, projected, regular, rank, gap):
+def build(package, projected, regular, rank, gap, weight_decay=0.0):
     groups = [{"params": regular}, {"params": projected, "rank": rank, "update_proj_gap": gap, "scale": 0.25}]
-    return package.GaLoreAdamW(groups, lr=1e-3)
+    return package.GaLoreAdamW(groups, lr=1e-3, weight_decay=weight_decay)
+
+
+#: the timer (``--clock``): wall time, or the process's CPU time (robust to a loaded machine with 1 thread)
+CLOCK = time.perf_counter
 
 
 def timed(opt) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     opt.step()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
-def compare(name: str, baseline, gap: int, repeats: int) -> dict:
+def compare(name: str, baseline, gap: int, repeats: int, weight_decay: float = 0.0, warmup: int = 8) -> dict:
     shapes, others = model_shapes(name)
     rank = LLAMA[name][0] // 4
     runs = {}
     for label, package in (("this", gradproj), ("baseline", baseline)):
         projected, regular = make_params(shapes, 0), make_params(others, 1)
-        runs[label] = build(package, projected, regular, rank, gap)
+        runs[label] = build(package, projected, regular, rank, gap, weight_decay)
     for opt in runs.values():
-        opt.step()  # the first refresh allocates the state
+        for _ in range(1 + warmup):  # the first refresh allocates the state; then regular steps (run-time choices)
+            opt.step()
     times = {label: {"regular": [], "refresh": []} for label in runs}
     labels = list(runs)
     for i in range(repeats):
@@ -86,7 +91,7 @@ def compare(name: str, baseline, gap: int, repeats: int) -> dict:
                     if "step" in opt.state.get(p, {}):
                         opt.state[p]["step"] = gap * (i + 1)  # the next step refreshes
             times[label]["refresh"].append(timed(opt))
-    row = {"model": name, "rank": rank, "gap": gap}
+    row = {"model": name, "rank": rank, "gap": gap, "weight_decay": weight_decay}
     for label in labels:
         reg = statistics.median(times[label]["regular"])
         ref = statistics.median(times[label]["refresh"])
@@ -105,17 +110,26 @@ def main() -> None:
     ap.add_argument("--gap", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--weight-decay", type=float, nargs="+", default=[0.0])
+    ap.add_argument("--warmup", type=int, default=8, help="regular steps of each version before the timed rounds")
     ap.add_argument("--json")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall time, or process CPU time (with 1 thread: immune to time slicing on a loaded machine)")
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline)
-    rows = [compare(name, baseline, args.gap, args.repeats) for name in args.models]
-    print(f"# {machine()}; GaLoreAdamW on a whole LLaMA parameter set, rank hidden/4, T {args.gap}")
-    print("| model | regular (this / baseline, ms) | refresh (ms) | amortized (ms) | ratio regular | ratio amortized |")
-    print("|---|---|---|---|---|---|")
+    rows = [compare(name, baseline, args.gap, args.repeats, wd, args.warmup)
+            for wd in args.weight_decay for name in args.models]
+    print(f"# {machine()}; GaLoreAdamW on a whole LLaMA parameter set, rank hidden/4, T {args.gap}, "
+          f"{args.clock} clock, {args.repeats} rounds")
+    print("| model | weight decay | regular (this / baseline, ms) | refresh (ms) | amortized (ms) | ratio regular "
+          "| ratio amortized |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['this_regular_ms']:.1f} / {r['baseline_regular_ms']:.1f} "
+        print(f"| {r['model']} | {r['weight_decay']:g} | {r['this_regular_ms']:.1f} / {r['baseline_regular_ms']:.1f} "
               f"| {r['this_refresh_ms']:.0f} / {r['baseline_refresh_ms']:.0f} "
               f"| {r['this_amortized_ms']:.1f} / {r['baseline_amortized_ms']:.1f} "
               f"| {r['regular_ratio']:.3f} | {r['amortized_ratio']:.3f} |")

@@ -155,19 +155,58 @@ def test_batched_path_is_taken_for_eligible_parameters_only(monkeypatch):
     assert all(opt.state[p]["step"] == 4 for p in params)
 
 
-def test_auto_means_cuda_only_and_false_means_never(monkeypatch):
+def test_false_means_never(monkeypatch):
     calls = counting_update(monkeypatch)
-    for foreach in (None, False):
-        params, loss_fn = problem(torch.float32)
-        opt = make(params, foreach)
-        calls.clear()
-        train(params, opt, 2, loss_fn)  # step 1 is a regular step, yet every matrix runs _update
-        assert len(calls) == 2 * (len(params) - 1)  # the bias: torch's fused AdamW kernel (collect_dense)
+    params, loss_fn = problem(torch.float32)
+    opt = make(params, False)
+    train(params, opt, 2, loss_fn)  # step 1 is a regular step, yet every matrix runs _update
+    assert len(calls) == 2 * (len(params) - 1)  # the bias: torch's fused AdamW kernel (collect_dense)
     ran = []
     monkeypatch.setattr(multi_tensor, "_step_chunk", lambda *a: ran.append(a))
     params, loss_fn = problem(torch.float32)
-    train(params, make(params, None), 2, loss_fn)
+    train(params, make(params, False), 3, loss_fn)
     assert not ran
+
+
+def test_auto_on_the_cpu_times_both_paths_then_keeps_the_faster(monkeypatch):
+    """foreach=None on the CPU: a bucket's first regular steps alternate between the batched and the
+    per-parameter path (timed), then the faster one is kept; the trajectory is foreach=False's bit for bit."""
+    monkeypatch.setattr(multi_tensor, "_CPU_CHOICE", {})
+    monkeypatch.setattr(multi_tensor, "_CPU_TRIALS", {})
+    monkeypatch.setattr(multi_tensor, "BATCHED_GEMM_MAX_NUMEL", 0)
+    calls = counting_update(monkeypatch)
+    params, loss_fn = problem(torch.float32)
+    p_ref = clone_params(params)
+    mats = params[:4]  # the two 2-matrix buckets of group 0 (the square one is a bucket of its own)
+    opt, ref = make(params, None), make(p_ref, False)
+    for g in opt.param_groups + ref.param_groups:
+        if "rank" in g:
+            g["update_proj_gap"] = 100  # no refresh among the timed steps
+    train(params, opt, 1, loss_fn)  # the first basis: the per-parameter path
+    train(p_ref, ref, 1, loss_fn)
+    forms = []
+    for _ in range(2 * multi_tensor.CPU_TRIALS):
+        calls.clear()
+        train(params, opt, 1, loss_fn)
+        train(p_ref, ref, 1, loss_fn)
+        forms.append(not ({id(p) for p in mats} & set(calls)))
+    assert forms == [True, False] * multi_tensor.CPU_TRIALS  # batched first, then the other way, alternating
+    assert len(multi_tensor._CPU_CHOICE) == 3  # one choice per bucket: (40, 24) x2, (24, 40) x2, (30, 30)
+    assert all(len(t[True]) == len(t[False]) == multi_tensor.CPU_TRIALS for t in multi_tensor._CPU_TRIALS.values())
+    for key in multi_tensor._CPU_CHOICE:
+        multi_tensor._CPU_CHOICE[key] = False
+    calls.clear()
+    train(params, opt, 1, loss_fn)
+    train(p_ref, ref, 1, loss_fn)
+    assert {id(p) for p in mats} <= set(calls)
+    for key in multi_tensor._CPU_CHOICE:
+        multi_tensor._CPU_CHOICE[key] = True
+    calls.clear()
+    train(params, opt, 1, loss_fn)
+    train(p_ref, ref, 1, loss_fn)
+    assert not {id(p) for p in mats} & set(calls)
+    for a, b in zip(params, p_ref):
+        assert torch.equal(a, b)
 
 
 def test_chunks_split_and_give_the_same_result(monkeypatch):

@@ -65,8 +65,11 @@ class Adam(InnerRule):
             state["exp_avg_sq"] = torch.zeros(R.shape, dtype=ctx.state_dtype, device=R.device)
         beta1, beta2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        Rs = R.to(m.dtype)  # what adam_update does first
+        Rs = R if R.dtype == m.dtype else R.to(m.dtype)  # what adam_update does first
         if fused(group, ctx.ops) and reference.fused_adam_applies(Rs, m, v):
+            if (ctx.r_owned or Rs is not R) and Rs.device.type == "cpu":  # ψ over R: no buffer, no zeroing
+                (U,) = reference.adam_update_fused_([Rs], [m], [v], beta1, beta2, group["eps"])
+                return U, self.step_size(group, state, ctx)
             out = [self._scratch(m)] if m.numel() <= SCRATCH_MAX_NUMEL else None
             (U,) = reference.adam_update_fused([Rs], [m], [v], beta1, beta2, group["eps"], out=out)
         else:

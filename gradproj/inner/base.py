@@ -35,6 +35,9 @@ class StepContext:
     param: torch.Tensor | None = None
     #: the group's ``scale`` (alpha) for a projected matrix, 1.0 for an unprojected parameter
     scale: float = 1.0
+    #: R is a tensor of this step's own (a projection's result, not a gradient or stored state) that the rule may
+    #: overwrite with its direction (Adam writes ψ over it: no buffer to allocate or zero)
+    r_owned: bool = False
 
 
 class InnerRule(Configurable):

@@ -6,11 +6,12 @@ same function as its twin here. Each function is written to read like the math i
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from ..projectors.base import IdentityProjector
+from ..projectors.base import IdentityProjector, Projector, agree_across_ranks
 from ..projectors.linalg import power_of_two_scale
 
 
@@ -147,6 +148,50 @@ def adam_update_fused(
         maximize=False,
     )
     return out
+
+
+def adam_update_fused_(
+    Rs: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> list[torch.Tensor]:
+    """:func:`adam_update_fused` with ψ written over R itself: no buffer, and no pass to zero one.
+
+    torch's fused AdamW kernel is run with R as both "parameter" and "gradient", ``lr = -1`` and
+    ``weight_decay = -1``, so its decoupled decay multiplies the parameter by 1 − lr·wd = 0 before adding
+    −lr·ψ: each element of R becomes 0·R + ψ = ψ, with the moments and ψ rounded exactly as in
+    :func:`adam_update_fused` (the same kernel arithmetic; ±0 + ψ is exact). Where R is NaN or ±inf, ψ is NaN
+    too (the moments take the non-finite value), so the result is ψ there as well. The kernel reads each
+    element's gradient before it writes the parameter, which makes the aliasing safe; it is used on the CPU
+    only (tests/test_fused_adam.py checks it against the buffered form bit for bit). Every R must be a tensor
+    the caller owns (a fresh projection, not a gradient or a moment) and pass :func:`fused_adam_applies`.
+    """
+    if not Rs:
+        return []
+    device = Rs[0].device
+    step = _NO_BIAS_STEPS.get(device)
+    if step is None:
+        step = _NO_BIAS_STEPS[device] = torch.tensor(_NO_BIAS_CORRECTION, dtype=torch.float32, device=device)
+    Rs = list(Rs)
+    torch._fused_adamw_(
+        Rs,
+        Rs,
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        [],
+        [step] * len(Rs),
+        lr=-1.0,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=-1.0,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+    return Rs
 
 
 def adam_update(
@@ -406,6 +451,111 @@ def apply_update(
         w.sub_(s_res * dense)
     w.sub_(lr * weight_decay * w)
     W.copy_(stochastic_round_to_bf16(w, seed))
+
+
+def apply_update_decay_in_gemm(
+    W: torch.Tensor,
+    projector,
+    state: dict,
+    U: torch.Tensor,
+    step_size: float,
+    scale: float,
+    lr: float,
+    weight_decay: float,
+) -> bool:
+    """:func:`apply_update` without residual or rounding seed, with the decay as the GEMM's beta: one ``addmm_``,
+    ``W ← β·W + (−step_size·scale·β)·B(U)`` with β = 1 − lr·wd, one pass over W instead of two. Returns False
+    (and changes nothing) where that form does not apply: no decay, or a back-projection other than one
+    dense one-sided basis in W's dtype (a full or quantized basis, ``proj_dtype``, a projector's own add_up_).
+
+    The same function as :func:`apply_update`, rounded differently (``adam_kernel="fused"``; the reference
+    keeps the two passes): elementwise |Δ| ≤ (8u + 2γ_k)·(|W| + step_size·scale·(|P||U|)), u the unit roundoff
+    of W's dtype and γ_k = k·u / (1 − k·u) for the rank k. Both forms equal (1 − lr·wd)·(W − a·B(U)),
+    a = step_size·scale: the two-pass form rounds a·B(U), W − a·B(U), lr·wd·W₁ and W₁ − lr·wd·W₁ (four
+    roundings, the third on a term lr·wd times smaller), the GEMM rounds β, a·β, β·W, the scaled product and
+    their sum (five); each call sums B(U)'s k products in its own order (γ_k each). tests/test_fused_adam.py.
+    """
+    if weight_decay == 0.0:
+        return False
+    P = _gemm_basis(projector, state, W)
+    if P is None:
+        return False
+    X = U if U.dtype == W.dtype else U.to(W.dtype)
+    operands = (X, P) if projector.side == "right" else (P, X)
+    if not decay_in_gemm_pays(W, *operands):
+        return False
+    beta = 1.0 - lr * weight_decay
+    W.addmm_(*operands, beta=beta, alpha=-step_size * scale * beta)
+    return True
+
+
+#: (W's shape, the GEMM's inner size, dtype) -> whether ``addmm_`` with beta != 1 is faster than ``addmm_`` and
+#: a separate decay pass on this CPU; measured once per process and shape (:func:`decay_in_gemm_pays`)
+_DECAY_IN_GEMM: dict[tuple, bool] = {}
+#: the folded form must be this much faster to be chosen (timing noise must not flip the choice)
+DECAY_MARGIN = 0.95
+
+
+def decay_in_gemm_pays(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether ``W.addmm_(A, B, beta=β)`` beats ``W.addmm_(A, B)`` followed by ``W.add_(W, alpha=β - 1)``.
+
+    On the GPU the GEMM's epilogue scales W for free. On the CPU it depends on the BLAS and the shape: MKL
+    on an Intel Xeon (AVX-512) ran beta != 1 about 10 % slower than beta = 1 for a 1376 x 512 weight, more
+    than the separate pass costs, but came out ahead at 256 x 688. So the two forms are timed on a copy of
+    W at the first update of each shape and dtype (three runs each, best of each) and the choice is cached
+    for the process; like the left projection's layout (:func:`gradproj.projectors.base.left_layout`), two
+    processes may choose differently and then differ by a few roundings (bounded in
+    :func:`apply_update_decay_in_gemm`); the ranks of a distributed run all take rank 0's choice.
+    """
+    if W.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    key = (*W.shape, A.shape[1], W.dtype)
+    pays = _DECAY_IN_GEMM.get(key)
+    if pays is None:
+        scratch = W.clone()
+        best = {True: float("inf"), False: float("inf")}
+        for _ in range(3):
+            for folded in (True, False):
+                start = time.perf_counter()
+                if folded:  # a real GEMM (a BLAS may skip the product when alpha is 0) on the scratch copy
+                    scratch.addmm_(A, B, beta=1.0 - 1e-4, alpha=1e-6)
+                else:
+                    scratch.addmm_(A, B, alpha=1e-6)
+                    scratch.add_(scratch, alpha=-1e-4)
+                best[folded] = min(best[folded], time.perf_counter() - start)
+        pays = best[True] < DECAY_MARGIN * best[False]
+        pays = _DECAY_IN_GEMM[key] = bool(agree_across_ranks(int(pays), W.device))  # replicas must round alike
+    return pays
+
+
+def decay_in_gemm_pays_for(p: torch.Tensor, projector) -> bool:
+    """Whether :func:`apply_update_decay_in_gemm` can run for parameter ``p`` under ``projector`` (a dense
+    one-sided basis in p's dtype, the default back-projection) and is the faster form for its shape
+    (:func:`decay_in_gemm_pays`, timed here on stand-in operands of the step's shapes if not yet known)."""
+    if type(projector).add_up_ is not Projector.add_up_ or projector.side not in ("left", "right"):
+        return False
+    group = getattr(projector, "group", None) or {}  # a subclass whose __init__ keeps no group: its defaults
+    if projector.gemm_dtype not in (None, p.dtype) or group.get("basis_bits") is not None:
+        return False
+    m, n, r = projector.m, projector.n, projector.rank
+    known = _DECAY_IN_GEMM.get((m, n, r, p.dtype))
+    if known is not None and p.device.type == "cpu":
+        return known
+    # stand-ins shaped like the back-projection's operands (U and P, or P and U), no RNG draw
+    A = torch.full((m, r), 0.5, dtype=p.dtype, device=p.device)
+    B = torch.full((r, n), 0.5, dtype=p.dtype, device=p.device)
+    return decay_in_gemm_pays(p.detach().reshape(m, n), A, B)
+
+
+def _gemm_basis(projector, state: dict, W: torch.Tensor) -> torch.Tensor | None:
+    """The dense one-sided basis that :meth:`Projector.add_up_` would multiply with in W's dtype, or None where
+    the back-projection is anything else (a full or quantized basis, ``proj_dtype``, a projector's own add_up_)."""
+    if type(projector).add_up_ is not Projector.add_up_ or projector.side not in ("left", "right"):
+        return None
+    if projector.gemm_dtype not in (None, W.dtype):
+        return None
+    P = state.get("proj")
+    return P if P is not None and P.dtype == W.dtype and W.dim() == 2 else None
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:

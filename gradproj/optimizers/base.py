@@ -6,6 +6,7 @@ parameter, the schema of the options and every check are the engine's (:mod:`gra
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -58,8 +59,9 @@ class ProjectedOptimizer(Optimizer):
     * ``layerwise``: step each parameter inside its post-accumulate-grad hook and free its gradient at
       once (:mod:`gradproj.optimizers.layerwise`); ``accumulation_steps``: micro-batches per update there.
     * ``max_grad_norm`` (also a group key): clip each parameter's gradient to this norm before its update.
-    * ``foreach``: ``None`` (default: for CUDA parameters), ``True`` or ``False`` — step the parameters whose
-      step is a regular GaLore step together, in few kernel launches (:mod:`gradproj.optimizers.multi_tensor`).
+    * ``foreach``: ``None`` (default: for CUDA parameters, and for CPU parameters of the shapes where it measured
+      faster over their first regular steps), ``True`` or ``False`` — step the parameters whose step is a
+      regular GaLore step together, in few kernel launches (:mod:`gradproj.optimizers.multi_tensor`).
     """
 
     inner_rule: ClassVar[type[InnerRule]] = Adam
@@ -177,10 +179,17 @@ class ProjectedOptimizer(Optimizer):
                             self.state[p] = {}
             multi_tensor.run_dense(self, dense)
             multi_tensor.run(self, batch)
+            timed = batch.timed  # foreach=None on the CPU: per-parameter steps timed against the batched ones
             for p, grad, group, plan in work:
                 if plan.low_rank_grad is None:  # a projected-backward R was clipped when it was gathered
                     grad = kernels.reference.clip_by_norm(grad, group["max_grad_norm"])
-                engine.step_param(p, grad, group, plan)
+                if timed and id(p) in timed:
+                    start = time.perf_counter()
+                    engine.step_param(p, grad, group, plan)
+                    batch.time_param(p, time.perf_counter() - start)
+                else:
+                    engine.step_param(p, grad, group, plan)
+            multi_tensor.finish(batch)
         if self.sampler is not None:
             self.sampler.step(self)  # may switch blocks (and free the state of those it deactivates)
         return loss

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -145,7 +145,7 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option(
         "foreach",
         None,
-        "step regular GaLore steps batched (None: on CUDA)",
+        "step regular GaLore steps batched (None: on CUDA, and on the CPU where it measures faster per shape)",
         lambda v, name, where: multi_tensor.check_option(v, where),
     ),
 )
@@ -193,6 +193,10 @@ class Plan:
     low_rank_grad: torch.Tensor | None = None
     #: ``refresh_stagger``: the offset this matrix stores with its basis (gradproj.projectors.schedule)
     refresh_offset: int = 0
+    #: ``adam_kernel="fused"`` with the torch reference's kernels on a projected matrix with weight decay, where the
+    #: folded form measured faster for its shape: the decay rides in the back-projection GEMM as its beta
+    #: (:func:`gradproj.kernels.reference.apply_update_decay_in_gemm`)
+    fold_decay: bool = False
 
     @property
     def dense(self) -> bool:
@@ -384,7 +388,9 @@ class Engine:
             if not plan.projector.reusable:
                 return plan
             cached = self._plans[id(p)] = (key, plan)
-        return replace(cached[1])
+        copy = object.__new__(Plan)  # a shallow copy (dataclasses.replace re-runs __init__ field by field)
+        copy.__dict__.update(cached[1].__dict__)
+        return copy
 
     def _plan(self, p: torch.Tensor, group: dict) -> Plan:
         ops = kernels.resolve(group["impl"], p)
@@ -407,6 +413,13 @@ class Engine:
         projector = get_projector(group["projector"])((m, n), rank, group["proj_type"], group)
         projector.param_index = self.param_index.get(id(p), 0)
         plan = Plan((m, n), projector, get_residual(group["residual"])(), self.scale(group), ops, inner)
+        plan.fold_decay = (
+            group.get("adam_kernel") == "fused"
+            and group["weight_decay"] != 0.0
+            and ops.apply_update is kernels.reference.apply_update
+            and not is_dtensor(p)  # FSDP2 steps local rows through its own ops (unfolded)
+            and kernels.reference.decay_in_gemm_pays_for(p, plan.projector)
+        )
         if group["refresh_stagger"] and projector.refreshes:
             matrices = [q for q in group["params"] if self._projected_matrix(q, group)]
             k = next(i for i, q in enumerate(matrices) if q is p)
@@ -451,7 +464,7 @@ class Engine:
         A first basis (or the basis of a restarted state) is computed here, so that a gradient it cannot be
         computed from raises before any parameter of the step is updated.
         """
-        where = f"param group {gi}, parameter {pi} (shape {tuple(p.shape)})"
+        where = _Where(gi, pi, p)
         if grad.is_sparse:
             raise ValueError(
                 f"{where} has a sparse gradient; gradproj optimizers need dense gradients (use "
@@ -515,20 +528,27 @@ class Engine:
         if plan.restart is not None:
             self.restart(p, state, step, plan.restart, plan.inner)
         inner = plan.inner
+        proj = plan.projector
+        G = grad if plan.shape2d is None or grad.shape == plan.shape2d else grad.reshape(plan.shape2d)
+        if plan.low_rank_grad is None:
+            self.refresh(G, state, group, step, plan)
+            R = proj.down(G, state)
+        else:  # projected backward: R came from the backward pass, no refresh due (G is a meta placeholder)
+            R = plan.low_rank_grad
         ctx = StepContext(
             step=step + 1,
             ops=plan.ops if plan.shard is None else plan.shard.ops(plan.ops),
             state_dtype=STATE_DTYPES[group["state_dtype"]] or p.dtype,
             param=p,
             scale=plan.scale,
+            # the default dense projection returns a new tensor (a projector stand-in or the identity may not), and
+            # no residual rule reads R after the inner update
+            r_owned=R is not G
+            and plan.low_rank_grad is None
+            and plan.shard is None
+            and type(proj).down is Projector.down
+            and type(plan.residual) is NoResidual,
         )
-        proj = plan.projector
-        G = grad if plan.shape2d is None else grad.reshape(plan.shape2d)
-        if plan.low_rank_grad is None:
-            self.refresh(G, state, group, step, plan)
-            R = proj.down(G, state)
-        else:  # projected backward: R came from the backward pass, no refresh due (G is a meta placeholder)
-            R = plan.low_rank_grad
         state["step"] = step + 1
         if plan.fused is not None and plan.fused.run(self, p, G, R, state, group, plan, ctx):
             return  # compile=True: the lines below ran as one compiled graph
@@ -538,6 +558,16 @@ class Engine:
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
         with matrix_view(p, plan.shape2d) as W:  # W -= s·scale·B(U) + s_res·S;  W -= decay_lr·wd·W
+            lr, wd = inner.decay_lr(group, state), group["weight_decay"]
+            seed = kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype)
+            if (  # the decay as the GEMM's beta where the torch reference's kernels run the plain update
+                plan.fold_decay
+                and plan.shard is None
+                and S is None
+                and seed is None
+                and kernels.reference.apply_update_decay_in_gemm(W, proj, state, U, step_size, ctx.scale, lr, wd)
+            ):
+                return
             ctx.ops.apply_update(
                 W,
                 proj,
@@ -547,9 +577,9 @@ class Engine:
                 step_size,
                 ctx.scale,
                 residual_step=plan.residual.step_size(group, step_size),
-                lr=inner.decay_lr(group, state),
-                weight_decay=group["weight_decay"],
-                seed=kernels.rounding_seed(state, group["stochastic_rounding"], W.dtype),
+                lr=lr,
+                weight_decay=wd,
+                seed=seed,
             )
 
     def refresh(self, G: torch.Tensor, state: dict, group: dict, step: int, plan: Plan) -> None:
@@ -596,6 +626,18 @@ class Engine:
             inner.project_state(state, proj.basis_change(state))
 
 
+class _Where:
+    """The prefix "param group i, parameter j (shape ...)" of an error message, formatted only when one is raised."""
+
+    __slots__ = ("gi", "p", "pi")
+
+    def __init__(self, gi: int, pi: int, p: torch.Tensor):
+        self.gi, self.pi, self.p = gi, pi, p
+
+    def __str__(self) -> str:
+        return f"param group {self.gi}, parameter {self.pi} (shape {tuple(self.p.shape)})"
+
+
 _SCALARS = frozenset({int, float, str, bool, type(None)})
 
 
@@ -625,7 +667,7 @@ class matrix_view:
         self.copy: torch.Tensor | None = None
 
     def __enter__(self) -> torch.Tensor:
-        if self.shape2d is None:
+        if self.shape2d is None or (self.p.shape == self.shape2d and self.p.is_contiguous()):  # [m, n] already
             return self.p
         if self.p.is_contiguous():
             return self.p.view(self.shape2d)

@@ -23,8 +23,9 @@ per-matrix kernel rounds once (float32 copies of every moment to round once meas
 than the per-matrix path). The weight update follows the ``impl``: the reference's ``addmm_`` then decay,
 or Triton's single GEMM with the decay folded in as ``beta = 1 − lr·wd``.
 
-When it is used (``foreach=None``, the default: CUDA parameters only, as torch.optim's default;
-``True``: also on the CPU; ``False``: never): for a parameter with a gradient, in a group without
+When it is used (``foreach=None``, the default: CUDA parameters, as torch.optim's default, and CPU buckets
+for which it measured faster over their first regular steps, :func:`cpu_choice`; ``True``: always; ``False``:
+never): for a parameter with a gradient, in a group without
 ``max_grad_norm``, ``norm_growth_limit``, ``compile`` or ``stochastic_rounding``, with residual ``none``,
 the Adam inner rule (not 8-bit, not Adafactor), a non-tensor ``lr``, and a projector that keeps GaLore's
 dense one-sided basis in state (``svd``, ``eigh``, ``randomized_svd``, or any registered projector that
@@ -45,7 +46,9 @@ matrix has its own GEMMs (:data:`BATCHED_GEMM_DEVICES`).
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -125,6 +128,8 @@ class _Bucket:
     ops: KernelOps
     step_size: float
     items: list[_Item] = field(default_factory=list)
+    #: ``foreach=None`` on the CPU while the two paths are being timed: the key the batched run is recorded under
+    trial: tuple | None = None
 
 
 @dataclass
@@ -142,6 +147,14 @@ class Batch:
 
     buckets: list[_Bucket] = field(default_factory=list)
     ids: frozenset = frozenset()
+    #: id(p) -> choice key of the parameters that the per-parameter path steps this time as a timing trial of the
+    #: CPU choice (:func:`cpu_choice`); the step loop times them (:meth:`time_param`) and :func:`finish` records them
+    timed: dict[int, tuple] = field(default_factory=dict)
+    elapsed: dict[tuple, float] = field(default_factory=dict)
+
+    def time_param(self, p: torch.Tensor, seconds: float) -> None:
+        key = self.timed[id(p)]
+        self.elapsed[key] = self.elapsed.get(key, 0.0) + seconds
 
 
 @dataclass
@@ -165,7 +178,7 @@ def collect(opt: ProjectedOptimizer) -> Batch:
         for p in group["params"]:
             g = p.grad
             state = opt.state.get(p)
-            if g is None or not state or (auto and not p.is_cuda):
+            if g is None or not state or (auto and p.device.type not in ("cuda", "cpu")):
                 continue
             step = state.get("step", 0)
             ea, eas, proj = state.get("exp_avg"), state.get("exp_avg_sq"), state.get("proj")
@@ -208,7 +221,83 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             if bucket is None:
                 bucket = buckets[key] = _Bucket(group, (m, n), side, ops, step_size)
             bucket.items.append(_Item(p, g, state))
-    return Batch(list(buckets.values()), frozenset(id(it.p) for b in buckets.values() for it in b.items))
+    kept: list[_Bucket] = []
+    timed: dict[int, tuple] = {}
+    for bucket in buckets.values():
+        if bucket.group["foreach"] is None and bucket.items[0].p.device.type == "cpu":
+            key = _choice_key(bucket)
+            choice = _CPU_CHOICE.get(key)
+            if choice is None:  # still timing: the form with fewer trials runs this time
+                trials = _CPU_TRIALS.setdefault(key, {True: [], False: []})
+                if len(trials[True]) > len(trials[False]):
+                    timed.update((id(it.p), key) for it in bucket.items)
+                    continue
+                bucket.trial = key
+            elif not choice:
+                continue
+        kept.append(bucket)
+    return Batch(kept, frozenset(id(it.p) for b in kept for it in b.items), timed)
+
+
+#: ``foreach=None`` on the CPU: a bucket's (shape, side, dtypes, matrices, Adam kernel, decay, threads) -> whether
+#: the batched step measured faster than the per-parameter path; chosen once per process (:func:`cpu_choice`)
+_CPU_CHOICE: dict[tuple, bool] = {}
+#: the same keys -> the times of the regular steps measured so far, batched (True) and per parameter (False)
+_CPU_TRIALS: dict[tuple, dict[bool, list[float]]] = {}
+#: regular steps each path is timed for before the choice (the fastest of each counts)
+CPU_TRIALS = 3
+log = logging.getLogger("gradproj")
+
+
+def _choice_key(bucket: _Bucket) -> tuple:
+    first = bucket.items[0]
+    decay = bucket.group["weight_decay"] != 0.0
+    fused = fused_adam(bucket.group, bucket.ops)
+    return (
+        bucket.shape2d,
+        bucket.side,
+        first.p.dtype,
+        first.state["exp_avg"].dtype,
+        len(bucket.items),
+        fused,
+        decay,
+        torch.get_num_threads(),
+    )
+
+
+def cpu_choice(key: tuple) -> bool | None:
+    """Whether buckets of ``key`` are batched under ``foreach=None`` on the CPU; None while still being timed.
+
+    On the CPU a kernel launch is cheap, so what the batched step saves is the per-parameter path's Python
+    around each matrix, and what it costs is locality: the per-parameter path consumes each R (and ψ) while the
+    GEMM has just left it in cache, the batched one computes all of a chunk's Rs first. Small matrices gain,
+    large ones can lose (llama_20m's blocks against llama_60m's on an Intel Xeon, docs/benchmarks.md). The
+    two paths give the same bits (tests/test_foreach.py), so each bucket's first regular steps alternate
+    between them, timed, and after :data:`CPU_TRIALS` of each the faster is kept for the process.
+    """
+    return _CPU_CHOICE.get(key)
+
+
+def _record(key: tuple, batched: bool, seconds: float) -> None:
+    trials = _CPU_TRIALS.setdefault(key, {True: [], False: []})
+    trials[batched].append(seconds)
+    if len(trials[True]) >= CPU_TRIALS and len(trials[False]) >= CPU_TRIALS and key not in _CPU_CHOICE:
+        _CPU_CHOICE[key] = min(trials[True]) <= min(trials[False])
+        log.debug(
+            "gradproj: foreach=None on the CPU: %d matrices of %s %s batched %.3f ms, per parameter %.3f ms: %s",
+            key[4],
+            key[0],
+            key[1],
+            1e3 * min(trials[True]),
+            1e3 * min(trials[False]),
+            "batched" if _CPU_CHOICE[key] else "per parameter",
+        )
+
+
+def finish(batch: Batch) -> None:
+    """Record the per-parameter timing trials of a completed step (:meth:`Batch.time_param`)."""
+    for key, seconds in batch.elapsed.items():
+        _record(key, False, seconds)
 
 
 #: state keys an unprojected Adam parameter may hold (anything else: a layout the per-parameter path restarts)
@@ -292,7 +381,8 @@ def _step_dense(opt: ProjectedOptimizer, bucket: _DenseBucket, count: bool = Tru
     AdamW kernel. GaLore adds eps to √v and folds both bias corrections into the step size; torch adds eps to
     √v / √(1−β2^t). The two are the same function when torch is given eps / √(1−β2^t): then torch's update
     lr/(1−β1^t) · m / (√v/√(1−β2^t) + eps/√(1−β2^t)) = lr·√(1−β2^t)/(1−β1^t) · m / (√v + eps), rounded
-    differently (within a few ulps of the update). The decay runs after the update, as in the reference."""
+    differently (within a few ulps of the update). The decay runs after the update, as in the reference, folded
+    into the kernel's own decay (below)."""
     group = bucket.group
     for it in bucket.items:
         if "exp_avg" not in it.state:
@@ -303,6 +393,10 @@ def _step_dense(opt: ProjectedOptimizer, bucket: _DenseBucket, count: bool = Tru
     beta1, beta2 = group["betas"]
     lr, t = float(group["lr"]), bucket.t
     step = torch.tensor(float(t), dtype=torch.float32, device=Ws[0].device)
+    decay = lr * group["weight_decay"]
+    # The decay after the update, (1 − d)·(W − lr·ψ̂) with d = lr·wd, is torch's decay before it, W·(1 − lr'·wd') −
+    # lr'·ψ̂, with lr' = lr·(1 − d) and wd' = wd / (1 − d): the same function in the one pass, rounded differently.
+    folded = 0.0 < decay < 1.0
     torch._fused_adamw_(
         Ws,
         [it.grad for it in bucket.items],
@@ -310,16 +404,15 @@ def _step_dense(opt: ProjectedOptimizer, bucket: _DenseBucket, count: bool = Tru
         [it.state["exp_avg_sq"] for it in bucket.items],
         [],
         [step] * len(Ws),
-        lr=lr,
+        lr=lr * (1.0 - decay) if folded else lr,
         beta1=beta1,
         beta2=beta2,
-        weight_decay=0.0,
+        weight_decay=group["weight_decay"] / (1.0 - decay) if folded else 0.0,
         eps=group["eps"] / math.sqrt(1.0 - beta2**t),
         amsgrad=False,
         maximize=False,
     )
-    decay = lr * group["weight_decay"]
-    if decay != 0.0:  # kernels.reference.apply_weight_decay_, after the update
+    if decay != 0.0 and not folded:  # kernels.reference.apply_weight_decay_, after the update
         torch._foreach_add_(Ws, Ws, alpha=-decay)
     if count:
         for it in bucket.items:
@@ -335,8 +428,11 @@ def run_dense(opt: ProjectedOptimizer, batch: DenseBatch) -> None:
 def run(opt: ProjectedOptimizer, batch: Batch) -> None:
     """Step every parameter of ``batch``: the per-parameter path's math, a chunk of matrices at a time."""
     for bucket in batch.buckets:
+        start = time.perf_counter()
         for chunk in _chunks(bucket):
             _step_chunk(opt, bucket, chunk)
+        if bucket.trial is not None:
+            _record(bucket.trial, True, time.perf_counter() - start)
 
 
 def _chunks(bucket: _Bucket) -> list[list[_Item]]:
@@ -359,12 +455,18 @@ def _adam_directions(group: dict, ops: KernelOps, Rs: list, ms: list, vs: list) 
     use_fused = fused_adam(group, ops)
     picks = [use_fused and kernels.reference.fused_adam_applies(R, m, v) for R, m, v in zip(Rs, ms, vs)]
     out: list = [None] * len(Rs)
+    ref = kernels.reference
     for flag in (True, False):
         idx = [i for i, f in enumerate(picks) if f is flag]
         if not idx:
             continue
         args = ([Rs[i] for i in idx], [ms[i] for i in idx], [vs[i] for i in idx], beta1, beta2, eps)
-        res = kernels.reference.adam_update_fused(*args) if flag else kernels.reference.adam_update_foreach(*args)
+        if not flag:
+            res = ref.adam_update_foreach(*args)
+        elif Rs[0].device.type == "cpu":  # the Rs are this step's projections: ψ is written over them
+            res = ref.adam_update_fused_(*args)
+        else:
+            res = ref.adam_update_fused(*args)
         for i, U in zip(idx, res):
             out[i] = U
     return out
@@ -381,6 +483,8 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     for it in items:
         it.state["step"] = it.state.get("step", 0) + 1
     batched = _stacked(Ws[0].device, m * n, len(items))
+    if not batched and Ws[0].device.type == "cpu":
+        return _step_streamed(opt, bucket, Ws, Gs, Ps, ms, vs)
     P = torch.stack(Ps) if batched else None
 
     # R = down(G): Projector.down, matrix by matrix or as one batched product
@@ -406,10 +510,10 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
     # W -= s·scale·B(U);  W -= lr·wd·W   (the ops module's apply_update without residual or rounding seed)
     alpha = -bucket.step_size * opt.engine.scale(group)
     decay = group["lr"] * group["weight_decay"]
-    fused_decay = bucket.ops.apply_update is not kernels.reference.apply_update  # Triton: beta·W in the GEMM
-    beta = 1.0 - decay if fused_decay else 1.0
     X = torch.stack(Us).to(Ws[0].dtype) if (batched or Us[0].dtype != Ws[0].dtype) else None
     Xs = Us if X is None else list(X.unbind(0))
+    fused_decay = _decay_in_gemm(bucket, decay, Ws[0], Xs[0], Ps[0])
+    beta = 1.0 - decay if fused_decay else 1.0
     if batched:  # the weights stacked, so the update is one fused baddbmm_ as the per-matrix addmm_ is
         assert X is not None and P is not None
         Wst = torch.stack(Ws)
@@ -422,6 +526,44 @@ def _step_chunk(opt: ProjectedOptimizer, bucket: _Bucket, items: list[_Item]) ->
         W.addmm_(*((Xm, Pm) if side == "right" else (Pm, Xm)), beta=beta, alpha=alpha * beta)
     if not fused_decay and decay != 0.0:
         torch._foreach_add_(Ws, Ws, alpha=-decay)
+
+
+def _decay_in_gemm(bucket: _Bucket, decay: float, W: torch.Tensor, X: torch.Tensor, P: torch.Tensor) -> bool:
+    """Whether the decay rides in the back-projection GEMM as beta: Triton's apply_update always; the reference's
+    with adam_kernel="fused" where that is the faster form for this shape (the per-parameter path's choice,
+    kernels.reference.apply_update_decay_in_gemm)."""
+    return bucket.ops.apply_update is not kernels.reference.apply_update or (
+        decay != 0.0
+        and bucket.group.get("adam_kernel") == "fused"
+        and kernels.reference.decay_in_gemm_pays(W, *((X, P) if bucket.side == "right" else (P, X)))
+    )
+
+
+def _step_streamed(opt: ProjectedOptimizer, bucket: _Bucket, Ws: list, Gs: list, Ps: list, ms: list, vs: list) -> None:
+    """The per-matrix form on the CPU, one matrix at a time: down, Adam, up, as the per-parameter path orders
+    them (each R and ψ is consumed while the GEMM has just left it in cache), without that path's Python per
+    matrix. The same ops on the same tensors as :meth:`Engine.update`, so the same bits."""
+    group, side = bucket.group, bucket.side
+    alpha = -bucket.step_size * opt.engine.scale(group)
+    decay = group["lr"] * group["weight_decay"]
+    fused_decay = None
+    use_fused = fused_adam(group, bucket.ops)
+    (beta1, beta2), eps = group["betas"], group["eps"]
+    ref = kernels.reference
+    for W, G, P, m, v in zip(Ws, Gs, Ps, ms, vs):
+        R = dense_down(G, P, side)
+        R = R if R.dtype == m.dtype else R.to(m.dtype)
+        if use_fused and ref.fused_adam_applies(R, m, v):  # _adam_directions of one matrix
+            (U,) = ref.adam_update_fused_([R], [m], [v], beta1, beta2, eps)
+        else:
+            (U,) = ref.adam_update_foreach([R], [m], [v], beta1, beta2, eps)
+        X = U if U.dtype == W.dtype else U.to(W.dtype)
+        if fused_decay is None:
+            fused_decay = _decay_in_gemm(bucket, decay, W, X, P)
+        beta = 1.0 - decay if fused_decay else 1.0
+        W.addmm_(*((X, P) if side == "right" else (P, X)), beta=beta, alpha=alpha * beta)
+        if not fused_decay and decay != 0.0:
+            W.add_(W, alpha=-decay)
 
 
 __all__ = [
