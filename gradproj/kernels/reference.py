@@ -535,7 +535,8 @@ def decay_in_gemm_pays_for(p: torch.Tensor, projector) -> bool:
     if type(projector).add_up_ is not Projector.add_up_ or projector.side not in ("left", "right"):
         return False
     group = getattr(projector, "group", None) or {}  # a subclass whose __init__ keeps no group: its defaults
-    if projector.gemm_dtype not in (None, p.dtype) or group.get("basis_bits") is not None:
+    # an explicit low proj_dtype never folds; "auto" is checked per matrix at each update (_gemm_basis)
+    if projector.gemm_dtype_for({}) not in (None, p.dtype) or group.get("basis_bits") is not None:
         return False
     m, n, r = projector.m, projector.n, projector.rank
     known = _DECAY_IN_GEMM.get((m, n, r, p.dtype))
@@ -552,7 +553,7 @@ def _gemm_basis(projector, state: dict, W: torch.Tensor) -> torch.Tensor | None:
     the back-projection is anything else (a full or quantized basis, ``proj_dtype``, a projector's own add_up_)."""
     if type(projector).add_up_ is not Projector.add_up_ or projector.side not in ("left", "right"):
         return None
-    if projector.gemm_dtype not in (None, W.dtype):
+    if projector.gemm_dtype_for(state) not in (None, W.dtype):  # proj_dtype, or "auto"'s stored decision
         return None
     P = state.get("proj")
     return P if P is not None and P.dtype == W.dtype and W.dim() == 2 else None
