@@ -333,11 +333,6 @@ class Engine:
                 f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
                 "option (alpha is Fira's spelling): keep one"
             )
-        if group["refresh_stagger"] and group.get("refresh", "fixed") == "lazy":
-            raise ValueError(
-                f"{where}: refresh_stagger=True and refresh='lazy' cannot be combined (lazy refresh gives each "
-                "matrix its own growing gap); drop one of them"
-            )
         if group["moments_on_refresh"] == "project" and inner.state_transforms is None:
             raise ValueError(
                 f"{where}: moments_on_refresh='project' is not available for the {inner.name!r} inner rule "
