@@ -142,7 +142,7 @@ def main() -> None:
         configs = [(p, s == "on") for p in args.projectors for s in args.stagger]
     rows = rows_per_thread_count(args.threads, args.models, lambda name: run(name, args.gap, args.rounds, configs))
     print(f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
-          f"{args.rounds} rounds, process CPU time, median per class of step positions\n")
+          f"{args.rounds} rounds, process CPU time, refresh extras paired with a regular step\n")
     print("| model (N matrices) | threads | projector | stagger | regular ms | largest step ms | largest / regular "
           "| amortized ms | refresh share |")
     print("|---|---|---|---|---|---|---|---|---|")
