@@ -34,6 +34,7 @@ from tqdm import tqdm
 import gradproj
 from common import LLAMA, byte_llama, machine, median_time, stdlib_bytes, sync
 from gradproj.projectors import get_projector
+from refresh_stall import EighFP32Projector  # noqa: F401  (registers the "eigh_fp32" basis)
 
 #: GaLore's ranks for the large configurations
 RANKS = {"llama_1b": 512, "llama_7b": 1024}
@@ -42,6 +43,7 @@ RANKS = {"llama_1b": 512, "llama_7b": 1024}
 REFRESH_BASES = [
     ("svd (exact)", "svd", {}, False),
     ("eigh (Gram)", "eigh", {}, False),
+    ("eigh (Gram, float32 eigensolver)", "eigh_fp32", {}, False),
     ("randomized_svd q=1", "randomized_svd", {"rsvd_power_iters": 1}, False),
     ("randomized_svd q=1 warm", "randomized_svd", {"rsvd_power_iters": 1}, True),
     ("randomized_svd q=2", "randomized_svd", {"rsvd_power_iters": 2}, False),
@@ -136,7 +138,8 @@ def record_gradients(args, data):
 def energy_part(args, data):
     records = record_gradients(args, data)
     steps = sorted(records)
-    bases = [("eigh", "eigh", {}), ("randomized_svd q=1", "randomized_svd", {"rsvd_power_iters": 1}),
+    bases = [("eigh", "eigh", {}), ("eigh float32 eigensolver", "eigh_fp32", {}),
+             ("randomized_svd q=1", "randomized_svd", {"rsvd_power_iters": 1}),
              ("randomized_svd q=2", "randomized_svd", {"rsvd_power_iters": 2}),
              ("dct l1", "dct", {"dct_norm": "l1"}), ("dct l2", "dct", {"dct_norm": "l2"}),
              ("random gaussian", "random", {"random_kind": "gaussian"}),

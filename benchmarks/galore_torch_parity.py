@@ -47,7 +47,7 @@ def main() -> None:
     nudged = [w.clone() for w in start]
     nudged[0].view(-1)[0] = torch.nextafter(nudged[0].view(-1)[0], torch.tensor(float("inf")))
     steps = 20
-    ours = run(gradproj.GaLoreAdamW, start, data, steps)
+    ours = run(gradproj.GaLoreAdamW, start, data, steps, projector="svd", refresh_stagger=False)  # galore-torch's
     ref = run(galore_torch.GaLoreAdamW, start, data, steps, no_deprecation_warning=True)
     ref_nudged = run(galore_torch.GaLoreAdamW, nudged, data, steps, no_deprecation_warning=True)
     differing = sum(int((x != y).sum()) for x, y in zip(ours[0], ref[0]))

@@ -76,7 +76,9 @@ def test_projected_matches_galore_over_bitsandbytes(proj_type):
     ref_params = clone_params(params)
     starts = [p.detach().clone() for p in params]
     group = {"rank": 8, "update_proj_gap": 5, "scale": 0.5, "proj_type": proj_type}
-    ours = gradproj.GaLoreAdamW8bit([{"params": params, **group}], lr=1e-2, eps=0.0, min_8bit_size=256)
+    # the reference: exact SVD, every matrix refreshed at t % T == 0
+    ours = gradproj.GaLoreAdamW8bit([{"params": params, **group}], lr=1e-2, eps=0.0, min_8bit_size=256,
+                                    projector="svd", refresh_stagger=False)
     ref = GaLoreOverBitsandbytes(ref_params, lr=1e-2, rank=8, gap=5, scale=0.5, min_8bit_size=256)
     ref.galore.proj_type = proj_type
     step_all([(ours, params), (ref, ref_params)], loss_fn, 12)  # refreshes at t = 0, 5, 10

@@ -32,7 +32,8 @@ def problem(compile_, cls, moments="keep"):
     params, loss_fn = matrix_problem([(24, 10), (10, 24), (12, 7)], seed=0)
     groups = [{"params": params[:2], "rank": 3, "update_proj_gap": 3, "scale": 0.5, "moments_on_refresh": moments},
               {"params": params[2:]}]
-    opt = cls(groups, lr=1e-2, weight_decay=0.1, compile=compile_)
+    # TOL is derived for the SVD's bases, and the comments count refreshes at t % 3 == 0 (no stagger)
+    opt = cls(groups, lr=1e-2, weight_decay=0.1, compile=compile_, projector="svd", refresh_stagger=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))  # a new lr every step
     return params, loss_fn, opt, sched
 

@@ -44,6 +44,8 @@ def make(params, foreach, impl="torch", **kw):
         {"params": [mats[6]], **proj, "projector": "dct"},
         {"params": [params[-1]]},
     ]
+    # the expectations below (refresh steps at t % GAP == 0, the reference's exact SVD) assume these two
+    kw = {"projector": "svd", "refresh_stagger": False, **kw}
     return gradproj.GaLoreAdamW(groups, lr=1e-2, weight_decay=0.1, foreach=foreach, impl=impl, **kw)
 
 
@@ -94,7 +96,8 @@ def test_matches_independent_reference(proj_type):
     params, loss_fn = matrix_problem(SHAPES[:5], seed=3)
     p_ref = clone_params(params)
     ours = gradproj.GaLoreAdamW([{"params": params, "rank": 6, "update_proj_gap": GAP, "scale": 0.5,
-                                  "proj_type": proj_type}], lr=1e-2, weight_decay=0.1, foreach=True)
+                                  "proj_type": proj_type}], lr=1e-2, weight_decay=0.1, foreach=True,
+                                projector="svd", refresh_stagger=False)  # the reference: exact SVD at t % T == 0
     ref = ReferenceGaLore(p_ref, lr=1e-2, rank=6, gap=GAP, alpha=0.5, proj_type=proj_type, wd=0.1)
     for _ in range(STEPS):
         train(params, ours, 1, loss_fn)

@@ -82,7 +82,10 @@ def fsdp_model(dtype=torch.float32):
 
 
 def make_opt(cls, model, group=None, **kwargs):
-    groups = gradproj.param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5, **(group or {}))
+    # the cases test svd's sharded refresh paths (gram / gather) against a single process refreshing every
+    # matrix at t % T == 0, unless a case sets another basis or stagger
+    group = {"projector": "svd", "refresh_stagger": False, **(group or {})}
+    groups = gradproj.param_groups(model, rank=RANK, update_proj_gap=GAP, scale=0.5, **group)
     return cls(groups, lr=1e-2, **kwargs)
 
 
@@ -427,9 +430,9 @@ def _errors_body(rank, world):
     moment = opt.state[model.fc2.weight]["exp_avg"]
     assert tuple(moment.placements) == (Replicate(),) and moment.to_local().shape == (2, 40)
 
-    # a bad sharded_refresh is refused by the group validation
+    # a bad sharded_refresh (an option of the svd basis) is refused by the group validation
     with pytest.raises(ValueError, match="sharded_refresh"):
-        gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=2, sharded_refresh="allgather"))
+        gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=2, projector="svd", sharded_refresh="allgather"))
 
 
 def test_fsdp_refuses_layouts_and_rules_it_cannot_shard():

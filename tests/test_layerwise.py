@@ -129,8 +129,10 @@ def test_accumulation_matches_the_projected_sum_reference(clip):
     params, _ = matrix_problem(shapes, seed=1, dtype=torch.float64)
     loss_fns = [matrix_problem(shapes, seed=s, dtype=torch.float64)[1] for s in (11, 12, 13)]
     ref_params = clone_params(params)
+    # the reference: exact SVD, every matrix refreshed at t % T == 0
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 3, "scale": 0.5}], lr=2e-2,
-                               layerwise=True, accumulation_steps=3, max_grad_norm=clip)
+                               layerwise=True, accumulation_steps=3, max_grad_norm=clip, projector="svd",
+                               refresh_stagger=False)
     train(params, opt, 7, lambda ps, i: loss_fns[i % 3](ps), micro=3)  # refreshes at windows 0, 3, 6
     galore_accumulation_reference(ref_params, loss_fns, 7, 3, lr=2e-2, rank=3, gap=3, scale=0.5, clip=clip)
     for a, b in zip(params, ref_params):
@@ -360,8 +362,9 @@ def test_step_closes_a_short_window_from_what_was_accumulated():
     params, _ = matrix_problem(shapes, seed=1, dtype=torch.float64)
     loss_fns = [matrix_problem(shapes, seed=s, dtype=torch.float64)[1] for s in (11, 12)]
     ref_params = clone_params(params)
+    # the reference: exact SVD, every matrix refreshed at t % T == 0
     opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 5, "scale": 0.5}], lr=2e-2,
-                               layerwise=True, accumulation_steps=3)
+                               layerwise=True, accumulation_steps=3, projector="svd", refresh_stagger=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train(params, opt, 3, lambda ps, i: loss_fns[i % 2](ps), micro=2)

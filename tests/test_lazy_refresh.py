@@ -2,7 +2,8 @@
 
 Parity with the reference projector of q-galore-torch 1.0 on recorded gradient sequences (the refresh steps,
 the stored gaps and the similarity queue), bit-exact resume across a gap doubling, options refused before
-anything changes, the checkpoint check, layerwise / foreach equality with the per-parameter step.
+anything changes, the checkpoint check, layerwise / foreach equality with the per-parameter step (with and
+without refresh_stagger; the staggered schedule itself is checked in tests/test_stagger.py).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def run_reference(cls, grads, gap, **lazy):
 def run_gradproj(grads, gap, monkeypatch, projector="svd", **options):
     p = nn.Parameter(torch.zeros(grads[0].shape))
     group = {"params": [p], "rank": 4, "update_proj_gap": gap, "scale": 0.25, "refresh": "lazy", **options}
-    opt = gradproj.GaLoreAdamW([group], lr=1e-3, projector=projector)
+    # q-galore-torch refreshes at t % gap == 0 (no stagger); exact SVD unless a test names another basis
+    opt = gradproj.GaLoreAdamW([group], lr=1e-3, projector=projector, refresh_stagger=False)
     refreshes, gaps, queues = [], [], []
     seen: list[int] = []
     cls = type(opt.engine.plan(p, opt.param_groups[0]).projector)
@@ -178,8 +180,9 @@ def gaps(opt):
     return [opt.state[p].get(GAP_KEY) for g in opt.param_groups for p in g["params"] if GAP_KEY in opt.state[p]]
 
 
-def test_resume_is_bit_exact_across_a_gap_doubling():
-    model, opt = lazy_model_opt()
+@pytest.mark.parametrize("stagger", [False, True], ids=["aligned", "staggered"])
+def test_resume_is_bit_exact_across_a_gap_doubling(stagger):
+    model, opt = lazy_model_opt(refresh_stagger=stagger)
     train(model, opt, 9)
     at_save = gaps(opt)
     buf = io.BytesIO()
@@ -189,7 +192,7 @@ def test_resume_is_bit_exact_across_a_gap_doubling():
 
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model2, opt2 = lazy_model_opt()
+    model2, opt2 = lazy_model_opt(refresh_stagger=stagger)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     train(model2, opt2, 30, seed=9)
@@ -261,10 +264,11 @@ def test_bad_options_raise_before_any_change(options, match):
 
 
 # ------------------------------------------------------------------------------------ other step modes
-def test_layerwise_matches_normal_mode_bit_for_bit():
+@pytest.mark.parametrize("stagger", [False, True], ids=["aligned", "staggered"])
+def test_layerwise_matches_normal_mode_bit_for_bit(stagger):
     models, opts = [], []
     for layerwise in (False, True):
-        model, opt = lazy_model_opt(layerwise=layerwise)
+        model, opt = lazy_model_opt(layerwise=layerwise, refresh_stagger=stagger)
         train(model, opt, 25)
         models.append(model)
         opts.append(opt)
@@ -288,11 +292,12 @@ def test_layerwise_accumulation_uses_the_matrix_gap():
     assert max(gaps(opt)) > 2
 
 
-def test_foreach_step_uses_the_matrix_gap(monkeypatch):
+@pytest.mark.parametrize("stagger", [False, True], ids=["aligned", "staggered"])
+def test_foreach_step_uses_the_matrix_gap(stagger):
     """The batched step skips a matrix exactly at its own refresh steps: same bits as the per-parameter path."""
     models, opts = [], []
     for foreach in (False, True):
-        model, opt = lazy_model_opt(foreach=foreach)
+        model, opt = lazy_model_opt(foreach=foreach, refresh_stagger=stagger)
         train(model, opt, 25)
         models.append(model)
         opts.append(opt)

@@ -46,8 +46,9 @@ def test_matches_reference_across_refreshes(proj_type, fira, dtype):
     ref_params = clone_params(params)
     cls = gradproj.FiraAdamW if fira else gradproj.GaLoreAdamW
     projector = direct_svd_projector() if fira == "direct" else "svd"
+    # the reference refreshes every matrix at t % T == 0 (no stagger)
     ours = cls([{"params": params, "rank": 6, "update_proj_gap": 7, "scale": 0.5, "proj_type": proj_type,
-                 "projector": projector}], lr=3e-2, weight_decay=0.05)
+                 "projector": projector, "refresh_stagger": False}], lr=3e-2, weight_decay=0.05)
     ref = ReferenceGaLore(ref_params, lr=3e-2, rank=6, gap=7, alpha=0.5, proj_type=proj_type, wd=0.05,
                           fira=bool(fira))
     step_both(ours, ref, params, ref_params, loss_fn, steps=25)  # refreshes at t = 0, 7, 14, 21
@@ -73,7 +74,9 @@ def test_matches_original_galore_package(proj_type):
     params, loss_fn = matrix_problem(SHAPES, seed=3, dtype=torch.float64)
     orig_params = clone_params(params)
     group = {"rank": 5, "update_proj_gap": 6, "scale": 0.25, "proj_type": proj_type}
-    ours = gradproj.GaLoreAdamW([{"params": params, **group}], lr=2e-2, weight_decay=0.01)
+    # galore-torch: exact SVD, every matrix refreshed at t % T == 0
+    ours = gradproj.GaLoreAdamW([{"params": params, **group}], lr=2e-2, weight_decay=0.01, projector="svd",
+                                refresh_stagger=False)
     orig = galore_torch.GaLoreAdamW([{"params": orig_params, **group}], lr=2e-2, weight_decay=0.01,
                                     no_deprecation_warning=True)
     step_both(ours, orig, params, orig_params, loss_fn, steps=20)
@@ -91,7 +94,8 @@ def test_matches_original_fira_package(alpha, path):
     orig_params = clone_params(params)
     group = {"rank": 5, "update_proj_gap": 6, "alpha": alpha, "proj_type": "std"}
     projector = direct_svd_projector() if path == "direct" else "svd"
-    ours = gradproj.FiraAdamW([{"params": params, **group, "projector": projector}], lr=2e-2)
+    # fira: exact SVD, every matrix refreshed at t % T == 0
+    ours = gradproj.FiraAdamW([{"params": params, **group, "projector": projector, "refresh_stagger": False}], lr=2e-2)
     orig = fira.FiraAdamW([{"params": orig_params, **group}], lr=2e-2, no_deprecation_warning=True)
     step_both(ours, orig, params, orig_params, loss_fn, steps=20)
     for a, b in zip(params, orig_params):

@@ -67,7 +67,8 @@ def assert_last_step_projected(model, handle):
 
 
 def galore(model, **group):
-    options = dict(rank=4, update_proj_gap=3, scale=0.25, projector=float64_svd_projector())
+    # the checks count refresh steps at t % T == 0 (every matrix at once) unless a test turns stagger on
+    options = dict(rank=4, update_proj_gap=3, scale=0.25, projector=float64_svd_projector(), refresh_stagger=False)
     options.update(group)
     return gradproj.GaLoreAdamW(gradproj.param_groups(model, **options), lr=1e-2, weight_decay=0.1)
 
@@ -167,7 +168,8 @@ def test_lazy_refresh_and_quantized_basis():
 )
 def test_inner_rules(preset, options):
     def make(model, **group):
-        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.25, projector=float64_svd_projector())
+        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, scale=0.25, projector=float64_svd_projector(),
+                                       refresh_stagger=False)  # the last step is a regular one for every matrix
         return preset(groups, **{"lr": 1e-2, **options})
 
     _, ref, *_ = run(make, 8, projected=False)
@@ -454,7 +456,9 @@ def test_memory_estimate_counts_R_as_the_gradient():
 
     shape = LlamaShape(hidden=32, intermediate=48, heads=4, layers=2, vocab=VOCAB)
     model = build_model(shape, VOCAB, SEQ, dtype=torch.float32)
-    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3), lr=1e-2)
+    # no stagger: with T = 3 < N = 14 staggered refreshes fall on every step, and step 1 must have none
+    opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, rank=4, update_proj_gap=3), lr=1e-2,
+                               refresh_stagger=False)
     gradproj.project_backward(model, opt)
     train(model, opt, 1, lm_loss)  # the refresh step
     opt.zero_grad()

@@ -62,8 +62,10 @@ def lr_at(step):  # a schedule, so that lr and Adam's step size differ in more t
 def test_frugal_matches_reference_across_subspace_switches(proj_type, alpha):
     params, loss_fn = matrix_problem(SHAPES, seed=11, dtype=torch.float64)
     ref_params = clone_params(params)
+    # the reference: exact SVD, every matrix switching subspace at t % T == 0
     ours = gradproj.FrugalAdamW([{"params": params, "rank": 6, "update_proj_gap": 7, "scale": alpha,
-                                  "proj_type": proj_type}], lr=lr_at(0), weight_decay=0.05)
+                                  "proj_type": proj_type}], lr=lr_at(0), weight_decay=0.05, projector="svd",
+                                refresh_stagger=False)
     ref = ReferenceFrugal(ref_params, rank=6, gap=7, alpha=alpha, proj_type=proj_type, wd=0.05)
     for step in range(25):  # switches at t = 7, 14, 21
         for group in ours.param_groups:
@@ -214,7 +216,7 @@ def test_factored_path_equals_direct_path(cls, limit, dtype):
     params, loss_fn = matrix_problem(SHAPES, seed=13, dtype=dtype)
     other = clone_params(params)
     group = {"rank": 5, "update_proj_gap": 6, "scale": 0.25}
-    fast = cls([{"params": params, **group}], lr=1e-2, norm_growth_limit=limit)
+    fast = cls([{"params": params, **group, "projector": "svd"}], lr=1e-2, norm_growth_limit=limit)  # as direct's
     direct = cls([{"params": other, **group, "projector": direct_svd_projector()}], lr=1e-2, norm_growth_limit=limit)
     for _ in range(15):
         for ps, opt in ((params, fast), (other, direct)):
@@ -229,7 +231,7 @@ def test_half_precision_fira_takes_the_direct_path():
     params, loss_fn = matrix_problem([(40, 24)], seed=14, dtype=torch.bfloat16)
     other = clone_params(params)
     group = {"rank": 4, "update_proj_gap": 5, "alpha": 1.0}
-    fast = gradproj.FiraAdamW([{"params": params, **group}], lr=1e-2)
+    fast = gradproj.FiraAdamW([{"params": params, **group, "projector": "svd"}], lr=1e-2)  # the basis of direct's
     direct = gradproj.FiraAdamW([{"params": other, **group, "projector": direct_svd_projector()}], lr=1e-2)
     for _ in range(6):
         for ps, opt in ((params, fast), (other, direct)):

@@ -335,8 +335,9 @@ def test_reactivated_block_starts_fresh_like_the_reference():
     leaves: a fresh basis from the first gradient after the return, zero moments, bias correction from 1."""
     blocks, ref_blocks, loss = three_blocks()
     sampler = gradproj.LayerSampler(blocks, n_active=1, interval=3, seed=2)
+    # the reference: exact SVD, every matrix refreshed at t % T == 0
     opt = gradproj.GaLoreAdamW([{"params": blocks.parameters(), "rank": 3, "update_proj_gap": 2, "scale": 0.5}],
-                               lr=2e-2, sampler=sampler)
+                               lr=2e-2, sampler=sampler, projector="svd", refresh_stagger=False)
     refs = {}
     history = []
     for step in range(24):

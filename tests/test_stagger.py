@@ -3,7 +3,9 @@
 The schedule is checked against one written here from the definition (matrix k of the N projected matrices
 of its group refreshes at t ≡ floor(k·T/N) mod T, after its first basis at its first step), in the
 per-parameter, batched (foreach) and per-layer steps; a checkpoint resumes bit for bit; projected backward
-follows normal mode; the lazy schedule is refused in combination.
+follows normal mode. With refresh="lazy" each matrix keeps its phase while its own gap grows (checked
+against a schedule written here from the lazy rule: refresh when (t - offset) % gap == 0), and projected
+backward follows it too.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def recorded_run(steps, monkeypatch, stagger=True, gap=T, **options):
     matrices = [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
     bias, full = nn.Parameter(torch.zeros(5)), nn.Parameter(torch.randn(FULL_RANK, generator=g))
     params = [bias, *matrices[:3], full, *matrices[3:]]
+    # the recording hooks the exact SVD's decomposition, so the basis is pinned to it
     group = {"params": params, "rank": 3, "update_proj_gap": gap, "scale": 0.25, "refresh_stagger": stagger}
-    opt = gradproj.GaLoreAdamW([{**group, **options}], lr=1e-3)
+    opt = gradproj.GaLoreAdamW([{**group, "projector": "svd", **options}], lr=1e-3)
     seen: dict[tuple, list[int]] = {s: [] for s in SHAPES}
     original = SVDProjector.compute_basis
 
@@ -133,7 +136,8 @@ def test_stagger_turned_on_later_takes_its_offset_at_once(monkeypatch):
     """A state written without stagger (no offset) stores its offset at its first step with stagger on and
     refreshes at its offset from the next step on."""
     params, loss_fn = matrix_problem(SHAPES[:2])
-    opt = gradproj.GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": T, "scale": 0.25}], lr=1e-2)
+    group = {"params": params, "rank": 3, "update_proj_gap": T, "scale": 0.25, "refresh_stagger": False}
+    opt = gradproj.GaLoreAdamW([{**group, "projector": "svd"}], lr=1e-2)  # the recording hooks the exact SVD
     train(params, opt, 2, loss_fn)
     opt.param_groups[0]["refresh_stagger"] = True
     seen: dict[tuple, list[int]] = {s: [] for s in SHAPES[:2]}
@@ -151,11 +155,59 @@ def test_stagger_turned_on_later_takes_its_offset_at_once(monkeypatch):
         assert seen[shape] == [t for t in range(3, 3 * T + 2) if t % T == offsets[k]], shape
 
 
-def test_lazy_refresh_is_refused():
-    p = nn.Parameter(torch.zeros(12, 8))
-    group = {"params": [p], "rank": 3, "update_proj_gap": T, "scale": 0.25, "refresh_stagger": True}
-    with pytest.raises(ValueError, match="refresh_stagger=True and refresh='lazy' cannot be combined"):
-        gradproj.GaLoreAdamW([{**group, "refresh": "lazy"}], lr=1e-3)
+def expected_lazy_refreshes(offset, gap, factor, size, stable, steps):
+    """Steps at which a matrix with ``offset`` computes a basis under refresh="lazy" with stagger, from the
+    rules: first basis at step 0 (the queue stays empty); then a refresh at every t with (t - offset) % g == 0,
+    g its current gap; each refresh pushes one similarity; a full queue of a ``stable`` matrix (similarity 1,
+    above the threshold) sets g = int(g * factor), a changing one (similarity below it) keeps g."""
+    refreshes, g, count = [0], gap, 0
+    for t in range(1, steps):
+        if (t - offset) % g == 0:
+            refreshes.append(t)
+            count = min(count + 1, size)
+            if stable and count == size:
+                g = int(g * factor)
+    return refreshes
+
+
+STABLE = {0, 2, 3, 6}  # matrices fed one fixed gradient (the same basis at every refresh: similarity 1)
+
+
+@pytest.mark.parametrize("factor", [2, 1.5])
+@pytest.mark.parametrize("mode", [{}, {"foreach": True}], ids=["per-parameter", "foreach"])
+def test_lazy_refresh_keeps_each_matrix_phase(mode, factor, monkeypatch):
+    """refresh="lazy" with stagger: stable matrices grow their gaps, changing ones keep T, and every refresh
+    stays at its offset modulo the matrix's current gap."""
+    steps, size = 12 * T + 1, 2
+    g = torch.Generator().manual_seed(0)
+    matrices = [nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
+    fixed = {k: torch.randn(s, generator=g) for k, s in enumerate(SHAPES) if k in STABLE}
+    group = {"params": matrices, "rank": 3, "update_proj_gap": T, "scale": 0.25, "refresh_stagger": True}
+    # the threshold: a fixed gradient's similarity is 1 (up to rounding), unrelated random ones stay far below
+    lazy = {"refresh": "lazy", "lazy_queue_size": size, "lazy_cos_threshold": 0.99, "lazy_gap_factor": factor}
+    opt = gradproj.GaLoreAdamW([{**group, **lazy, **mode, "projector": "svd"}], lr=1e-3)  # recording hooks svd
+    seen: dict[tuple, list[int]] = {s: [] for s in SHAPES}
+    original = SVDProjector.compute_basis
+
+    def recording(self, G, state, step):
+        seen[tuple(G.shape)].append(step)
+        return original(self, G, state, step)
+
+    monkeypatch.setattr(SVDProjector, "compute_basis", recording)
+    for _ in range(steps):
+        for k, p in enumerate(matrices):
+            p.grad = fixed[k].clone() if k in STABLE else torch.randn(p.shape, generator=g)
+        opt.step()
+    monkeypatch.undo()
+    offsets = expected_offsets(len(SHAPES), T)
+    for k, shape in enumerate(SHAPES):
+        want = expected_lazy_refreshes(offsets[k], T, factor, size, k in STABLE, steps)
+        assert seen[shape] == want, (k, shape)
+        assert opt.state[matrices[k]]["refresh_offset"] == offsets[k]
+        assert (opt.state[matrices[k]]["lazy_gap"] > 4 * T) == (k in STABLE)  # the gaps did grow, or not
+    if factor == 2:  # gaps T·2^j: refreshes at t ≡ offset (mod T), so the stagger bound holds
+        per_step = [sum(t in seen[s] for s in SHAPES) for t in range(1, steps)]
+        assert max(per_step) == math.ceil(len(SHAPES) / T)
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
@@ -165,7 +217,8 @@ def test_non_boolean_is_refused(value):
         gradproj.GaLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": T, "refresh_stagger": value}])
 
 
-def test_project_backward_follows_normal_mode():
+@pytest.mark.parametrize("refresh", ["fixed", "lazy"])
+def test_project_backward_follows_normal_mode(refresh):
     """project_backward with stagger predicts the same refresh steps as the step: it equals normal mode with
     stagger (both float64), and at each step only the matrices whose refresh is due get a full gradient."""
     pytest.importorskip("transformers")
@@ -174,7 +227,7 @@ def test_project_backward_follows_normal_mode():
     runs = {}
     for projected in (False, True):
         model = llama()
-        opt = galore(model, update_proj_gap=T, refresh_stagger=True)
+        opt = galore(model, update_proj_gap=T, refresh_stagger=True, refresh=refresh)
         handle = gradproj.project_backward(model, opt) if projected else None
         full_counts, losses = [], []
         for step in range(3 * T + 1):

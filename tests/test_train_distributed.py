@@ -29,7 +29,9 @@ from problems import float64_svd_projector
 
 ARGS = ["--model", "tiny", "--seq", "32", "--max-bytes", "200000", "--eval-every", "3", "--eval-batches", "2",
         "--rank", "8", "--update-proj-gap", "3", "--steps", "5", "--quiet", "--device", "cpu", "--threads", "1",
-        "--save-every", "2", "--projector", "svd_fp64"]
+        "--save-every", "2", "--projector", "svd_fp64",
+        # every matrix refreshed at t % T == 0: tests/test_cli_project_backward.py counts the refresh steps
+        "--group-option", "refresh_stagger=false"]
 
 # Losses: transformers evaluates the LLaMA loss in float32 (it upcasts the logits with .float(), which for a
 # float64 model rounds them down): per-token terms that are the same float32 numbers in both runs, averaged

@@ -103,7 +103,12 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option("lr", 1e-3, "learning rate (of a projected matrix: `lr · scale`)"),
     Option("weight_decay", 0.0, "decoupled weight decay, applied after the update", number(minimum=0.0)),
     Option("inner", "adam", "the update rule in the subspace (the preset's; any registered rule)"),
-    Option("projector", "svd", "the basis of projected groups", _registered(PROJECTORS, "projector")),
+    Option(
+        "projector",
+        "randomized_svd",
+        "the basis of projected groups (`'svd'` with `refresh_stagger=False`: galore-torch's, bit for bit)",
+        _registered(PROJECTORS, "projector"),
+    ),
     Option(
         "residual", "none", "what to do with the discarded gradient (the preset's)", _registered(RESIDUALS, "residual")
     ),
@@ -113,9 +118,9 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "refresh_stagger",
-        False,
+        True,
         "spread the matrices' basis refreshes over the `update_proj_gap` steps (matrix k of N at offset k·T/N) "
-        "instead of refreshing all at one step",
+        "instead of refreshing all at one step (False: galore-torch's schedule)",
         boolean,
     ),
     Option("impl", "auto", "kernels of the fused parts: `auto`, `torch` or `triton`", _impl),
@@ -341,11 +346,6 @@ class Engine:
             raise ValueError(
                 f"{where} sets both scale={group['scale']} and alpha={group['alpha']}; they are the same "
                 "option (alpha is Fira's spelling): keep one"
-            )
-        if group["refresh_stagger"] and group.get("refresh", "fixed") == "lazy":
-            raise ValueError(
-                f"{where}: refresh_stagger=True and refresh='lazy' cannot be combined (lazy refresh gives each "
-                "matrix its own growing gap); drop one of them"
             )
         if group["moments_on_refresh"] == "project" and inner.state_transforms is None:
             raise ValueError(

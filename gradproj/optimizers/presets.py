@@ -215,6 +215,8 @@ class ApolloAdamW(GaLoreAdamW):
     ):
         options = _apollo_group(options, "ApolloAdamW")
         options.setdefault("projector", "random")
+        # a random basis is redrawn without a decomposition (no stall to spread): apollo-torch's schedule
+        options.setdefault("refresh_stagger", False)
         super().__init__(
             params,
             lr=lr,

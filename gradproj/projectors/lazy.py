@@ -4,7 +4,9 @@ Each matrix keeps a queue of the cosine similarities between the first basis vec
 (the first row of a right basis, the first column of a left one). Once the queue holds ``lazy_queue_size``
 values and their mean is at least ``lazy_cos_threshold``, the matrix's gap is multiplied by
 ``lazy_gap_factor`` (``int(gap · γ)``), and the matrix is then refreshed when ``t % gap == 0`` with its own
-gap. As in the reference package (q-galore-torch 1.0, ``GaLoreProjector.project``):
+gap (with ``refresh_stagger``, when ``(t - offset) % gap == 0``: the matrix keeps its phase,
+:mod:`gradproj.projectors.schedule`). As in the reference package (q-galore-torch 1.0,
+``GaLoreProjector.project``):
 
 * the first refresh only records the vector; the queue grows from the second refresh on;
 * the queue is never cleared: it is a sliding window of the last ``lazy_queue_size`` similarities, so a

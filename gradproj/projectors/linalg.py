@@ -25,13 +25,17 @@ def orthonormalize(X: torch.Tensor) -> torch.Tensor:
     return Q * signs
 
 
-def top_eigenvectors(C: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_eigenvectors(
+    C: torch.Tensor, r: int, solve_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``r`` leading eigenpairs of a symmetric PSD matrix ``C`` (k x k), largest first, as
-    ``(values, vectors)`` with the vectors as columns in canonical signs. Solved in float64 when C is small
-    (cheap, and the squared singular values of a Gram matrix span a wide range); falls back to float64 when
-    a float32 solve fails to converge."""
+    ``(values, vectors)`` with the vectors as columns in canonical signs. Solved in ``solve_dtype``, by default
+    in float64 when C is small (cheap, and the squared singular values of a Gram matrix span a wide range) and
+    in C's dtype otherwise; falls back to float64 when a lower-precision solve fails to converge."""
     k = C.shape[0]
-    work = C.double() if k <= 1024 else C
+    if solve_dtype is None:
+        solve_dtype = torch.float64 if k <= 1024 else C.dtype
+    work = C.to(solve_dtype)
     try:
         values, vectors = torch.linalg.eigh(work)
     except torch.linalg.LinAlgError:

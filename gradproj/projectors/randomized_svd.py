@@ -2,7 +2,9 @@
 
 The top-r singular subspace of G is found by subspace iteration on a sketch of r + p vectors instead of a
 full SVD: a few GEMMs with G and QR factorisations of tall-skinny matrices, which is where CPUs and GPUs
-are fast, instead of LAPACK's bidiagonalisation.
+are fast, instead of LAPACK's bidiagonalisation. It is the default basis (q = 1, warm start): on gradients
+recorded from a small LLaMA it captured ≥ 0.999 of the exact top-r energy, and on whole LLaMA models its
+refresh cost a fraction of the SVD's (docs/bases.md); ``projector="svd"`` stays for galore-torch's exact bases.
 """
 
 from __future__ import annotations

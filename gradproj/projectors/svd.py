@@ -1,4 +1,9 @@
-"""Exact SVD basis — GaLore's (docs/algorithms.md, GaLore)."""
+"""Exact SVD basis — GaLore's (docs/algorithms.md, GaLore).
+
+With ``refresh_stagger=False`` it reproduces galore-torch's bases and refresh steps bit for bit (the parity
+tests pin both); the default basis is ``randomized_svd`` with stagger, whose refresh is several times
+cheaper and spread over the gap (docs/bases.md).
+"""
 
 from __future__ import annotations
 

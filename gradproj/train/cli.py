@@ -162,7 +162,7 @@ def _add_train_options(p: argparse.ArgumentParser, *, compare: bool) -> None:
         field="projector",
         metavar="NAME",
         help=f"subspace basis: {', '.join(registry.projector_names())} or one registered with "
-        "gradproj.register_projector (default svd)",
+        "gradproj.register_projector (default randomized_svd)",
     )
     _add(
         o,

@@ -103,7 +103,7 @@ class OptimizerChoice:
     update_proj_gap: int = 200
     scale: float | None = None  # None: the spec's default (0.25; FRUGAL 1.0, with AdamW's lr)
     proj_type: str = "std"
-    projector: str | None = None  # None: the optimizer's default (svd)
+    projector: str | None = None  # None: the optimizer's default (randomized_svd)
     target_modules: list[str] | None = None  # None: every Linear of the decoder blocks
     layerwise: bool = False
     #: projected nn.Linear weights receive R = PᵀG from the backward pass (gradproj.project_backward)
