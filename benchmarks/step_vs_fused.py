@@ -111,7 +111,8 @@ def run(
 
     # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
     def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
-        return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25}
+        # float32 projections (proj_dtype=None), like the GEMMs it is compared with
+        return {"params": mats, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_dtype": None}
 
     opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3, weight_decay=weight_decay)
     if blocks_8bit:
@@ -158,13 +159,20 @@ def run(
     opts["GEMMs + Adam"] = GemmsAdam()
     names = list(opts)
     times = {k: {"regular": [], "refresh": []} for k in names}
+    # staggered refreshes (the default): matrix j refreshes at t % T == its stored offset. A regular round runs
+    # at a step count no offset matches; a refresh round drops the offsets, so every matrix refreshes in it
+    # (as each does once per gap), and the next step stores them again
+    offsets = {st["refresh_offset"] % gap for o in opts.values() for st in o.state.values() if "refresh_offset" in st}
+    regular_step = next(t for t in range(1, gap) if t not in offsets) if len(offsets) < gap else 1
     for i in range(repeats + max(2, repeats // 3)):
-        kind, k = ("regular", 1) if i < repeats else ("refresh", gap)
+        kind, k = ("regular", regular_step) if i < repeats else ("refresh", gap)
         for nm in names[i % len(names) :] + names[: i % len(names)]:
             opt = opts[nm]
             if nm.startswith("gradproj"):
                 for st in opt.state.values():
                     st["step"] = k
+                    if kind == "refresh":
+                        st.pop("refresh_offset", None)
             if nm in ("fused AdamW", "GEMMs", "GEMMs + Adam"):
                 if kind == "refresh":
                     continue

@@ -173,6 +173,13 @@ def estimate_group(
     return group
 
 
+def default_projector() -> str:
+    """The basis a projected group gets when it names none (the ``projector`` option's declared default)."""
+    from .optimizers.engine import OPTIMIZER_OPTIONS  # here: the estimator itself does not import the engine
+
+    return next(str(o.default) for o in OPTIMIZER_OPTIONS if o.name == "projector")
+
+
 def parameter_state(
     optimizer: str | OptimizerEntry,
     shape: tuple[int, ...],
@@ -180,7 +187,7 @@ def parameter_state(
     rank: int | None,
     projected: bool = True,
     proj_type: str = "std",
-    projector: str = "svd",
+    projector: str | None = None,
     dtype: str = "bfloat16",
     state_dtype: str | None = None,
     options: dict[str, Any] | None = None,
@@ -193,6 +200,8 @@ def parameter_state(
     ``min_8bit_size``, ...).
     """
     entry = optimizer if isinstance(optimizer, OptimizerEntry) else get_optimizer(optimizer)
+    if projector is None:
+        projector = entry.group.get("projector", default_projector())
     group = estimate_group(entry, rank, proj_type, projector, state_dtype, options)
     rule = get_inner(entry.inner)()
     shape = tuple(int(d) for d in shape)
@@ -332,7 +341,7 @@ def estimate_memory(
         dtype: model (and gradient) dtype. ``state_dtype``: Adam state dtype (default: ``dtype``).
         batch_size, seq_len: activations are counted when both are > 0.
         proj_type, projector: the projection side rule and basis kind (a registered projector; default: the
-            optimizer's recipe, else ``"svd"``).
+            optimizer's recipe, else the optimizers' default, :func:`default_projector`).
         attention: ``"sdpa"`` (no seq² buffers) or ``"eager"``.
         vocab_size: overrides the configuration's vocabulary.
         active_layers: with a layer sampler (LISA / OwLore), how many decoder blocks train at a time;
@@ -347,7 +356,7 @@ def estimate_memory(
         shape = shape.with_vocab(vocab_size)
     entry = get_optimizer(optimizer)
     if projector is None:
-        projector = entry.group.get("projector", "svd")
+        projector = entry.group.get("projector", default_projector())
     for arg, value, allowed in (
         ("dtype", dtype, DTYPE_BYTES),
         ("projector", projector, sorted(PROJECTORS)),

@@ -436,7 +436,8 @@ def test_project_backward_resolves_auto_to_the_parameter_dtype(monkeypatch):
     def train(proj_dtype):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Tanh(), torch.nn.Linear(48, 16))
-        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, proj_dtype=proj_dtype)
+        # refresh_stagger=False: both weights refresh at t = 0, 3, 6 (the schedule asserted below)
+        groups = gradproj.param_groups(model, rank=4, update_proj_gap=3, proj_dtype=proj_dtype, refresh_stagger=False)
         opt = gradproj.GaLoreAdamW(groups, lr=1e-2)
         handle = gradproj.project_backward(model, opt)
         projected = []

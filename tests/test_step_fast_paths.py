@@ -139,8 +139,11 @@ def test_a_step_leaves_the_gradients_as_they_were(options):
     params.append(torch.nn.Parameter(torch.randn(12)))
     residual = options.pop("residual", None)
     cls = gradproj.FiraAdamW if residual else gradproj.GaLoreAdamW
-    opt = cls([{"params": params[:2], "rank": 3, "update_proj_gap": 4, "scale": 0.5}, {"params": params[2:]}],
-              lr=1e-2, **options)
+    opt = cls(
+        [{"params": params[:2], "rank": 3, "update_proj_gap": 4, "scale": 0.5}, {"params": params[2:]}],
+        lr=1e-2,
+        **options,
+    )
     g = torch.Generator().manual_seed(12)
     for _ in range(3):
         for p in params:
@@ -156,7 +159,9 @@ def test_a_non_finite_gradient_stays_in_its_own_parameter():
     a run without it."""
     params, _ = matrix_problem([(20, 12)] * 3, seed=13)
     alone = clone_params(params[1:])
-    group = {"rank": 3, "update_proj_gap": 100, "scale": 0.5}
+    # the exact basis without stagger: a matrix's randomized sketch and stagger offset depend on its position in
+    # the group, which differs between the two runs; this test is about buffers, not bases
+    group = {"rank": 3, "update_proj_gap": 100, "scale": 0.5, "projector": "svd", "refresh_stagger": False}
     opt = gradproj.GaLoreAdamW([{"params": params, **group}], lr=1e-2)
     opt_alone = gradproj.GaLoreAdamW([{"params": alone, **group}], lr=1e-2)
     g = torch.Generator().manual_seed(14)

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
-from ..memory_estimate import ParameterState, llama_parameters, parameter_state
+from ..memory_estimate import ParameterState, default_projector, llama_parameters, parameter_state
 from ..models import LLAMA_CONFIGS, get_shape
 from ..projectors import choose_side
 from ..registry import get_optimizer, optimizer_names
@@ -110,7 +110,7 @@ def per_gpu_memory(
     except ValueError:
         raise ValueError(f"optimizer={optimizer!r}; use one of {', '.join(optimizer_names(aliases=True))}") from None
     if projector is None:  # the optimizer's basis (APOLLO's is random), else GaLore's
-        projector = entry.group.get("projector", "svd")
+        projector = entry.group.get("projector", default_projector())
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}; use one of {', '.join(STRATEGIES)}")
     weight_dtype, state_dtype = _dtype(weight_bytes, "weight_bytes"), _dtype(state_bytes, "state_bytes")
