@@ -61,6 +61,8 @@ VARIANTS = {
     "8bit_bnb": {},  # GaLoreAdamW8bit stepping through bitsandbytes' CPU quantizer (the same codes)
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
     "proj_none": {"proj_dtype": None},  # the parameter's dtype (float32) everywhere, against the default "auto"
+    # the defaults before the basis, stagger and GEMM dtype were chosen by measurement (galore-torch's schedule)
+    "svd_aligned": {"projector": "svd", "refresh_stagger": False, "proj_dtype": None},
     "per_param": {"foreach": False},  # the regular steps always through the per-parameter path
     "batched": {"foreach": True},  # ... always batched (default None: chosen per bucket by timing, on the CPU)
 }
@@ -162,7 +164,8 @@ def run(
     # staggered refreshes (the default): matrix j refreshes at t % T == its stored offset. A regular round runs
     # at a step count no offset matches; a refresh round drops the offsets, so every matrix refreshes in it
     # (as each does once per gap), and the next step stores them again
-    offsets = {st["refresh_offset"] % gap for o in opts.values() for st in o.state.values() if "refresh_offset" in st}
+    states = [st for o in opts.values() for st in getattr(o, "state", {}).values()]
+    offsets = {st["refresh_offset"] % gap for st in states if "refresh_offset" in st}
     regular_step = next(t for t in range(1, gap) if t not in offsets) if len(offsets) < gap else 1
     for i in range(repeats + max(2, repeats // 3)):
         kind, k = ("regular", regular_step) if i < repeats else ("refresh", gap)

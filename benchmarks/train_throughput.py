@@ -8,7 +8,8 @@ Configurations, all in one process:
 * ``AdamW``: ``torch.optim.AdamW`` with its defaults;
 * ``GaLore``: ``gradproj.GaLoreAdamW`` over ``gradproj.param_groups(model, rank=hidden/4, update_proj_gap=T)``,
   every other option at its default;
-* ``GaLore stagger``: the same with ``refresh_stagger=True``;
+* ``GaLore svd aligned``: the same with ``projector="svd", refresh_stagger=False, proj_dtype=None`` (the
+  defaults before these were chosen by measurement; galore-torch's schedule);
 * ``GaLore projected``: ``GaLore`` with ``gradproj.project_backward``;
 * ``GaLore baseline`` (with ``--baseline DIR``): ``GaLore`` built by another version's package (a source tree
   holding ``gradproj/``, e.g. ``git archive <commit> gradproj | tar -x -C DIR``), for a before/after.
@@ -38,7 +39,9 @@ import time
 
 from common import LLAMA, cpu_name, rows_per_thread_count
 
-CONFIGS = ("AdamW fused", "AdamW", "GaLore", "GaLore stagger", "GaLore projected", "GaLore baseline")
+CONFIGS = ("AdamW fused", "AdamW", "GaLore", "GaLore svd aligned", "GaLore projected", "GaLore baseline")
+#: the group options before the basis, stagger and GEMM dtype were chosen by measurement (galore-torch's schedule)
+SVD_ALIGNED = {"projector": "svd", "refresh_stagger": False, "proj_dtype": None}
 VOCAB = 32000
 #: the other version's package (``--baseline``), or None
 BASELINE = None
@@ -60,7 +63,7 @@ def build(model_name: str, config: str, seq: int, gap: int, weight_decay: float 
     if config == "AdamW":
         return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=weight_decay), None
     package = BASELINE if config == "GaLore baseline" else gradproj
-    extra = {"refresh_stagger": True} if config == "GaLore stagger" else {}
+    extra = SVD_ALIGNED if config == "GaLore svd aligned" else {}
     groups = package.param_groups(model, rank=LLAMA[model_name][0] // 4, update_proj_gap=gap, **extra)
     opt = package.GaLoreAdamW(groups, lr=1e-3, weight_decay=weight_decay)
     handle = gradproj.project_backward(model, opt) if config == "GaLore projected" else None
