@@ -5,6 +5,7 @@
 #   benchmarks/gpu.sh kernels   # fused kernels vs torch reference vs torch.compile, llama_1b vs fused AdamW
 #   benchmarks/gpu.sh svd       # CUDA SVD drivers vs the Gram eigendecomposition at refresh shapes
 #   benchmarks/gpu.sh memory    # peak CUDA memory per training step
+#   benchmarks/gpu.sh fused     # whole-model amortized step against fused AdamW, bf16, llama_350m / llama_1b
 # Results go to $OUT (default ./gpu-results). Extra Python wheels (bitsandbytes, galore-torch, fira) are
 # installed from ./.whl when that folder exists (machines without internet access).
 set -uo pipefail
@@ -39,6 +40,11 @@ for stage in "$@"; do
       python3 benchmarks/memory.py --device cuda --dtype bfloat16 --models llama_60m llama_130m --batch 8 --seq 256 \
         --json "$OUT/memory_cuda.json" --plot "$OUT/memory_cuda.png" 2>&1 | tee "$OUT/memory_cuda.log" | tail -30
       ;;
-    *) echo "unknown stage $stage (tests, step, kernels, svd, memory)"; exit 2 ;;
+    fused)
+      python3 benchmarks/step_vs_fused.py --device cuda --dtype bfloat16 --clock wall --threads 1 --repeats 9 \
+        --models llama_350m llama_1b --variants default svd_aligned --json "$OUT/step_vs_fused_cuda.json" \
+        2>&1 | tee "$OUT/step_vs_fused_cuda.log" | tail -20
+      ;;
+    *) echo "unknown stage $stage (tests, step, kernels, svd, memory, fused)"; exit 2 ;;
   esac
 done

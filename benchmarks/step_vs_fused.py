@@ -42,12 +42,22 @@ def model_shapes(name: str) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]
     return block_matrix_shapes(name), other
 
 
+#: where and in what dtype the parameters live (``--device``, ``--dtype``)
+DEVICE, DTYPE = torch.device("cpu"), torch.float32
+
+
 def make_params(shapes, seed):
     g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02)) for s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g).mul_(0.02).to(DEVICE, DTYPE)) for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3)
+        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3).to(DEVICE, DTYPE)
     return params
+
+
+def cuda_clock() -> float:
+    """Wall time after the GPU's queued work has finished (``--device cuda``)."""
+    torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 #: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults, "8bit_bnb" the same
@@ -144,7 +154,7 @@ def run(
     class GemmsAdam:  # the floor with the one pass Adam must make over R: GEMM, fused Adam on R, GEMM
         def __init__(self):
             self.moments = [
-                (torch.zeros(low), torch.zeros(low))
+                (torch.zeros(low, device=DEVICE, dtype=DTYPE), torch.zeros(low, device=DEVICE, dtype=DTYPE))
                 for low in (dense_down(p.grad, P, side).shape for p, P, side in zip(mats, bases, sides))
             ]
 
@@ -210,17 +220,24 @@ def main() -> None:
         default="wall",
         help="wall time, or process CPU time (with 1 thread: immune to time slicing on a loaded machine)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU goal: --device cuda --dtype bfloat16)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of parameters and gradients")
     ap.add_argument("--json")
     args = ap.parse_args()
-    global CLOCK
+    global CLOCK, DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
+    if DEVICE.type == "cuda":
+        if args.clock == "cpu":
+            ap.error("--clock cpu measures this process's CPU time, not the GPU's: use --clock wall with --device cuda")
+        CLOCK = cuda_clock
     rows = rows_per_thread_count(
         args.threads,
         args.models,
         lambda name: run(name, args.gap, args.repeats, args.variants, args.blocks_8bit, args.weight_decay, args.warmup),
     )
     print(
-        f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, float32, "
+        f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, {args.dtype} on {args.device}, "
         f"{args.repeats} regular rounds, medians, {args.clock} clock, weight decay {args.weight_decay:g}\n"
     )
     print(
