@@ -70,3 +70,26 @@ def unit_scaled(G: torch.Tensor) -> torch.Tensor:
     """
     A = G.float()
     return A / power_of_two_scale(torch.linalg.vector_norm(A, ord=float("inf")))
+
+
+#: :func:`in_safe_range` leaves G unscaled when its largest magnitude lies in [2^-SAFE_LOG2, 2^SAFE_LOG2]
+SAFE_LOG2 = 24
+
+
+def in_safe_range(G: torch.Tensor) -> torch.Tensor:
+    """``G`` in float32, rescaled by :func:`unit_scaled` only where its range needs it.
+
+    For a randomized SVD, whose largest intermediate is of degree two in G (YᵀY and GᵀG Z, with orthonormal
+    Z, sum at most m·n products of two entries): with the largest magnitude a in [2^-24, 2^24] those are at
+    most 2^48·m·n (far below float32's 2^128 for any matrix that fits in memory), and the squares of the
+    leading singular values (σ₁ >= a) at least 2^-48, far above the subnormal range, so no rescaling is
+    needed and G is used as it is (no copy when it is already float32: the rescaling's extra pass over G
+    costs as much as one of the sketch's GEMMs). Outside that range, or for a zero or non-finite G, it is
+    :func:`unit_scaled`. Either way the vectors are the same up to the decomposition's rounding.
+    """
+    A = G.float()
+    lo, hi = torch.aminmax(A)  # one reduction over G, no temporary the size of G
+    a = float(torch.maximum(lo.abs(), hi.abs()))
+    if 2.0**-SAFE_LOG2 <= a <= 2.0**SAFE_LOG2:
+        return A
+    return unit_scaled(A)
