@@ -56,6 +56,27 @@ _AUTO_DECISIONS: dict[tuple, tuple[int, float, float | None]] = {}
 _GEMM_BASES = WeakIdKeyDictionary()
 
 
+#: (shape, dtype, device, slot) -> a buffer the low-precision GEMM path reuses for G's cast (slot 0) and the
+#: back-projection's product (slot 1): one per distinct matrix shape, never part of the state
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device, slot: int) -> torch.Tensor:
+    """A reused uninitialized tensor for a transient of the ``proj_dtype`` path (see :data:`_SCRATCH`).
+
+    Allocating a fresh multi-megabyte tensor per matrix per step maps new pages each time (the allocator
+    returns large blocks to the system), and their first-touch faults cost as much as the cast itself; the
+    transients never outlive the call that fills them, so one buffer per shape serves every matrix. On the
+    CPU only: elsewhere a fresh tensor (CUDA's caching allocator already reuses its blocks)."""
+    if torch.compiler.is_compiling() or device.type != "cpu":  # CUDA's caching allocator already reuses blocks
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (tuple(shape), dtype, device, slot)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=dtype, device=device)
+    return buf
+
+
 def gemm_basis(P: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``P`` in ``dtype``, cast at most once per version of ``P`` (:data:`_GEMM_BASES`)."""
     if P.dtype == dtype:
@@ -535,7 +556,7 @@ class Projector(Configurable):
     def _down(self, G: torch.Tensor, state: dict, low: torch.dtype | None) -> torch.Tensor:
         """R = down(G) with the GEMMs in ``low`` (None: G's dtype)."""
         if low is not None and low != G.dtype:
-            Gl = G.to(low)
+            Gl = scratch(G.shape, low, G.device, 0).copy_(G)
             if self.side == "full":
                 R = self.gemm_basis(state, "proj_left", low).t() @ Gl @ self.gemm_basis(state, "proj_right", low).t()
             else:
@@ -572,6 +593,13 @@ class Projector(Configurable):
 
     def _add_up(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float, low: torch.dtype | None) -> None:
         """:meth:`add_up_` with the GEMM in ``low`` (None: W's dtype)."""
+        if low is not None and low != W.dtype and self.side in ("left", "right"):
+            # the product into a reused buffer: a fresh m x n tensor per matrix per step costs page faults
+            Xl, P = X.to(low), self.gemm_basis(state, "proj", low)
+            out = scratch(W.shape, low, W.device, 1)
+            torch.mm(Xl, P, out=out) if self.side == "right" else torch.mm(P, Xl, out=out)
+            W.add_(out, alpha=alpha)
+            return
         if low is not None and low != W.dtype:
             W.add_(self._up_low(X.to(low), state, low), alpha=alpha)
             return
