@@ -28,6 +28,19 @@ SHAPES = [(12, 8), (8, 13), (14, 9), (9, 15), (16, 10), (10, 17), (18, 11)]
 FULL_RANK = (3, 20)  # rank 3 >= min(3, 20): trained unprojected, so not one of the N matrices
 
 
+def record_refreshes(monkeypatch) -> dict[tuple, list[int]]:
+    """Shape -> the steps at which an exact-SVD basis of that shape was computed (hooks SVDProjector)."""
+    seen: dict[tuple, list[int]] = {s: [] for s in SHAPES}
+    original = SVDProjector.compute_basis
+
+    def recording(self, G, state, step):
+        seen[tuple(G.shape)].append(step)
+        return original(self, G, state, step)
+
+    monkeypatch.setattr(SVDProjector, "compute_basis", recording)
+    return seen
+
+
 def expected_offsets(n, gap):
     return [math.floor(Fraction(k * gap, n)) for k in range(n)]
 
@@ -47,14 +60,7 @@ def recorded_run(steps, monkeypatch, stagger=True, gap=T, **options):
     # the recording hooks the exact SVD's decomposition, so the basis is pinned to it
     group = {"params": params, "rank": 3, "update_proj_gap": gap, "scale": 0.25, "refresh_stagger": stagger}
     opt = gradproj.GaLoreAdamW([{**group, "projector": "svd", **options}], lr=1e-3)
-    seen: dict[tuple, list[int]] = {s: [] for s in SHAPES}
-    original = SVDProjector.compute_basis
-
-    def recording(self, G, state, step):
-        seen[tuple(G.shape)].append(step)
-        return original(self, G, state, step)
-
-    monkeypatch.setattr(SVDProjector, "compute_basis", recording)
+    seen = record_refreshes(monkeypatch)
     for t in range(steps):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
@@ -132,11 +138,13 @@ def test_resume_is_bit_exact():
             assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
 
 
-def test_stagger_turned_on_later_takes_its_offset_at_once(monkeypatch):
+@pytest.mark.parametrize("foreach", [False, True])
+def test_stagger_turned_on_later_takes_its_offset_at_once(monkeypatch, foreach):
     """A state written without stagger (no offset) stores its offset at its first step with stagger on and
-    refreshes at its offset from the next step on."""
+    refreshes at its offset from the next step on, whether the regular steps run per parameter or batched."""
     params, loss_fn = matrix_problem(SHAPES[:2])
     group = {"params": params, "rank": 3, "update_proj_gap": T, "scale": 0.25, "refresh_stagger": False}
+    group["foreach"] = foreach
     opt = gradproj.GaLoreAdamW([{**group, "projector": "svd"}], lr=1e-2)  # the recording hooks the exact SVD
     train(params, opt, 2, loss_fn)
     opt.param_groups[0]["refresh_stagger"] = True
@@ -186,14 +194,7 @@ def test_lazy_refresh_keeps_each_matrix_phase(mode, factor, monkeypatch):
     # the threshold: a fixed gradient's similarity is 1 (up to rounding), unrelated random ones stay far below
     lazy = {"refresh": "lazy", "lazy_queue_size": size, "lazy_cos_threshold": 0.99, "lazy_gap_factor": factor}
     opt = gradproj.GaLoreAdamW([{**group, **lazy, **mode, "projector": "svd"}], lr=1e-3)  # recording hooks svd
-    seen: dict[tuple, list[int]] = {s: [] for s in SHAPES}
-    original = SVDProjector.compute_basis
-
-    def recording(self, G, state, step):
-        seen[tuple(G.shape)].append(step)
-        return original(self, G, state, step)
-
-    monkeypatch.setattr(SVDProjector, "compute_basis", recording)
+    seen = record_refreshes(monkeypatch)
     for _ in range(steps):
         for k, p in enumerate(matrices):
             p.grad = fixed[k].clone() if k in STABLE else torch.randn(p.shape, generator=g)

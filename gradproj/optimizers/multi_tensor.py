@@ -185,6 +185,8 @@ def collect(opt: ProjectedOptimizer) -> Batch:
             own_gap = state.get(LAZY_GAP, gap) if lazy else gap
             if schedule.due(state, step, own_gap, stagger) or ea is None or eas is None or proj is None:
                 continue  # a refresh step (the per-parameter path computes the new basis), or no Adam state
+            if stagger and schedule.OFFSET_KEY not in state:
+                continue  # stagger switched on for a state written without: the per-parameter path stores its offset
             if gemm_dtype(group, state) is not None:
                 continue  # proj_dtype="auto" chose a low-precision GEMM for this matrix: the per-matrix path
             if g.is_sparse or p.dim() < 2 or g.dtype != p.dtype or g.shape != p.shape or not p.is_contiguous():
