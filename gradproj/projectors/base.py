@@ -597,7 +597,10 @@ class Projector(Configurable):
             # the product into a reused buffer: a fresh m x n tensor per matrix per step costs page faults
             Xl, P = X.to(low), self.gemm_basis(state, "proj", low)
             out = scratch(W.shape, low, W.device, 1)
-            torch.mm(Xl, P, out=out) if self.side == "right" else torch.mm(P, Xl, out=out)
+            if self.side == "right":
+                torch.mm(Xl, P, out=out)
+            else:
+                torch.mm(P, Xl, out=out)
             W.add_(out, alpha=alpha)
             return
         if low is not None and low != W.dtype:
