@@ -182,7 +182,8 @@ def agree_across_ranks(value: int, device: torch.device) -> int:
     A choice made by timing (the left-projection layout, ``proj_dtype="auto"``) can come out differently in two
     processes; data-parallel replicas that round differently would drift apart, so in a distributed run rank
     0's measurement decides for all. Every rank reaches the same choice at the same point of the same step
-    (the same shapes, in the same order, the first time each is seen), so the broadcast pairs up.
+    (the same shapes, in the same order, the first time each is seen), so the broadcast pairs up: this assumes
+    data parallelism, where every rank steps the same projected matrices (docs/architecture.md).
     """
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
