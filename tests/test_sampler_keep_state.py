@@ -1,7 +1,6 @@
 """``LayerSampler(keep_inactive_state=True)``: a deactivated block keeps its optimizer state (moments, basis,
 step count) for its return, as the released LISA / OwLore code does; memory counts it; resume is exact."""
 
-import io
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import gradproj
 from problems import train
 from reference_algorithms import ReferenceGaLore
 from test_sampling import (
-    LAYERS, block_flags, galore_groups, llama_loss, llama_train, snapshot, three_blocks, tiny_llama,
+    LAYERS, checkpoint_then_continue, continues_like, galore_groups, llama_loss, three_blocks, tiny_llama,
 )
 
 
@@ -101,15 +100,7 @@ def test_resume_with_kept_state_is_bit_identical():
     inactive = [i for i in range(LAYERS) if i not in opt.sampler.active]
     held = [i for i in inactive if all(p in opt.state for p in model.model.layers[i].parameters())]
     assert held, "no inactive block holds state at the checkpoint"
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    expected_active = []
-    llama_train(model, opt, 8, seed=100, record=expected_active)
-    expected = snapshot(model)
-    assert len({tuple(a) for a in expected_active}) > 1
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt, expected_active, expected = checkpoint_then_continue(model, opt)
     assert ckpt["opt"]["gradproj"]["sampler"]["keep_inactive_state"] is True
     model2 = tiny_llama(seed=5)
     model2.load_state_dict(ckpt["model"])
@@ -118,11 +109,7 @@ def test_resume_with_kept_state_is_bit_identical():
     opt2.load_state_dict(ckpt["opt"])
     for i in held:  # the frozen blocks' state survived the load
         assert all(p in opt2.state for p in model2.model.layers[i].parameters())
-    assert block_flags(opt2.sampler) == [i in opt2.sampler.active for i in range(LAYERS)]
-    active = []
-    llama_train(model2, opt2, 8, seed=100, record=active)
-    assert active == expected_active
-    assert all(torch.equal(v, expected[k]) for k, v in model2.state_dict().items())
+    continues_like(model2, opt2, expected_active, expected)
     for p, q in zip(model.parameters(), model2.parameters()):
         assert (p in opt.state) == (q in opt2.state)
         if p in opt.state:

@@ -50,6 +50,27 @@ def block_flags(sampler):
     return [all(p.requires_grad for p in sampler.block_parameters(i)) for i in range(sampler.n_blocks)]
 
 
+def checkpoint_then_continue(model, opt, steps=8):
+    """A weights-only-loadable checkpoint of ``model`` and ``opt`` now, then ``steps`` more steps of the
+    original run: (checkpoint, the active blocks of each of those steps, the weights after them)."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    expected_active = []
+    llama_train(model, opt, steps, seed=100, record=expected_active)
+    assert len({tuple(a) for a in expected_active}) > 1  # the sampler moved during the continuation
+    buf.seek(0)
+    return torch.load(buf, weights_only=True), expected_active, snapshot(model)
+
+
+def continues_like(model2, opt2, expected_active, expected, steps=8):
+    """The resumed ``model2`` / ``opt2`` take the same blocks and reach the same weights as the original run."""
+    assert block_flags(opt2.sampler) == [i in opt2.sampler.active for i in range(LAYERS)]
+    active = []
+    llama_train(model2, opt2, steps, seed=100, record=active)
+    assert active == expected_active
+    assert all(torch.equal(v, expected[k]) for k, v in model2.state_dict().items())
+
+
 # ------------------------------------------------------------------------------------------ outlier ratios
 def plant(linear, count, value):
     """Set ``count`` entries of a Linear weight (spread over rows and columns) to ``value``."""
@@ -408,15 +429,7 @@ def test_resume_with_a_fresh_sampler_of_another_seed_is_bit_identical():
     model = tiny_llama()
     opt = gradproj.owlore(model, n_active=2, interval=3, rank=4, update_proj_gap=2, batches=calib, M=3, lr=1e-2)
     train(model, opt, 7, llama_loss)
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    expected_active = []
-    llama_train(model, opt, 8, seed=100, record=expected_active)
-    expected = snapshot(model)
-    assert len({tuple(a) for a in expected_active}) > 1
-
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
+    ckpt, expected_active, expected = checkpoint_then_continue(model, opt)
     assert ckpt["opt"]["gradproj"]["sampler"]["generator"].dtype == torch.uint8
     model2 = tiny_llama(seed=5)
     model2.load_state_dict(ckpt["model"])
@@ -424,11 +437,7 @@ def test_resume_with_a_fresh_sampler_of_another_seed_is_bit_identical():
                            lr=1e-2)
     opt2.load_state_dict(ckpt["opt"])
     assert opt2.sampler.steps == 7 and torch.equal(opt2.sampler.probs, opt.sampler.probs)
-    assert block_flags(opt2.sampler) == [i in opt2.sampler.active for i in range(LAYERS)]
-    active = []
-    llama_train(model2, opt2, 8, seed=100, record=active)
-    assert active == expected_active
-    assert all(torch.equal(v, expected[k]) for k, v in model2.state_dict().items())
+    continues_like(model2, opt2, expected_active, expected)
 
 
 def test_bad_sampler_checkpoint_raises_before_anything_loads():
