@@ -240,7 +240,7 @@ def main() -> None:
 
     for (m, n, r, side, *_), (dtype, t32, tlow) in auto_decisions().items():
         low = "not timed" if tlow is None else f"{tlow * 1e3:.2f} ms"
-        print(f"proj_dtype='auto' for {m}x{n} rank {r} ({side}): float32 {t32 * 1e3:.2f} ms, bfloat16 {low} -> {dtype}")
+        print(f"proj_dtype='auto' for {m}x{n} rank {r} ({side}): float32 {t32 * 1e3:.2f} ms, low precision {low} -> {dtype}")
     print(
         f"machine: {cpu_name()}, torch {torch.__version__}; T = {args.gap}, rank = hidden/4, {args.dtype} on {args.device}, "
         f"{args.repeats} regular rounds, medians, {args.clock} clock, weight decay {args.weight_decay:g}\n"

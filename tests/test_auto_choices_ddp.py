@@ -31,6 +31,7 @@ def _scripted_timer(rank):
 def _body(rank, world):
     assert agree_across_ranks(rank + 5, torch.device("cpu")) == 5  # every rank gets rank 0's value
     base._AUTO_DECISIONS.clear()
+    base._BF16_INPUTS["cpu"] = False  # the scripted timings cover float32 and bfloat16 only
     base.measure_seconds = _scripted_timer(rank)  # a forked child: the patch dies with it
     g = torch.Generator().manual_seed(0)
     W = torch.nn.Parameter(torch.randn(48, 80, generator=g) * 0.02)  # the same start on both ranks

@@ -17,6 +17,7 @@ exactly (bf16/fp16 → fp32 is exact). ``add_up_`` then adds α·Ĉ into W in fl
 W + α·Ĉ, at most 2^-24·|W + α·C| + its effect on Ĉ's error, which the bound below adds.
 """
 
+import contextlib
 import copy
 import io
 import warnings
@@ -40,11 +41,11 @@ def gemm_bound(A: torch.Tensor, B: torch.Tensor, u: float) -> torch.Tensor:
     return c * (A.double().abs() @ B.double().abs())
 
 
-def setup(shape, proj_type, proj_dtype, seed=0):
+def setup(shape, proj_type, proj_dtype, seed=0, **options):
     g = torch.Generator().manual_seed(seed)
     W = torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02)
     W.grad = torch.randn(shape, generator=g)
-    group = {"params": [W], "rank": 8, "update_proj_gap": 2, "scale": 0.25, "proj_type": proj_type}
+    group = {"params": [W], "rank": 8, "update_proj_gap": 2, "scale": 0.25, "proj_type": proj_type, **options}
     if proj_dtype is not ...:
         group["proj_dtype"] = proj_dtype
     opt = gradproj.GaLoreAdamW([group], lr=1e-2)
@@ -206,8 +207,16 @@ def test_project_backward_refuses_proj_dtype():
 # ------------------------------------------------------------------------------------------ proj_dtype="auto"
 @pytest.fixture(autouse=True)
 def fresh_auto_decisions(monkeypatch):
-    """Each test starts with no per-process decision (they are cached per shape)."""
+    """Each test starts with no per-process decision (they are cached per shape); the scripted-timer tests see
+    a CPU without oneDNN's bfloat16 math mode unless they ask for it (``bf16_inputs``)."""
     monkeypatch.setattr(base, "_AUTO_DECISIONS", {})
+    monkeypatch.setattr(base, "_BF16_INPUTS", {"cpu": False})
+
+
+@pytest.fixture
+def bf16_inputs(monkeypatch):
+    """A CPU where the bfloat16 math mode is offered (timed as "bfloat16 inputs"), whatever this one does."""
+    monkeypatch.setattr(base, "_BF16_INPUTS", {"cpu": True})
 
 
 class FakeTimer:
@@ -289,17 +298,83 @@ def test_the_best_of_both_alternating_blocks_decides(monkeypatch):
     assert (code, fp32, low) == (0, 1e-3, 0.95e-3)
 
 
-def test_real_timing_runs_both_paths_on_a_scratch_weight(monkeypatch):
-    """With the floor lowered to 0, the real timer runs both paths; whatever it decides, the weights follow that
-    explicit option bit for bit (the timed runs wrote only into a scratch copy)."""
+def test_real_timing_runs_every_path_on_a_scratch_weight(monkeypatch):
+    """With the floor lowered to 0, the real timer runs every path this CPU offers (the bfloat16 math mode where
+    the probe finds it active); whatever it decides, the weights follow that path bit for bit (the timed runs
+    wrote only into a scratch copy)."""
     monkeypatch.setattr(base, "AUTO_MIN_SECONDS", 0.0)
-    W, opt = setup((80, 48), "right", "auto")
+    monkeypatch.setattr(base, "_BF16_INPUTS", {})  # probed for real
+    W, opt = setup((80, 48), "right", "auto", projector="svd")
     opt.step()
     ((code, fp32, low),) = base._AUTO_DECISIONS.values()
     assert fp32 > 0 and low is not None and opt.state[W][AUTO_KEY] == code
-    W2, opt2 = setup((80, 48), "right", base.AUTO_CHOICES[code] and "bfloat16")
-    opt2.step()
+    inputs = code == base.AUTO_BF16_INPUTS
+    W2, opt2 = setup((80, 48), "right", None if inputs else base.AUTO_CHOICES[code] and "bfloat16", projector="svd")
+    with base.bf16_input_gemms() if inputs else contextlib.nullcontext():
+        opt2.step()
     assert torch.equal(W, W2)
+
+
+def test_bfloat16_inputs_decided_by_the_timings_and_run_as_float32_gemms_in_the_math_mode(monkeypatch, bf16_inputs):
+    """Where the bfloat16 math mode is offered it is timed as a third path, in the same alternating blocks; chosen
+    (fastest, or tied with bfloat16), the matrix's GEMMs run as float32 GEMMs inside ``bf16_input_gemms``: bit
+    for bit the proj_dtype=None step taken inside that block (projector="svd", whose LAPACK SVD the switch does
+    not touch), and the process's switch is back as it was after every step."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for seconds, code in (
+        ({"float32": 2e-3, "bfloat16": 1e-3, "bfloat16 inputs": 0.8e-3}, 2),
+        ({"float32": 2e-3, "bfloat16": 1e-3, "bfloat16 inputs": 1e-3}, 2),  # a tie: bfloat16 inputs
+        ({"float32": 2e-3, "bfloat16": 1e-3, "bfloat16 inputs": 1.2e-3}, 1),
+        ({"float32": 2e-3, "bfloat16": 1.9e-3, "bfloat16 inputs": 1.85e-3}, 0),  # both within the margin
+    ):
+        monkeypatch.setattr(base, "_AUTO_DECISIONS", {})
+        timer = FakeTimer(seconds)
+        monkeypatch.setattr(base, "measure_seconds", timer)
+        for shape, proj_type in (((48, 80), "left"), ((80, 48), "right"), ((48, 64), "full")):
+            W, opt = setup(shape, proj_type, "auto", projector="svd")
+            explicit = {0: None, 1: "bfloat16", 2: None}[code]
+            W2, opt2 = setup(shape, proj_type, explicit, projector="svd")
+            for i in range(5):
+                g = torch.randn(shape, generator=torch.Generator().manual_seed(100 + i))
+                W.grad, W2.grad = g.clone(), g.clone()
+                opt.step()
+                assert torch.backends.mkldnn.matmul.fp32_precision == before
+                with base.bf16_input_gemms() if code == 2 else contextlib.nullcontext():
+                    opt2.step()
+                assert torch.equal(W, W2)
+            assert opt.state[W][AUTO_KEY] == code
+        labels = ["bfloat16", "bfloat16 inputs"]
+        assert timer.calls[:6] == ["float32", *labels, "float32", *labels]
+    assert base.auto_decisions()[(48, 64, 8, "full", torch.float32, torch.device("cpu"), None)] == ("float32", 2e-3, 1.85e-3)
+
+
+def test_the_math_mode_switch_is_restored_on_error_and_keeps_a_user_setting():
+    settings = torch.backends.mkldnn.matmul
+    before = settings.fp32_precision
+    try:
+        for user in ("none", "bf16"):
+            settings.fp32_precision = user
+            with pytest.raises(RuntimeError, match="inside"):
+                with base.bf16_input_gemms():
+                    assert settings.fp32_precision == "bf16"
+                    raise RuntimeError("inside")
+            assert settings.fp32_precision == user
+    finally:
+        settings.fp32_precision = before
+
+
+def test_the_probe_tells_an_active_math_mode_from_float32(monkeypatch):
+    """bf16_inputs_available() answers True only where a product under the switch equals the bfloat16-rounded
+    operands' product (to float32 accumulation) and differs from the float32 one; checked here against a direct
+    computation on this CPU, whichever way it answers, and never for another device."""
+    monkeypatch.setattr(base, "_BF16_INPUTS", {})  # probed for real
+    A = torch.rand(64, 64, generator=torch.Generator().manual_seed(5))
+    with base.bf16_input_gemms():
+        got = A @ A.t()
+    rounded = A.bfloat16().float() @ A.bfloat16().float().t()
+    active = float((got - rounded).abs().max()) < float((got - A @ A.t()).abs().max())
+    assert base.bf16_inputs_available(torch.device("cpu")) is active
+    assert base.bf16_inputs_available(torch.device("meta")) is False
 
 
 def test_cuda_timing_synchronizes_around_each_run(monkeypatch):
@@ -359,7 +434,7 @@ def test_an_explicit_proj_dtype_overrides_the_stored_decision(monkeypatch):
     assert timer.calls == ["float32", "bfloat16"] * 2
 
 
-@pytest.mark.parametrize("value", [2, -1, 1.0, "bfloat16", True, torch.tensor(1)])
+@pytest.mark.parametrize("value", [3, -1, 1.0, "bfloat16", True, torch.tensor(1)])
 def test_a_checkpoint_with_a_bad_decision_is_refused_before_loading(monkeypatch, value):
     monkeypatch.setattr(base, "measure_seconds", FakeTimer({"float32": 2e-3, "bfloat16": 1e-3}))
     _, opt = setup((48, 80), "left", "auto")

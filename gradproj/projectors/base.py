@@ -15,6 +15,7 @@ Sides (W is m x n, torch layout ``[out, in]``)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -36,8 +37,15 @@ PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJ_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ``proj_dtype="auto"``: the state key of a matrix's decision, an int indexing :data:`AUTO_CHOICES`
 AUTO_KEY = "proj_dtype_auto"
-#: what ``proj_dtype="auto"`` chooses between: 0, the parameter's dtype; 1, bfloat16
-AUTO_CHOICES: tuple[torch.dtype | None, ...] = (None, torch.bfloat16)
+#: what ``proj_dtype="auto"`` chooses between, as the dtype the projection GEMMs take their operands in: 0, the
+#: parameter's dtype; 1, bfloat16 (both operands cast, the product rounded to bfloat16, as ``proj_dtype="bfloat16"``);
+#: 2, bfloat16 inputs: the float32 GEMMs in oneDNN's bfloat16 math mode, which rounds the operands to bfloat16 as
+#: it packs them and accumulates and returns float32 (the CPU, where available: :func:`bf16_inputs_available`)
+AUTO_CHOICES: tuple[torch.dtype | None, ...] = (None, torch.bfloat16, torch.bfloat16)
+#: the choice whose GEMMs run in float32 under oneDNN's bfloat16 math mode (:func:`bf16_input_gemms`)
+AUTO_BF16_INPUTS = 2
+#: how :func:`auto_decisions`, the log and the timings name each choice
+AUTO_LABELS = ("float32", "bfloat16", "bfloat16 inputs")
 #: ``proj_dtype="auto"`` gives up precision only where the float32 projection of the matrix (its ``down`` and
 #: ``add_up_``) takes at least this long on this machine, measured (:meth:`Projector.decide_gemm_dtype`)
 AUTO_MIN_SECONDS = 5e-4
@@ -47,9 +55,11 @@ AUTO_MARGIN = 0.9
 AUTO_RUNS = 3
 #: the devices ``proj_dtype="auto"`` times on (elsewhere it is the parameter's dtype)
 CUDA_CPU = ("cpu", "cuda")
-#: (m, n, rank, side, dtype, device, basis_bits) -> (the choice, float32 seconds, bfloat16 seconds or None):
-#: ``proj_dtype="auto"``'s measurements, once per process and shape (:func:`auto_decisions`)
+#: (m, n, rank, side, dtype, device, basis_bits) -> (the choice, float32 seconds, the faster low-precision path's
+#: seconds or None): ``proj_dtype="auto"``'s measurements, once per process and shape (:func:`auto_decisions`)
 _AUTO_DECISIONS: dict[tuple, tuple[int, float, float | None]] = {}
+#: whether oneDNN's bfloat16 math mode takes effect for float32 GEMMs on the CPU in this process (probed once)
+_BF16_INPUTS: dict[str, bool] = {}
 #: a dense basis -> (its ``_version``, dtype, its copy in that dtype): the low-precision copy a ``proj_dtype`` GEMM
 #: reads, cast once per refresh (a refresh writes the basis in place, which bumps its version). Keyed by the
 #: tensor's identity and held weakly: derived, never part of the optimizer state or a checkpoint.
@@ -129,11 +139,64 @@ def measure_seconds(label: str, run, device: torch.device) -> float:
     return best
 
 
-def auto_decisions() -> dict[tuple, tuple[torch.dtype | None, float, float | None]]:
+def auto_decisions() -> dict[tuple, tuple[str, float, float | None]]:
     """What ``proj_dtype="auto"`` measured and chose in this process: (m, n, rank, side, dtype, device,
-    basis_bits) -> (the chosen GEMM dtype, None for the parameter's; float32 seconds; bfloat16 seconds, None
-    where the float32 path was below :data:`AUTO_MIN_SECONDS` and bfloat16 was not timed)."""
-    return {k: (AUTO_CHOICES[c], t32, tlow) for k, (c, t32, tlow) in _AUTO_DECISIONS.items()}
+    basis_bits) -> (the choice's :data:`AUTO_LABELS` name; float32 seconds; the faster low-precision path's
+    seconds, None where the float32 path was below :data:`AUTO_MIN_SECONDS` and nothing else was timed)."""
+    return {k: (AUTO_LABELS[c], t32, tlow) for k, (c, t32, tlow) in _AUTO_DECISIONS.items()}
+
+
+def _mkldnn_matmul():
+    """torch's oneDNN matmul settings, where this torch has the ``fp32_precision`` switch (torch >= 2.9), else None."""
+    settings = getattr(torch.backends.mkldnn, "matmul", None)
+    return settings if settings is not None and hasattr(settings, "fp32_precision") else None
+
+
+@contextlib.contextmanager
+def bf16_input_gemms():
+    """float32 GEMMs on the CPU inside this block run in oneDNN's bfloat16 math mode: operands rounded to
+    bfloat16 as they are packed, products accumulated and returned in float32 (``torch.backends.mkldnn.matmul
+    .fp32_precision = "bf16"``, what ``torch.set_float32_matmul_precision("medium")`` sets for the whole
+    process). The previous setting is restored on exit. The switch is process-wide: a float32 CPU matmul that
+    another Python thread runs at the same moment also takes bfloat16 inputs."""
+    settings = _mkldnn_matmul()
+    if settings is None:  # pragma: no cover - only reached through a stored decision on an older torch
+        yield
+        return
+    before = settings.fp32_precision
+    settings.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        settings.fp32_precision = before
+
+
+def bf16_inputs_available(device: torch.device) -> bool:
+    """Whether :func:`bf16_input_gemms` changes float32 GEMMs on ``device`` in this process: the CPU, a torch with
+    the switch and oneDNN, and a probe product (64 x 64, once per process) that comes out as the bfloat16-rounded
+    operands' product rather than the float32 one (oneDNN runs float32 on CPUs without bfloat16 instructions).
+
+    The probe's bound: the two candidates differ by the operands' rounding to bfloat16 (relative 2^-9 per
+    operand, about 1e-3 of the product's scale here), while two float32 accumulations of the same operands
+    differ by at most 64 roundings of 2^-24 (4e-6); 1e-4 separates them."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    known = _BF16_INPUTS.get("cpu")
+    if known is None:
+        known = False
+        if _mkldnn_matmul() is not None and torch.backends.mkldnn.is_available():
+            g = torch.Generator().manual_seed(0)
+            A, B = torch.rand(64, 64, generator=g), torch.rand(64, 64, generator=g)
+            try:
+                with bf16_input_gemms():
+                    got = A @ B
+            except RuntimeError:  # a build whose oneDNN refuses the mode
+                got = A @ B
+            rounded = A.bfloat16().float() @ B.bfloat16().float()
+            scale = float((A.abs() @ B.abs()).max())
+            known = float((got - rounded).abs().max()) < 1e-4 * scale < float((got - A @ B).abs().max())
+        _BF16_INPUTS["cpu"] = known
+    return known
 
 
 class NonFiniteGradientError(ValueError):
@@ -274,6 +337,17 @@ class Projector(Configurable):
         group = getattr(self, "group", None)  # a subclass whose __init__ keeps no group: the operands' dtype
         return None if group is None else gemm_dtype(group, state)
 
+    def bf16_inputs_for(self, state: dict) -> bool:
+        """Whether this matrix's projection GEMMs run in float32 under :func:`bf16_input_gemms` (``"auto"``'s
+        stored choice :data:`AUTO_BF16_INPUTS`)."""
+        group = getattr(self, "group", None)
+        return (
+            group is not None
+            and group.get("proj_dtype") == "auto"
+            and state.get(AUTO_KEY) == AUTO_BF16_INPUTS
+            and auto_applies(group)
+        )
+
     def decides_gemm_dtype(self) -> bool:
         """Whether ``proj_dtype="auto"`` records a decision for this matrix (:meth:`decide_gemm_dtype`): the group
         sets it and the basis is a stored dense matrix (:attr:`dense_basis`; a regenerated or phase-switching
@@ -290,12 +364,15 @@ class Projector(Configurable):
 
         Otherwise timed once per process for each (m, n, rank, side, dtype, device, basis_bits), on the basis
         just computed: the float32 path (``down`` then ``add_up_`` into a scratch copy of G, as the step runs
-        them), and where it is not below the floor (next), the bfloat16 path, then each once more (alternating
-        blocks of :data:`AUTO_RUNS` runs, :func:`measure_seconds`); each path's best run counts.
+        them), and where it is not below the floor (next), the bfloat16 path and, on a CPU where oneDNN's
+        bfloat16 math mode takes effect (:func:`bf16_inputs_available`), the float32 path under it, then each
+        once more (alternating blocks of :data:`AUTO_RUNS` runs, :func:`measure_seconds`); each path's best run
+        counts.
 
         The policy: precision is given up only where the float32 projection of the matrix takes at least
-        :data:`AUTO_MIN_SECONDS` (0.5 ms) on this machine, measured, and bfloat16 takes at most
-        :data:`AUTO_MARGIN` (90 %) of that time. Why 0.5 ms: below it a 10 % margin is under 50 µs, which the
+        :data:`AUTO_MIN_SECONDS` (0.5 ms) on this machine, measured, and the faster low-precision path takes at
+        most :data:`AUTO_MARGIN` (90 %) of that time; between the two, bfloat16 inputs win ties (their product
+        is not rounded to bfloat16). Why 0.5 ms: below it a 10 % margin is under 50 µs, which the
         jitter of a loaded machine reaches, so the choice would not reproduce from run to run; and small
         matrices (unit tests, small models; 256 x 256 at rank 64 takes 0.13 ms on one core of a current x86
         CPU) keep the parameter's dtype bit for bit on any CPU. No machine constant is involved: a CPU without
@@ -311,18 +388,30 @@ class Projector(Configurable):
             return known[0]
         W = G.clone()  # a scratch weight: the timed runs write into it
 
-        def path(low: torch.dtype | None):
-            return lambda: self._add_up(W, self._down(G, state, low), state, 1e-3, low)
+        def path(code: int):
+            low = AUTO_CHOICES[code] if code != AUTO_BF16_INPUTS else None
 
-        fp32 = measure_seconds("float32", path(None), G.device)
+            def run():
+                with bf16_input_gemms() if code == AUTO_BF16_INPUTS else contextlib.nullcontext():
+                    self._add_up(W, self._down(G, state, low), state, 1e-3, low)
+
+            return run
+
+        fp32 = measure_seconds(AUTO_LABELS[0], path(0), G.device)
         low_time = None
         code = 0
         if fp32 >= AUTO_MIN_SECONDS:
-            # two alternating blocks of runs: a stretch of contention on a shared machine then slows both paths
-            low_time = measure_seconds("bfloat16", path(torch.bfloat16), G.device)
-            fp32 = min(fp32, measure_seconds("float32", path(None), G.device))
-            low_time = min(low_time, measure_seconds("bfloat16", path(torch.bfloat16), G.device))
-            code = 1 if fp32 >= AUTO_MIN_SECONDS and low_time <= AUTO_MARGIN * fp32 else 0
+            # two alternating blocks of runs: a stretch of contention on a shared machine then slows every path
+            lows = (1, AUTO_BF16_INPUTS) if bf16_inputs_available(G.device) else (1,)
+            best = {c: float("inf") for c in (0, *lows)}
+            best[0] = fp32
+            for block in range(2):
+                for c in lows if block == 0 else (0, *lows):
+                    best[c] = min(best[c], measure_seconds(AUTO_LABELS[c], path(c), G.device))
+            fp32 = best[0]
+            low_code = min(reversed(lows), key=best.__getitem__)  # a tie goes to bfloat16 inputs
+            low_time = best[low_code]
+            code = low_code if fp32 >= AUTO_MIN_SECONDS and low_time <= AUTO_MARGIN * fp32 else 0
         code = agree_across_ranks(code, G.device)  # data-parallel replicas must round alike: rank 0 decides
         if code == 0:  # the timed runs cached a bfloat16 copy of the basis that nothing will read
             for basis in ("proj", "proj_left", "proj_right"):
@@ -330,7 +419,7 @@ class Projector(Configurable):
                     _GEMM_BASES.pop(state[basis], None)
         _AUTO_DECISIONS[key] = (code, fp32, low_time)
         log.info(
-            "gradproj: proj_dtype='auto' for %dx%d rank %d (%s, %s on %s): float32 %.3f ms, bfloat16 %s -> %s",
+            "gradproj: proj_dtype='auto' for %dx%d rank %d (%s, %s on %s): float32 %.3f ms, low precision %s -> %s",
             self.m,
             self.n,
             self.rank,
@@ -339,7 +428,7 @@ class Projector(Configurable):
             G.device,
             fp32 * 1e3,
             "not timed" if low_time is None else f"{low_time * 1e3:.3f} ms",
-            AUTO_CHOICES[code] or "the parameter's dtype",
+            AUTO_LABELS[code] if code else "the parameter's dtype",
         )
         return code
 
@@ -552,6 +641,9 @@ class Projector(Configurable):
     # With ``proj_dtype`` the GEMM runs in that dtype (both operands cast, the basis once per refresh; torch
     # accumulates in float32 and rounds the product to that dtype), and its result returns to the dtype of G / X.
     def down(self, G: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.bf16_inputs_for(state):
+            with bf16_input_gemms():
+                return self._down(G, state, None)
         return self._down(G, state, self.gemm_dtype_for(state))
 
     def _down(self, G: torch.Tensor, state: dict, low: torch.dtype | None) -> torch.Tensor:
@@ -569,9 +661,16 @@ class Projector(Configurable):
         return dense_down(G, self.basis_tensor(state, "proj", G.dtype), self.side)
 
     def up(self, X: torch.Tensor, state: dict) -> torch.Tensor:
+        if self.bf16_inputs_for(state):
+            with bf16_input_gemms():
+                return self._up_plain(X, state)
         low = self.gemm_dtype_for(state)
         if low is not None and low != X.dtype:
             return self._up_low(X.to(low), state, low).to(X.dtype)
+        return self._up_plain(X, state)
+
+    def _up_plain(self, X: torch.Tensor, state: dict) -> torch.Tensor:
+        """``B(X)`` with the GEMMs in X's dtype."""
         if self.side == "right":
             return X @ self.basis_tensor(state, "proj", X.dtype)
         if self.side == "left":
@@ -590,6 +689,10 @@ class Projector(Configurable):
         """``W += alpha · B(X)`` in place, as one fused GEMM where the layout allows it (with a low-precision
         ``proj_dtype``: the GEMM in that dtype, then one add into W, since torch 2.13 has no mixed-dtype
         ``addmm_`` and no ``out_dtype`` GEMM on the CPU)."""
+        if self.bf16_inputs_for(state):
+            with bf16_input_gemms():
+                self._add_up(W, X, state, alpha, None)
+            return
         self._add_up(W, X, state, alpha, self.gemm_dtype_for(state))
 
     def _add_up(self, W: torch.Tensor, X: torch.Tensor, state: dict, alpha: float, low: torch.dtype | None) -> None:
