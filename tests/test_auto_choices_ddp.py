@@ -21,7 +21,7 @@ def _scripted_timer(rank):
     # rank 0: bfloat16 twice as fast (chooses it); rank 1: bfloat16 slower (would keep float32)
     seconds = {"float32": 2e-3, "bfloat16": 1e-3 if rank == 0 else 3e-3}
 
-    def timer(label, run, device):
+    def timer(label, run, device, repeats=1):
         run()
         return seconds[label]
 

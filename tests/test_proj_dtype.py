@@ -1,6 +1,6 @@
 """Group option ``proj_dtype``: the projection GEMMs down (R = PᵀG, G Pᵀ) and up (P X, X P) in bfloat16 / float16,
 and ``"auto"`` (the default), which decides per matrix by timing both paths (the decision logic is tested with a
-scripted timer, so the tests do not depend on the CPU; the real timer only where the policy's 0.5 ms floor
+scripted timer, so the tests do not depend on the CPU; the real timer only where the policy's 0.1 ms floor
 fixes the outcome, on matrices timed in microseconds, or where either outcome is accepted).
 
 Error bound (elementwise, for one GEMM C = A B with inner dimension k, A and B float32, C rounded back):
@@ -226,7 +226,7 @@ class FakeTimer:
     def __init__(self, seconds: dict):
         self.seconds, self.calls = seconds, []
 
-    def __call__(self, label, run, device):
+    def __call__(self, label, run, device, repeats=1):
         run()
         answer = self.seconds[label]
         if isinstance(answer, list):  # one answer per call of that label
@@ -387,6 +387,32 @@ def test_cuda_timing_synchronizes_around_each_run(monkeypatch):
     events.clear()
     base.measure_seconds("float32", lambda: events.append("run"), torch.device("cpu"))
     assert events == ["run"] * (AUTO_RUNS + 1)  # no synchronize on the CPU
+    events.clear()
+    base.measure_seconds("float32", lambda: events.append("run"), torch.device("cuda", 0), repeats=3)
+    run_then_sync = ["run", ("sync", torch.device("cuda", 0))]
+    assert events == run_then_sync + (["run"] * 3 + run_then_sync[1:]) * AUTO_RUNS  # one sync per timed run
+
+
+def test_the_comparison_repeats_each_path_to_about_a_millisecond(monkeypatch, bf16_inputs):
+    """A float32 path of 0.2 ms is timed again, with every other path, in runs of ceil(1 ms / 0.2 ms) = 5 calls;
+    one of 0.01 ms (below the floor) is not compared at all."""
+    for first, repeats in ((2e-4, 5), (2e-5, None)):
+        monkeypatch.setattr(base, "_AUTO_DECISIONS", {})
+        seen = []
+
+        def timer(label, run, device, repeats=1):
+            seen.append((label, repeats))
+            return first if label == "float32" else first / 2
+
+        monkeypatch.setattr(base, "measure_seconds", timer)
+        W, opt = setup((48, 80), "left", "auto")
+        opt.step()
+        if repeats is None:
+            assert seen == [("float32", 1)] and opt.state[W][AUTO_KEY] == 0
+        else:
+            labels = [("bfloat16", repeats), ("bfloat16 inputs", repeats)]
+            assert seen == [("float32", 1), *labels, ("float32", repeats), *labels]
+            assert opt.state[W][AUTO_KEY] == base.AUTO_BF16_INPUTS
 
 
 def test_a_stored_decision_is_honoured_on_resume_bit_for_bit(monkeypatch):

@@ -128,9 +128,10 @@ OPTIMIZER_OPTIONS: tuple[Option, ...] = (
     Option(
         "proj_dtype",
         "auto",
-        "dtype of the projection GEMMs `down` and `up`: `auto` (bfloat16 for a float32 matrix only where its "
-        "projections take ≥ 0.5 ms and bfloat16 measures ≥ 10 % faster on this machine; decided once, kept in the "
-        "state), None (the parameter's), `bfloat16`, `float16`",
+        "dtype of the projection GEMMs `down` and `up`: `auto` (bfloat16, or on a CPU with bfloat16 instructions "
+        "float32 GEMMs with bfloat16 inputs, for a float32 matrix only where its projections take ≥ 0.1 ms and that "
+        "measures ≥ 10 % faster on this machine; decided once, kept in the state), None (the parameter's), "
+        "`bfloat16`, `float16`",
         _proj_dtype,
     ),
     Option("stochastic_rounding", False, "round bf16 weights stochastically after each update", boolean),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import warnings
 from typing import ClassVar
@@ -48,11 +49,15 @@ AUTO_BF16_INPUTS = 2
 AUTO_LABELS = ("float32", "bfloat16", "bfloat16 inputs")
 #: ``proj_dtype="auto"`` gives up precision only where the float32 projection of the matrix (its ``down`` and
 #: ``add_up_``) takes at least this long on this machine, measured (:meth:`Projector.decide_gemm_dtype`)
-AUTO_MIN_SECONDS = 5e-4
-#: ... and only where the bfloat16 path is measurably faster: at most this fraction of the float32 path's time
+AUTO_MIN_SECONDS = 1e-4
+#: ... and only where a low-precision path is measurably faster: at most this fraction of the float32 path's time
 AUTO_MARGIN = 0.9
 #: timed runs of each path (after one warm-up run); the best one counts
 AUTO_RUNS = 3
+#: each timed run of the comparison repeats its path until it lasts about this long (at most
+#: :data:`AUTO_MAX_REPEATS` calls), so that a 10 % margin is ~100 µs of measured time whatever the matrix's size
+AUTO_RUN_SECONDS = 1e-3
+AUTO_MAX_REPEATS = 16
 #: the devices ``proj_dtype="auto"`` times on (elsewhere it is the parameter's dtype)
 CUDA_CPU = ("cpu", "cuda")
 #: (m, n, rank, side, dtype, device, basis_bits) -> (the choice, float32 seconds, the faster low-precision path's
@@ -123,19 +128,20 @@ def gemm_dtype(group: dict, state: dict) -> torch.dtype | None:
     return PROJ_DTYPES.get(value)
 
 
-def measure_seconds(label: str, run, device: torch.device) -> float:
-    """The best of :data:`AUTO_RUNS` timed calls of ``run`` (after one untimed warm-up call, which also pays
-    first-call costs such as the cast of the low-precision basis), synchronizing a CUDA device around each.
-    ``label`` names the path (``"float32"``, ``"bfloat16"``)."""
+def measure_seconds(label: str, run, device: torch.device, repeats: int = 1) -> float:
+    """Seconds per call of ``run``: the best of :data:`AUTO_RUNS` timed runs of ``repeats`` calls each (after one
+    untimed warm-up call, which also pays first-call costs such as the cast of the low-precision basis),
+    synchronizing a CUDA device around each run. ``label`` names the path (:data:`AUTO_LABELS`)."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     run()
     sync()
     best = float("inf")
     for _ in range(AUTO_RUNS):
         start = time.perf_counter()
-        run()
+        for _ in range(repeats):
+            run()
         sync()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, (time.perf_counter() - start) / repeats)
     return best
 
 
@@ -366,17 +372,17 @@ class Projector(Configurable):
         just computed: the float32 path (``down`` then ``add_up_`` into a scratch copy of G, as the step runs
         them), and where it is not below the floor (next), the bfloat16 path and, on a CPU where oneDNN's
         bfloat16 math mode takes effect (:func:`bf16_inputs_available`), the float32 path under it, then each
-        once more (alternating blocks of :data:`AUTO_RUNS` runs, :func:`measure_seconds`); each path's best run
-        counts.
+        once more (alternating blocks of :data:`AUTO_RUNS` runs, :func:`measure_seconds`, each run repeating its
+        path for about :data:`AUTO_RUN_SECONDS`); each path's best counts.
 
         The policy: precision is given up only where the float32 projection of the matrix takes at least
-        :data:`AUTO_MIN_SECONDS` (0.5 ms) on this machine, measured, and the faster low-precision path takes at
+        :data:`AUTO_MIN_SECONDS` (0.1 ms) on this machine, measured, and the faster low-precision path takes at
         most :data:`AUTO_MARGIN` (90 %) of that time; between the two, bfloat16 inputs win ties (their product
-        is not rounded to bfloat16). Why 0.5 ms: below it a 10 % margin is under 50 µs, which the
-        jitter of a loaded machine reaches, so the choice would not reproduce from run to run; and small
-        matrices (unit tests, small models; 256 x 256 at rank 64 takes 0.13 ms on one core of a current x86
-        CPU) keep the parameter's dtype bit for bit on any CPU. No machine constant is involved: a CPU without
-        fast bfloat16 (no AVX-512-BF16 / AMX) measures it slower and keeps float32.
+        is not rounded to bfloat16). The repeats make a 10 % margin ~100 µs of measured time, above the jitter
+        of a loaded machine, so the choice reproduces from run to run; the floor keeps the projections that
+        cost next to nothing (unit tests, the ``tiny`` model: a 48 x 80 matrix at rank 8 takes ~5 µs) in the
+        parameter's dtype bit for bit on any CPU. No machine constant is involved: a CPU without fast bfloat16
+        (no AVX-512-BF16 / AMX) measures it slower and keeps float32.
         """
         cls = type(self)
         own_gemms = cls.down is Projector.down and cls.add_up_ is Projector.add_up_  # not FSDP2's sharded ones
@@ -403,11 +409,12 @@ class Projector(Configurable):
         if fp32 >= AUTO_MIN_SECONDS:
             # two alternating blocks of runs: a stretch of contention on a shared machine then slows every path
             lows = (1, AUTO_BF16_INPUTS) if bf16_inputs_available(G.device) else (1,)
+            repeats = max(1, min(AUTO_MAX_REPEATS, math.ceil(AUTO_RUN_SECONDS / fp32)))
             best = {c: float("inf") for c in (0, *lows)}
             best[0] = fp32
             for block in range(2):
                 for c in lows if block == 0 else (0, *lows):
-                    best[c] = min(best[c], measure_seconds(AUTO_LABELS[c], path(c), G.device))
+                    best[c] = min(best[c], measure_seconds(AUTO_LABELS[c], path(c), G.device, repeats))
             fp32 = best[0]
             low_code = min(reversed(lows), key=best.__getitem__)  # a tie goes to bfloat16 inputs
             low_time = best[low_code]
