@@ -88,6 +88,54 @@ def test_down_up_and_add_up_within_the_derived_bound(shape, proj_type, dtype_nam
     assert ((W1.double() - ref).abs() <= abs(alpha) * bound + slack).all()
 
 
+def bf16_inputs_bound(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The module docstring's bound for a float32 GEMM in oneDNN's bfloat16 math mode: the operands rounded to
+    bfloat16 (u = 2^-8 each) and a float32 accumulation, with no final rounding to bfloat16 (the result is
+    float32): (2u + u² + 1.01·k·2^-24·(1+u)²)·(|A||B|), plus 2^-24·|C| for the float32 result."""
+    k, u = A.shape[1], U[torch.bfloat16]
+    c = 2 * u + u**2 + 1.01 * k * U32 * (1 + u) ** 2 + U32 * (1 + u) ** 2
+    return c * (A.double().abs() @ B.double().abs())
+
+
+@pytest.mark.parametrize("shape, proj_type", [((48, 80), "left"), ((80, 48), "right")])
+def test_bfloat16_inputs_are_within_their_bound_and_tighter_than_bfloat16(monkeypatch, bf16_inputs, shape, proj_type):
+    """A matrix whose stored decision is bfloat16 inputs: down, up and add_up_ within the bound above on any CPU
+    (where the mode is not in effect the GEMMs are float32, inside it too); wherever the probe finds the mode in
+    effect, the products are those of the bfloat16-rounded operands, unrounded: closer to them than the
+    bfloat16 path's rounded product can be in general (checked: R differs from the rounded product)."""
+    monkeypatch.setattr(
+        base, "measure_seconds", FakeTimer({"float32": 2e-3, "bfloat16": 1e-3, "bfloat16 inputs": 0.5e-3})
+    )
+    W, opt = setup(shape, proj_type, "auto", projector="svd")
+    opt.step()
+    state = opt.state[W]
+    assert state[AUTO_KEY] == base.AUTO_BF16_INPUTS
+    proj = opt.engine.plan(W, opt.param_groups[0]).projector
+    P = state["proj"]
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    R = proj.down(G, state)
+    A, B = (P.t(), G) if proj.side == "left" else (G, P.t())
+    assert R.dtype == torch.float32 and R.is_contiguous()
+    assert ((R.double() - A.double() @ B.double()).abs() <= bf16_inputs_bound(A, B)).all()
+    monkeypatch.setattr(base, "_BF16_INPUTS", {})  # the real probe: is the mode in effect on this CPU?
+    if base.bf16_inputs_available(torch.device("cpu")):
+        lowered = A.bfloat16().double() @ B.bfloat16().double()
+        k = A.shape[1]
+        accumulation = 1.01 * (k + 1) * U32 * (A.bfloat16().double().abs() @ B.bfloat16().double().abs())
+        assert ((R.double() - lowered).abs() <= accumulation).all()
+        assert not torch.equal(R, lowered.float().bfloat16().float())
+    X = torch.randn(R.shape, generator=torch.Generator().manual_seed(6))
+    A, B = (P, X) if proj.side == "left" else (X, P)
+    exact = A.double() @ B.double()
+    assert ((proj.up(X, state).double() - exact).abs() <= bf16_inputs_bound(A, B)).all()
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    W1, alpha = W0.clone(), -0.3
+    proj.add_up_(W1, X, state, alpha)
+    ref = W0.double() + alpha * exact
+    slack = 1.01 * U32 * ref.abs()  # the float32 rounding of the sum
+    assert ((W1.double() - ref).abs() <= abs(alpha) * bf16_inputs_bound(A, B) + slack).all()
+
+
 def test_the_optimizer_step_runs_both_gemms_in_bfloat16():
     """One step from a stored basis, against the same step written out with explicit bfloat16 GEMMs."""
     W, opt = setup((80, 48), "right", "bfloat16")
@@ -345,7 +393,11 @@ def test_bfloat16_inputs_decided_by_the_timings_and_run_as_float32_gemms_in_the_
             assert opt.state[W][AUTO_KEY] == code
         labels = ["bfloat16", "bfloat16 inputs"]
         assert timer.calls[:6] == ["float32", *labels, "float32", *labels]
-    assert base.auto_decisions()[(48, 64, 8, "full", torch.float32, torch.device("cpu"), None)] == ("float32", 2e-3, 1.85e-3)
+    assert base.auto_decisions()[(48, 64, 8, "full", torch.float32, torch.device("cpu"), None)] == (
+        "float32",
+        2e-3,
+        1.85e-3,
+    )
 
 
 def test_the_math_mode_switch_is_restored_on_error_and_keeps_a_user_setting():
