@@ -43,10 +43,10 @@ def speed(name: str, repeats: int) -> dict:
     measuring = [0.0]
     timer = base.measure_seconds
 
-    def timed(label, run, device):  # the wall time of auto's own measurements
+    def timed(label, run, device, repeats=1):  # the wall time of auto's own measurements
         t0 = time.perf_counter()
         try:
-            return timer(label, run, device)
+            return timer(label, run, device, repeats)
         finally:
             measuring[0] += time.perf_counter() - t0
 
@@ -66,17 +66,24 @@ def speed(name: str, repeats: int) -> dict:
         side = "right" if m >= n else "left"
         key = (m, n, rank, side, p.dtype, p.device, None)
         _, fp32, low = base.auto_decisions()[key]
-        picked[(m, n, side)] = (base.AUTO_CHOICES[code], fp32, low)
+        picked[(m, n, side)] = (base.AUTO_LABELS[code], fp32, low)
     first = opts["step None"]
     bases = [first.state[p]["proj"] for p in mats]
     sides = ["right" if p.shape[0] >= p.shape[1] else "left" for p in mats]
 
     class Gemms:
-        def __init__(self, dtype):
-            self.dtype = dtype
+        def __init__(self, dtype, inputs=False):
+            self.dtype, self.inputs = dtype, inputs
             self.bases = [P.to(dtype) for P in bases]  # cast once, as proj_dtype caches it per refresh
 
         def step(self):
+            if self.inputs:  # float32 GEMMs in oneDNN's bfloat16 math mode, as auto's "bfloat16 inputs" runs them
+                with base.bf16_input_gemms():
+                    self._step()
+            else:
+                self._step()
+
+        def _step(self):
             for p, P, side in zip(mats, self.bases, sides):
                 R = dense_down(p.grad.to(self.dtype), P, side).float()
                 if self.dtype == torch.float32:  # the float32 path's fused GEMM into W
@@ -86,6 +93,8 @@ def speed(name: str, repeats: int) -> dict:
                     p.data.add_(B, alpha=-1e-6)
 
     opts["GEMMs float32"], opts["GEMMs bfloat16"] = Gemms(torch.float32), Gemms(torch.bfloat16)
+    if base.bf16_inputs_available(torch.device("cpu")):
+        opts["GEMMs bfloat16 inputs"] = Gemms(torch.float32, inputs=True)
     names = list(opts)
     times: dict[str, list[float]] = {k: [] for k in names}
     for i in range(repeats):
@@ -113,17 +122,18 @@ def main() -> None:
     if args.speed:
         rows = [speed(name, args.repeats) for name in args.models]
         print("| model | rank | GaLoreAdamW regular step ms: None / bfloat16 / auto | bfloat16 / None | auto / None "
-              "| GEMMs alone ms: float32 / bfloat16 | bfloat16 / float32 |")
-        print("|---|---|---|---|---|---|---|")
+              "| GEMMs alone ms: float32 / bfloat16 / bfloat16 inputs | bfloat16 / float32 | bfloat16 inputs / float32 |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             a, b, c = r["step None"], r["step bfloat16"], r["step auto"]
-            d, e = r["GEMMs float32"], r["GEMMs bfloat16"]
+            d, e, f = r["GEMMs float32"], r["GEMMs bfloat16"], r.get("GEMMs bfloat16 inputs")
+            fs, fr = ("-", "-") if f is None else (f"{f * 1e3:.1f}", f"{f / d:.2f}x")
             print(f"| {r['model']} | {r['rank']} | {a * 1e3:.1f} / {b * 1e3:.1f} / {c * 1e3:.1f} | {b / a:.2f}x "
-                  f"| {c / a:.2f}x | {d * 1e3:.1f} / {e * 1e3:.1f} | {e / d:.2f}x |")
+                  f"| {c / a:.2f}x | {d * 1e3:.1f} / {e * 1e3:.1f} / {fs} | {e / d:.2f}x | {fr} |")
         print()
         print("What auto measured (best of its runs, down + add_up_ of one matrix) and chose; its measurements' "
               "time, once per shape and process:\n")
-        print("| model | matrix (side) | float32 ms | bfloat16 ms | bfloat16 / float32 | auto chose "
+        print("| model | matrix (side) | float32 ms | faster low-precision path ms | / float32 | auto chose "
               "| measuring, whole model ms |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
@@ -132,10 +142,12 @@ def main() -> None:
                 ratio = "-" if low is None else f"{low / fp32:.2f}x"
                 cost = f"{r['measuring'] * 1e3:.0f}" if i == 0 else ""
                 print(f"| {r['model']} | {m}x{n} ({side}) | {fp32 * 1e3:.2f} | {lows} | {ratio} "
-                      f"| {'bfloat16' if dt else 'float32'} | {cost} |")
+                      f"| {dt} | {cost} |")
         print()
     if args.quality:
         names = ["GaLoreAdamW", "GaLoreAdamW-bf16proj"]
+        if base.bf16_inputs_available(torch.device("cpu")):
+            names.append("GaLoreAdamW-bf16inputs")
         finals: dict[str, list[float]] = {n: [] for n in names}
         for seed in args.seeds:
             q = argparse.Namespace(**{**vars(args), "seed": seed, "optimizers": names, "rank": args.hidden // 4,
@@ -144,14 +156,17 @@ def main() -> None:
                                       "eval_batches": 4, "data_bytes": 4_000_000})
             for row in quality.run(q)["rows"]:
                 finals[row["optimizer"]].append(row["val_loss"])
-        print("| seed | " + " | ".join(f"{n} val loss" for n in names) + " | bf16 − fp32 |")
-        print("|---|---|---|---|")
+        low = names[1:]
+        print("| seed | " + " | ".join(f"{n} val loss" for n in names) + " | "
+              + " | ".join(f"{n[len('GaLoreAdamW-'):]} − fp32" for n in low) + " |")
+        print("|---" * (len(names) + len(low) + 1) + "|")
         for i, seed in enumerate(args.seeds):
-            a, b = (finals[n][i] for n in names)
-            print(f"| {seed} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+            a = finals[names[0]][i]
+            print(f"| {seed} | " + " | ".join(f"{finals[n][i]:.4f}" for n in names) + " | "
+                  + " | ".join(f"{finals[n][i] - a:+.4f}" for n in low) + " |")
         cells = [f"{statistics.fmean(v):.4f} ± {(max(v) - min(v)) / 2:.4f}" for v in finals.values()]
-        diffs = [b - a for a, b in zip(*finals.values())]
-        print(f"| mean ± half-range | {cells[0]} | {cells[1]} | {statistics.fmean(diffs):+.4f} |")
+        diffs = [statistics.fmean(b - a for a, b in zip(finals[names[0]], finals[n])) for n in low]
+        print("| mean ± half-range | " + " | ".join(cells) + " | " + " | ".join(f"{d:+.4f}" for d in diffs) + " |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def make_model(args):
 
 
 OPTIMIZERS = ("AdamW", "GaLoreAdamW", "FiraAdamW", "FrugalAdamW", "AdamW-lr-split", "GaLoreAdamW-int8", "GaLoreAdamW-int4",
-              "GaLoreAdamW-bf16proj")
+              "GaLoreAdamW-bf16proj", "GaLoreAdamW-bf16inputs")
 DEFAULT_OPTIMIZERS = OPTIMIZERS[:4]
 
 
@@ -56,6 +56,17 @@ def make_optimizer(name: str, model, args):
     if name == "GaLoreAdamW-bf16proj":  # GaLore with its projection GEMMs in bfloat16 (proj_dtype)
         groups = gradproj.param_groups(model, scale=args.scale, proj_dtype="bfloat16", **proj)
         return gradproj.GaLoreAdamW(groups, lr=args.lr_galore), args.lr_galore
+    if name == "GaLoreAdamW-bf16inputs":  # proj_dtype="auto"'s third choice, stored as if it had been measured
+        from gradproj.projectors import base
+
+        if not base.bf16_inputs_available(torch.device("cpu")):
+            raise SystemExit("GaLoreAdamW-bf16inputs: oneDNN's bfloat16 math mode is not in effect on this CPU")
+        opt = gradproj.GaLoreAdamW(gradproj.param_groups(model, scale=args.scale, **proj), lr=args.lr_galore)
+        for group in opt.param_groups:
+            if group.get("rank"):
+                for p in group["params"]:
+                    opt.state[p][base.AUTO_KEY] = base.AUTO_BF16_INPUTS  # kept: auto decides only where it is absent
+        return opt, args.lr_galore
     if name == "GaLoreAdamW":
         return gradproj.GaLoreAdamW(gradproj.param_groups(model, scale=args.scale, **proj), lr=args.lr_galore), args.lr_galore
     if name == "FiraAdamW":
