@@ -180,3 +180,12 @@ def test_a_non_finite_float32_ritz_solve_falls_back_to_float64(monkeypatch):
     values, vectors = top_eigenvectors(C, 2, torch.float32)
     torch.testing.assert_close(values, torch.tensor([3.0, 2.0]))
     torch.testing.assert_close(vectors, torch.eye(3)[:, :2])
+
+
+def test_the_bfloat16_copy_of_g_reuses_the_projection_buffer_in_g_s_layout():
+    G = torch.randn(30, 50, generator=torch.Generator().manual_seed(0))
+    for A in (G, G.t()):  # a right basis decomposes G, a left one Gᵀ (a transposed view)
+        low = rsvd_module.low_copy(A, torch.bfloat16)
+        assert torch.equal(low, A.to(torch.bfloat16)) and low.stride() == A.stride()
+        again = rsvd_module.low_copy(A * 2, torch.bfloat16)
+        assert again.data_ptr() == low.data_ptr() and torch.equal(again, (A * 2).to(torch.bfloat16))
