@@ -11,7 +11,7 @@ import torch
 
 from gradproj.projectors import get_projector, randomized_svd
 from gradproj.projectors.base import AUTO_KEY
-from gradproj.projectors.linalg import extend_orthonormal, orthonormalize, top_eigenvectors
+from gradproj.projectors.linalg import extend_orthonormal, in_safe_range, orthonormalize, top_eigenvectors
 
 # the module (the package exports the function under the module's name)
 rsvd_module = importlib.import_module("gradproj.projectors.randomized_svd")
@@ -189,3 +189,12 @@ def test_the_bfloat16_copy_of_g_reuses_the_projection_buffer_in_g_s_layout():
         assert torch.equal(low, A.to(torch.bfloat16)) and low.stride() == A.stride()
         again = rsvd_module.low_copy(A * 2, torch.bfloat16)
         assert again.data_ptr() == low.data_ptr() and torch.equal(again, (A * 2).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0**40, 2.0**-40])  # in range (used as is), above and below it (rescaled)
+def test_in_safe_range_reads_a_transposed_view_like_its_contiguous_copy(scale):
+    G = torch.randn(20, 30, generator=torch.Generator().manual_seed(0)) * scale
+    A = G.t()  # what a left basis decomposes
+    out, ref = in_safe_range(A), in_safe_range(A.contiguous())
+    assert torch.equal(out, ref)
+    assert (out is A) == (scale == 1.0)  # no copy where no rescaling is needed

@@ -107,7 +107,11 @@ def in_safe_range(G: torch.Tensor) -> torch.Tensor:
     :func:`unit_scaled`. Either way the vectors are the same up to the decomposition's rounding.
     """
     A = G.float()
-    lo, hi = torch.aminmax(A)  # one reduction over G, no temporary the size of G
+    # one reduction over G, no temporary the size of G: over a transposed view (a left basis decomposes Gᵀ) torch's
+    # aminmax first copies it to contiguous memory (9 ms against 0.9 ms for a 1024 x 2736 G, 1 thread), so the
+    # reduction, which does not depend on the layout, runs over the contiguous transpose instead
+    flat = A.t() if not A.is_contiguous() and A.t().is_contiguous() else A
+    lo, hi = torch.aminmax(flat)
     a = float(torch.maximum(lo.abs(), hi.abs()))
     if 2.0**-SAFE_LOG2 <= a <= 2.0**SAFE_LOG2:
         return A

@@ -106,13 +106,15 @@ def randomized_svd(
     del low
     Y = A @ Z
     _, W = top_eigenvectors(Y.t() @ Y, rank, solve_dtype)
-    V = Z @ W  # n x rank, orthonormal
-    idx = V.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(V.gather(0, idx))
+    # Vh = (Z W)ᵀ, rank x n, orthonormal rows, formed row-major: the sign search then runs along rows and no
+    # transposed copy is made
+    Vh = W.t() @ Z.t()
+    idx = Vh.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(Vh.gather(1, idx))
     signs[signs == 0] = 1
-    V = V * signs
-    U = orthonormalize(Y @ (W * signs)) if left else None  # A V = U S: QR with R >= 0 pairs U with V
-    return U, V.t().contiguous()
+    Vh = Vh * signs
+    U = orthonormalize(Y @ (W * signs.t())) if left else None  # A V = U S: QR with R >= 0 pairs U with V
+    return U, Vh
 
 
 class RandomizedSVDProjector(Projector):
