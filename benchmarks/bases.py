@@ -13,8 +13,13 @@ Three parts (``--parts``, default all):
   subspace, per recorded step (randomized SVD also warm-started from its basis at the previous record).
 * ``training``: the same small LLaMA trained with GaLoreAdamW and each basis (and moment rule) for the
   same steps on the same batches; held-out loss at the end.
+* ``warm``: one warm ``randomized_svd`` refresh (the default basis's regular refresh, q = 1) per decoder-block
+  shape of ``--warm-models`` at rank hidden/4, as ``RandomizedSVDProjector`` calls it: with its power iteration's
+  G Z in float32 and in the dtype ``proj_dtype="auto"`` chose for the matrix (decided by timing, as in training),
+  side by side in rotated rounds with ``--baseline REF``'s ``randomized_svd`` (the function at that git commit),
+  process CPU time; and the energy each captures relative to the exact top-r subspace.
 
-    PYTHONPATH=. python benchmarks/bases.py [--parts refresh energy training] [--device cuda]
+    PYTHONPATH=. python benchmarks/bases.py [--parts refresh energy training warm] [--device cuda]
         [--models llama_1b llama_7b] [--steps 150] [--json out.json] [--plot docs/bases_training.png]
 """
 
@@ -26,14 +31,19 @@ import json
 import logging
 import math
 import statistics
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import gradproj
 from common import LLAMA, byte_llama, machine, median_time, stdlib_bytes, sync
-from gradproj.projectors import get_projector
+from gradproj.projectors import get_projector, randomized_svd
+from gradproj.projectors.base import AUTO_CHOICES, AUTO_KEY
 from refresh_stall import EighFP32Projector  # noqa: F401  (registers the "eigh_fp32" basis)
 
 #: GaLore's ranks for the large configurations
@@ -135,6 +145,13 @@ def record_gradients(args, data):
     return records
 
 
+WARM = "randomized_svd q=1 warm"
+#: the randomized SVD with its power iteration's G Z in bfloat16 (what a matrix whose proj_dtype="auto" chose
+#: bfloat16 gets: the decision stored in the state)
+LOW = "randomized_svd q=1, bfloat16 G Z"
+LOW_OPTIONS = {"rsvd_power_iters": 1, "proj_dtype": "auto"}
+
+
 def energy_part(args, data):
     records = record_gradients(args, data)
     steps = sorted(records)
@@ -147,7 +164,8 @@ def energy_part(args, data):
     ratios = {}
     for rank in args.rec_ranks:
         per_rank = {label: [] for label, _, _ in bases}
-        per_rank["randomized_svd q=1 warm"] = []
+        for label in (WARM, LOW, LOW + " warm"):
+            per_rank[label] = []
         warm_states = {}
         for step in steps:
             for name, G in records[step].items():
@@ -155,11 +173,17 @@ def energy_part(args, data):
                 for label, proj_name, opts in bases:
                     proj, state, _ = refresh_once(proj_name, opts, G, rank, step=step)
                     per_rank[label].append(captured_energy(G, proj, state) / best)
+                # the power iteration's G Z in bfloat16, as where proj_dtype="auto" chose bfloat16 for the matrix
+                proj, state, _ = refresh_once("randomized_svd", LOW_OPTIONS, G, rank, warm_state={AUTO_KEY: 1}, step=step)
+                per_rank[LOW].append(captured_energy(G, proj, state) / best)
                 # warm start from this matrix's basis at the previous record
                 prev = warm_states.get(name)
                 proj, state, _ = refresh_once("randomized_svd", {"rsvd_power_iters": 1}, G, rank, warm_state=prev, step=step)
                 if prev is not None:
-                    per_rank["randomized_svd q=1 warm"].append(captured_energy(G, proj, state) / best)
+                    per_rank[WARM].append(captured_energy(G, proj, state) / best)
+                    proj, low_state, _ = refresh_once("randomized_svd", LOW_OPTIONS, G, rank,
+                                                      warm_state={**prev, AUTO_KEY: 1}, step=step)
+                    per_rank[LOW + " warm"].append(captured_energy(G, proj, low_state) / best)
                 warm_states[name] = state
         ratios[rank] = per_rank
     # the normalised spectrum profile of the recorded gradients (resampled to the longest)
@@ -239,10 +263,82 @@ def stress_part(args):
             proj, state, _ = refresh_once("randomized_svd", opts, G, rank, warm_state=prev, step=1)
             warm = captured_energy(G, proj, state) / best
             out.append({"decay": a, "q": q, "cold": cold, "warm": warm})
+            if q == 1:  # the same with the power iteration's G Z in bfloat16 (proj_dtype="auto" chose bfloat16)
+                low = {**opts, "proj_dtype": "auto"}
+                proj, state, _ = refresh_once("randomized_svd", low, G, rank, warm_state={AUTO_KEY: 1})
+                low_cold = captured_energy(G, proj, state) / best
+                proj, state, _ = refresh_once("randomized_svd", low, G, rank, warm_state={**prev, AUTO_KEY: 1}, step=1)
+                out.append({"decay": a, "q": "randomized_svd q=1, bfloat16 G Z", "cold": low_cold,
+                            "warm": captured_energy(G, proj, state) / best})
         for label, name, opts in [("dct", "dct", {}), ("random", "random", {"random_kind": "orthonormal"})]:
             proj, state, _ = refresh_once(name, opts, G, rank)
             out.append({"decay": a, "q": label, "cold": captured_energy(G, proj, state) / best, "warm": float("nan")})
     return out
+
+
+# -------------------------------------------------------------------------------------- part: warm
+def baseline_randomized_svd(ref: str):
+    """``randomized_svd`` as of git commit ``ref``, with the ``linalg`` helpers of that commit (both modules executed
+    beside the current ones; bases register explicitly, so nothing of them is registered)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def load(name: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
+        src = subprocess.run(["git", "show", f"{ref}:gradproj/projectors/{name}.py"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+        if replace is not None:
+            src = src.replace(*replace)
+        mod = types.ModuleType(f"gradproj.projectors._baseline_{name}")
+        mod.__package__ = "gradproj.projectors"
+        sys.modules[mod.__name__] = mod
+        exec(compile(src, f"{ref}:gradproj/projectors/{name}.py", "exec"), mod.__dict__)
+        return mod
+
+    load("linalg")
+    return load("randomized_svd", ("from .linalg import", "from ._baseline_linalg import")).randomized_svd
+
+
+def warm_part(args, profile):
+    """Warm randomized SVD refreshes per block shape: the baseline commit, float32 G Z, auto's dtype for G Z."""
+    baseline = baseline_randomized_svd(args.baseline) if args.baseline else None
+    rows = []
+    for model in args.warm_models:
+        rank = LLAMA[model][0] // 4
+        for si, (m, n) in enumerate(block_shapes(model)):
+            k = min(m, n)
+            s = profile_values(profile, k) if profile is not None else torch.arange(1, k + 1).float() ** -args.power
+            G = spectrum_matrix(m, n, s, seed=si, device=args.device)
+            best = (s[:rank].double() ** 2).sum().item()
+            # the projector's first refresh, from a different gradient, decides proj_dtype="auto" (by timing) and
+            # gives the warm start; the std side decomposes Gᵀ for a wide G (its left basis)
+            proj = new_projector("randomized_svd", G.shape, rank, {"proj_dtype": "auto"})
+            state: dict = {}
+            proj.refresh(G * 0.9 + 0.1 * G.roll(1, 0), state, 0)
+            low = AUTO_CHOICES[int(state[AUTO_KEY])]
+            A = G.t() if proj.side == "left" else G
+            start = (state["proj"] if proj.side == "left" else state["proj"].t()).float()
+            gen = lambda: torch.Generator(device=args.device).manual_seed(1)  # noqa: E731
+            variants = {"float32 G Z": lambda: randomized_svd(A, rank, generator=gen(), start=start),
+                        "auto's G Z": lambda: randomized_svd(A, rank, generator=gen(), start=start, power_dtype=low)}
+            if baseline is not None:
+                variants = {"baseline": lambda: baseline(A, rank, generator=gen(), start=start), **variants}
+            names = list(variants)
+            times: dict = {label: [] for label in names}
+            for f in variants.values():
+                f()  # first-call costs
+            for rep in range(args.repeats):
+                for label in names[rep % len(names):] + names[: rep % len(names)]:
+                    sync(args.device)
+                    t0 = time.process_time()
+                    variants[label]()
+                    sync(args.device)
+                    times[label].append(time.process_time() - t0)
+            for label in names:
+                Vh = variants[label]()[1]
+                rows.append({"model": model, "shape": [m, n], "rank": rank, "variant": label,
+                             "auto": str(low).replace("torch.", "") if low is not None else "float32",
+                             "seconds": statistics.median(times[label]), "repeats": args.repeats,
+                             "energy": (A.double() @ Vh.double().t()).square().sum().item() / best})
+    return rows
 
 
 # ---------------------------------------------------------------------------------- part: training
@@ -320,7 +416,10 @@ def plot_curves(curves, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["energy", "refresh", "stress", "training"],
-                    choices=["energy", "refresh", "stress", "training"])
+                    choices=["energy", "refresh", "stress", "training", "warm"])
+    ap.add_argument("--warm-models", nargs="+", default=["llama_130m", "llama_350m"],
+                    help="models whose block shapes the warm part times (rank hidden/4)")
+    ap.add_argument("--baseline", help="git commit whose randomized_svd the warm part times side by side")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", nargs="+", default=["llama_1b", "llama_7b"])
     ap.add_argument("--rank", type=int, help="rank for every refresh shape (default: GaLore's per model)")
@@ -372,10 +471,29 @@ def main():
                 cells += [f"{sum(vals) / len(vals):.4f}", f"{min(vals):.4f}"] if vals else ["", ""]
             print(f"| {label} | " + " | ".join(cells) + " |")
         print()
+        for r in ranks:
+            rr = e["ratios"][r]
+            cold = max(a - b for a, b in zip(rr["randomized_svd q=1"], rr[LOW]))
+            warm = max(a - b for a, b in zip(rr[WARM], rr[LOW + " warm"]))
+            print(f"rank {r}: largest energy lost by the bfloat16 G Z against float32, per matrix: cold {cold:.1e}, "
+                  f"warm {warm:.1e}")
+        print()
     if args.spectrum.startswith("power:"):
         profile, args.power = None, float(args.spectrum.split(":")[1])
-    elif profile is None and "refresh" in args.parts:
+    elif profile is None and ("refresh" in args.parts or "warm" in args.parts):
         raise SystemExit("--spectrum recorded needs the energy part (or use --spectrum power:A)")
+
+    if "warm" in args.parts:
+        rows = warm_part(args, profile)
+        results["warm"] = rows
+        print(f"### Warm randomized_svd refresh (q = 1, p = 8) on {args.device}, spectrum {args.spectrum}, "
+              f"{args.repeats} rotated rounds, process CPU time\n")
+        print("| model | shape | rank | auto's dtype | variant | ms | vs first | energy / exact |\n|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            ref = next(x["seconds"] for x in rows if x["shape"] == r["shape"] and x["model"] == r["model"])
+            print(f"| {r['model']} | {r['shape'][0]}x{r['shape'][1]} | {r['rank']} | {r['auto']} | {r['variant']} "
+                  f"| {r['seconds'] * 1e3:.1f} | {r['seconds'] / ref:.2f} | {r['energy']:.6f} |")
+        print()
 
     if "refresh" in args.parts:
         rows = refresh_part(args, profile)
@@ -397,8 +515,8 @@ def main():
         print("| a | basis | cold | warm |\n|---|---|---|---|")
         for r in out:
             label = f"randomized_svd q={r['q']}" if isinstance(r["q"], int) else r["q"]
-            warm = "" if math.isnan(r["warm"]) else f"{r['warm']:.4f}"
-            print(f"| {r['decay']} | {label} | {r['cold']:.4f} | {warm} |")
+            warm = "" if math.isnan(r["warm"]) else f"{r['warm']:.6f}"
+            print(f"| {r['decay']} | {label} | {r['cold']:.6f} | {warm} |")
         print()
     if "training" in args.parts:
         rows, curves = training_part(args, data)

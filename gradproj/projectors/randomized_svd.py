@@ -14,9 +14,19 @@ import torch
 from ..options import Option, boolean, number
 from ..state_layout import scalar_int
 from . import lazy, seeding
-from .base import Projector
-from .linalg import in_safe_range, orthonormalize, top_eigenvectors
+from .base import AUTO_CHOICES, AUTO_KEY, Projector, auto_applies, scratch
+from .linalg import extend_orthonormal, in_safe_range, orthonormalize, top_eigenvectors
 from .quantized import BASIS_BITS_OPTION
+
+
+def low_copy(A: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``A`` cast to ``dtype`` in the buffer the ``proj_dtype`` GEMMs cast G into (:func:`~gradproj.projectors.base.
+    scratch`, slot 0: a transient of :meth:`Projector.down`, never live outside it), laid out like A. A fresh
+    multi-megabyte tensor would map new pages at each refresh, whose first-touch faults measured 2 ms of a
+    warm 2736 x 1024 refresh's cast (0.7 ms into a reused buffer, 1 thread)."""
+    if not A.is_contiguous() and A.t().is_contiguous():  # G transposed (a left basis): G's own shape and layout
+        return scratch(A.t().shape, dtype, A.device, 0).t().copy_(A)
+    return scratch(A.shape, dtype, A.device, 0).copy_(A)
 
 
 def randomized_svd(
@@ -28,6 +38,8 @@ def randomized_svd(
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
     left: bool = False,
+    power_dtype: torch.dtype | None = None,
+    solve_dtype: torch.dtype | None = torch.float32,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Approximate top-``rank`` singular vectors of ``G`` (m x n), computed in float32.
 
@@ -35,7 +47,8 @@ def randomized_svd(
     followed by the SVD of the small projected matrix)::
 
         Z = orth(Gᵀ Ω)                      Ω: m x k Gaussian (cold start), or
-        Z = orth([start | Gᵀ Ω'])           the previous basis plus k - r fresh directions (warm start)
+        Z = [start | orth(P Gᵀ Ω')]         the previous basis plus k - r fresh directions (warm start),
+                                            P = I - start startᵀ (block Gram–Schmidt)
         repeat power_iters times:           Z = orth(Gᵀ (G Z))                  (one QR per iteration)
         Y = G Z  (m x k);  YᵀY = W Λ Wᵀ     (Rayleigh–Ritz on the k-dimensional subspace)
         V = Z W_r;  U = orth(Y W_r)         (U only when ``left``)
@@ -50,9 +63,24 @@ def randomized_svd(
     captured energy agreed with the re-orthonormalized iteration's to 1e-7. G is rescaled only where its
     range needs it (:func:`~gradproj.projectors.linalg.in_safe_range`).
 
+    A warm start with ``power_iters >= 1`` keeps the previous basis's columns as they are and orthonormalizes
+    only the fresh ones against them (:func:`~gradproj.projectors.linalg.extend_orthonormal`): the next QR
+    sees only the span, which is that of ``[start | Gᵀ Ω']`` either way, and the QR of the whole n x k block
+    was a sixth of a warm refresh. With ``power_iters=0`` Z is the final basis's factor and gets the full QR.
+
     Args:
         start: the previous top right singular vectors, n x r' (r' <= k), as columns (warm start).
         left: also return the left singular vectors.
+        power_dtype: the dtype of the power iteration's G Z (its product is used in float32; None: float32).
+            Only that GEMM: its rounding error reaches the subspace multiplied by Gᵀ, which damps it in the
+            directions of small σ_i. Rounding Gᵀ (G Z) instead (output, like G, in bfloat16) moved the captured
+            energy of gradients recorded from a small LLaMA by up to 3e-4; bfloat16 G Z alone by at most 1e-6
+            there and on σ_i = i^-0.5, i^-1, i^-2 (docs/bases.md). The sketch and the Rayleigh–Ritz step's
+            Y = G Z stay in float32.
+        solve_dtype: the dtype of the k x k Rayleigh–Ritz eigensolver (float64 on failure; see
+            :func:`~gradproj.projectors.linalg.top_eigenvectors`). Its rounding moves a Ritz vector by about
+            eps·σ_1²/gap, which costs at most about k·eps·σ_1² of captured energy: below 2e-5 of it in float32
+            for k <= 300, and measured ≤ 1e-6 against float64 (docs/bases.md).
 
     Returns:
         ``(U, Vh)``: U m x rank (or None), Vh rank x n, float32, rows of Vh (and columns of U) in canonical
@@ -61,24 +89,32 @@ def randomized_svd(
     A = in_safe_range(G)  # rescaled (exactly) where YᵀY could overflow or underflow
     m, n = A.shape
     k = min(rank + oversample, m, n)
+    low = None if power_dtype is None else low_copy(A, power_dtype)  # G in the power iteration's first GEMM
     if start is not None and start.shape[1] < k:
-        omega = torch.randn(m, k - start.shape[1], generator=generator, device=A.device)
-        Z = orthonormalize(torch.cat([start.float(), A.t() @ omega], dim=1))
+        fresh = A.t() @ torch.randn(m, k - start.shape[1], generator=generator, device=A.device)
+        if power_iters > 0:  # only the span reaches the next QR: block Gram–Schmidt keeps it, at a fraction of the cost
+            Z = extend_orthonormal(start, fresh)
+        else:  # Z is the final basis's factor: orthonormal to the QR's precision, whatever start's rounding
+            Z = orthonormalize(torch.cat([start.float(), fresh], dim=1))
     elif start is not None:
         Z = orthonormalize(start[:, :k].float())
     else:
         Z = orthonormalize(A.t() @ torch.randn(m, k, generator=generator, device=A.device))
     for _ in range(power_iters):
-        Z = orthonormalize(A.t() @ (A @ Z))
+        AZ = A @ Z if low is None else (low @ Z.to(low.dtype)).float()
+        Z = orthonormalize(A.t() @ AZ)
+    del low
     Y = A @ Z
-    _, W = top_eigenvectors(Y.t() @ Y, rank)
-    V = Z @ W  # n x rank, orthonormal
-    idx = V.abs().argmax(dim=0, keepdim=True)
-    signs = torch.sign(V.gather(0, idx))
+    _, W = top_eigenvectors(Y.t() @ Y, rank, solve_dtype)
+    # Vh = (Z W)ᵀ, rank x n, orthonormal rows, formed row-major: the sign search then runs along rows and no
+    # transposed copy is made
+    Vh = W.t() @ Z.t()
+    idx = Vh.abs().argmax(dim=1, keepdim=True)
+    signs = torch.sign(Vh.gather(1, idx))
     signs[signs == 0] = 1
-    V = V * signs
-    U = orthonormalize(Y @ (W * signs)) if left else None  # A V = U S: QR with R >= 0 pairs U with V
-    return U, V.t().contiguous()
+    Vh = Vh * signs
+    U = orthonormalize(Y @ (W * signs.t())) if left else None  # A V = U S: QR with R >= 0 pairs U with V
+    return U, Vh
 
 
 class RandomizedSVDProjector(Projector):
@@ -122,6 +158,9 @@ class RandomizedSVDProjector(Projector):
             start = self.basis_tensor(state, "proj")  # m x r (dequantized if stored quantized)
         elif warm:
             start = self.basis_tensor(state, "proj" if self.side == "right" else "proj_right").t()  # n x r
+        # proj_dtype="auto"'s measured decision for this matrix (bfloat16 where its projection GEMMs ran faster in
+        # it): G times a matrix of nearly the same width, so the power iteration's G Z follows it
+        code = state.get(AUTO_KEY) if auto_applies(g) else None
         try:
             U, Vh = randomized_svd(
                 A,
@@ -131,6 +170,7 @@ class RandomizedSVDProjector(Projector):
                 generator=seeding.generator(seed, step, G.device),
                 start=start,
                 left=self.side == "full",
+                power_dtype=None if code is None else AUTO_CHOICES[int(code)],
             )
         except torch.linalg.LinAlgError as err:
             return self.decomposition_failed("randomized SVD", err, state, step)
