@@ -47,6 +47,7 @@ import torch
 from ..kernels import reference
 from ..options import Option, choice, number
 from ..state_layout import Spec
+from . import adam8bit_fused
 from .adam import ADAM_KERNELS, BETAS, EPS, Adam, fused
 from .base import StepContext
 
@@ -193,10 +194,13 @@ class LutQuantizer:
         amax = ws.Tb.amax(dim=2)
         lo, hi = torch.aminmax(amax)
         lo_, hi_ = float(lo), float(hi)
-        if not (hi_ <= 3.4028234663852886e38) or 0.0 < lo_ < _MIN_NORMAL:  # NaN fails the first test
+        if not (hi_ <= 3.4028234663852886e38):  # NaN fails this test too
+            return False
+        zero = lo_ == 0.0
+        # the smallest non-zero maximum (lo, unless a block is all zeros) must be normal
+        if 0.0 < (float(torch.where(amax > 0, amax, hi).amin()) if zero else lo_) < _MIN_NORMAL:
             return False
         inv = torch.reciprocal(amax)  # IEEE 1/x, as bitsandbytes' 1.0f / absmax
-        zero = lo_ == 0.0
         if zero:  # all-zero blocks: bitsandbytes stores code 0; scale 0 keeps their bins finite meanwhile
             empty = amax == 0
             inv.masked_fill_(empty, 0.0)
@@ -363,6 +367,9 @@ class Adam8bit(Adam):
             else None
         )
         m_absmax, v_absmax = state[EXP_AVG_ABSMAX], state[EXP_AVG_SQ_ABSMAX]
+        compiled = (
+            adam8bit_fused.for_update(R.numel()) if lut is not None and one_pass and R.dtype == torch.float32 else None
+        )
         for start in range(0, R.numel(), CHUNK_SIZE):
             if R.numel() <= CHUNK_SIZE:  # one chunk: the tensors themselves (fewer views per step)
                 r, u, m_codes, v_codes = flat
@@ -372,6 +379,10 @@ class Adam8bit(Adam):
                 blocks = slice(start // BLOCK_SIZE, (start + CHUNK_SIZE) // BLOCK_SIZE)
                 r, u, m_codes, v_codes = (t[values] for t in flat)
                 scales = (m_absmax[blocks], v_absmax[blocks])
+            if compiled is not None and compiled.update(
+                r, u, (m_codes, v_codes), scales, beta1, beta2, eps, self._staging(r.numel())
+            ):
+                continue  # else (a block maximum not finite normal) nothing changed: the eager update runs
             if lut is not None:
                 ws = self._workspace(r.numel(), R.device)
                 lut.dequantize(ws, (m_codes, v_codes), scales)
@@ -398,6 +409,13 @@ class Adam8bit(Adam):
         if ws is None:
             ws = spaces[(n, device)] = Workspace(n, device)
         return ws
+
+    def _staging(self, n: int):
+        """The compiled update's staging buffers for a chunk of ``n`` values, kept for reuse (3 bytes a value)."""
+        spaces = self.__dict__.setdefault("_staging_buffers", {})
+        if n not in spaces:
+            spaces[n] = adam8bit_fused.scratch_buffers(n, num_blocks(n))
+        return spaces[n]
 
     @staticmethod
     def _init_state(R: torch.Tensor, state: dict, group: dict) -> None:
