@@ -296,10 +296,12 @@ def test_checkpoint_layout_and_resume(monkeypatch, compiled):
 
 def test_a_build_that_contracts_the_bin_arithmetic_is_not_used(monkeypatch, caplog):
     """Built with -ffp-contract=fast, fl(fl(t + 1)·32767.5) + 0.5 becomes one fma, which moves values at bin
-    edges into the neighbouring bin: the check against the vectorized quantizer at build rejects that kernel."""
+    edges into the neighbouring bin: the check against the vectorized quantizer at build rejects that kernel.
+    (Built for AVX2, which has the fma to contract into, whatever ATEN_CPU_CAPABILITY says.)"""
     monkeypatch.setitem(adam8bit_fused._state, "kernel", None)
     monkeypatch.setitem(adam8bit_fused._state, "tried", False)
-    monkeypatch.setattr(adam8bit_fused, "BUILD_CONFIG", {"cpp.enable_floating_point_contract_flag": "fast"})
+    contracting = {"cpp.enable_floating_point_contract_flag": "fast", "cpp.simdlen": 256}
+    monkeypatch.setattr(adam8bit_fused, "BUILD_CONFIG", contracting)
     with caplog.at_level(logging.INFO, logger="gradproj"):
         assert adam8bit_fused.build() is None
     assert "quantizes differently from bitsandbytes; the eager one runs" in caplog.text

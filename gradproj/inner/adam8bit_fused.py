@@ -55,6 +55,10 @@ BUILD_CONFIG = {"cpp.enable_floating_point_contract_flag": "off", "cpp.enable_un
 
 _SOURCE = r"""
 #include <torch/csrc/inductor/cpp_prefix.h>
+#if !INDUCTOR_USE_VECTOR_TYPES()  // no vector ISA picked: ATen's generic (scalar) vector types
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#endif
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
