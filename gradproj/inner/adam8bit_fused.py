@@ -9,8 +9,8 @@ Arithmetic. Adam is torch's fused CPU kernel's (what ``adam_kernel="fused"`` run
 (its lerp, an explicit fused multiply-add there too; fma(−β1, R − m, R) when 1−β1 ≥ 0.5), v ←
 fma((1−β2)·R, R, v·β2) (the rounding torch's build of the kernel gives here: its ``v·β2 + (1−β2)·R·R``
 compiled into one fma), ψ = 0 + m / (√v + eps), coefficients rounded to float32 from double as torch does. On
-this machine that is torch's kernel bit for bit (except in the up to 15 values of a chunk's tail, which torch
-runs through scalar code); a build of torch that rounds v twice differs by one rounding of v.
+an AVX-512 Xeon with torch 2.13 that is torch's kernel bit for bit (but for the last values of a chunk, which
+torch runs through scalar code); a build of torch that rounds v twice differs by one rounding of v.
 Quantization is :class:`gradproj.inner.adam8bit.LutQuantizer`'s, which is bitsandbytes' (>= 0.50): per block
 absmax = max |x|, t = x · fl(1/absmax), bin = trunc(fl(fl(fl(t + 1)·32767.5) + 0.5)), code = table[bin], code 0
 for an all-zero block; the source is compiled with ``-ffp-contract=off`` (a patched inductor config, for this
@@ -27,13 +27,13 @@ and ISA flags torch.compile uses, an on-disk cache, a binding that takes tensors
 written as torch ops under ``torch.compile(dynamic=True, fullgraph=True)`` measured 0.75 ms per 2^17-value
 chunk against 0.94 ms eager (inductor emits every table gather as a scalar loop through int64 indices, and a
 call costs ~45 µs of guards); this kernel takes 0.34 ms, torch's fused Adam over fp32 moments 0.12 ms (one
-thread, Intel Xeon with AVX-512, torch 2.13). Building costs ~3.5 s once per process (importing inductor
-~1.6 s, probing the CPU's vector ISA ~1.5 s, the compile ~1 s the first time on a machine), against ~4.5 ns a
-value saved per update. So the eager path runs first and the kernel is built once the process has updated
-:data:`BUILD_AFTER_VALUES` 8-bit values eagerly (~5·10^8, a few seconds of eager updates: a training run
-builds it within its first tens of steps, a test or a short script never pays for it). A build that fails (no
-C++ compiler, an inductor error, a kernel that does not reproduce the quantizer) is logged and not retried;
-the eager path stays.
+thread; Intel(R) Xeon(R) Processor with AVX-512/AMX, torch 2.13 CPU). Building costs ~3.5 s once per
+process (importing inductor ~1.6 s, probing the CPU's vector ISA ~1.5 s, the compile ~1 s the first time on a
+machine), against ~4.5 ns a value saved per update. So the eager path runs first and the kernel is built once
+the process has updated :data:`BUILD_AFTER_VALUES` 8-bit values eagerly (~5·10^8, a few seconds of eager
+updates: a training run builds it within its first tens of steps, a test or a short script never pays for it).
+A build that fails (no C++ compiler, an inductor error, a kernel that does not reproduce the quantizer) is
+logged and not retried; the eager path stays.
 """
 
 from __future__ import annotations
