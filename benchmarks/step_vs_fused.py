@@ -60,14 +60,15 @@ def cuda_clock() -> float:
     return time.perf_counter()
 
 
-#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults, "8bit_bnb" the same
-#: stepping through bitsandbytes' quantizer calls)
+#: gradproj configurations (group options; "8bit" is GaLoreAdamW8bit with its defaults, "8bit_eager" the same
+#: without the compiled CPU update, "8bit_bnb" the same stepping through bitsandbytes' quantizer calls)
 VARIANTS = {
     "default": {},
     "reference": {"adam_kernel": "reference"},
     "randomized_svd": {"projector": "randomized_svd"},
     "eigh": {"projector": "eigh"},
     "8bit": {},
+    "8bit_eager": {},  # GaLoreAdamW8bit's eager CPU update (the vectorized quantizer, the same codes)
     "8bit_bnb": {},  # GaLoreAdamW8bit stepping through bitsandbytes' CPU quantizer (the same codes)
     "proj_bf16": {"proj_dtype": "bfloat16"},  # the two projection GEMMs in bfloat16
     "proj_none": {"proj_dtype": None},  # the parameter's dtype (float32) everywhere, against the default "auto"
@@ -98,6 +99,25 @@ class BnbQuantizer:
             adam8bit._LUT[key] = saved
 
 
+class EagerUpdate:
+    """A GaLoreAdamW8bit whose steps run the eager CPU update (torch ops and the vectorized quantizer) instead of
+    the compiled one."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.state = opt.state
+
+    def step(self):
+        from gradproj.inner import adam8bit_fused
+
+        saved = adam8bit_fused._state["kernel"]
+        adam8bit_fused._state["kernel"] = None
+        try:
+            self.opt.step()
+        finally:
+            adam8bit_fused._state["kernel"] = saved
+
+
 def run(
     name: str,
     gap: int,
@@ -119,7 +139,7 @@ def run(
         extra = {k: val for k, val in VARIANTS[v].items() if k not in ("projector",)}
         cls = gradproj.GaLoreAdamW8bit if v.startswith("8bit") else gradproj.GaLoreAdamW
         opt = cls([group, {"params": rest, **extra}], lr=1e-3, weight_decay=weight_decay)
-        opts[f"gradproj {v}"] = BnbQuantizer(opt) if v == "8bit_bnb" else opt
+        opts[f"gradproj {v}"] = {"8bit_bnb": BnbQuantizer, "8bit_eager": EagerUpdate}.get(v, lambda o: o)(opt)
 
     # the decoder blocks' matrices alone, default options: the regular step against the GEMMs alone
     def block_group():  # a new dict each time: an optimizer writes its defaults into the groups it is given
@@ -129,9 +149,17 @@ def run(
     opts["gradproj blocks"] = gradproj.GaLoreAdamW([block_group()], lr=1e-3, weight_decay=weight_decay)
     if blocks_8bit:
         opts["gradproj 8bit blocks"] = gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3, weight_decay=weight_decay)
+        opts["gradproj 8bit blocks eager"] = EagerUpdate(
+            gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3, weight_decay=weight_decay)
+        )
         opts["gradproj 8bit blocks bnb"] = BnbQuantizer(
             gradproj.GaLoreAdamW8bit([block_group()], lr=1e-3, weight_decay=weight_decay)
         )
+    if blocks_8bit or any(v.startswith("8bit") for v in variants):
+        from gradproj.inner import adam8bit_fused
+
+        # the compiled CPU update, as a run has it after its first ~5e8 8-bit values (built once, a few seconds)
+        adam8bit_fused.build()
     for opt in opts.values():
         opt.step()  # allocates state, first basis
     for _ in range(warmup):  # regular steps: gradproj's run-time choices (layouts, foreach=None on the CPU) settle
@@ -210,7 +238,7 @@ def main() -> None:
     ap.add_argument(
         "--blocks-8bit",
         action="store_true",
-        help="also GaLoreAdamW8bit on the block matrices, as it is and through bitsandbytes' quantizer",
+        help="also GaLoreAdamW8bit on the block matrices: as it is, with the eager update, through bitsandbytes' quantizer",
     )
     ap.add_argument("--weight-decay", type=float, default=0.0, help="of every optimizer (GaLore's and fused AdamW)")
     ap.add_argument("--warmup", type=int, default=8, help="regular gradproj steps before the timed rounds")
@@ -247,14 +275,15 @@ def main() -> None:
     )
     print(
         "| model | threads | blocks: GEMMs alone ms | blocks: GaLoreAdamW regular step ms | regular / GEMMs "
-        "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 | 8-bit, bitsandbytes' quantizer ms | / fp32 |"
+        "| blocks: GaLoreAdamW8bit regular ms | 8-bit / fp32 | 8-bit, eager update ms | / fp32 "
+        "| 8-bit, bitsandbytes' quantizer ms | / fp32 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         t = r["times"]
         g, b = t["GEMMs"]["regular"], t["gradproj blocks"]["regular"]
         eight = []
-        for key in ("gradproj 8bit blocks", "gradproj 8bit blocks bnb"):
+        for key in ("gradproj 8bit blocks", "gradproj 8bit blocks eager", "gradproj 8bit blocks bnb"):
             q = t.get(key, {}).get("regular")
             eight.append(f"{q * 1e3:.1f} | {q / b:.2f}x" if q else "- | -")
         print(

@@ -74,16 +74,20 @@ def test_values_a_rounding_beyond_the_block_maximum_take_the_end_codes():
     assert off > 0  # the case occurred
 
 
-def test_non_finite_or_subnormal_block_maxima_are_left_to_bitsandbytes():
+@pytest.mark.parametrize("zero_block", [False, True])
+def test_non_finite_or_subnormal_block_maxima_are_left_to_bitsandbytes(zero_block):
+    """Also beside an all-zero block (the smallest block maximum is then 0, not the subnormal one)."""
     q = lut()
     for bad in (float("nan"), float("inf"), 1e-39):
-        ws = adam8bit.Workspace(512, CPU)
+        ws = adam8bit.Workspace(768, CPU)
         ws.W.fill_(1.0)
+        if zero_block:
+            ws.W[0, 512:] = 0.0
         ws.W[0, 300] = bad
         if bad == 1e-39:
-            ws.W[0, 256:] = bad  # the block's maximum itself is subnormal: 1/absmax overflows
-        codes = (torch.full((512,), 7, dtype=torch.uint8), torch.full((512,), 7, dtype=torch.uint8))
-        absmax = (torch.full((2,), 5.0), torch.full((2,), 5.0))
+            ws.W[0, 256:512] = bad  # the block's maximum itself is subnormal: 1/absmax overflows
+        codes = (torch.full((768,), 7, dtype=torch.uint8), torch.full((768,), 7, dtype=torch.uint8))
+        absmax = (torch.full((3,), 5.0), torch.full((3,), 5.0))
         assert not q.quantize(ws, codes, absmax)
         assert all((c == 7).all() for c in codes) and all((a == 5.0).all() for a in absmax)  # nothing changed
 
