@@ -144,14 +144,20 @@ def test_bfloat16_power_iteration_keeps_the_captured_energy(decay, warm):
     "group,code,expected",
     [
         ({"proj_dtype": "auto"}, 1, torch.bfloat16),
+        ({"proj_dtype": "auto"}, 2, torch.bfloat16),  # bfloat16 inputs
         ({"proj_dtype": "auto"}, 0, None),
-        ({"proj_dtype": "auto"}, None, None),  # no decision yet (the first refresh)
+        ({"proj_dtype": "auto"}, None, None),  # no decision yet
         ({"proj_dtype": None}, 1, None),  # a decision "auto" no longer applies to
-        ({"proj_dtype": "bfloat16"}, None, None),  # an explicit dtype is not a measurement
+        ({"proj_dtype": "bfloat16"}, None, torch.bfloat16),  # the explicit dtype, as "auto"'s decision would
+        ({"proj_dtype": "float16"}, None, None),  # not float16: its range
         ({"proj_dtype": "auto", "residual": "fira"}, 1, None),
     ],
 )
-def test_the_power_iteration_follows_the_matrix_s_auto_decision(monkeypatch, group, code, expected):
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_power_iteration_follows_the_matrix_s_gemm_dtype(monkeypatch, group, code, expected, warm):
+    """A warm refresh's G Z takes bfloat16 operands where the matrix's projection GEMMs do; a cold one (the first
+    refresh, before "auto" has decided anything) is float32 whatever the option, so "auto" and the explicit
+    option it decided give the same bases."""
     seen = []
     real = rsvd_module.randomized_svd
 
@@ -164,8 +170,11 @@ def test_the_power_iteration_follows_the_matrix_s_auto_decision(monkeypatch, gro
     proj = get_projector("randomized_svd")((40, 30), 4, "std", {"update_proj_gap": 1, **group})
     proj.param_index = 0
     state = {} if code is None else {AUTO_KEY: code}
-    bases = proj.compute_basis(G, state, 0)
-    assert seen == [expected] and bases is not None
+    if warm:
+        state.update(proj.compute_basis(G, dict(state), 0))  # a previous basis
+        seen.clear()
+    bases = proj.compute_basis(G, state, 1)
+    assert seen == [expected if warm else None] and bases is not None
 
 
 def test_a_non_finite_float32_ritz_solve_falls_back_to_float64(monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from ..options import Option, boolean, number
 from ..state_layout import scalar_int
 from . import lazy, seeding
-from .base import AUTO_CHOICES, AUTO_KEY, Projector, auto_applies, scratch
+from .base import Projector, scratch
 from .linalg import extend_orthonormal, in_safe_range, orthonormalize, top_eigenvectors
 from .quantized import BASIS_BITS_OPTION
 
@@ -158,9 +158,13 @@ class RandomizedSVDProjector(Projector):
             start = self.basis_tensor(state, "proj")  # m x r (dequantized if stored quantized)
         elif warm:
             start = self.basis_tensor(state, "proj" if self.side == "right" else "proj_right").t()  # n x r
-        # proj_dtype="auto"'s measured decision for this matrix (bfloat16 where its projection GEMMs ran faster in
-        # it): G times a matrix of nearly the same width, so the power iteration's G Z follows it
-        code = state.get(AUTO_KEY) if auto_applies(g) else None
+        # a warm refresh's power iteration G Z (G times a matrix of nearly the rank's width) follows the matrix's
+        # projection GEMMs where they take bfloat16 operands: proj_dtype="bfloat16", or "auto"'s stored decision
+        # (bfloat16 or bfloat16 inputs), which is made after the first, cold refresh; so that the two agree bit for
+        # bit, a cold refresh is float32 either way. float16 is not used for it: G Z can exceed its range where
+        # G's projections do not.
+        low = warm and self.gemm_dtype_for(state) == torch.bfloat16
+        power_dtype = torch.bfloat16 if low else None
         try:
             U, Vh = randomized_svd(
                 A,
@@ -170,7 +174,7 @@ class RandomizedSVDProjector(Projector):
                 generator=seeding.generator(seed, step, G.device),
                 start=start,
                 left=self.side == "full",
-                power_dtype=None if code is None else AUTO_CHOICES[int(code)],
+                power_dtype=power_dtype,
             )
         except torch.linalg.LinAlgError as err:
             return self.decomposition_failed("randomized SVD", err, state, step)
