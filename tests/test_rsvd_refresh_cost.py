@@ -145,13 +145,15 @@ def test_bfloat16_power_iteration_keeps_the_captured_energy(decay, warm):
     [
         ({"proj_dtype": "auto"}, 1, torch.bfloat16),
         ({"proj_dtype": "auto"}, 0, None),
-        ({"proj_dtype": "auto"}, None, None),  # no decision yet (the first refresh)
+        ({"proj_dtype": "auto"}, None, None),  # no decision (made after the first refresh)
         ({"proj_dtype": None}, 1, None),  # a decision "auto" no longer applies to
-        ({"proj_dtype": "bfloat16"}, None, None),  # an explicit dtype is not a measurement
+        ({"proj_dtype": "bfloat16"}, None, torch.bfloat16),  # what "auto" runs when it chose bfloat16
+        ({"proj_dtype": "float16"}, None, None),  # G's range need not fit float16
         ({"proj_dtype": "auto", "residual": "fira"}, 1, None),
+        ({"proj_dtype": "auto", "rsvd_warm_start": False}, 1, None),  # cold refreshes stay float32
     ],
 )
-def test_the_power_iteration_follows_the_matrix_s_auto_decision(monkeypatch, group, code, expected):
+def test_a_warm_refresh_s_power_iteration_follows_the_matrix_s_gemm_dtype(monkeypatch, group, code, expected):
     seen = []
     real = rsvd_module.randomized_svd
 
@@ -160,12 +162,13 @@ def test_the_power_iteration_follows_the_matrix_s_auto_decision(monkeypatch, gro
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rsvd_module, "randomized_svd", spy)
-    G = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
     proj = get_projector("randomized_svd")((40, 30), 4, "std", {"update_proj_gap": 1, **group})
     proj.param_index = 0
     state = {} if code is None else {AUTO_KEY: code}
-    bases = proj.compute_basis(G, state, 0)
-    assert seen == [expected] and bases is not None
+    state.update(proj.compute_basis(torch.randn(40, 30, generator=g), state, 0))  # the first, cold refresh
+    assert proj.compute_basis(torch.randn(40, 30, generator=g), state, 1) is not None  # warm, where allowed
+    assert seen == [None, expected]
 
 
 def test_a_non_finite_float32_ritz_solve_falls_back_to_float64(monkeypatch):
