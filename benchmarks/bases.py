@@ -31,11 +31,7 @@ import json
 import logging
 import math
 import statistics
-import subprocess
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -44,7 +40,7 @@ import gradproj
 from common import LLAMA, byte_llama, machine, median_time, stdlib_bytes, sync
 from gradproj.projectors import get_projector, randomized_svd
 from gradproj.projectors.base import AUTO_CHOICES, AUTO_KEY
-from refresh_stall import EighFP32Projector  # noqa: F401  (registers the "eigh_fp32" basis)
+from refresh_stall import EighFP32Projector, baseline_randomized_svd  # noqa: F401  (registers "eigh_fp32")
 
 #: GaLore's ranks for the large configurations
 RANKS = {"llama_1b": 512, "llama_7b": 1024}
@@ -272,26 +268,6 @@ def stress_part(args):
 
 
 # -------------------------------------------------------------------------------------- part: warm
-def baseline_randomized_svd(ref: str):
-    """``randomized_svd`` as of git commit ``ref``, with the ``linalg`` helpers of that commit (both modules executed
-    beside the current ones; bases register explicitly, so nothing of them is registered)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def load(name: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
-        src = subprocess.run(["git", "show", f"{ref}:gradproj/projectors/{name}.py"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout
-        if replace is not None:
-            src = src.replace(*replace)
-        mod = types.ModuleType(f"gradproj.projectors._baseline_{name}")
-        mod.__package__ = "gradproj.projectors"
-        sys.modules[mod.__name__] = mod
-        exec(compile(src, f"{ref}:gradproj/projectors/{name}.py", "exec"), mod.__dict__)
-        return mod
-
-    load("linalg")
-    return load("randomized_svd", ("from .linalg import", "from ._baseline_linalg import")).randomized_svd
-
-
 def warm_part(args, profile):
     """Warm randomized SVD refreshes per block shape: the baseline commit, float32 G Z, auto's dtype for G Z."""
     baseline = baseline_randomized_svd(args.baseline) if args.baseline else None
