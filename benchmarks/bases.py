@@ -31,11 +31,7 @@ import json
 import logging
 import math
 import statistics
-import subprocess
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -44,7 +40,7 @@ import gradproj
 from common import LLAMA, byte_llama, machine, median_time, stdlib_bytes, sync
 from gradproj.projectors import get_projector, randomized_svd
 from gradproj.projectors.base import AUTO_CHOICES, AUTO_KEY
-from refresh_stall import EighFP32Projector  # noqa: F401  (registers the "eigh_fp32" basis)
+from refresh_stall import EighFP32Projector, baseline_randomized_svd  # noqa: F401  (registers "eigh_fp32")
 
 #: GaLore's ranks for the large configurations
 RANKS = {"llama_1b": 512, "llama_7b": 1024}
@@ -146,9 +142,9 @@ def record_gradients(args, data):
 
 
 WARM = "randomized_svd q=1 warm"
-#: the randomized SVD with its power iteration's G Z in bfloat16 (what a matrix whose proj_dtype="auto" chose
-#: bfloat16 gets: the decision stored in the state)
-LOW = "randomized_svd q=1, bfloat16 G Z"
+#: the warm randomized SVD with its power iteration's G Z in bfloat16 (what a matrix whose proj_dtype="auto" chose
+#: bfloat16 gets at a warm refresh: the decision stored in the state)
+LOW = "randomized_svd q=1 warm, bfloat16 G Z"
 LOW_OPTIONS = {"rsvd_power_iters": 1, "proj_dtype": "auto"}
 
 
@@ -164,7 +160,7 @@ def energy_part(args, data):
     ratios = {}
     for rank in args.rec_ranks:
         per_rank = {label: [] for label, _, _ in bases}
-        for label in (WARM, LOW, LOW + " warm"):
+        for label in (WARM, LOW):
             per_rank[label] = []
         warm_states = {}
         for step in steps:
@@ -173,9 +169,6 @@ def energy_part(args, data):
                 for label, proj_name, opts in bases:
                     proj, state, _ = refresh_once(proj_name, opts, G, rank, step=step)
                     per_rank[label].append(captured_energy(G, proj, state) / best)
-                # the power iteration's G Z in bfloat16, as where proj_dtype="auto" chose bfloat16 for the matrix
-                proj, state, _ = refresh_once("randomized_svd", LOW_OPTIONS, G, rank, warm_state={AUTO_KEY: 1}, step=step)
-                per_rank[LOW].append(captured_energy(G, proj, state) / best)
                 # warm start from this matrix's basis at the previous record
                 prev = warm_states.get(name)
                 proj, state, _ = refresh_once("randomized_svd", {"rsvd_power_iters": 1}, G, rank, warm_state=prev, step=step)
@@ -183,7 +176,7 @@ def energy_part(args, data):
                     per_rank[WARM].append(captured_energy(G, proj, state) / best)
                     proj, low_state, _ = refresh_once("randomized_svd", LOW_OPTIONS, G, rank,
                                                       warm_state={**prev, AUTO_KEY: 1}, step=step)
-                    per_rank[LOW + " warm"].append(captured_energy(G, proj, low_state) / best)
+                    per_rank[LOW].append(captured_energy(G, proj, low_state) / best)
                 warm_states[name] = state
         ratios[rank] = per_rank
     # the normalised spectrum profile of the recorded gradients (resampled to the longest)
@@ -263,12 +256,10 @@ def stress_part(args):
             proj, state, _ = refresh_once("randomized_svd", opts, G, rank, warm_state=prev, step=1)
             warm = captured_energy(G, proj, state) / best
             out.append({"decay": a, "q": q, "cold": cold, "warm": warm})
-            if q == 1:  # the same with the power iteration's G Z in bfloat16 (proj_dtype="auto" chose bfloat16)
+            if q == 1:  # a warm refresh with G Z in bfloat16 (where proj_dtype="auto" chose bfloat16)
                 low = {**opts, "proj_dtype": "auto"}
-                proj, state, _ = refresh_once("randomized_svd", low, G, rank, warm_state={AUTO_KEY: 1})
-                low_cold = captured_energy(G, proj, state) / best
                 proj, state, _ = refresh_once("randomized_svd", low, G, rank, warm_state={**prev, AUTO_KEY: 1}, step=1)
-                out.append({"decay": a, "q": "randomized_svd q=1, bfloat16 G Z", "cold": low_cold,
+                out.append({"decay": a, "q": "randomized_svd q=1, bfloat16 G Z", "cold": float("nan"),
                             "warm": captured_energy(G, proj, state) / best})
         for label, name, opts in [("dct", "dct", {}), ("random", "random", {"random_kind": "orthonormal"})]:
             proj, state, _ = refresh_once(name, opts, G, rank)
@@ -277,26 +268,6 @@ def stress_part(args):
 
 
 # -------------------------------------------------------------------------------------- part: warm
-def baseline_randomized_svd(ref: str):
-    """``randomized_svd`` as of git commit ``ref``, with the ``linalg`` helpers of that commit (both modules executed
-    beside the current ones; bases register explicitly, so nothing of them is registered)."""
-    root = Path(__file__).resolve().parent.parent
-
-    def load(name: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
-        src = subprocess.run(["git", "show", f"{ref}:gradproj/projectors/{name}.py"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout
-        if replace is not None:
-            src = src.replace(*replace)
-        mod = types.ModuleType(f"gradproj.projectors._baseline_{name}")
-        mod.__package__ = "gradproj.projectors"
-        sys.modules[mod.__name__] = mod
-        exec(compile(src, f"{ref}:gradproj/projectors/{name}.py", "exec"), mod.__dict__)
-        return mod
-
-    load("linalg")
-    return load("randomized_svd", ("from .linalg import", "from ._baseline_linalg import")).randomized_svd
-
-
 def warm_part(args, profile):
     """Warm randomized SVD refreshes per block shape: the baseline commit, float32 G Z, auto's dtype for G Z."""
     baseline = baseline_randomized_svd(args.baseline) if args.baseline else None
@@ -473,10 +444,8 @@ def main():
         print()
         for r in ranks:
             rr = e["ratios"][r]
-            cold = max(a - b for a, b in zip(rr["randomized_svd q=1"], rr[LOW]))
-            warm = max(a - b for a, b in zip(rr[WARM], rr[LOW + " warm"]))
-            print(f"rank {r}: largest energy lost by the bfloat16 G Z against float32, per matrix: cold {cold:.1e}, "
-                  f"warm {warm:.1e}")
+            warm = max(a - b for a, b in zip(rr[WARM], rr[LOW]))
+            print(f"rank {r}: largest energy lost by the bfloat16 G Z against float32 (warm), per matrix: {warm:.1e}")
         print()
     if args.spectrum.startswith("power:"):
         profile, args.power = None, float(args.spectrum.split(":")[1])
@@ -516,7 +485,8 @@ def main():
         for r in out:
             label = f"randomized_svd q={r['q']}" if isinstance(r["q"], int) else r["q"]
             warm = "" if math.isnan(r["warm"]) else f"{r['warm']:.6f}"
-            print(f"| {r['decay']} | {label} | {r['cold']:.6f} | {warm} |")
+            cold = "" if math.isnan(r["cold"]) else f"{r['cold']:.6f}"
+            print(f"| {r['decay']} | {label} | {cold} | {warm} |")
         print()
     if "training" in args.parts:
         rows, curves = training_part(args, data)

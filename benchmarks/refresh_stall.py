@@ -24,11 +24,15 @@ just before), stands for all its positions (the pairing cancels the machine's sl
 Times are process CPU time (``time.process_time``), which other processes on a shared machine disturb less
 than wall time; run with 1 thread. Bases: ``svd`` (exact, LAPACK), ``eigh`` (Gram matrix, eigensolver in
 float64 up to 1024 x 1024), ``eigh_fp32`` (the same with a float32 eigensolver, defined here) and
-``randomized_svd`` (q = 1, warm start: the defaults).
+``randomized_svd`` (q = 1, warm start: the defaults); ``randomized_svd_sumcheck`` (the default with the finiteness
+check before each refresh done by one sum, defined here) and, with ``--baseline REF``, ``randomized_svd_baseline``
+(the default projector calling the ``randomized_svd`` of git commit REF, with that commit's ``linalg``).
 
     cd benchmarks && PYTHONPATH=..:. python refresh_stall.py --models llama_60m llama_130m --rounds 3
     cd benchmarks && PYTHONPATH=..:. python refresh_stall.py --models llama_350m --rounds 2 \
         --configs randomized_svd:on randomized_svd:off eigh_fp32:on svd:on
+    cd benchmarks && PYTHONPATH=..:. python refresh_stall.py --models llama_350m --rounds 3 --baseline 6b93ba9 \
+        --configs randomized_svd:off randomized_svd_baseline:off randomized_svd_sumcheck:off randomized_svd:on
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
+import types
+from pathlib import Path
 
 import torch
 
@@ -44,6 +52,7 @@ import gradproj
 from common import cpu_name, rows_per_thread_count
 from gradproj.projectors import register_projector
 from gradproj.projectors.eigh import EighProjector
+from gradproj.projectors.randomized_svd import RandomizedSVDProjector
 from step_vs_fused import make_params, model_shapes
 
 
@@ -56,7 +65,60 @@ class EighFP32Projector(EighProjector):
 
 register_projector(EighFP32Projector)
 
-PROJECTORS = ("svd", "eigh", "eigh_fp32", "randomized_svd")
+
+class SumCheckRandomizedSVDProjector(RandomizedSVDProjector):
+    """``randomized_svd`` with the finiteness check before each refresh by one sum (a finite sum has no NaN or Inf
+    term), falling back to ``isfinite(G).all()`` only when the sum is not finite: the same answer, one reduction
+    instead of ``isfinite``'s temporaries."""
+
+    name = "randomized_svd_sumcheck"
+
+    def all_finite(self, G: torch.Tensor) -> bool:
+        return bool(torch.isfinite(G.sum())) or bool(torch.isfinite(G).all())
+
+
+register_projector(SumCheckRandomizedSVDProjector)
+
+PROJECTORS = ("svd", "eigh", "eigh_fp32", "randomized_svd", "randomized_svd_sumcheck")
+
+
+def baseline_randomized_svd(ref: str):
+    """``randomized_svd`` as of git commit ``ref``, with the ``linalg`` helpers of that commit (both modules executed
+    beside the current ones; bases register explicitly, so nothing of them is registered)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def load(name: str, replace: tuple[str, str] | None = None) -> types.ModuleType:
+        src = subprocess.run(["git", "show", f"{ref}:gradproj/projectors/{name}.py"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout
+        if replace is not None:
+            src = src.replace(*replace)
+        mod = types.ModuleType(f"gradproj.projectors._baseline_{name}")
+        mod.__package__ = "gradproj.projectors"
+        sys.modules[mod.__name__] = mod
+        exec(compile(src, f"{ref}:gradproj/projectors/{name}.py", "exec"), mod.__dict__)
+        return mod
+
+    load("linalg")
+    return load("randomized_svd", ("from .linalg import", "from ._baseline_linalg import")).randomized_svd
+
+
+def register_baseline(ref: str) -> None:
+    """Register ``randomized_svd_baseline``: the current projector calling ``ref``'s ``randomized_svd``."""
+    function = baseline_randomized_svd(ref)
+    module = sys.modules[RandomizedSVDProjector.__module__]
+
+    class BaselineRandomizedSVDProjector(RandomizedSVDProjector):
+        name = "randomized_svd_baseline"
+
+        def compute_basis(self, G, state, step):
+            current = module.randomized_svd
+            module.randomized_svd = lambda A, rank, power_dtype=None, **kw: function(A, rank, **kw)
+            try:
+                return super().compute_basis(G, state, step)
+            finally:
+                module.randomized_svd = current
+
+    register_projector(BaselineRandomizedSVDProjector)
 
 
 def refreshing(offsets: list[int], shapes: list[tuple], gap: int, position: int) -> tuple:
@@ -131,13 +193,19 @@ def main() -> None:
     ap.add_argument("--stagger", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--configs", nargs="+", metavar="PROJECTOR:on|off",
                     help="these (basis, stagger) pairs instead of --projectors x --stagger (saves memory at 350m)")
+    ap.add_argument("--baseline", metavar="REF",
+                    help="also offer randomized_svd_baseline: the randomized_svd of git commit REF")
     ap.add_argument("--json")
     args = ap.parse_args()
+    known = PROJECTORS
+    if args.baseline:
+        register_baseline(args.baseline)
+        known = (*PROJECTORS, "randomized_svd_baseline")
     if args.configs:
         configs = [(c.split(":")[0], c.split(":")[1] == "on") for c in args.configs]
         for projector, _ in configs:
-            if projector not in PROJECTORS:
-                ap.error(f"--configs: unknown basis {projector!r}; use one of {', '.join(PROJECTORS)}")
+            if projector not in known:
+                ap.error(f"--configs: unknown basis {projector!r}; use one of {', '.join(known)}")
     else:
         configs = [(p, s == "on") for p in args.projectors for s in args.stagger]
     rows = rows_per_thread_count(args.threads, args.models, lambda name: run(name, args.gap, args.rounds, configs))

@@ -11,7 +11,13 @@ import torch
 
 from gradproj.projectors import get_projector, randomized_svd
 from gradproj.projectors.base import AUTO_KEY
-from gradproj.projectors.linalg import extend_orthonormal, in_safe_range, orthonormalize, top_eigenvectors
+from gradproj.projectors.linalg import (
+    extend_orthonormal,
+    finite_flag,
+    in_safe_range,
+    orthonormalize,
+    top_eigenvectors,
+)
 
 # the module (the package exports the function under the module's name)
 rsvd_module = importlib.import_module("gradproj.projectors.randomized_svd")
@@ -144,20 +150,17 @@ def test_bfloat16_power_iteration_keeps_the_captured_energy(decay, warm):
     "group,code,expected",
     [
         ({"proj_dtype": "auto"}, 1, torch.bfloat16),
-        ({"proj_dtype": "auto"}, 2, torch.bfloat16),  # bfloat16 inputs
+        ({"proj_dtype": "auto"}, 2, torch.bfloat16),  # bfloat16 inputs: operands rounded to bfloat16 too
         ({"proj_dtype": "auto"}, 0, None),
-        ({"proj_dtype": "auto"}, None, None),  # no decision yet
+        ({"proj_dtype": "auto"}, None, None),  # no decision (made after the first refresh)
         ({"proj_dtype": None}, 1, None),  # a decision "auto" no longer applies to
-        ({"proj_dtype": "bfloat16"}, None, torch.bfloat16),  # the explicit dtype, as "auto"'s decision would
-        ({"proj_dtype": "float16"}, None, None),  # not float16: its range
+        ({"proj_dtype": "bfloat16"}, None, torch.bfloat16),  # what "auto" runs when it chose bfloat16
+        ({"proj_dtype": "float16"}, None, None),  # G's range need not fit float16
         ({"proj_dtype": "auto", "residual": "fira"}, 1, None),
+        ({"proj_dtype": "auto", "rsvd_warm_start": False}, 1, None),  # cold refreshes stay float32
     ],
 )
-@pytest.mark.parametrize("warm", [True, False])
-def test_the_power_iteration_follows_the_matrix_s_gemm_dtype(monkeypatch, group, code, expected, warm):
-    """A warm refresh's G Z takes bfloat16 operands where the matrix's projection GEMMs do; a cold one (the first
-    refresh, before "auto" has decided anything) is float32 whatever the option, so "auto" and the explicit
-    option it decided give the same bases."""
+def test_a_warm_refresh_s_power_iteration_follows_the_matrix_s_gemm_dtype(monkeypatch, group, code, expected):
     seen = []
     real = rsvd_module.randomized_svd
 
@@ -166,15 +169,13 @@ def test_the_power_iteration_follows_the_matrix_s_gemm_dtype(monkeypatch, group,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rsvd_module, "randomized_svd", spy)
-    G = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
     proj = get_projector("randomized_svd")((40, 30), 4, "std", {"update_proj_gap": 1, **group})
     proj.param_index = 0
     state = {} if code is None else {AUTO_KEY: code}
-    if warm:
-        state.update(proj.compute_basis(G, dict(state), 0))  # a previous basis
-        seen.clear()
-    bases = proj.compute_basis(G, state, 1)
-    assert seen == [expected if warm else None] and bases is not None
+    state.update(proj.compute_basis(torch.randn(40, 30, generator=g), state, 0))  # the first, cold refresh
+    assert proj.compute_basis(torch.randn(40, 30, generator=g), state, 1) is not None  # warm, where allowed
+    assert seen == [None, expected]
 
 
 def test_a_non_finite_float32_ritz_solve_falls_back_to_float64(monkeypatch):
@@ -207,3 +208,26 @@ def test_in_safe_range_reads_a_transposed_view_like_its_contiguous_copy(scale):
     out, ref = in_safe_range(A), in_safe_range(A.contiguous())
     assert torch.equal(out, ref)
     assert (out is A) == (scale == 1.0)  # no copy where no rescaling is needed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_finiteness_check_answers_as_the_elementwise_one(dtype):
+    """finite_flag (a sum first, the elementwise check only when the sum is not finite) against
+    torch.isfinite(t).all(): NaN, +Inf, -Inf, +Inf with -Inf (a NaN sum), and finite elements whose sum
+    overflows (the elementwise check then decides: finite)."""
+    big = torch.finfo(dtype).max
+    base_t = torch.randn(64, 48, generator=torch.Generator().manual_seed(1)).to(dtype)
+    cases = {"finite": base_t.clone(), "overflowing sum": torch.full((64, 48), big, dtype=dtype)}
+    for name, values in (
+        ("nan", [float("nan")]),
+        ("inf", [float("inf")]),
+        ("-inf", [float("-inf")]),
+        ("inf and -inf", [float("inf"), float("-inf")]),
+    ):
+        t = base_t.clone()
+        for k, x in enumerate(values):
+            t[5 + k, 7] = x
+        cases[name] = t
+    for name, t in cases.items():
+        assert bool(finite_flag(t)) == bool(torch.isfinite(t).all()), name
+    assert bool(finite_flag(cases["overflowing sum"])) and not bool(finite_flag(cases["nan"]))

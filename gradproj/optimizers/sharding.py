@@ -60,7 +60,7 @@ import torch.distributed as dist
 
 from ..kernels import reference
 from ..projectors.base import Projector
-from ..projectors.linalg import power_of_two_scale
+from ..projectors.linalg import finite_flag, power_of_two_scale
 from ..projectors.svd import SVDProjector
 
 if TYPE_CHECKING:
@@ -97,8 +97,8 @@ def is_dtensor(t: Any) -> TypeGuard[DTensor]:
 def all_finite(t: torch.Tensor) -> bool:
     """True when every element of ``t`` is finite; for a DTensor, on every rank (one all-reduce)."""
     if not is_dtensor(t):
-        return bool(torch.isfinite(t).all())
-    flag = torch.isfinite(t.to_local()).all().to(torch.int32).reshape(1)
+        return bool(finite_flag(t))
+    flag = finite_flag(t.to_local()).to(torch.int32).reshape(1)
     for dim in range(t.device_mesh.ndim):
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=t.device_mesh.get_group(dim))
     return bool(flag.item())
@@ -296,7 +296,7 @@ class ShardedProjector(Projector):
     # ----------------------------------------------------------------------------------------- refresh
     def all_finite(self, G: torch.Tensor) -> bool:
         """Whether the whole gradient is finite, agreed on by every rank (one all-reduce, at refreshes only)."""
-        flag = torch.isfinite(G).all().to(torch.int32).reshape(1)
+        flag = finite_flag(G).to(torch.int32).reshape(1)
         if self.rows.sharded:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.rows.group)
         return bool(flag.item())

@@ -29,6 +29,7 @@ from ..options import Configurable
 from ..state_layout import INT, Spec
 from . import lazy, quantized, schedule
 from .change import BasisChange, snapshot_basis
+from .linalg import finite_flag
 
 log = logging.getLogger("gradproj")
 
@@ -620,7 +621,7 @@ class Projector(Configurable):
 
     def all_finite(self, G: torch.Tensor) -> bool:
         """Whether ``G`` has no NaN/Inf (a sharded projector answers for the whole matrix, on every rank)."""
-        return bool(torch.isfinite(G).all())
+        return bool(finite_flag(G))
 
     # -------------------------------------------------------------------------------- change of basis
     def basis_matrices(self, state: dict) -> dict[str, torch.Tensor]:

@@ -25,6 +25,19 @@ def orthonormalize(X: torch.Tensor) -> torch.Tensor:
     return Q * signs
 
 
+def finite_flag(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor: whether every element of ``t`` is finite (no NaN, no ±Inf).
+
+    One reduction first: a sum with a NaN or Inf term is NaN or ±Inf, so a finite sum proves every element
+    finite; only a sum that is not finite (a NaN/Inf element, or finite elements whose sum overflows) pays for
+    the elementwise check. ``torch.isfinite(t).all()`` alone writes a bool tensor the size of t first (9-14 ms
+    for a 2736 x 1024 gradient against ~1 ms for the sum, 1 thread). Half-precision tensors are summed in
+    float32, where their sum cannot overflow unless an element is Inf."""
+    s = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    finite = torch.isfinite(s)
+    return finite if bool(finite) else torch.isfinite(t).all()
+
+
 def extend_orthonormal(S: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``[S | Q]``: the columns of ``S`` (d x r, orthonormal) followed by an orthonormal basis ``Q`` of the part of
     ``X`` (d x p) orthogonal to them, so that the span is that of ``[S | X]`` (block Gram–Schmidt).

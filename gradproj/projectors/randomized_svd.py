@@ -73,10 +73,11 @@ def randomized_svd(
         left: also return the left singular vectors.
         power_dtype: the dtype of the power iteration's G Z (its product is used in float32; None: float32).
             Only that GEMM: its rounding error reaches the subspace multiplied by Gᵀ, which damps it in the
-            directions of small σ_i. Rounding Gᵀ (G Z) instead (output, like G, in bfloat16) moved the captured
+            directions of small σ_i. Rounding Gᵀ (G Z) as well (its output in bfloat16) moved the captured
             energy of gradients recorded from a small LLaMA by up to 3e-4; bfloat16 G Z alone by at most 1e-6
             there and on σ_i = i^-0.5, i^-1, i^-2 (docs/bases.md). The sketch and the Rayleigh–Ritz step's
-            Y = G Z stay in float32.
+            Y = G Z stay in float32. The projector passes bfloat16 at warm refreshes of a matrix whose
+            projection GEMMs run in bfloat16.
         solve_dtype: the dtype of the k x k Rayleigh–Ritz eigensolver (float64 on failure; see
             :func:`~gradproj.projectors.linalg.top_eigenvectors`). Its rounding moves a Ritz vector by about
             eps·σ_1²/gap, which costs at most about k·eps·σ_1² of captured energy: below 2e-5 of it in float32
@@ -158,13 +159,11 @@ class RandomizedSVDProjector(Projector):
             start = self.basis_tensor(state, "proj")  # m x r (dequantized if stored quantized)
         elif warm:
             start = self.basis_tensor(state, "proj" if self.side == "right" else "proj_right").t()  # n x r
-        # a warm refresh's power iteration G Z (G times a matrix of nearly the rank's width) follows the matrix's
-        # projection GEMMs where they take bfloat16 operands: proj_dtype="bfloat16", or "auto"'s stored decision
-        # (bfloat16 or bfloat16 inputs), which is made after the first, cold refresh; so that the two agree bit for
-        # bit, a cold refresh is float32 either way. float16 is not used for it: G Z can exceed its range where
-        # G's projections do not.
+        # a warm refresh's G Z in bfloat16 where the matrix's projection GEMMs run in it: proj_dtype="auto"'s
+        # decision, measured on this machine for G times its basis (a GEMM of nearly the same width), or an explicit
+        # "bfloat16", so that "auto" runs exactly the path it chose (it decides after the first, cold, refresh:
+        # hence warm refreshes only). Never float16: G's range need not fit it
         low = warm and self.gemm_dtype_for(state) == torch.bfloat16
-        power_dtype = torch.bfloat16 if low else None
         try:
             U, Vh = randomized_svd(
                 A,
@@ -174,7 +173,7 @@ class RandomizedSVDProjector(Projector):
                 generator=seeding.generator(seed, step, G.device),
                 start=start,
                 left=self.side == "full",
-                power_dtype=power_dtype,
+                power_dtype=torch.bfloat16 if low else None,
             )
         except torch.linalg.LinAlgError as err:
             return self.decomposition_failed("randomized SVD", err, state, step)
