@@ -24,15 +24,14 @@ just before), stands for all its positions (the pairing cancels the machine's sl
 Times are process CPU time (``time.process_time``), which other processes on a shared machine disturb less
 than wall time; run with 1 thread. Bases: ``svd`` (exact, LAPACK), ``eigh`` (Gram matrix, eigensolver in
 float64 up to 1024 x 1024), ``eigh_fp32`` (the same with a float32 eigensolver, defined here) and
-``randomized_svd`` (q = 1, warm start: the defaults); ``randomized_svd_sumcheck`` (the default with the finiteness
-check before each refresh done by one sum, defined here) and, with ``--baseline REF``, ``randomized_svd_baseline``
+``randomized_svd`` (q = 1, warm start: the defaults) and, with ``--baseline REF``, ``randomized_svd_baseline``
 (the default projector calling the ``randomized_svd`` of git commit REF, with that commit's ``linalg``).
 
     cd benchmarks && PYTHONPATH=..:. python refresh_stall.py --models llama_60m llama_130m --rounds 3
     cd benchmarks && PYTHONPATH=..:. python refresh_stall.py --models llama_350m --rounds 2 \
         --configs randomized_svd:on randomized_svd:off eigh_fp32:on svd:on
     cd benchmarks && PYTHONPATH=..:. python refresh_stall.py --models llama_350m --rounds 3 --baseline 6b93ba9 \
-        --configs randomized_svd:off randomized_svd_baseline:off randomized_svd_sumcheck:off randomized_svd:on
+        --configs randomized_svd:off randomized_svd_baseline:off randomized_svd:on
 """
 
 from __future__ import annotations
@@ -66,20 +65,7 @@ class EighFP32Projector(EighProjector):
 register_projector(EighFP32Projector)
 
 
-class SumCheckRandomizedSVDProjector(RandomizedSVDProjector):
-    """``randomized_svd`` with the finiteness check before each refresh by one sum (a finite sum has no NaN or Inf
-    term), falling back to ``isfinite(G).all()`` only when the sum is not finite: the same answer, one reduction
-    instead of ``isfinite``'s temporaries."""
-
-    name = "randomized_svd_sumcheck"
-
-    def all_finite(self, G: torch.Tensor) -> bool:
-        return bool(torch.isfinite(G.sum())) or bool(torch.isfinite(G).all())
-
-
-register_projector(SumCheckRandomizedSVDProjector)
-
-PROJECTORS = ("svd", "eigh", "eigh_fp32", "randomized_svd", "randomized_svd_sumcheck")
+PROJECTORS = ("svd", "eigh", "eigh_fp32", "randomized_svd")
 
 
 def baseline_randomized_svd(ref: str):
