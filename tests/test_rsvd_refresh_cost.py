@@ -106,6 +106,15 @@ def test_warm_randomized_svd_matches_the_float64_full_qr_iteration(shape):
     torch.testing.assert_close(Vh @ Vh.T, torch.eye(r), rtol=0, atol=2 * n * EPS32)
 
 
+def spectrum_problem(m, n, r, decay, warm, seed):
+    """Singular values σ_i = i^-decay, an m x n matrix with them (``seed``), and for a warm start the top-r right
+    singular vectors of a perturbed copy (``seed + 2``) as columns, else None."""
+    s = torch.arange(1, n + 1, dtype=torch.float64) ** -decay
+    A = spectrum_matrix(m, n, s, seed=seed)
+    start = torch.linalg.svd(A + 0.3 * spectrum_matrix(m, n, s, seed=seed + 2))[2][:r].T.float() if warm else None
+    return s, A, start
+
+
 def energy(A, Vh):
     return (A.double() @ Vh.double().T).square().sum().item()
 
@@ -114,9 +123,7 @@ def energy(A, Vh):
 @pytest.mark.parametrize("warm", [False, True])
 def test_float32_ritz_solve_captures_the_float64_solves_energy(decay, warm):
     m, n, r = 240, 160, 24
-    s = torch.arange(1, n + 1, dtype=torch.float64) ** -decay
-    A = spectrum_matrix(m, n, s, seed=11)
-    start = torch.linalg.svd(A + 0.3 * spectrum_matrix(m, n, s, seed=13))[2][:r].T.float() if warm else None
+    _, A, start = spectrum_problem(m, n, r, decay, warm, seed=11)
     run = lambda dtype: randomized_svd(  # noqa: E731
         A.float(), r, generator=torch.Generator().manual_seed(0), start=start, solve_dtype=dtype
     )[1]
@@ -130,10 +137,8 @@ def test_float32_ritz_solve_captures_the_float64_solves_energy(decay, warm):
 @pytest.mark.parametrize("warm", [False, True])
 def test_bfloat16_power_iteration_keeps_the_captured_energy(decay, warm):
     m, n, r = 300, 200, 32
-    s = torch.arange(1, n + 1, dtype=torch.float64) ** -decay
-    A = spectrum_matrix(m, n, s, seed=21)
+    s, A, start = spectrum_problem(m, n, r, decay, warm, seed=21)
     best = (s[:r] ** 2).sum().item()
-    start = torch.linalg.svd(A + 0.3 * spectrum_matrix(m, n, s, seed=23))[2][:r].T.float() if warm else None
     run = lambda dtype: randomized_svd(  # noqa: E731
         A.float(), r, generator=torch.Generator().manual_seed(0), start=start, power_dtype=dtype
     )[1]
