@@ -414,18 +414,18 @@ class Adam8bit(Adam):
         """This rule's buffers for a chunk of ``n`` values, kept for reuse across parameters and steps (a warm
         buffer spares the page faults of a fresh one and the views' setup): 24 bytes a value, at most 3 MiB
         per chunk length, one length per distinct tensor size (and its last chunk)."""
-        spaces = self.__dict__.setdefault("_workspaces", {})
-        ws = spaces.get((n, device))
-        if ws is None:
-            ws = spaces[(n, device)] = Workspace(n, device)
-        return ws
+        return self._reused(("workspace", n, device), lambda: Workspace(n, device))
 
     def _staging(self, n: int):
         """The compiled update's staging buffers for a chunk of ``n`` values, kept for reuse (3 bytes a value)."""
-        spaces = self.__dict__.setdefault("_staging_buffers", {})
-        if n not in spaces:
-            spaces[n] = adam8bit_fused.scratch_buffers(n, num_blocks(n))
-        return spaces[n]
+        return self._reused(("staging", n), lambda: adam8bit_fused.scratch_buffers(n, num_blocks(n)))
+
+    def _reused(self, key: tuple, make):
+        """The buffers this rule keeps under ``key`` across parameters and steps, made by ``make()`` at first use."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        if key not in buffers:
+            buffers[key] = make()
+        return buffers[key]
 
     @staticmethod
     def _init_state(R: torch.Tensor, state: dict, group: dict) -> None:
