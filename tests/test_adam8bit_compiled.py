@@ -2,6 +2,7 @@
 eager update it replaces."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -118,8 +119,7 @@ def test_update_matches_the_eager_update_and_quantizes_its_own_moments_as_bitsan
     kernel = built()
     codes_k, scales_k = [c.clone() for c in codes], [s.clone() for s in scales]
     psi_k, moments = torch.empty(n), torch.empty(2 * n)
-    staging = adam8bit_fused.scratch_buffers(n, adam8bit.num_blocks(n))
-    assert kernel.update(r, psi_k, codes_k, scales_k, beta1, beta2, eps, staging, moments=moments)
+    assert kernel.update(r, psi_k, codes_k, scales_k, beta1, beta2, eps, moments=moments) == n
     m_k, v_k = moments[:n], moments[n:]
     # m = lerp(m, R, 1−β1) = w·d + base with d = R − m: fused into one rounding by torch's kernel and by this one
     # where the ISA has an fma, two roundings where it does not. Both are within u·|exact| of w·d + base, the
@@ -149,16 +149,33 @@ def test_update_matches_the_eager_update_and_quantizes_its_own_moments_as_bitsan
         assert torch.equal(codes_k[k], ref_codes)
 
 
-def test_a_block_maximum_that_is_not_finite_normal_changes_nothing():
+def test_the_update_stops_at_a_block_whose_maximum_is_not_finite_normal():
+    """Blocks before the first bad one are committed (as the kernel commits them alone), that block and the ones
+    after it are left as they were (codes, scales, and the weight in the weight-step mode)."""
     n = 1024
     for bad, where in ((float("inf"), 700), (float("nan"), 5), (3e38, 900)):  # 3e38: v = R² overflows
-        r, codes, scales = random_state(n, seed=1)
-        r[where] = bad
-        before = [c.clone() for c in codes], [s.clone() for s in scales]
-        staging = adam8bit_fused.scratch_buffers(n, adam8bit.num_blocks(n))
-        assert not built().update(r, torch.empty(n), codes, scales, 0.9, 0.999, 1e-6, staging)
-        assert all(torch.equal(a, b) for a, b in zip(codes, before[0]))
-        assert all(torch.equal(a, b) for a, b in zip(scales, before[1]))
+        first = where // 256 * 256
+        for weight_step in (None, (-1e-2, -1e-3)):
+            r, codes, scales = random_state(n, seed=1)
+            r[where] = bad
+            out = torch.randn(n)
+            before = [c.clone() for c in codes], [s.clone() for s in scales], out.clone()
+            assert built().update(r, out, codes, scales, 0.9, 0.999, 1e-6, weight_step) == first
+            blocks = first // 256
+            assert all(torch.equal(a[first:], b[first:]) for a, b in zip(codes, before[0]))
+            assert all(torch.equal(a[blocks:], b[blocks:]) for a, b in zip(scales, before[1]))
+            if weight_step is not None:
+                assert torch.equal(out[first:], before[2][first:])
+            # the committed prefix: what the kernel gives for those blocks alone
+            pc, ps, po = (
+                [c[:first].clone() for c in before[0]],
+                [s[:blocks].clone() for s in before[1]],
+                before[2][:first].clone(),
+            )
+            assert built().update(r[:first], po, pc, ps, 0.9, 0.999, 1e-6, weight_step) == first
+            assert all(torch.equal(a[:first], b) for a, b in zip(codes, pc))
+            assert all(torch.equal(a[:blocks], b) for a, b in zip(scales, ps))
+            assert torch.equal(out[:first], po)
     # subnormal block maxima of the moments themselves, in the quantizer
     m = torch.ones(768)
     m[256:512] = 1e-39
@@ -169,9 +186,9 @@ def test_a_block_maximum_that_is_not_finite_normal_changes_nothing():
 
 def test_a_chunk_with_a_non_finite_block_steps_as_the_eager_code(monkeypatch, compiled):
     """Two optimizers in the same state (unprojected 8-bit tensors of two chunks, CHUNK_SIZE patched to 512)
-    take a step whose gradient is inf in the second chunk of one tensor, one through the kernel, one through
-    the eager update: that chunk's codes and scales are bit for bit the eager code's (bitsandbytes' quantizer
-    decides them, from the state the kernel left untouched)."""
+    take a step whose gradient is inf in the second chunk of one tensor, one through the kernel (its weight step),
+    one through the eager update: that chunk's codes, scales and weights are bit for bit the eager code's
+    (bitsandbytes' quantizer decides them, from the state the kernel left untouched)."""
     monkeypatch.setattr(adam8bit, "CHUNK_SIZE", 512)
     g = torch.Generator().manual_seed(7)
     shapes = [(40, 30), (33, 31)]
@@ -189,14 +206,16 @@ def test_a_chunk_with_a_non_finite_block_steps_as_the_eager_code(monkeypatch, co
             for p, gr in zip(ps, gs):
                 p.grad = gr.clone()
             opt.step()
-        return opt.state[ps[0]]
+        return opt.state[ps[0]], ps[0].detach()
 
     calls = []
     real = adam8bit.quantize_
     monkeypatch.setattr(adam8bit, "quantize_", lambda *a, **k: (calls.append(1), real(*a, **k)))
-    st_c = run(True)
+    st_c, w_c = run(True)
     assert len(calls) == 2  # m and v of the one chunk, through bitsandbytes
-    st_e = run(False)
+    st_e, w_e = run(False)
+    # the weight there too: the chunk's weight step is the engine's (torch's add_, same elementwise ops)
+    assert torch.equal(w_c.view(-1)[512:1024].view(torch.int32), w_e.view(-1)[512:1024].view(torch.int32))  # bits: NaN
     assert st_c["exp_avg"].dtype == torch.uint8 and st_c["exp_avg"].numel() == 1200
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(st_c[k].view(-1)[512:1024], st_e[k].view(-1)[512:1024])
@@ -305,3 +324,101 @@ def test_a_build_that_contracts_the_bin_arithmetic_is_not_used(monkeypatch, capl
     with caplog.at_level(logging.INFO, logger="gradproj"):
         assert adam8bit_fused.build() is None
     assert "quantizes differently from bitsandbytes; the eager one runs" in caplog.text
+
+
+def weight_step_tolerance(w_ref, a_psi, decay):
+    """|Δ| between two evaluations of w1 = w + a·ψ, w2 = w1 + d·w1 that each may or may not fuse a multiply-add
+    into one rounding (torch's add_ fuses it in its vector loops; its scalar tail is left to the compiler). The
+    inputs of each rounding then differ by at most u·|product| plus the difference carried in, and two roundings
+    of inputs that close differ by at most that plus one ulp (≤ 2u·|result|): |Δw1| ≤ u·|aψ| + 2u·|w1|, and
+    |Δw2| ≤ (1 + |d|)·|Δw1| + u·|d·w1| + 2u·|w2|, with |w1| ≤ |w2| / (1 − |d|) ≤ 2·|w2| for |d| ≤ 1/2."""
+    assert abs(decay) <= 0.5
+    w1 = 2 * w_ref.abs()
+    return (1 + abs(decay)) * (U * a_psi.abs() + 2 * U * w1) + U * abs(decay) * w1 + 2 * U * w_ref.abs()
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_the_weight_step_of_unprojected_tensors_is_the_engine_update(monkeypatch, compiled, weight_decay):
+    """Unprojected 8-bit tensors (an embedding-like matrix, a long 1-D tensor with a partial last block) step
+    their weight inside the kernel: the moments' codes and scales are bit for bit those of the ψ path, and the
+    weight is the engine's update W ← W − step·ψ, W ← W − lr·wd·W computed with torch's ops from the kernel's ψ,
+    within the roundings a fused multiply-add may place differently (weight_step_tolerance)."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(70, 90), (5000,)]
+    start = [torch.randn(s, generator=g) for s in shapes]
+    grads = [[torch.randn(s, generator=g) * 1e-2 for s in shapes] for _ in range(3)]
+    lr, beta1, beta2, eps = 3e-2, 0.9, 0.999, 1e-8
+
+    def optimizer(ps):
+        return gradproj.GaLoreAdamW8bit(
+            [{"params": ps}], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, min_8bit_size=256
+        )
+
+    folded = []
+    real = adam8bit_fused.FusedUpdate.update
+    monkeypatch.setattr(
+        adam8bit_fused.FusedUpdate, "update", lambda *a, **k: (folded.append(a[8] is not None), real(*a, **k))[1]
+    )
+    ps = [torch.nn.Parameter(x.clone()) for x in start]
+    opt = optimizer(ps)
+    for t, gs in enumerate(grads, start=1):
+        states = [
+            {k: torch.as_tensor(v).clone() for k, v in opt.state[p].items()} if p in opt.state else None for p in ps
+        ]
+        before = [p.detach().clone() for p in ps]
+        for p, gr in zip(ps, gs):
+            p.grad = gr.clone()
+        opt.step()
+        step = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        for p, gr, st, w0 in zip(ps, gs, states, before):
+            n = gr.numel()
+            blocks = adam8bit.num_blocks(n)
+            codes = (
+                [st["exp_avg"].view(-1).clone(), st["exp_avg_sq"].view(-1).clone()]
+                if st
+                else [torch.zeros(n, dtype=torch.uint8) for _ in range(2)]
+            )
+            scales = (
+                [st[k].clone() for k in (adam8bit.EXP_AVG_ABSMAX, adam8bit.EXP_AVG_SQ_ABSMAX)]
+                if st
+                else [torch.zeros(blocks) for _ in range(2)]
+            )
+            psi = torch.empty(n)
+            assert real(compiled, gr.reshape(-1), psi, codes, scales, beta1, beta2, eps) == n  # the ψ path
+            state = opt.state[p]
+            assert torch.equal(state["exp_avg"].view(-1), codes[0]) and torch.equal(
+                state["exp_avg_sq"].view(-1), codes[1]
+            )
+            assert torch.equal(state[adam8bit.EXP_AVG_ABSMAX], scales[0])
+            assert torch.equal(state[adam8bit.EXP_AVG_SQ_ABSMAX], scales[1])
+            decay = -lr * weight_decay
+            w_ref = w0.reshape(-1).clone().add_(psi, alpha=-step)
+            if decay:
+                w_ref.add_(w_ref, alpha=decay)
+            got = p.detach().reshape(-1)
+            assert (got - w_ref).abs().le(weight_step_tolerance(w_ref, step * psi, decay)).all()
+            assert not torch.equal(got, w0.reshape(-1))
+    assert folded == [True] * 6  # two tensors, three steps, each one kernel call with the weight step
+
+
+def test_the_weight_step_runs_only_where_the_engine_update_is_plain(monkeypatch, compiled):
+    """bfloat16 weights, a norm-growth limit and projected matrices keep the ψ path (the engine's own update)."""
+    modes = []
+    real = adam8bit_fused.FusedUpdate.update
+    monkeypatch.setattr(
+        adam8bit_fused.FusedUpdate,
+        "update",
+        lambda *a, **k: (modes.append(len(a) > 8 and a[8] is not None), real(*a, **k))[1],
+    )
+
+    def steps(dtype=torch.float32, **group):
+        modes.clear()
+        params, loss_fn = matrix_problem([(64, 300), (200, 40)], seed=3, dtype=dtype)
+        opt = gradproj.GaLoreAdamW8bit([{"params": params, **group}], lr=1e-2, min_8bit_size=256)
+        train(params, opt, 2, loss_fn)
+        return modes
+
+    assert steps() == [True] * 4
+    assert steps(norm_growth_limit=1.01) == [False] * 4
+    assert steps(rank=16, update_proj_gap=200, scale=0.25) == [False] * 4
+    assert steps(dtype=torch.bfloat16) == []  # the kernel takes float32 only: the eager update

@@ -364,35 +364,79 @@ class Adam8bit(Adam):
     def update(self, R, state, group, ctx: StepContext):
         if "exp_avg" not in state:
             self._init_state(R, state, group)
-        (beta1, beta2), eps = group["betas"], group["eps"]
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        if m.dtype != torch.uint8:  # a small tensor: fp32 moments
+        if state["exp_avg"].dtype != torch.uint8:  # a small tensor: fp32 moments
             return super().update(R, state, group, ctx)
         U = torch.empty(R.shape, dtype=R.dtype, device=R.device)
-        flat = (R.reshape(-1), U.view(-1), m.view(-1), v.view(-1))  # R is contiguous (dense_down): views
         one_pass = fused(group, ctx.ops)
-        lut = (
-            lut_quantizer(R.device)
-            if R.device.type == "cpu" and group.get("adam_kernel", "fused") != "reference"
-            else None
-        )
-        m_absmax, v_absmax = state[EXP_AVG_ABSMAX], state[EXP_AVG_SQ_ABSMAX]
+        lut = self._lut(R, group)
         compiled = (
             adam8bit_fused.for_update(R.numel()) if lut is not None and one_pass and R.dtype == torch.float32 else None
         )
-        for start in range(0, R.numel(), CHUNK_SIZE):
-            if R.numel() <= CHUNK_SIZE:  # one chunk: the tensors themselves (fewer views per step)
-                r, u, m_codes, v_codes = flat
+        self._update_8bit(R, U, state, group, ctx, compiled, None)
+        return U, self.step_size(group, state, ctx)
+
+    def step_weight(self, W, R, state, group, ctx: StepContext, lr: float, weight_decay: float) -> bool:
+        """The compiled CPU update with the weight's step folded in, block by block: ψ never exists as a tensor
+        and W is read and written once (a fresh ψ of an embedding's size costs more than the kernel, in page
+        faults and two more passes over W). The weight gets the engine's own operations (torch's ``add_``
+        with alpha, each a fused multiply-add: ``W += −step·ψ``, then ``W += −lr·wd·W``), so W is what
+        :meth:`update` and the engine's weight update give, up to where a multiply-add is fused or not (the
+        same function; tests/test_adam8bit_compiled.py). Applies where the compiled update is built and runs:
+        8-bit moments, ``adam_kernel="fused"``, float32 W and R of one shape on the CPU."""
+        if (
+            W.dtype != torch.float32
+            or R.dtype != torch.float32
+            or W.device.type != "cpu"
+            or W.shape != R.shape
+            or not (W.is_contiguous() and R.is_contiguous())
+            or not fused(group, ctx.ops)
+        ):
+            return False
+        compiled = adam8bit_fused.current()  # only a kernel built already (the eager path counts towards it)
+        if compiled is None or self._lut(R, group) is None:
+            return False
+        if "exp_avg" not in state:
+            self._init_state(R, state, group)
+        if state["exp_avg"].dtype != torch.uint8:
+            return False
+        step = self.step_size(group, state, ctx)
+        self._update_8bit(R, W, state, group, ctx, compiled, (-step * ctx.scale, -lr * weight_decay))
+        return True
+
+    @staticmethod
+    def _lut(R: torch.Tensor, group: dict) -> LutQuantizer | None:
+        if R.device.type != "cpu" or group.get("adam_kernel", "fused") == "reference":
+            return None
+        return lut_quantizer(R.device)
+
+    def _update_8bit(self, R, out, state, group, ctx: StepContext, compiled, weight_step) -> None:
+        """The update of R with 8-bit moments: ψ into ``out`` (``weight_step=None``), or ``out`` is the weight,
+        stepped by ``(alpha, decay)`` as :meth:`adam8bit_fused.FusedUpdate.update` says. The compiled update
+        runs first where given; what it leaves (blocks from the first one whose maxima are not finite normal
+        numbers) runs the eager update, a chunk at a time."""
+        (beta1, beta2), eps = group["betas"], group["eps"]
+        # R is contiguous (dense_down, or a weight's gradient): views
+        flat = (R.reshape(-1), out.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1))
+        m_absmax, v_absmax = state[EXP_AVG_ABSMAX], state[EXP_AVG_SQ_ABSMAX]
+        n = R.numel()
+        done = 0
+        if compiled is not None:
+            r, o, m_codes, v_codes = flat
+            done = compiled.update(r, o, (m_codes, v_codes), (m_absmax, v_absmax), beta1, beta2, eps, weight_step)
+        if done == n:
+            return
+        one_pass = fused(group, ctx.ops)
+        lut = self._lut(R, group)
+        for start in range(done, n, CHUNK_SIZE):
+            if start == 0 and n <= CHUNK_SIZE:  # one chunk: the tensors themselves (fewer views per step)
+                r, o, m_codes, v_codes = flat
                 scales = (m_absmax, v_absmax)
             else:
                 values = slice(start, start + CHUNK_SIZE)
                 blocks = slice(start // BLOCK_SIZE, (start + CHUNK_SIZE) // BLOCK_SIZE)
-                r, u, m_codes, v_codes = (t[values] for t in flat)
+                r, o, m_codes, v_codes = (t[values] for t in flat)
                 scales = (m_absmax[blocks], v_absmax[blocks])
-            if compiled is not None and compiled.update(
-                r, u, (m_codes, v_codes), scales, beta1, beta2, eps, self._staging(r.numel())
-            ):
-                continue  # else (a block maximum not finite normal) nothing changed: the eager update runs
+            u = o if weight_step is None else torch.empty_like(r)
             if lut is not None:
                 ws = self._workspace(r.numel(), R.device)
                 lut.dequantize(ws, (m_codes, v_codes), scales)
@@ -402,23 +446,23 @@ class Adam8bit(Adam):
                 v32 = dequantize(v_codes, scales[1], signed=False)
             r32 = r.to(torch.float32)
             if one_pass and u.dtype == torch.float32 and reference.fused_adam_applies(r32, m32, v32):
-                reference.adam_update_fused([r32], [m32], [v32], beta1, beta2, eps, out=[u])  # ψ straight into U
+                reference.adam_update_fused([r32], [m32], [v32], beta1, beta2, eps, out=[u])  # ψ straight into u
             else:
                 u.copy_(ctx.ops.adam_update(r, m32, v32, beta1, beta2, eps))
             if lut is None or not lut.quantize(ws, (m_codes, v_codes), scales):
                 quantize_(m32, m_codes, scales[0], signed=True)
                 quantize_(v32, v_codes, scales[1], signed=False)
-        return U, self.step_size(group, state, ctx)
+            if weight_step is not None:  # the engine's weight update (kernels.reference.apply_update), on this chunk
+                alpha, decay = weight_step
+                o.add_(u, alpha=alpha)
+                if decay != 0.0:
+                    o.add_(o, alpha=decay)
 
     def _workspace(self, n: int, device: torch.device) -> Workspace:
         """This rule's buffers for a chunk of ``n`` values, kept for reuse across parameters and steps (a warm
         buffer spares the page faults of a fresh one and the views' setup): 24 bytes a value, at most 3 MiB
         per chunk length, one length per distinct tensor size (and its last chunk)."""
         return self._reused(("workspace", n, device), lambda: Workspace(n, device))
-
-    def _staging(self, n: int):
-        """The compiled update's staging buffers for a chunk of ``n`` values, kept for reuse (3 bytes a value)."""
-        return self._reused(("staging", n), lambda: adam8bit_fused.scratch_buffers(n, num_blocks(n)))
 
     def _reused(self, key: tuple, make):
         """The buffers this rule keeps under ``key`` across parameters and steps, made by ``make()`` at first use."""

@@ -63,41 +63,44 @@ _SOURCE = r"""
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
-// One 8-bit Adam update of n values: gradproj/inner/adam8bit_fused.py. quantize_only: r holds fp32 m (n values)
-// then fp32 v (n values), which are quantized as they are (no Adam, u untouched). keep_moments: the updated fp32
-// m and v are also written to moments (2n values).
+// The 8-bit Adam update of n values, block by block: gradproj/inner/adam8bit_fused.py.
+// mode 0: ψ into out (n values). mode 1: r holds fp32 m (n values) then fp32 v (n values), which are quantized
+// as they are (no Adam, out untouched). mode 2: out is the weight: out ← out + alpha·ψ, then out ← out + decay·out
+// when decay != 0 (torch's add_ with alpha: one fused multiply-add each). keep_moments: the updated fp32 m and v are
+// also written to moments (2n values). A block is committed (its codes, scales and output written) only when both
+// of its maxima are 0 or finite normal numbers; at the first block that is not, the kernel stops: info[0] is the
+// number of values committed (n when all were).
 extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, float* va, const float* maps,
-                       const uint8_t* mtab, const uint8_t* vtab, float* u, uint8_t* codes_new, float* absmax_new,
-                       int64_t* info, float* moments, const int64_t n, const float w, const float b2,
-                       const float c2, const float eps, const int64_t quantize_only, const int64_t keep_moments) {
+                       const uint8_t* mtab, const uint8_t* vtab, float* out, int64_t* info, float* moments,
+                       const int64_t n, const float w, const float b2, const float c2, const float eps,
+                       const float alpha, const float decay, const int64_t mode, const int64_t keep_moments) {
     using Vec = at::vec::Vectorized<float>;
     using IVec = at::vec::Vectorized<int32_t>;
     constexpr int64_t B = @BLOCK@;
     constexpr int64_t L = Vec::size();
-    static_assert(B % L == 0, "a block is whole vectors");
+    static_assert(B % L == 0 && B % 16 == 0, "a block is whole vectors");
     alignas(64) float m[B];
     alignas(64) float v[B];
     alignas(64) float g[B];
     alignas(64) float uu[B];
     alignas(64) int32_t bins[2][B];
+    const bool quantize_only = mode == 1;
     const int64_t nblocks = (n + B - 1) / B;
     const bool small = std::fabs(w) < 0.5f;  // torch's lerp: base m and weight w, or base R and weight w - 1
     const Vec W(small ? w : w - 1.0f), B2(b2), C2(c2), EPS(eps), ZERO(0.0f), ONE(1.0f), SPAN(@HALF_SPAN@f),
-        HALF(0.5f);
+        HALF(0.5f), ALPHA(alpha), DECAY(decay);
     const IVec IZERO(0), ILAST(@LAST_BIN@);
-    uint8_t* mc_new = codes_new;
-    uint8_t* vc_new = codes_new + n;
-    float* ma_new = absmax_new;
-    float* va_new = absmax_new + nblocks;
-    int64_t ok = 1;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
         const int64_t s = blk * B;
         const int64_t len = std::min<int64_t>(B, n - s);
         const bool full = len == B;
         // a partial block is padded with R = m = v = 0: those lanes stay 0 and leave the block maxima alone
         const float* rb = r + s;
-        float* ub = full ? u + s : uu;
+        float* ub = (full && mode == 0) ? out + s : uu;
         if (quantize_only) {
             std::memcpy(m, r + s, len * sizeof(float));
             std::memcpy(v, r + n + s, len * sizeof(float));
@@ -108,6 +111,17 @@ extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, floa
                 rb = g;
             }
             const float sm = ma[blk], sv = va[blk];
+#ifdef __AVX512F__
+            if (full) {  // code[c] · absmax, sixteen table lookups at a time
+                const __m512 SM = _mm512_set1_ps(sm), SV = _mm512_set1_ps(sv);
+                for (int64_t j = 0; j < B; j += 16) {
+                    const __m512i cm = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(mc + s + j)));
+                    const __m512i cv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(vc + s + j)));
+                    _mm512_store_ps(m + j, _mm512_mul_ps(_mm512_i32gather_ps(cm, maps, 4), SM));
+                    _mm512_store_ps(v + j, _mm512_mul_ps(_mm512_i32gather_ps(cv, maps + @MAP@, 4), SV));
+                }
+            } else
+#endif
             for (int64_t j = 0; j < len; ++j) {
                 m[j] = maps[mc[s + j]] * sm;
                 v[j] = maps[@MAP@ + vc[s + j]] * sv;
@@ -132,16 +146,15 @@ extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, floa
             amx = at::vec::maximum(amx, mj.abs());  // maximum propagates NaN
             avx = at::vec::maximum(avx, vj.abs());
         }
-        if (!quantize_only && !full) std::memcpy(u + s, uu, len * sizeof(float));
-        if (keep_moments) {
-            std::memcpy(moments + s, m, len * sizeof(float));
-            std::memcpy(moments + n + s, v, len * sizeof(float));
-        }
         const float am = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, amx);
         const float av = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, avx);
         if (!(am <= FLT_MAX) || !(av <= FLT_MAX) || (am > 0.0f && am < FLT_MIN) || (av > 0.0f && av < FLT_MIN)) {
-            ok = 0;  // NaN, inf or subnormal: nothing is committed
-            break;
+            info[0] = s;  // NaN, inf or subnormal: this block and the ones after it are not committed
+            return;
+        }
+        if (keep_moments) {
+            std::memcpy(moments + s, m, len * sizeof(float));
+            std::memcpy(moments + n + s, v, len * sizeof(float));
         }
         const Vec IM(am == 0.0f ? 0.0f : 1.0f / am), IV(av == 0.0f ? 0.0f : 1.0f / av);
         for (int64_t j = 0; j < B; j += L) {
@@ -153,22 +166,40 @@ extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, floa
             at::vec::minimum(at::vec::maximum(bm, IZERO), ILAST).store(bins[0] + j);
             at::vec::minimum(at::vec::maximum(bv, IZERO), ILAST).store(bins[1] + j);
         }
+#ifdef __AVX512F__
+        if (full) {  // sixteen bin-table lookups at a time (4-byte loads at byte offsets: the tables are padded)
+            for (int64_t j = 0; j < B; j += 16) {
+                const __m512i bm = _mm512_load_si512((const void*)(bins[0] + j));
+                const __m512i bv = _mm512_load_si512((const void*)(bins[1] + j));
+                _mm_storeu_si128((__m128i*)(mc + s + j),
+                                 _mm512_cvtepi32_epi8(_mm512_i32gather_epi32(bm, (const int*)mtab, 1)));
+                _mm_storeu_si128((__m128i*)(vc + s + j),
+                                 _mm512_cvtepi32_epi8(_mm512_i32gather_epi32(bv, (const int*)vtab, 1)));
+            }
+        } else
+#endif
         for (int64_t j = 0; j < len; ++j) {
-            mc_new[s + j] = mtab[bins[0][j]];
-            vc_new[s + j] = vtab[bins[1][j]];
+            mc[s + j] = mtab[bins[0][j]];
+            vc[s + j] = vtab[bins[1][j]];
         }
-        if (am == 0.0f) std::memset(mc_new + s, 0, len);  // an all-zero block stores code 0, as bitsandbytes
-        if (av == 0.0f) std::memset(vc_new + s, 0, len);
-        ma_new[blk] = am;
-        va_new[blk] = av;
+        if (am == 0.0f) std::memset(mc + s, 0, len);  // an all-zero block stores code 0, as bitsandbytes
+        if (av == 0.0f) std::memset(vc + s, 0, len);
+        ma[blk] = am;
+        va[blk] = av;
+        if (mode == 0 && !full) {
+            std::memcpy(out + s, uu, len * sizeof(float));
+        } else if (mode == 2) {
+            float* ws = out + s;
+            for (int64_t j = 0; j < len; j += L) {
+                const int64_t k = std::min<int64_t>(L, len - j);
+                Vec wj = k == L ? Vec::loadu(ws + j) : Vec::loadu(ws + j, k);
+                wj = at::vec::fmadd(Vec::loadu(uu + j), ALPHA, wj);
+                if (decay != 0.0f) wj = at::vec::fmadd(wj, DECAY, wj);
+                if (k == L) wj.store(ws + j); else wj.store(ws + j, k);
+            }
+        }
     }
-    info[0] = ok;
-    if (ok) {
-        std::memcpy(mc, mc_new, n);
-        std::memcpy(vc, vc_new, n);
-        std::memcpy(ma, ma_new, nblocks * sizeof(float));
-        std::memcpy(va, va_new, nblocks * sizeof(float));
-    }
+    info[0] = n;
 }
 """
 
@@ -179,21 +210,23 @@ _ARGTYPES = [
     "float*",  # m scales
     "float*",  # v scales
     "const float*",  # the two code maps (2, 256)
-    "const uint8_t*",  # m's bin table
-    "const uint8_t*",  # v's bin table
-    "float*",  # u (ψ)
-    "uint8_t*",  # new codes (2n)
-    "float*",  # new scales (2 · blocks)
-    "int64_t*",  # info: 1 when committed
+    "const uint8_t*",  # m's bin table (padded)
+    "const uint8_t*",  # v's bin table (padded)
+    "float*",  # out: ψ, or the weight
+    "int64_t*",  # info: the values committed
     "float*",  # the updated fp32 moments (2n), with keep_moments
     "int64_t",  # n
     "float",  # 1 - β1
     "float",  # β2
     "float",  # 1 - β2
     "float",  # eps
-    "int64_t",  # quantize_only
+    "float",  # the weight's step: alpha (−step size)
+    "float",  # the weight's decay: −lr·wd, or 0
+    "int64_t",  # mode: 0 ψ, 1 quantize only, 2 weight step
     "int64_t",  # keep_moments
 ]
+#: bytes past each bin table's end: the vectorized lookups load 4 bytes at the offset of a bin
+TABLE_PAD = 4
 
 
 class FusedUpdate:
@@ -203,21 +236,29 @@ class FusedUpdate:
         self.fn = fn
         self.block_size = block_size
         self.maps = maps.contiguous()
-        self.tables = [t.contiguous() for t in tables]
+        self.tables = [torch.cat([t.reshape(-1), t.new_zeros(TABLE_PAD)]) for t in tables]
 
-    def update(self, r, u, codes, scales, beta1: float, beta2: float, eps: float, scratch, moments=None) -> bool:
-        """One chunk: fp32 ``r`` (flat, contiguous), ψ into fp32 ``u``, the moments' flat uint8 ``codes`` (m, v)
-        and fp32 ``scales`` (m, v) updated in place. Returns False, having changed neither codes nor scales,
-        when a block maximum is not a finite normal number (``u`` is then partly written). ``moments``: a
-        buffer of 2·numel fp32 values to receive the updated m and v before quantization (for tests)."""
-        new_codes, new_scales, info = scratch
+    def update(
+        self, r, out, codes, scales, beta1: float, beta2: float, eps: float, weight_step=None, moments=None
+    ) -> int:
+        """The update of fp32 ``r`` (flat, contiguous), with the moments' flat uint8 ``codes`` (m, v) and fp32
+        ``scales`` (m, v) updated in place, block by block. ``weight_step=None``: ψ into fp32 ``out``;
+        ``(alpha, decay)``: ``out`` is the weight (fp32, flat), stepped as ``out.add_(ψ, alpha=alpha)`` and then,
+        when decay != 0, ``out.add_(out, alpha=decay)``. ``moments``: a buffer of 2·numel fp32 values to receive
+        the updated m and v before quantization (for tests).
+
+        Returns the number of values committed, a multiple of the block size or ``r.numel()``: the update stops
+        at the first block whose maximum of m or v is not 0 or a finite normal number, leaving that block and
+        the ones after it as they were (codes, scales and weight; ψ there may be partly written)."""
+        info = torch.zeros(1, dtype=torch.int64)
         keep = moments is not None
+        alpha, decay = weight_step if weight_step is not None else (0.0, 0.0)
         self.fn(
-            r, codes[0], codes[1], scales[0], scales[1], self.maps, self.tables[0], self.tables[1], u,
-            new_codes, new_scales, info, moments if keep else u, r.numel(), 1.0 - beta1, beta2, 1.0 - beta2, eps,
-            0, int(keep),
+            r, codes[0], codes[1], scales[0], scales[1], self.maps, self.tables[0], self.tables[1], out,
+            info, moments if keep else out, r.numel(), 1.0 - beta1, beta2, 1.0 - beta2, eps, alpha, decay,
+            0 if weight_step is None else 2, int(keep),
         )  # fmt: skip
-        return bool(info[0])
+        return int(info[0])
 
     def quantize(self, m: torch.Tensor, v: torch.Tensor):
         """(codes, scales) of fp32 ``m`` and ``v`` (same length) by the kernel's quantizer alone, or None when a
@@ -227,23 +268,12 @@ class FusedUpdate:
         x = torch.cat([m.reshape(-1), v.reshape(-1)]).float()
         codes = [torch.zeros(n, dtype=torch.uint8) for _ in range(2)]
         scales = [torch.zeros(blocks) for _ in range(2)]
-        scratch = scratch_buffers(n, blocks)
-        new_codes, new_scales, info = scratch
+        info = torch.zeros(1, dtype=torch.int64)
         self.fn(
             x, codes[0], codes[1], scales[0], scales[1], self.maps, self.tables[0], self.tables[1], x,
-            new_codes, new_scales, info, x, n, 0.0, 0.0, 0.0, 0.0, 1, 0,
+            info, x, n, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1, 0,
         )  # fmt: skip
-        return (codes, scales) if bool(info[0]) else None
-
-
-def scratch_buffers(n: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel's staging buffers for a chunk of ``n`` values (new codes and scales before they are committed,
-    and the flag)."""
-    return (
-        torch.empty(2 * n, dtype=torch.uint8),
-        torch.empty(2 * blocks, dtype=torch.float32),
-        torch.zeros(1, dtype=torch.int64),
-    )
+        return (codes, scales) if int(info[0]) == n else None
 
 
 _lock = threading.Lock()
@@ -262,6 +292,12 @@ def for_update(numel: int) -> FusedUpdate | None:
     if _state["eager_values"] < BUILD_AFTER_VALUES:
         return None
     return build()
+
+
+def current() -> FusedUpdate | None:
+    """The kernel when it is built already (and the step is not being traced by torch.compile), else None; counts
+    nothing towards the build."""
+    return None if torch.compiler.is_compiling() else _state["kernel"]
 
 
 def build() -> FusedUpdate | None:

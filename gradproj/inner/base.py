@@ -58,6 +58,21 @@ class InnerRule(Configurable):
     def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
+    def step_weight(
+        self,
+        W: torch.Tensor,
+        R: torch.Tensor,
+        state: dict,
+        group: dict,
+        ctx: StepContext,
+        lr: float,
+        weight_decay: float,
+    ) -> bool:
+        """For an unprojected parameter (R its gradient, W its weight): the update and the weight's step
+        ``W -= step_size·U; W -= lr·wd·W`` in one pass, where the rule has one. Returns False, having changed
+        nothing, where it has none; the engine then runs :meth:`update` and its own weight update."""
+        return False
+
     def state_layout(self, shape: tuple[int, ...], group: dict) -> dict[str, Spec]:
         """The state keys the rule keeps for a low-rank gradient R of ``shape`` (:mod:`gradproj.state_layout`)."""
         return {}

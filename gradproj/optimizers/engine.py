@@ -555,6 +555,14 @@ class Engine:
             return  # compile=True: the lines below ran as one compiled graph
         if plan.dense and multi_tensor.dense_step_applies(self.optimizer, p, grad, group, state):
             return multi_tensor.step_dense(self.optimizer, p, grad, group, state)  # torch's fused AdamW kernel
+        if (  # a rule that steps the weight itself (the compiled 8-bit update): no U, one pass over W
+            plan.dense
+            and type(plan.residual) is NoResidual
+            and group.get(NORM_GROWTH_KEY) is None
+            and ctx.ops.apply_update is kernels.reference.apply_update
+            and inner.step_weight(p.detach(), R, state, group, ctx, inner.decay_lr(group, state), group["weight_decay"])
+        ):
+            return
         U, step_size = inner.update(R, state, group, ctx)
         U, S = plan.residual.compute(G, R, U, proj, state, group, ctx)
         U, S = limit_update_growth(U, S, proj, state, group, ctx)
