@@ -119,7 +119,7 @@ def test_update_matches_the_eager_update_and_quantizes_its_own_moments_as_bitsan
     kernel = built()
     codes_k, scales_k = [c.clone() for c in codes], [s.clone() for s in scales]
     psi_k, moments = torch.empty(n), torch.empty(2 * n)
-    assert kernel.update(r, psi_k, codes_k, scales_k, beta1, beta2, eps, moments=moments) == n
+    assert kernel.update(r, psi_k, codes_k, scales_k, beta1, beta2, eps, moments=moments) == []
     m_k, v_k = moments[:n], moments[n:]
     # m = lerp(m, R, 1−β1) = w·d + base with d = R − m: fused into one rounding by torch's kernel and by this one
     # where the ISA has an fma, two roundings where it does not. Both are within u·|exact| of w·d + base, the
@@ -160,7 +160,7 @@ def test_the_update_stops_at_a_block_whose_maximum_is_not_finite_normal():
             r[where] = bad
             out = torch.randn(n)
             before = [c.clone() for c in codes], [s.clone() for s in scales], out.clone()
-            assert built().update(r, out, codes, scales, 0.9, 0.999, 1e-6, weight_step) == first
+            assert built().update(r, out, codes, scales, 0.9, 0.999, 1e-6, weight_step) == [(first, n)]
             blocks = first // 256
             assert all(torch.equal(a[first:], b[first:]) for a, b in zip(codes, before[0]))
             assert all(torch.equal(a[blocks:], b[blocks:]) for a, b in zip(scales, before[1]))
@@ -172,7 +172,7 @@ def test_the_update_stops_at_a_block_whose_maximum_is_not_finite_normal():
                 [s[:blocks].clone() for s in before[1]],
                 before[2][:first].clone(),
             )
-            assert built().update(r[:first], po, pc, ps, 0.9, 0.999, 1e-6, weight_step) == first
+            assert built().update(r[:first], po, pc, ps, 0.9, 0.999, 1e-6, weight_step) == []
             assert all(torch.equal(a[:first], b) for a, b in zip(codes, pc))
             assert all(torch.equal(a[:blocks], b) for a, b in zip(scales, ps))
             assert torch.equal(out[:first], po)
@@ -182,6 +182,48 @@ def test_the_update_stops_at_a_block_whose_maximum_is_not_finite_normal():
     m[512:] = 0.0  # beside an all-zero block
     assert built().quantize(m, torch.ones(768)) is None
     assert built().quantize(torch.ones(768), m) is None
+
+
+@pytest.mark.parametrize("weight_step", [None, (-1e-2, -1e-3)])
+def test_threads_update_ranges_of_blocks_and_stop_each_at_its_first_bad_block(weight_step):
+    """On two threads the blocks are split into two ranges (2^15 values or more each; the split is the same
+    whether OpenMP runs them in parallel or not): every committed block is what one thread gives (the blocks are
+    independent), and each range stops at its own first bad block."""
+    n = 3 * adam8bit_fused.MIN_BLOCKS_PER_THREAD * 256 + 100  # 3 ranges' worth and a partial block: 2 threads
+    r, codes, scales = random_state(n, seed=5)
+    out = torch.randn(n)
+
+    def run(x, threads):
+        c, sc, o = [t.clone() for t in codes], [t.clone() for t in scales], out.clone()
+        saved = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            left = built().update(x, o, c, sc, 0.9, 0.999, 1e-6, weight_step)
+        finally:
+            torch.set_num_threads(saved)
+        return left, c, sc, o
+
+    left1, *one = run(r, 1)
+    left2, *two = run(r, 2)
+    assert left1 == left2 == []
+    assert all(torch.equal(a, b) for a, b in zip(one[0] + one[1] + [one[2]], two[0] + two[1] + [two[2]]))
+    bad = r.clone()
+    half = adam8bit.num_blocks(n) // 2  # the second range starts here
+    bad[10 * 256 + 3] = float("nan")
+    bad[(half + 7) * 256] = float("inf")
+    left, c, sc, o = run(bad, 2)
+    assert left == [(10 * 256, half * 256), ((half + 7) * 256, n)]
+    committed = [(0, 10 * 256), (half * 256, (half + 7) * 256)]
+    for lo, hi in committed:
+        assert all(torch.equal(a[lo:hi], b[lo:hi]) for a, b in zip(c, one[0]))
+        assert all(torch.equal(a[lo // 256 : hi // 256], b[lo // 256 : hi // 256]) for a, b in zip(sc, one[1]))
+        if weight_step is not None:
+            assert torch.equal(o[lo:hi], one[2][lo:hi])
+    for lo, hi in left:
+        assert all(torch.equal(a[lo:hi], b[lo:hi]) for a, b in zip(c, codes))
+        assert all(torch.equal(a[lo // 256 : -(-hi // 256)], b[lo // 256 : -(-hi // 256)]) for a, b in zip(sc, scales))
+        if weight_step is not None:
+            assert torch.equal(o[lo:hi], out[lo:hi])
 
 
 def test_a_chunk_with_a_non_finite_block_steps_as_the_eager_code(monkeypatch, compiled):
@@ -384,7 +426,7 @@ def test_the_weight_step_of_unprojected_tensors_is_the_engine_update(monkeypatch
                 else [torch.zeros(blocks) for _ in range(2)]
             )
             psi = torch.empty(n)
-            assert real(compiled, gr.reshape(-1), psi, codes, scales, beta1, beta2, eps) == n  # the ψ path
+            assert real(compiled, gr.reshape(-1), psi, codes, scales, beta1, beta2, eps) == []  # the ψ path
             state = opt.state[p]
             assert torch.equal(state["exp_avg"].view(-1), codes[0]) and torch.equal(
                 state["exp_avg_sq"].view(-1), codes[1]

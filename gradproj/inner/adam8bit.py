@@ -375,7 +375,7 @@ class Adam8bit(Adam):
         self._update_8bit(R, U, state, group, ctx, compiled, None)
         return U, self.step_size(group, state, ctx)
 
-    def step_weight(self, W, R, state, group, ctx: StepContext, lr: float, weight_decay: float) -> bool:
+    def step_weight(self, W, R, state, group, ctx: StepContext) -> bool:
         """The compiled CPU update with the weight's step folded in, block by block: ψ never exists as a tensor
         and W is read and written once (a fresh ψ of an embedding's size costs more than the kernel, in page
         faults and two more passes over W). The weight gets the engine's own operations (torch's ``add_``
@@ -400,7 +400,8 @@ class Adam8bit(Adam):
         if state["exp_avg"].dtype != torch.uint8:
             return False
         step = self.step_size(group, state, ctx)
-        self._update_8bit(R, W, state, group, ctx, compiled, (-step * ctx.scale, -lr * weight_decay))
+        decay = -self.decay_lr(group, state) * group["weight_decay"]
+        self._update_8bit(R, W, state, group, ctx, compiled, (-step * ctx.scale, decay))
         return True
 
     @staticmethod
@@ -412,28 +413,30 @@ class Adam8bit(Adam):
     def _update_8bit(self, R, out, state, group, ctx: StepContext, compiled, weight_step) -> None:
         """The update of R with 8-bit moments: ψ into ``out`` (``weight_step=None``), or ``out`` is the weight,
         stepped by ``(alpha, decay)`` as :meth:`adam8bit_fused.FusedUpdate.update` says. The compiled update
-        runs first where given; what it leaves (blocks from the first one whose maxima are not finite normal
-        numbers) runs the eager update, a chunk at a time."""
+        runs first where given; what it leaves (in each of its threads' ranges, the blocks from the first one
+        whose maxima are not finite normal numbers) runs the eager update, a chunk at a time."""
         (beta1, beta2), eps = group["betas"], group["eps"]
         # R is contiguous (dense_down, or a weight's gradient): views
         flat = (R.reshape(-1), out.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1))
         m_absmax, v_absmax = state[EXP_AVG_ABSMAX], state[EXP_AVG_SQ_ABSMAX]
         n = R.numel()
-        done = 0
-        if compiled is not None:
+        if compiled is None:
+            left = [(0, n)]
+        else:
             r, o, m_codes, v_codes = flat
-            done = compiled.update(r, o, (m_codes, v_codes), (m_absmax, v_absmax), beta1, beta2, eps, weight_step)
-        if done == n:
-            return
+            left = compiled.update(r, o, (m_codes, v_codes), (m_absmax, v_absmax), beta1, beta2, eps, weight_step)
+            if not left:
+                return
         one_pass = fused(group, ctx.ops)
         lut = self._lut(R, group)
-        for start in range(done, n, CHUNK_SIZE):
-            if start == 0 and n <= CHUNK_SIZE:  # one chunk: the tensors themselves (fewer views per step)
+        chunks = [(a, min(a + CHUNK_SIZE, stop)) for start, stop in left for a in range(start, stop, CHUNK_SIZE)]
+        for start, stop in chunks:  # each starts at a block boundary
+            if start == 0 and stop == n:  # one chunk: the tensors themselves (fewer views per step)
                 r, o, m_codes, v_codes = flat
                 scales = (m_absmax, v_absmax)
             else:
-                values = slice(start, start + CHUNK_SIZE)
-                blocks = slice(start // BLOCK_SIZE, (start + CHUNK_SIZE) // BLOCK_SIZE)
+                values = slice(start, stop)
+                blocks = slice(start // BLOCK_SIZE, num_blocks(stop))
                 r, o, m_codes, v_codes = (t[values] for t in flat)
                 scales = (m_absmax[blocks], v_absmax[blocks])
             u = o if weight_step is None else torch.empty_like(r)

@@ -72,12 +72,14 @@ _SOURCE = r"""
 // as they are (no Adam, out untouched). mode 2: out is the weight: out ← out + alpha·ψ, then out ← out + decay·out
 // when decay != 0 (torch's add_ with alpha: one fused multiply-add each). keep_moments: the updated fp32 m and v are
 // also written to moments (2n values). A block is committed (its codes, scales and output written) only when both
-// of its maxima are 0 or finite normal numbers; at the first block that is not, the kernel stops: info[0] is the
-// number of values committed (n when all were).
-extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, float* va, const float* maps,
-                       const uint8_t* mtab, const uint8_t* vtab, float* out, int64_t* info, float* moments,
-                       const int64_t n, const float w, const float b2, const float c2, const float eps,
-                       const float alpha, const float decay, const int64_t mode, const int64_t keep_moments) {
+// of its maxima are 0 or finite normal numbers. The blocks are split into up to `threads` contiguous ranges, one
+// per thread; a range stops at its first block that is not committed. info[0]: the number of ranges; range t's
+// first value, the end of what it committed, and its end are info[1 + 3t], info[2 + 3t], info[3 + 3t].
+static int64_t update_blocks(const int64_t b0, const int64_t b1, const float* r, uint8_t* mc, uint8_t* vc, float* ma,
+                             float* va, const float* maps, const uint8_t* mtab, const uint8_t* vtab, float* out,
+                             float* moments, const int64_t n, const float w, const float b2, const float c2,
+                             const float eps, const float alpha, const float decay, const int64_t mode,
+                             const int64_t keep_moments) {
     using Vec = at::vec::Vectorized<float>;
     using IVec = at::vec::Vectorized<int32_t>;
     constexpr int64_t B = @BLOCK@;
@@ -89,12 +91,11 @@ extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, floa
     alignas(64) float uu[B];
     alignas(64) int32_t bins[2][B];
     const bool quantize_only = mode == 1;
-    const int64_t nblocks = (n + B - 1) / B;
     const bool small = std::fabs(w) < 0.5f;  // torch's lerp: base m and weight w, or base R and weight w - 1
     const Vec W(small ? w : w - 1.0f), B2(b2), C2(c2), EPS(eps), ZERO(0.0f), ONE(1.0f), SPAN(@HALF_SPAN@f),
         HALF(0.5f), ALPHA(alpha), DECAY(decay);
     const IVec IZERO(0), ILAST(@LAST_BIN@);
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t s = blk * B;
         const int64_t len = std::min<int64_t>(B, n - s);
         const bool full = len == B;
@@ -149,8 +150,7 @@ extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, floa
         const float am = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, amx);
         const float av = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, avx);
         if (!(am <= FLT_MAX) || !(av <= FLT_MAX) || (am > 0.0f && am < FLT_MIN) || (av > 0.0f && av < FLT_MIN)) {
-            info[0] = s;  // NaN, inf or subnormal: this block and the ones after it are not committed
-            return;
+            return s;  // NaN, inf or subnormal: this block and the ones after it are not committed
         }
         if (keep_moments) {
             std::memcpy(moments + s, m, len * sizeof(float));
@@ -199,7 +199,26 @@ extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, floa
             }
         }
     }
-    info[0] = n;
+    return std::min<int64_t>(b1 * B, n);
+}
+
+extern "C" void kernel(const float* r, uint8_t* mc, uint8_t* vc, float* ma, float* va, const float* maps,
+                       const uint8_t* mtab, const uint8_t* vtab, float* out, int64_t* info, float* moments,
+                       const int64_t n, const float w, const float b2, const float c2, const float eps,
+                       const float alpha, const float decay, const int64_t mode, const int64_t keep_moments,
+                       const int64_t threads) {
+    constexpr int64_t B = @BLOCK@;
+    const int64_t nblocks = (n + B - 1) / B;
+    const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(threads, nblocks / @MIN_BLOCKS@));
+    info[0] = nt;
+#pragma omp parallel for num_threads(nt) schedule(static, 1) if (nt > 1)
+    for (int64_t t = 0; t < nt; ++t) {
+        const int64_t b0 = nblocks * t / nt, b1 = nblocks * (t + 1) / nt;
+        info[1 + 3 * t] = b0 * B;
+        info[2 + 3 * t] = update_blocks(b0, b1, r, mc, vc, ma, va, maps, mtab, vtab, out, moments, n, w, b2, c2, eps,
+                                        alpha, decay, mode, keep_moments);
+        info[3 + 3 * t] = std::min<int64_t>(b1 * B, n);
+    }
 }
 """
 
@@ -224,7 +243,10 @@ _ARGTYPES = [
     "float",  # the weight's decay: −lr·wd, or 0
     "int64_t",  # mode: 0 ψ, 1 quantize only, 2 weight step
     "int64_t",  # keep_moments
+    "int64_t",  # threads
 ]
+#: fewest blocks a thread gets (2^15 values, torch's grain size for elementwise work)
+MIN_BLOCKS_PER_THREAD = 128
 #: bytes past each bin table's end: the vectorized lookups load 4 bytes at the offset of a bin
 TABLE_PAD = 4
 
@@ -240,25 +262,28 @@ class FusedUpdate:
 
     def update(
         self, r, out, codes, scales, beta1: float, beta2: float, eps: float, weight_step=None, moments=None
-    ) -> int:
+    ) -> list[tuple[int, int]]:
         """The update of fp32 ``r`` (flat, contiguous), with the moments' flat uint8 ``codes`` (m, v) and fp32
-        ``scales`` (m, v) updated in place, block by block. ``weight_step=None``: ψ into fp32 ``out``;
-        ``(alpha, decay)``: ``out`` is the weight (fp32, flat), stepped as ``out.add_(ψ, alpha=alpha)`` and then,
-        when decay != 0, ``out.add_(out, alpha=decay)``. ``moments``: a buffer of 2·numel fp32 values to receive
-        the updated m and v before quantization (for tests).
+        ``scales`` (m, v) updated in place, block by block, on up to torch's number of threads (contiguous ranges
+        of blocks, 2^15 values or more each). ``weight_step=None``: ψ into fp32 ``out``; ``(alpha, decay)``:
+        ``out`` is the weight (fp32, flat), stepped as ``out.add_(ψ, alpha=alpha)`` and then, when decay != 0,
+        ``out.add_(out, alpha=decay)``. ``moments``: a buffer of 2·numel fp32 values to receive the updated m and
+        v before quantization (for tests).
 
-        Returns the number of values committed, a multiple of the block size or ``r.numel()``: the update stops
-        at the first block whose maximum of m or v is not 0 or a finite normal number, leaving that block and
-        the ones after it as they were (codes, scales and weight; ψ there may be partly written)."""
-        info = torch.zeros(1, dtype=torch.int64)
+        Returns the value ranges ``(start, stop)`` not committed, none when all were: each thread's range stops
+        at its first block whose maximum of m or v is not 0 or a finite normal number, leaving that block and the
+        rest of its range as they were (codes, scales and weight; ψ there may be partly written)."""
+        threads = max(1, torch.get_num_threads())
+        info = torch.zeros(1 + 3 * threads, dtype=torch.int64)
         keep = moments is not None
         alpha, decay = weight_step if weight_step is not None else (0.0, 0.0)
         self.fn(
             r, codes[0], codes[1], scales[0], scales[1], self.maps, self.tables[0], self.tables[1], out,
             info, moments if keep else out, r.numel(), 1.0 - beta1, beta2, 1.0 - beta2, eps, alpha, decay,
-            0 if weight_step is None else 2, int(keep),
+            0 if weight_step is None else 2, int(keep), threads,
         )  # fmt: skip
-        return int(info[0])
+        ranges = info[1 : 1 + 3 * int(info[0])].view(-1, 3).tolist()
+        return [(done, stop) for _, done, stop in ranges if done < stop]
 
     def quantize(self, m: torch.Tensor, v: torch.Tensor):
         """(codes, scales) of fp32 ``m`` and ``v`` (same length) by the kernel's quantizer alone, or None when a
@@ -268,12 +293,12 @@ class FusedUpdate:
         x = torch.cat([m.reshape(-1), v.reshape(-1)]).float()
         codes = [torch.zeros(n, dtype=torch.uint8) for _ in range(2)]
         scales = [torch.zeros(blocks) for _ in range(2)]
-        info = torch.zeros(1, dtype=torch.int64)
+        info = torch.zeros(4, dtype=torch.int64)
         self.fn(
             x, codes[0], codes[1], scales[0], scales[1], self.maps, self.tables[0], self.tables[1], x,
-            info, x, n, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1, 0,
+            info, x, n, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1, 0, 1,
         )  # fmt: skip
-        return (codes, scales) if int(info[0]) == n else None
+        return (codes, scales) if int(info[2]) == n else None
 
 
 _lock = threading.Lock()
@@ -326,6 +351,7 @@ def _build() -> FusedUpdate | None:
             .replace("@HALF_SPAN@", repr((LUT_BINS - 1) * 0.5))
             .replace("@LAST_BIN@", str(LUT_BINS - 1))
             .replace("@MAP@", str(q.maps.shape[1]))
+            .replace("@MIN_BLOCKS@", str(MIN_BLOCKS_PER_THREAD))
         )
         with inductor_config.patch(BUILD_CONFIG):
             fn = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, source, needs_vec_isa=True)

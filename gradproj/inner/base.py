@@ -58,18 +58,9 @@ class InnerRule(Configurable):
     def update(self, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
-    def step_weight(
-        self,
-        W: torch.Tensor,
-        R: torch.Tensor,
-        state: dict,
-        group: dict,
-        ctx: StepContext,
-        lr: float,
-        weight_decay: float,
-    ) -> bool:
-        """For an unprojected parameter (R its gradient, W its weight): the update and the weight's step
-        ``W -= step_size·U; W -= lr·wd·W`` in one pass, where the rule has one. Returns False, having changed
+    def step_weight(self, W: torch.Tensor, R: torch.Tensor, state: dict, group: dict, ctx: StepContext) -> bool:
+        """For an unprojected parameter (R its gradient, W its weight): the update and the engine's weight step
+        ``W -= step_size·U; W -= decay_lr·wd·W`` in one pass, where the rule has one. Returns False, having changed
         nothing, where it has none; the engine then runs :meth:`update` and its own weight update."""
         return False
 

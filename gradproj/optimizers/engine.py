@@ -560,7 +560,7 @@ class Engine:
             and type(plan.residual) is NoResidual
             and group.get(NORM_GROWTH_KEY) is None
             and ctx.ops.apply_update is kernels.reference.apply_update
-            and inner.step_weight(p.detach(), R, state, group, ctx, inner.decay_lr(group, state), group["weight_decay"])
+            and inner.step_weight(p.detach(), R, state, group, ctx)
         ):
             return
         U, step_size = inner.update(R, state, group, ctx)
