@@ -9,6 +9,9 @@ timed separately (medians); the amortized step is (refresh + (T - 1) · regular)
 
     git archive 7c2730e gradproj | tar -x -C /tmp/base
     python benchmarks/versions.py --baseline /tmp/base --models llama_20m llama_60m [--threads 2] [--weight-decay 0 0.1]
+
+``--optimizer GaLoreAdamW8bit`` compares the 8-bit optimizers; each version's compiled CPU update is built
+before the timed rounds where that version has one (as a run has it after its first ~5·10^8 8-bit values).
 """
 
 from __future__ import annotations
@@ -53,9 +56,18 @@ def make_params(shapes, seed):
     return params
 
 
-def build(package, projected, regular, rank, gap, weight_decay=0.0):
+def build(package, projected, regular, rank, gap, weight_decay=0.0, optimizer="GaLoreAdamW"):
     groups = [{"params": regular}, {"params": projected, "rank": rank, "update_proj_gap": gap, "scale": 0.25}]
-    return package.GaLoreAdamW(groups, lr=1e-3, weight_decay=weight_decay)
+    return getattr(package, optimizer)(groups, lr=1e-3, weight_decay=weight_decay)
+
+
+def build_8bit_kernel(package) -> None:
+    """Build the version's compiled 8-bit CPU update now, where it has one."""
+    try:
+        fused = importlib.import_module(package.__name__ + ".inner.adam8bit_fused")
+    except ImportError:
+        return
+    fused.build()
 
 
 #: the timer (``--clock``): wall time, or the process's CPU time (robust to a loaded machine with 1 thread)
@@ -68,29 +80,44 @@ def timed(opt) -> float:
     return CLOCK() - t0
 
 
-def compare(name: str, baseline, gap: int, repeats: int, weight_decay: float = 0.0, warmup: int = 8) -> dict:
+def compare(
+    name: str, baseline, gap: int, repeats: int, weight_decay: float = 0.0, warmup: int = 8, optimizer="GaLoreAdamW"
+) -> dict:
     shapes, others = model_shapes(name)
     rank = LLAMA[name][0] // 4
     runs = {}
     for label, package in (("this", gradproj), ("baseline", baseline)):
         projected, regular = make_params(shapes, 0), make_params(others, 1)
-        runs[label] = build(package, projected, regular, rank, gap, weight_decay)
+        runs[label] = build(package, projected, regular, rank, gap, weight_decay, optimizer)
+        if optimizer.endswith("8bit"):
+            build_8bit_kernel(package)
     for opt in runs.values():
         for _ in range(1 + warmup):  # the first refresh allocates the state; then regular steps (run-time choices)
             opt.step()
     times = {label: {"regular": [], "refresh": []} for label in runs}
     labels = list(runs)
+    # staggered refreshes (refresh_stagger): matrix j refreshes at t % T == its stored offset. A regular round runs
+    # at a step count no offset matches; a refresh round drops the offsets, so every matrix refreshes in it (as
+    # each does once per gap), and the next step stores them again
+    states = [st for opt in runs.values() for st in opt.state.values()]
+    offsets = {st["refresh_offset"] % gap for st in states if "refresh_offset" in st}
+    regular_step = next(t for t in range(1, gap) if t not in offsets) if len(offsets) < gap else 1
+
+    def at_step(opt, step: int, refresh: bool) -> None:
+        for st in opt.state.values():
+            if "step" in st:
+                st["step"] = step
+                if refresh:
+                    st.pop("refresh_offset", None)
+
     for i in range(repeats):
         order = labels[i % 2:] + labels[:i % 2]
         for label in order:
+            at_step(runs[label], regular_step, False)
             times[label]["regular"].append(timed(runs[label]))  # a regular step
         for label in order:
-            opt = runs[label]
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if "step" in opt.state.get(p, {}):
-                        opt.state[p]["step"] = gap * (i + 1)  # the next step refreshes
-            times[label]["refresh"].append(timed(opt))
+            at_step(runs[label], gap, True)  # the next step refreshes every matrix
+            times[label]["refresh"].append(timed(runs[label]))
     row = {"model": name, "rank": rank, "gap": gap, "weight_decay": weight_decay}
     for label in labels:
         reg = statistics.median(times[label]["regular"])
@@ -112,6 +139,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--weight-decay", type=float, nargs="+", default=[0.0])
     ap.add_argument("--warmup", type=int, default=8, help="regular steps of each version before the timed rounds")
+    ap.add_argument("--optimizer", default="GaLoreAdamW", choices=["GaLoreAdamW", "GaLoreAdamW8bit"])
     ap.add_argument("--json")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or process CPU time (with 1 thread: immune to time slicing on a loaded machine)")
@@ -121,9 +149,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     baseline = load_baseline(args.baseline)
-    rows = [compare(name, baseline, args.gap, args.repeats, wd, args.warmup)
+    rows = [compare(name, baseline, args.gap, args.repeats, wd, args.warmup, args.optimizer)
             for wd in args.weight_decay for name in args.models]
-    print(f"# {machine()}; GaLoreAdamW on a whole LLaMA parameter set, rank hidden/4, T {args.gap}, "
+    print(f"# {machine()}; {args.optimizer} on a whole LLaMA parameter set, rank hidden/4, T {args.gap}, "
           f"{args.clock} clock, {args.repeats} rounds")
     print("| model | weight decay | regular (this / baseline, ms) | refresh (ms) | amortized (ms) | ratio regular "
           "| ratio amortized |")

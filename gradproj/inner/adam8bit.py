@@ -25,20 +25,21 @@ devices, when the check fails (another bitsandbytes whose quantizer rounds diffe
 whose block maxima are not finite normal numbers. Dequantization is ``code[c] · absmax`` either way.
 
 The compiled update. Once the process has updated ~5·10^8 8-bit values this way, the CPU update of an fp32
-R runs as one compiled pass per chunk instead (:mod:`gradproj.inner.adam8bit_fused`: dequantize, the same
-Adam arithmetic as torch's fused kernel, block maxima and the same quantizer, block by block in C++ built
-through inductor's C++ backend; checked against :class:`LutQuantizer` on every bin edge before use). A chunk
-with a block maximum that is not a finite normal number is left untouched by it and runs the path above.
-The build (a few seconds, once per process) waits for those values so that tests and short runs never pay
-for it; a build that fails leaves the eager path.
+R runs as one compiled pass instead (:mod:`gradproj.inner.adam8bit_fused`: dequantize, the same Adam
+arithmetic as torch's fused kernel, block maxima and the same quantizer, block by block in C++ built through
+inductor's C++ backend, on torch's threads; checked against :class:`LutQuantizer` on every bin edge before
+use). For an unprojected tensor it also steps the weight (:meth:`Adam8bit.step_weight`), so no ψ of the
+tensor's size is made. Blocks from one whose maximum is not a finite normal number are left untouched by it
+and run the path above. The build (a few seconds, once per process) waits for those values so that tests
+and short runs never pay for it; a build that fails leaves the eager path.
 
 Speed on the CPU (docs/benchmarks.md, one thread, the same rounds): the 8-bit regular step of LLaMA block
-matrices measured 1.25x (llama_20m) / 1.09x (llama_60m) the fp32 step with the compiled update, against
-1.90x / 1.62x with the eager update (about fifteen torch passes per chunk, four of them table gathers) and
-3.10x / 2.18x through bitsandbytes' calls. The whole model (embedding and head with 8-bit moments, where
-the fp32 optimizer runs torch's fused AdamW) measured 2.4x / 2.1x, against 5.2x / 4.0x eager. bitsandbytes'
-fused 8-bit update (``optimizer_update_8bit_blockwise``, which galore-torch calls) is torch ops around the
-same quantize calls on the CPU, and places eps and weight decay differently from GaLore.
+matrices measured 1.21x (llama_20m) / 1.08x (llama_60m) the fp32 step with the compiled update, against
+1.93x / 1.53x with the eager update (about fifteen torch passes per chunk, four of them table gathers). The
+whole model (embedding and head with 8-bit moments, where the fp32 optimizer runs torch's fused AdamW)
+measured 1.48x / 1.33x. bitsandbytes' fused 8-bit update (``optimizer_update_8bit_blockwise``, which
+galore-torch calls) is torch ops around the same quantize calls on the CPU, and places eps and weight decay
+differently from GaLore.
 
 The two code maps are a fixed function of bitsandbytes (``create_dynamic_map``); they are rebuilt once per
 device and cached here, never stored in the optimizer state.

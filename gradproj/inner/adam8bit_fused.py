@@ -1,15 +1,20 @@
-"""The 8-bit Adam update on the CPU as one compiled pass per chunk (dequantize, Adam, block maxima, requantize).
+"""The 8-bit Adam update on the CPU as one compiled pass (dequantize, Adam, block maxima, requantize, and for an
+unprojected tensor its weight step).
 
 :class:`gradproj.inner.Adam8bit` on the CPU otherwise makes about fifteen eager torch passes per chunk (two
 table gathers to dequantize m and v, torch's fused Adam, the block maxima, the scaling, the bin arithmetic,
 two table gathers to requantize). The kernel here does the same work block by block (256 values, in L1),
-once per value: it reads R, the codes and the scales, and writes ψ, the new codes and the new scales.
+once per value: it reads R, the codes and the scales, and writes the new codes and scales and either ψ (a
+projected matrix: the engine back-projects it) or, for an unprojected tensor, the weight itself
+(:meth:`gradproj.inner.Adam8bit.step_weight`: ``W += −step·ψ``, then ``W += −lr·wd·W``, torch's ``add_`` with
+alpha, one fused multiply-add each, as the engine's update). With AVX-512 the table lookups run sixteen at a
+time (gathers; the bin tables are padded for their 4-byte loads).
 
 Arithmetic. Adam is torch's fused CPU kernel's (what ``adam_kernel="fused"`` runs): m ← fma(1−β1, R − m, m)
 (its lerp, an explicit fused multiply-add there too; fma(−β1, R − m, R) when 1−β1 ≥ 0.5), v ←
 fma((1−β2)·R, R, v·β2) (the rounding torch's build of the kernel gives here: its ``v·β2 + (1−β2)·R·R``
 compiled into one fma), ψ = 0 + m / (√v + eps), coefficients rounded to float32 from double as torch does. On
-an AVX-512 Xeon with torch 2.13 that is torch's kernel bit for bit (but for the last values of a chunk, which
+an AVX-512 Xeon with torch 2.13 that is torch's kernel bit for bit (but for the last values of a tensor, which
 torch runs through scalar code); a build of torch that rounds v twice differs by one rounding of v.
 Quantization is :class:`gradproj.inner.adam8bit.LutQuantizer`'s, which is bitsandbytes' (>= 0.50): per block
 absmax = max |x|, t = x · fl(1/absmax), bin = trunc(fl(fl(fl(t + 1)·32767.5) + 0.5)), code = table[bin], code 0
@@ -17,23 +22,25 @@ for an all-zero block; the source is compiled with ``-ffp-contract=off`` (a patc
 build only) so that no multiply-add is contracted into an fma, and the kernel is checked against the
 vectorized quantizer on every bin edge of both maps before it is used (:func:`reproduces_lut`).
 
-A chunk is committed only when every block maximum of m and v is 0 or a finite normal number: otherwise the
-kernel changes no state and the caller runs the eager update on that chunk (bitsandbytes' quantizer decides
-what a non-finite or subnormal block stores), so the state after such a chunk is exactly what the eager code
-gives.
+Commit. A block is committed (codes, scales, weight) only when both of its maxima are 0 or finite normal
+numbers. The blocks run as contiguous ranges, one per torch thread (OpenMP, 2^15 values or more a range), and
+a range stops at its first block that is not: the caller runs the eager update on what each range left
+(bitsandbytes' quantizer decides what a non-finite or subnormal block stores), so the state after such a step
+is exactly what the eager code gives from there.
 
 Build. The source is compiled through inductor's C++ backend (``CppPythonBindingsCodeCache``: the compiler
 and ISA flags torch.compile uses, an on-disk cache, a binding that takes tensors as pointers). The same pass
-written as torch ops under ``torch.compile(dynamic=True, fullgraph=True)`` measured 0.75 ms per 2^17-value
-chunk against 0.94 ms eager (inductor emits every table gather as a scalar loop through int64 indices, and a
-call costs ~45 µs of guards); this kernel takes 0.34 ms, torch's fused Adam over fp32 moments 0.12 ms (one
-thread; Intel(R) Xeon(R) Processor with AVX-512/AMX, torch 2.13 CPU). Building costs ~3.5 s once per
-process (importing inductor ~1.6 s, probing the CPU's vector ISA ~1.5 s, the compile ~1 s the first time on a
-machine), against ~4.5 ns a value saved per update. So the eager path runs first and the kernel is built once
-the process has updated :data:`BUILD_AFTER_VALUES` 8-bit values eagerly (~5·10^8, a few seconds of eager
-updates: a training run builds it within its first tens of steps, a test or a short script never pays for it).
-A build that fails (no C++ compiler, an inductor error, a kernel that does not reproduce the quantizer) is
-logged and not retried; the eager path stays.
+written as torch ops under ``torch.compile(dynamic=True, fullgraph=True)`` measured 0.75 ms per 2^17 values
+against 0.94 ms eager (inductor emits every table gather as a scalar loop through int64 indices, and a call
+costs ~45 µs of guards). This kernel, ψ mode, one thread, four runs on an Intel(R) Xeon(R) Processor with
+AVX-512/AMX (torch 2.13 CPU): 0.23–0.44 ms per 2^17 values, 1.7–3.1x torch's fused Adam over fp32 moments in
+the same run, and the eager update 3.3–5.2x the kernel. Building costs ~3.5 s once per process (importing
+inductor ~1.6 s, probing the CPU's vector ISA ~1.5 s, the compile ~1 s the first time on a machine), against
+~5 ns a value saved per update. So the eager path runs first and the kernel is built once the process has
+updated :data:`BUILD_AFTER_VALUES` 8-bit values eagerly (~5·10^8, a few seconds of eager updates: a training
+run builds it within its first tens of steps, a test or a short script never pays for it). A build that fails
+(no C++ compiler, an inductor error, a kernel that does not reproduce the quantizer) is logged and not
+retried; the eager path stays.
 """
 
 from __future__ import annotations
