@@ -464,3 +464,20 @@ def test_the_weight_step_runs_only_where_the_engine_update_is_plain(monkeypatch,
     assert steps(norm_growth_limit=1.01) == [False] * 4
     assert steps(rank=16, update_proj_gap=200, scale=0.25) == [False] * 4
     assert steps(dtype=torch.bfloat16) == []  # the kernel takes float32 only: the eager update
+
+
+def test_the_scalar_lookups_give_the_gathers_results():
+    """Built without its explicit AVX-512 gathers (the source a CPU without AVX-512 compiles: plain loops over the
+    tables, which the compiler may vectorize its own way), the kernel gives the same codes, scales, ψ, moments and
+    weights bit for bit: both look up the same tables and multiply the same floats."""
+    scalar = adam8bit_fused._build(gathers=False)
+    assert scalar is not None
+    n = 256 * 40 + 77  # whole blocks and a partial one
+    for weight_step in (None, (-1e-2, -1e-3)):
+        results = []
+        for kernel in (built(), scalar):
+            r, codes, scales = random_state(n, seed=2)
+            out, moments = torch.randn(n, generator=torch.Generator().manual_seed(3)), torch.empty(2 * n)
+            assert kernel.update(r, out, codes, scales, 0.9, 0.999, 1e-6, weight_step, moments) == []
+            results.append([*codes, *scales, out, moments])
+        assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -70,7 +70,13 @@ _SOURCE = r"""
 #include <cfloat>
 #include <cmath>
 #include <cstring>
-#ifdef __AVX512F__
+// GATHERS: the table lookups of whole blocks run as AVX-512 gathers where the compiler targets AVX-512
+#if @GATHERS@ && defined(__AVX512F__)
+#define GATHERS 1
+#else
+#define GATHERS 0
+#endif
+#if GATHERS
 #include <immintrin.h>
 #endif
 
@@ -119,7 +125,7 @@ static int64_t update_blocks(const int64_t b0, const int64_t b1, const float* r,
                 rb = g;
             }
             const float sm = ma[blk], sv = va[blk];
-#ifdef __AVX512F__
+#if GATHERS
             if (full) {  // code[c] · absmax, sixteen table lookups at a time
                 const __m512 SM = _mm512_set1_ps(sm), SV = _mm512_set1_ps(sv);
                 for (int64_t j = 0; j < B; j += 16) {
@@ -173,7 +179,7 @@ static int64_t update_blocks(const int64_t b0, const int64_t b1, const float* r,
             at::vec::minimum(at::vec::maximum(bm, IZERO), ILAST).store(bins[0] + j);
             at::vec::minimum(at::vec::maximum(bv, IZERO), ILAST).store(bins[1] + j);
         }
-#ifdef __AVX512F__
+#if GATHERS
         if (full) {  // sixteen bin-table lookups at a time (4-byte loads at byte offsets: the tables are padded)
             for (int64_t j = 0; j < B; j += 16) {
                 const __m512i bm = _mm512_load_si512((const void*)(bins[0] + j));
@@ -341,7 +347,9 @@ def build() -> FusedUpdate | None:
     return _state["kernel"]
 
 
-def _build() -> FusedUpdate | None:
+def _build(gathers: bool = True) -> FusedUpdate | None:
+    """Compile and check the kernel; ``gathers=False`` builds it with scalar table lookups only (what a CPU
+    without AVX-512 runs), for tests."""
     from .adam8bit import BLOCK_SIZE, LUT_BINS, lut_quantizer
 
     cpu = torch.device("cpu")
@@ -359,6 +367,7 @@ def _build() -> FusedUpdate | None:
             .replace("@LAST_BIN@", str(LUT_BINS - 1))
             .replace("@MAP@", str(q.maps.shape[1]))
             .replace("@MIN_BLOCKS@", str(MIN_BLOCKS_PER_THREAD))
+            .replace("@GATHERS@", str(int(gathers)))
         )
         with inductor_config.patch(BUILD_CONFIG):
             fn = CppPythonBindingsCodeCache.load_pybinding(_ARGTYPES, source, needs_vec_isa=True)
