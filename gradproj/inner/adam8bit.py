@@ -442,7 +442,9 @@ class Adam8bit(Adam):
                 scales = (m_absmax[blocks], v_absmax[blocks])
             u = o if weight_step is None else torch.empty_like(r)
             if lut is not None:
-                ws = self._workspace(r.numel(), R.device)
+                # kept for reuse on the eager path's own chunk lengths; what the compiled update left (from a
+                # block that is not finite normal) has lengths of its own, whose buffers are not kept
+                ws = self._workspace(r.numel(), R.device) if compiled is None else Workspace(r.numel(), R.device)
                 lut.dequantize(ws, (m_codes, v_codes), scales)
                 m32, v32 = ws.w
             else:
