@@ -464,6 +464,14 @@ def test_the_weight_step_runs_only_where_the_engine_update_is_plain(monkeypatch,
     assert steps(norm_growth_limit=1.01) == [False] * 4
     assert steps(rank=16, update_proj_gap=200, scale=0.25) == [False] * 4
     assert steps(dtype=torch.bfloat16) == []  # the kernel takes float32 only: the eager update
+    # a tensor below min_8bit_size keeps fp32 moments: the ψ path of Adam, no kernel
+    modes.clear()
+    small = torch.nn.Parameter(torch.randn(10, 20))
+    opt = gradproj.GaLoreAdamW8bit([{"params": [small]}], lr=1e-2, min_8bit_size=256)
+    for _ in range(2):
+        small.grad = torch.randn(10, 20)
+        opt.step()
+    assert modes == [] and opt.state[small]["exp_avg"].dtype == torch.float32
 
 
 def test_the_scalar_lookups_give_the_gathers_results():

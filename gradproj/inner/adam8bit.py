@@ -396,10 +396,13 @@ class Adam8bit(Adam):
         compiled = adam8bit_fused.current()  # only a kernel built already (the eager path counts towards it)
         if compiled is None or self._lut(R, group) is None:
             return False
-        if "exp_avg" not in state:
-            self._init_state(R, state, group)
-        if state["exp_avg"].dtype != torch.uint8:
+        if "exp_avg" in state:
+            if state["exp_avg"].dtype != torch.uint8:  # a small tensor's fp32 moments: update()
+                return False
+        elif R.numel() < group["min_8bit_size"]:
             return False
+        else:
+            self._init_state(R, state, group)
         step = self.step_size(group, state, ctx)
         decay = -self.decay_lr(group, state) * group["weight_decay"]
         self._update_8bit(R, W, state, group, ctx, compiled, (-step * ctx.scale, decay))
