@@ -318,9 +318,9 @@ ADAM_KERNEL_8BIT = Option(
     "adam_kernel",
     "fused",
     "`fused`: torch's fused Adam arithmetic (ψ within a few roundings of the reference's) and, on the CPU, a "
-    "replica of bitsandbytes' quantizer (the same codes, bit for bit), compiled into one pass per chunk once the "
-    "process has updated ~5e8 8-bit values; `reference`: galore-torch's Adam ops and bitsandbytes' own quantizer "
-    "calls",
+    "replica of bitsandbytes' quantizer (the same codes, bit for bit), compiled into one pass on torch's threads "
+    "(which also steps unprojected weights) once the process has updated ~5e8 8-bit values; `reference`: "
+    "galore-torch's Adam ops and bitsandbytes' own quantizer calls",
     choice(*ADAM_KERNELS),
 )
 
