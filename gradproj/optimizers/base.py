@@ -19,7 +19,7 @@ from ..inner import INNER_RULES, Adam, InnerRule
 from ..sampling.sampler import restore_sampler
 from ..state_layout import state_problem
 from ..validation import refuse_unknown
-from . import multi_tensor
+from . import multi_tensor, timed_choices
 from .engine import OPTIMIZER_OPTIONS, STATE_DTYPES, Engine
 from .groups import refuse_constructor_rank
 from .layerwise import LayerwiseStepper, check_layerwise_options
@@ -320,15 +320,21 @@ class ProjectedOptimizer(Optimizer):
         extra: dict[str, Any] = {}
         if self.sampler is not None:
             extra["sampler"] = self.sampler.state_dict()
+        choices = timed_choices.export(p for group in self.param_groups for p in group["params"])
+        if choices:
+            extra[timed_choices.KEY] = choices
         return extra
 
     def check_extra_state(self, extra: dict[str, Any]) -> None:
         """Raise before anything is loaded if the optimizer-level state cannot be restored."""
         if self.sampler is not None and "sampler" in extra:
             self.sampler.check_state_dict(extra["sampler"])
+        if timed_choices.KEY in extra:
+            timed_choices.check(extra[timed_choices.KEY])
 
     def load_extra_state(self, extra: dict[str, Any]) -> None:
         restore_sampler(self, extra.get("sampler"))
+        timed_choices.install(extra.get(timed_choices.KEY, {}))
 
 
 def _to_device(value: Any, p: torch.Tensor) -> Any:
