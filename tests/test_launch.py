@@ -127,6 +127,15 @@ def test_one_process_needs_no_process_group(tmp_path, monkeypatch):
     assert extra["extra"] == {"step": 4}
     with pytest.raises(FileNotFoundError, match="not a gradproj checkpoint"):
         load_checkpoint(tmp_path, model2, opt2, env)
+    # a malformed optimizer-level entry is refused before the model or the optimizer change
+    extra["optimizer_extra"] = {"timed_choices": {"left_layout": [["not", "a", "row"]]}}
+    torch.save(extra, tmp_path / "ckpt" / "extra.pt")
+    model3 = TinyNet(seed=2)
+    opt3 = make_opt(model3)
+    before = [p.detach().clone() for p in model3.parameters()]
+    with pytest.raises(ValueError, match="timed_choices"):
+        load_checkpoint(tmp_path / "ckpt", model3, opt3, env)
+    assert all(torch.equal(a, b) for a, b in zip(before, model3.parameters())) and not opt3.state
 
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):

@@ -289,13 +289,17 @@ def load_checkpoint(
     path = Path(path)
     if not (path / EXTRA_FILE).is_file():
         raise FileNotFoundError(f"{path} is not a gradproj checkpoint directory (no {EXTRA_FILE})")
+    saved = torch.load(path / EXTRA_FILE, weights_only=True, map_location="cpu")
+    gp: Any = optimizer  # a gradproj optimizer has optimizer-level state of its own
+    own = saved.get("optimizer_extra") if hasattr(gp, "load_extra_state") else None
+    if own:
+        gp.check_extra_state(own)  # before anything is loaded
     inner = unwrap_model(model)
     model_sd, optim_sd = get_state_dict(inner, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     with _single_process_quiet(env):
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(inner, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    saved = torch.load(path / EXTRA_FILE, weights_only=True, map_location="cpu")
-    if saved.get("optimizer_extra") and hasattr(optimizer, "load_extra_state"):
-        optimizer.load_extra_state(saved["optimizer_extra"])
+    if own:
+        gp.load_extra_state(own)
     return saved.get("extra", {})
