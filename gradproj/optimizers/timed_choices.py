@@ -28,7 +28,7 @@ KEY = "timed_choices"
 def caches() -> dict[str, dict[tuple, bool]]:
     """Name in the checkpoint -> the process cache it restores, keyed (m, n, k, dtype): the matrix's 2-D shape,
     the GEMM's inner size (the rank) and its dtype."""
-    return {"left_layout": projector_base._LEFT_LAYOUT, "decay_in_gemm": reference._DECAY_IN_GEMM}
+    return dict(zip(NAMES, (projector_base._LEFT_LAYOUT, reference._DECAY_IN_GEMM), strict=True))
 
 
 def export(params) -> dict[str, list[list]]:
