@@ -21,6 +21,19 @@ from .sampling.owlore import owlore
 
 logging.getLogger("gradproj").addHandler(logging.NullHandler())
 
+#: subpackages imported on first attribute access (``gradproj.distributed.save_checkpoint`` after ``import
+#: gradproj``), not at import: they pull in torch.distributed, transformers or the training loop
+_LAZY_SUBPACKAGES = ("distributed", "integrations", "train")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -272,3 +272,23 @@ def test_a_first_refresh_that_fails_raises_before_any_parameter_is_stepped(monke
         opt.step()
     assert_unchanged(model, opt, before)
     assert not any(opt.state.values())
+
+
+def test_subpackages_are_reachable_after_import_gradproj():
+    """``import gradproj`` alone gives ``gradproj.distributed``, ``.integrations`` and ``.train`` (imported on first
+    use), in a fresh interpreter where no other test imported them first; a misspelled attribute still raises."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import gradproj\n"
+        "assert callable(gradproj.distributed.replicated_state_mismatches)\n"
+        "assert gradproj.integrations.__name__ == 'gradproj.integrations'\n"
+        "assert gradproj.train.__name__ == 'gradproj.train'\n"
+        "try:\n    gradproj.distributd\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "has no attribute 'distributd'" in out.stdout
