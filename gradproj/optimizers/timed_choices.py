@@ -37,8 +37,11 @@ def export(params) -> dict[str, list[list]]:
     shapes = {(p.shape[0], p.numel() // p.shape[0], p.dtype) for p in params if p.dim() >= 2 and p.numel() > 0}
     out = {}
     for name, cache in caches().items():
-        rows = [[m, n, k, str(dtype).removeprefix("torch."), bool(v)] for (m, n, k, dtype), v in cache.items()]
-        rows = [r for r in rows if (r[0], r[1], getattr(torch, r[3])) in shapes]
+        rows = [
+            [m, n, k, str(dtype).removeprefix("torch."), bool(v)]
+            for (m, n, k, dtype), v in cache.items()
+            if (m, n, dtype) in shapes
+        ]
         if rows:
             out[name] = sorted(rows)
     return out
